@@ -1,0 +1,104 @@
+"""Ray Train glue: one TorchTrainer per stage (and one for evaluation) around ``trueface.engine``.
+
+The worker functions are module-level so Ray can import them on every worker (the project is
+installed, or shipped with ``ray job submit --working-dir .``). Every worker calls
+``ray.train.report`` once per epoch; rank 0 attaches the checkpoint it has just written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trueface.config import Config, from_dict, to_dict
+from trueface.data.layout import discover_layout
+from trueface.engine import DistInfo, run_stage
+from trueface.evaluation import evaluate_checkpoint
+from trueface.run import RunPaths
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def scaling_config(cfg: Config, num_workers: int | None = None) -> ScalingConfig:
+    sc = cfg.scaling
+    use_gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if use_gpu else {})}
+    return ScalingConfig(num_workers=num_workers or sc.num_workers, use_gpu=use_gpu,
+                         resources_per_worker=resources, placement_strategy=sc.placement_strategy)
+
+
+def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | None = None):
+    """Run ``train_fn`` on a worker group; raises when the run fails after its retries."""
+    paths = RunPaths.of(cfg)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"cfg": to_dict(cfg), **loop_config},
+        scaling_config=scaling_config(cfg, num_workers),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(paths.ray_storage),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),  # best.pt/last.pt live in the stage folder
+        ),
+    )
+    return trainer.fit()
+
+
+def _worker_setup(cfg: Config) -> DistInfo:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    else:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    ctx = ray.train.get_context()
+    return DistInfo(ctx.get_world_rank(), ctx.get_world_size())
+
+
+def stage_worker(config: dict) -> None:
+    """Train one stage on this worker; resumes from Ray's checkpoint after a worker failure."""
+    cfg, stage = from_dict(config["cfg"]), int(config["stage"])
+    di = _worker_setup(cfg)
+    paths = RunPaths.of(cfg)
+    layout = discover_layout(cfg.data.root)
+    st = cfg.stage(stage)
+    train, val = layout.gather(st.domains, "train"), layout.gather(st.domains, "valid")
+    init_from = Path(config["init_from"]) if config.get("init_from") else None
+    ray_ckpt = ray.train.get_checkpoint()
+    with (ray_ckpt.as_directory() if ray_ckpt else contextlib.nullcontext(None)) as ckpt_dir:
+        resume = Path(ckpt_dir) / CHECKPOINT_FILE if ckpt_dir else None
+        run_stage(cfg, stage, train, val, paths.stage_dir(stage), dist_info=di, report=_report,
+                  log_dir=paths.stage_tensorboard_dir(stage), init_from=init_from, resume_from=resume)
+
+
+def evaluate_worker(config: dict) -> None:
+    """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation)."""
+    di = _worker_setup(from_dict(config["cfg"]))
+    evaluate_checkpoint(Path(config["checkpoint"]), discover_layout(config["data_root"]), Path(config["out_dir"]),
+                        test_domains=tuple(config.get("test_domains", ())),
+                        threshold_from=config.get("threshold_from", "auto"),
+                        save_thresholds=bool(config.get("save_thresholds")), dist_info=di)
+    ray.train.report({"done": 1})
+
+
+def _report(metrics: dict, checkpoint_path: Path | None) -> None:
+    if checkpoint_path is None:
+        ray.train.report(metrics)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="trueface-ckpt-"))
+    try:
+        try:  # a hard link costs nothing; Ray copies it to its storage during report()
+            os.link(checkpoint_path, tmp / CHECKPOINT_FILE)
+        except OSError:
+            shutil.copy2(checkpoint_path, tmp / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,0 +1,71 @@
+"""Single-file checkpoints that resume everything, written atomically, loaded with weights_only.
+
+Usage::
+
+    save_checkpoint(path, build_checkpoint(model, ema, optimizer, runtime, step=..., ...))
+    state = load_checkpoint(path)            # plain dict of tensors and Python values
+
+A checkpoint holds the unwrapped model (no DDP/compile prefixes), the EMA, the optimizer, the
+grad scaler, step, epoch (the next one to run), stage, the resolved config and the early-stopping
+state. It is written to a temporary name in the same folder, fsynced and renamed, so a crash
+while writing never replaces a good file with a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unusable; the message names the file."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"{path} is not a readable TrueFace checkpoint: {exc}") from exc
+    missing = {"model", "ema", "stage", "config"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path} is not a TrueFace checkpoint (missing {', '.join(sorted(missing))})")
+    return state
+
+
+def update_checkpoint(path: Path, **fields: Any) -> None:
+    """Add or replace top-level fields (e.g. the chosen thresholds), atomically."""
+    state = load_checkpoint(path)
+    state.update(fields)
+    save_checkpoint(path, state)

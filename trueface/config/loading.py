@@ -1,0 +1,308 @@
+"""Strict loading of configs: presets, YAML files, dotted ``key=value`` overrides.
+
+Usage: ``cfg = load_config("demo", ["stage2.mixup_alpha=0.3", "stage1.epochs=2"])``
+
+Every mistake is a ``ConfigError`` that names the dotted key and what is wrong, raised before any
+cluster work starts: an unknown key (with the closest valid one suggested), a wrong type, a value
+out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trueface.config.schema import Config
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key (or file) and the problem."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve a preset name or YAML file (``None`` = the paper defaults), then apply overrides."""
+    layers = _load_layers(source, seen=()) if source is not None else []
+    layers.append(parse_overrides(overrides))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_merge(merged, layer)
+    cfg = from_dict(merged)
+    validate(cfg)
+    return cfg
+
+
+def _load_layers(source: str | Path, seen: tuple[str, ...]) -> list[dict]:
+    """The chain of YAML mappings a source stands for, base first (``base:`` names its parent)."""
+    path = _resolve_source(source)
+    if str(path) in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself: {' -> '.join(seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    parents = _load_layers(base, seen + (str(path),)) if base else []
+    return parents + [data]
+
+
+def _resolve_source(source: str | Path) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESETS_DIR / f"{source}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"unknown config {source!r}: neither a YAML file nor a preset "
+            f"(presets: {', '.join(preset_names())})"
+        )
+    return preset
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict:
+    """``["a.b=1", "a.c=[x, y]"]`` -> ``{"a": {"b": 1, "c": ["x", "y"]}}``; values are YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part!r} was already given a plain value")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(data: dict, default: Any = None, prefix: str = "") -> Any:
+    """Update the dataclass instance ``default`` (``Config()`` when None) from a partial mapping.
+
+    Missing keys keep the default's values, so a partial ``stage2:`` mapping keeps Stage II's own
+    defaults rather than the generic StageConfig ones."""
+    default = Config() if default is None else default
+    cls = type(default)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name, getattr(default, name))
+    return dataclasses.replace(default, **kwargs)
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
+    """Check ``value`` against the field's type; the only conversions are lossless ones."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
+        return from_dict(value, default, key + ".")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        # YAML 1.1 reads 1e-4 (no dot) as a string, so numeric strings are accepted for floats.
+        number = _as_float(value)
+        if number is not None:
+            return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        return _coerce_tuple(value, typing.get_args(hint), key)
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]", None) for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+    return tuple(_coerce(v, t, f"{key}[{i}]", None) for i, (v, t) in enumerate(zip(value, args)))
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain mapping (tuples as lists) that ``from_dict`` turns back into an equal config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys search spaces and overrides use."""
+    out: dict[str, Any] = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks: what a value may be beyond its type. Tune's search spaces reuse validate().
+
+_CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "balance": ("none", "class", "domain_class"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first key whose value the pipeline could not use."""
+    errors: list[str] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {message}")
+
+    check(_is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.'")
+    for number in (1, 2):
+        _validate_stage(cfg.stage(number), f"stage{number}", check)
+    check(cfg.model.arch == "resnet50", "model.arch", f"only resnet50 is supported, got {cfg.model.arch!r}")
+    check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
+    check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")
+    check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    syn = cfg.data.synthetic
+    check(syn.image_size >= 16, "data.synthetic.image_size", "must be >= 16")
+    for split in ("train", "valid", "test"):
+        check(getattr(syn, f"{split}_per_class") >= 1, f"data.synthetic.{split}_per_class", "must be >= 1")
+    check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    try:
+        from trueface.metrics import validate_threshold_policy
+
+        validate_threshold_policy(cfg.eval.threshold_policy)
+    except ValueError as exc:
+        errors.append(f"eval.threshold_policy: {exc}")
+    sc = cfg.scaling
+    check(sc.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    check(sc.use_gpu in ("auto", "true", "false"), "scaling.use_gpu", "must be auto, true or false")
+    check(sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1")
+    check(sc.gpus_per_worker > 0, "scaling.gpus_per_worker", "must be > 0")
+    check(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    check(sc.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = retry forever)")
+    check(cfg.runtime.device in ("auto", "cpu", "cuda"), "runtime.device", "must be auto, cpu or cuda")
+    check(cfg.runtime.precision in ("auto", "bf16", "fp16", "fp32"), "runtime.precision", "must be auto, bf16, fp16 or fp32")
+    check(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_stage(st, key: str, check) -> None:
+    check(st.image_size >= 16, f"{key}.image_size", "must be >= 16")
+    check(st.epochs >= 1, f"{key}.epochs", "must be >= 1")
+    check(st.patience >= 0, f"{key}.patience", "must be >= 0 (0 = no early stopping)")
+    check(st.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+    check(st.accum_steps >= 1, f"{key}.accum_steps", "must be >= 1")
+    check(st.optimizer in _CHOICES["optimizer"], f"{key}.optimizer", f"must be one of {_CHOICES['optimizer']}")
+    check(st.lr > 0 and math.isfinite(st.lr), f"{key}.lr", "must be > 0")
+    check(0 <= st.final_lr <= st.lr, f"{key}.final_lr", "must be in [0, lr]")
+    check(0 <= st.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+    check(st.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+    check(st.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
+    check(st.light_epochs >= 0, f"{key}.light_epochs", "must be >= 0")
+    check(0 <= st.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
+    check(0 <= st.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
+    check(st.mixup_alpha >= 0, f"{key}.mixup_alpha", "must be >= 0 (0 = off)")
+    check(st.balance in _CHOICES["balance"], f"{key}.balance", f"must be one of {_CHOICES['balance']}")
+    check(st.samples_per_epoch >= 0, f"{key}.samples_per_epoch", "must be >= 0 (0 = automatic)")
+    _validate_augment(st.augment, f"{key}.augment", check)
+
+
+def _validate_augment(aug, key: str, check) -> None:
+    check(0 <= aug.strength <= 1, f"{key}.strength", "must be in [0, 1]")
+    for name in ("randaugment_p", "color_jitter_p", "grayscale_p", "jpeg_p", "blur_p", "noise_p", "erasing_p"):
+        check(0 <= getattr(aug, name) <= 1, f"{key}.{name}", "is a probability: must be in [0, 1]")
+    check(0 < aug.crop_scale_min <= 1, f"{key}.crop_scale_min", "must be in (0, 1]")
+    check(0 <= aug.randaugment_ops <= 14, f"{key}.randaugment_ops", "must be in [0, 14]")
+    check(0 <= aug.randaugment_magnitude <= 30, f"{key}.randaugment_magnitude", "must be in [0, 30]")
+    check(all(v >= 0 for v in aug.color_jitter) and aug.color_jitter[3] <= 0.5, f"{key}.color_jitter", "needs 4 values >= 0 (brightness, contrast, saturation, hue <= 0.5)")
+    check(1 <= aug.jpeg_quality_min <= aug.jpeg_quality_max <= 100, f"{key}.jpeg_quality_min", "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
+    check(aug.blur_kernel >= 1 and aug.blur_kernel % 2 == 1, f"{key}.blur_kernel", "must be an odd integer >= 1")
+    check(aug.blur_sigma_max > 0.1, f"{key}.blur_sigma_max", "must be > 0.1 (sigma is drawn from [0.1, max])")
+    check(aug.noise_std >= 0, f"{key}.noise_std", "must be >= 0")
+    check(0.02 < aug.erasing_scale_max <= 1, f"{key}.erasing_scale_max", "must be in (0.02, 1]")
+
+
+def _is_run_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")

@@ -1,0 +1,163 @@
+"""The typed configuration of a TrueFace run: frozen dataclasses whose defaults are the paper's.
+
+Usage: ``from trueface.config import load_config; cfg = load_config("demo", ["stage2.mixup_alpha=0.3"])``
+
+The defaults below are the settings of the original research code (DESIGN.md section 1), with its
+flaws fixed (EMA warm-up, per-op augmentation probabilities, balanced Stage II sampling). Presets
+in ``presets/`` override them; ``paper`` is these defaults. Every field is reachable by a dotted
+key (``stage1.augment.strength``) from YAML files, the command line and search spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strong augmentation of one stage. Each op has its own probability (the original blurred
+    every sample: flaw 6); ``strength`` in [0, 1] scales every probability and magnitude at once,
+    so 0 means light augmentation only and 1 the values written here."""
+
+    strength: float = 1.0
+    crop_scale_min: float = 0.6  # RandomResizedCrop scale (min, 1.0); ratio 3/4..4/3
+    randaugment_p: float = 1.0
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    color_jitter_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    grayscale_p: float = 0.1
+    jpeg_p: float = 0.5
+    jpeg_quality_min: int = 30
+    jpeg_quality_max: int = 95
+    blur_p: float = 0.5
+    blur_kernel: int = 3
+    blur_sigma_max: float = 2.0
+    noise_p: float = 0.5
+    noise_std: float = 0.02  # on [0, 1] pixels
+    erasing_p: float = 0.5
+    erasing_scale_max: float = 0.2  # erased area fraction (0.02, this)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage. ``batch_size`` is the GLOBAL batch of one optimizer step, summed over
+    workers and accumulation micro-steps, so the learning rate keeps its meaning when the number
+    of workers changes: each worker sees batch_size / (workers * accum_steps) images a micro-step."""
+
+    image_size: int = 224
+    epochs: int = 50
+    patience: int = 4  # epochs without a better validation AUC (EMA) before stopping; 0 = never stop
+    batch_size: int = 200
+    accum_steps: int = 1
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 1e-4
+    final_lr: float = 1e-6
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0  # linear LR warm-up, then cosine to final_lr (per step)
+    light_epochs: int = 5  # epochs of light augmentation before the strong one starts
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + step) / (10 + step)): flaw 1
+    mixup_alpha: float = 0.0  # 0 = off; one lambda per batch from Beta(alpha, alpha)
+    balance: str = "none"  # none | class | domain_class
+    samples_per_epoch: int = 0  # 0 = the train set's size (none) or cells x median cell (balanced)
+    domains: tuple[str, ...] = ()  # training domains; () = see trueface.data.layout.pick_domains
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def _stage2_defaults() -> StageConfig:
+    return StageConfig(
+        image_size=1024,
+        epochs=20,
+        patience=2,
+        batch_size=12,
+        lr=5e-5,
+        final_lr=1e-7,
+        light_epochs=0,
+        mixup_alpha=0.2,
+        balance="domain_class",
+        augment=AugmentConfig(
+            blur_kernel=7, blur_sigma_max=3.0, noise_std=0.01, erasing_p=0.4
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """The embedded default data set, generated once and cached (trueface.data.synthetic)."""
+
+    image_size: int = 128
+    train_per_class: int = 100
+    valid_per_class: int = 30
+    test_per_class: int = 30
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # "" = the embedded synthetic data set
+    cache_dir: str = ".cache/trueface"  # where the synthetic set is generated
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    test_domains: tuple[str, ...] = ()  # () = every domain with a test split
+    loader_workers: int = 4  # DataLoader processes per Train worker
+    decode_draft: bool = True  # let PIL decode JPEGs at reduced size when that is enough
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | none | path to a state dict or a TrueFace checkpoint
+    dropout: float = 0.7
+    num_classes: int = 2
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threshold_policy: str = "youden"  # youden | max_f1 | max_accuracy | fixed:<p>
+    hflip_tta: bool = True  # average with the flipped image, for validation AND test alike
+    batch_size: int = 64  # per worker
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto (when the cluster has GPUs) | true | false
+    cpus_per_worker: int = 8
+    gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
+    log_every: int = 50  # optimizer steps between progress lines and TensorBoard points
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    runs_dir: str = "runs"  # checkpoints, TensorBoard logs, Ray's files: runs/<run_name>/
+    results_dir: str = "results"  # tables users read: results/<run_name>/
+
+
+@dataclass(frozen=True)
+class Config:
+    run_name: str = "paper"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=_stage2_defaults)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def stage(self, number: int) -> StageConfig:
+        if number not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {number!r}")
+        return self.stage1 if number == 1 else self.stage2

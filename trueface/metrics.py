@@ -1,0 +1,316 @@
+"""Binary metrics for real-vs-generated face detection.
+
+Conventions: label 0 = real photograph, 1 = generated ("fake"); a score is P(fake)
+in [0, 1]; an image is predicted fake when ``score >= threshold``.
+
+Usage::
+
+    from trueface.metrics import binary_metrics, choose_threshold
+    t = choose_threshold(val_labels, val_scores, "youden")   # pick on validation data
+    m = binary_metrics(test_labels, test_scores, t)          # report on test data
+    print(m["auc"], m["f1"], m["ece"])
+
+Every function accepts lists or 1-D numpy arrays and raises ``ValueError`` with a
+message naming the problem (length mismatch, labels outside {0, 1}, non-finite
+scores, empty input).  Nothing here warns: undefined ratios have documented values.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import roc_auc_score as _sk_roc_auc_score
+from sklearn.metrics import roc_curve as _sk_roc_curve
+
+__all__ = [
+    "THRESHOLD_POLICIES",
+    "binary_metrics",
+    "choose_threshold",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "roc_auc",
+    "roc_curve",
+    "validate_threshold_policy",
+]
+
+#: Valid values of ``eval.threshold_policy``; ``fixed:<p>`` stands for e.g. ``fixed:0.5``.
+THRESHOLD_POLICIES = ("youden", "max_f1", "max_accuracy", "fixed:<p>")
+
+#: Keys of the dict returned by :func:`binary_metrics`, in order.
+METRIC_KEYS = (
+    "n", "n_real", "n_fake", "auc", "accuracy", "precision", "recall", "f1", "ece",
+    "threshold", "tn", "fp", "fn", "tp",
+)
+
+# Objectives of different partitions that are mathematically equal can differ in
+# the last bits (e.g. 2/3 - 1/3 vs 1/3); treat them as ties.
+_TIE_ATOL = 1e-12
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
+    """Return ``labels`` as a 1-D int64 array, checking every value is 0 or 1."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric 0/1, got dtype {arr.dtype}")
+    bad = ~np.isin(arr, (0, 1))
+    if bad.any():
+        examples = ", ".join(repr(v) for v in np.unique(arr[bad])[:5].tolist())
+        raise ValueError(
+            f"{name} must be 0 (real) or 1 (fake); found {int(bad.sum())} other value(s): {examples}"
+        )
+    return arr.astype(np.int64)
+
+
+def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
+    """Return ``scores`` as a 1-D float64 array of finite values."""
+    try:
+        arr = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numbers: {exc}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"{name} must be finite; found {int(bad.sum())} NaN/inf value(s)")
+    return arr
+
+
+def _check_pair(labels: Any, values: Any, values_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``labels`` and a matching array of scores (non-empty, equal lengths)."""
+    y = _as_labels(labels)
+    s = _as_scores(values, values_name)
+    if len(y) != len(s):
+        raise ValueError(f"labels and {values_name} differ in length: {len(y)} != {len(s)}")
+    if len(y) == 0:
+        raise ValueError(f"labels and {values_name} are empty")
+    return y, s
+
+
+def _check_unit_interval(values: np.ndarray, name: str) -> None:
+    """Raise unless every value lies in [0, 1] (probabilities)."""
+    if values.size and (values.min() < 0.0 or values.max() > 1.0):
+        raise ValueError(
+            f"{name} must be probabilities in [0, 1]; got range [{values.min():g}, {values.max():g}]"
+        )
+
+
+def _one_class(y: np.ndarray) -> bool:
+    return bool(np.all(y == y[0]))
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` with 0/0 (and x/0) defined as 0.0, so nothing warns."""
+    return float(num) / float(den) if den else 0.0
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def roc_auc(labels: Any, scores: Any) -> float:
+    """ROC-AUC of ``scores`` for the fake class; ties between a real and a fake count 1/2.
+
+    Returns ``float('nan')`` when ``labels`` hold one class only (AUC is undefined);
+    no exception and no warning.
+    """
+    y, s = _check_pair(labels, scores)
+    if _one_class(y):
+        return float("nan")
+    return float(_sk_roc_auc_score(y, s))
+
+
+def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr, thresholds)`` as returned by scikit-learn.
+
+    ``thresholds`` are decreasing and start at ``inf`` (nothing predicted fake).  With
+    one class only, the rate that has no denominator is NaN (no warning is emitted).
+    """
+    y, s = _check_pair(labels, scores)
+    with warnings.catch_warnings():
+        # One-class input: sklearn warns and fills NaN; NaN is the documented result here.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = _sk_roc_curve(y, s)
+    return fpr, tpr, thresholds
+
+
+def confusion_matrix(labels: Any, preds: Any) -> np.ndarray:
+    """2x2 int64 confusion matrix ``[[tn, fp], [fn, tp]]``.
+
+    Rows are the true class (0 real, 1 fake), columns the predicted class.
+    """
+    y = _as_labels(labels)
+    p = _as_labels(preds, "preds")
+    if len(y) != len(p):
+        raise ValueError(f"labels and preds differ in length: {len(y)} != {len(p)}")
+    # Index 2*true + pred enumerates tn, fp, fn, tp.
+    return np.bincount(2 * y + p, minlength=4).reshape(2, 2).astype(np.int64)
+
+
+def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> float:
+    """Expected calibration error (ECE) of P(fake), top-label definition (Guo et al., 2017).
+
+    Each image's predicted class is fake when ``p >= 0.5`` and its confidence is the
+    probability of that class, ``max(p, 1 - p)``.  Confidences are put in ``n_bins``
+    equal-width bins over [0, 1], bin m being ``((m-1)/M, m/M]`` (so bins below 0.5 stay
+    empty and a confidence of exactly 0.5 lands in the bin ending at 0.5); then
+
+        ECE = sum over bins b of  |b| / n * |accuracy(b) - mean confidence(b)|.
+
+    It does not depend on the decision threshold used elsewhere.
+    """
+    y, p = _check_pair(labels, probs, "probs")
+    _check_unit_interval(p, "probs")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    pred = (p >= 0.5).astype(np.int64)
+    confidence = np.where(pred == 1, p, 1.0 - p)
+    correct = (pred == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right=True gives edges[i-1] < c <= edges[i]; subtract 1 for a 0-based bin index.
+    bins = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, n_bins - 1)
+    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
+    # |sum acc - sum conf| / n per bin equals |b|/n * |acc(b) - conf(b)| and needs no division by |b|.
+    return float(np.abs(acc_sum - conf_sum).sum() / len(y))
+
+
+def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict:
+    """All scalar metrics of one evaluation, keys as in :data:`METRIC_KEYS`.
+
+    An image is predicted fake when ``score >= threshold``.  ``precision``, ``recall``
+    and ``f1`` are for the fake class, with 0/0 defined as 0.0 (e.g. precision when
+    nothing is predicted fake).  ``auc`` is NaN with one class only; ``ece`` uses the
+    0.5 top-label definition of :func:`expected_calibration_error`, so scores must
+    lie in [0, 1].  Values are plain Python ints/floats.
+    """
+    y, s = _check_pair(labels, scores)
+    _check_unit_interval(s, "scores")
+    t = _as_threshold(threshold)
+    (tn, fp), (fn, tp) = confusion_matrix(y, (s >= t).astype(np.int64)).tolist()
+    n = len(y)
+    return {
+        "n": n,
+        "n_real": int(n - y.sum()),
+        "n_fake": int(y.sum()),
+        "auc": roc_auc(y, s),
+        "accuracy": _ratio(tp + tn, n),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        # 2tp / (2tp + fp + fn) equals the harmonic mean of precision and recall and is 0 when tp = 0.
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "ece": expected_calibration_error(y, s),
+        "threshold": t,
+        "tn": int(tn),
+        "fp": int(fp),
+        "fn": int(fn),
+        "tp": int(tp),
+    }
+
+
+def _as_threshold(threshold: Any) -> float:
+    """Return ``threshold`` as a finite float."""
+    if isinstance(threshold, bool):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number, got {threshold!r}") from None
+    if not math.isfinite(t):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    return t
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def _policy_error(policy: Any, detail: str = "") -> ValueError:
+    valid = ", ".join(THRESHOLD_POLICIES)
+    extra = f" ({detail})" if detail else ""
+    return ValueError(f"unknown threshold policy {policy!r}{extra}; valid policies: {valid}, e.g. 'fixed:0.5'")
+
+
+def _parse_fixed(policy: str) -> float:
+    """Value of a ``fixed:<p>`` policy, checked to be a number in [0, 1]."""
+    text = policy[len("fixed:"):].strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise _policy_error(policy, f"'{text}' is not a number") from None
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"threshold policy {policy!r}: fixed threshold must be in [0, 1], got {text}")
+    return value
+
+
+def validate_threshold_policy(policy: str) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of :data:`THRESHOLD_POLICIES`."""
+    if not isinstance(policy, str):
+        raise _policy_error(policy, f"expected a string, got {type(policy).__name__}")
+    if policy.startswith("fixed:"):
+        _parse_fixed(policy)
+    elif policy not in THRESHOLD_POLICIES[:3]:
+        raise _policy_error(policy)
+
+
+def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:
+    """Thresholds that realise every distinct prediction split of ``scores``, plus 0.5.
+
+    Each observed score is the largest threshold that still flags it fake; one value
+    just above the maximum predicts everything real; 0.5 is added so that, when it is
+    among the best thresholds, it is returned exactly.
+    """
+    unique = np.unique(scores)
+    above_all = np.nextafter(unique[-1], np.inf)
+    return np.unique(np.concatenate([unique, [0.5, above_all]]))
+
+
+def _objective(policy: str, tp: np.ndarray, fp: np.ndarray, n_fake: int, n_real: int) -> np.ndarray:
+    """Value of ``policy`` for every candidate, given its true/false positive counts."""
+    fn = n_fake - tp
+    tn = n_real - fp
+    if policy == "youden":
+        return tp / n_fake - fp / n_real
+    if policy == "max_f1":
+        den = 2 * tp + fp + fn
+        return np.divide(2 * tp, den, out=np.zeros(len(tp)), where=den > 0)
+    return (tp + tn) / (n_fake + n_real)  # max_accuracy
+
+
+def choose_threshold(labels: Any, scores: Any, policy: str) -> float:
+    """Decision threshold for ``policy`` on (validation) ``labels`` / ``scores``.
+
+    Policies (see :data:`THRESHOLD_POLICIES`):
+
+    * ``youden``: maximise TPR - FPR;
+    * ``max_f1``: maximise F1 of the fake class;
+    * ``max_accuracy``: maximise accuracy;
+    * ``fixed:<p>``: return ``p`` (must be in [0, 1]); the data are only validated.
+
+    Among thresholds with the same best value the one closest to 0.5 wins (the lower
+    one if two are equally close).  Candidates are the observed scores, 0.5 and a value
+    just above the largest score.  When ``labels`` hold one class only, the non-fixed
+    policies are undefined and 0.5 is returned.
+    """
+    validate_threshold_policy(policy)
+    y, s = _check_pair(labels, scores)
+    if policy.startswith("fixed:"):
+        return _parse_fixed(policy)
+    if _one_class(y):
+        return 0.5
+    candidates = _candidate_thresholds(s)
+    fake = np.sort(s[y == 1])
+    real = np.sort(s[y == 0])
+    # Counts of scores >= t for every candidate t at once: O(n log n) instead of O(n^2).
+    tp = len(fake) - np.searchsorted(fake, candidates, side="left")
+    fp = len(real) - np.searchsorted(real, candidates, side="left")
+    value = _objective(policy, tp, fp, len(fake), len(real))
+    best = candidates[value >= value.max() - _TIE_ATOL]
+    distance = np.abs(best - 0.5)
+    return float(best[distance == distance.min()].min())

@@ -1,0 +1,67 @@
+"""ResNet-50 with a Dropout + Linear head, from ImageNet weights, a file, or random init.
+
+Usage: ``model = build_model(cfg.model)``; ``probs = fake_probability(model(x))``
+
+No download ever happens at run time: ``imagenet`` reads torchvision's weight file from the
+local torch hub cache and says how to put it there when it is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+
+from trueface.config.schema import ModelConfig
+
+
+class WeightsError(RuntimeError):
+    """Weights that were asked for cannot be loaded; the message says how to provide them."""
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    model = resnet50(weights=None)
+    if cfg.weights == "imagenet":
+        model.load_state_dict(load_imagenet_state_dict())
+    model.fc = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(model.fc.in_features, cfg.num_classes))
+    if cfg.weights not in ("imagenet", "none"):
+        load_weights_file(model, Path(cfg.weights))
+    return model
+
+
+def imagenet_weights_path() -> Path:
+    weights = ResNet50_Weights.IMAGENET1K_V2
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def load_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    path = imagenet_weights_path()
+    if not path.is_file():
+        raise WeightsError(
+            f"ImageNet weights not found at {path} and nothing is downloaded at run time.\n"
+            f"On a machine with internet: python -c \"import torchvision; "
+            f"torchvision.models.resnet50(weights='IMAGENET1K_V2')\", then copy "
+            f"{path.name} to {path.parent}/ here (or set TORCH_HOME), "
+            f"or run with model.weights=none or model.weights=/path/to/weights.pt"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a plain state dict or a TrueFace checkpoint (its EMA weights) into ``model``."""
+    if not path.is_file():
+        raise WeightsError(f"model.weights: file {path} does not exist (use imagenet, none or a file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "ema" in state:
+        state = state["ema"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path} does not fit a ResNet-50 with a 2-class head: {exc}") from exc
+
+
+def fake_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(generated) from the two-class logits (class 1 = fake)."""
+    return logits.float().softmax(dim=1)[:, 1]

@@ -1,0 +1,382 @@
+"""Cross-domain evaluation tables, plots and the on-disk report.
+
+Usage::
+
+    from trueface.results import Predictions, evaluation_rows, format_table, write_report
+    rows = evaluation_rows({"raw": raw_preds, "ema": ema_preds}, thresholds, "youden", roles)
+    print(format_table(rows))
+    write_report(Path("results/my_run"), rows, {"raw": raw_preds, "ema": ema_preds}, cfg_yaml, header)
+
+Every output file is written atomically (temporary file in the same folder, then
+``os.replace``), so an interrupted run never leaves a truncated file where a good one was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+# Reports are written on headless workers; Agg must be chosen before pyplot is imported.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from trueface.metrics import binary_metrics, roc_auc, roc_curve  # noqa: E402
+
+__all__ = [
+    "COMBINED",
+    "COMBINED_ROLE",
+    "Predictions",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "evaluation_rows",
+    "format_table",
+    "write_report",
+]
+
+#: Domain name of the rows that pool all test domains.
+COMBINED = "combined"
+#: Role of the :data:`COMBINED` rows.
+COMBINED_ROLE = "all test domains"
+
+# Weights names become file names (roc_<weights>.png); keep them path-safe.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Columns of the console table and their float format.
+_TABLE_COLUMNS = ("weights", "domain", "role", "n", "auc", "accuracy", "precision", "recall", "f1", "ece", "threshold")
+_FLOAT_DECIMALS = {"auc": 4, "accuracy": 4, "precision": 4, "recall": 4, "f1": 4, "ece": 4, "threshold": 4}
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Predictions:
+    """Per-image scores of one set of weights on one split."""
+
+    paths: list[str]
+    domains: list[str]
+    labels: np.ndarray  # int 0/1
+    scores: np.ndarray  # float P(fake)
+
+    def __post_init__(self) -> None:
+        """Normalise types and check that all four columns have the same length."""
+        self.paths = [str(p) for p in self.paths]
+        self.domains = [str(d) for d in self.domains]
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        lengths = {len(self.paths), len(self.domains), len(self.labels), len(self.scores)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "Predictions columns differ in length: "
+                f"paths={len(self.paths)}, domains={len(self.domains)}, "
+                f"labels={len(self.labels)}, scores={len(self.scores)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def domain_names(self) -> list[str]:
+        """Distinct domains in order of first appearance."""
+        return list(dict.fromkeys(self.domains))
+
+    def subset(self, domain: str) -> "Predictions":
+        """The images of one domain (``ValueError`` if the domain has none)."""
+        mask = np.array([d == domain for d in self.domains], dtype=bool)
+        if not mask.any():
+            raise ValueError(f"no predictions for domain {domain!r}; domains present: {self.domain_names()}")
+        idx = np.flatnonzero(mask)
+        return Predictions(
+            paths=[self.paths[i] for i in idx],
+            domains=[self.domains[i] for i in idx],
+            labels=self.labels[idx],
+            scores=self.scores[idx],
+        )
+
+    def to_arrow(self, weights: str) -> pa.Table:
+        """Columns path, domain, label, score, weights (one row per image)."""
+        return pa.table(
+            {
+                "path": pa.array(self.paths, type=pa.string()),
+                "domain": pa.array(self.domains, type=pa.string()),
+                "label": pa.array(self.labels, type=pa.int64()),
+                "score": pa.array(self.scores, type=pa.float64()),
+                "weights": pa.array([weights] * len(self), type=pa.string()),
+            }
+        )
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _check_domains(test: dict[str, Predictions], domain_roles: dict[str, str]) -> None:
+    """Fail before computing anything if a domain has no role or clashes with COMBINED."""
+    for weights, preds in test.items():
+        names = preds.domain_names()
+        if COMBINED in names:
+            raise ValueError(f"domain name {COMBINED!r} is reserved for the pooled rows (weights {weights!r})")
+        missing = [d for d in names if d not in domain_roles]
+        if missing:
+            raise ValueError(f"domain_roles has no role for domain(s) {missing} (weights {weights!r})")
+
+
+def _row(weights: str, domain: str, role: str, policy: str, preds: Predictions, threshold: float) -> dict:
+    """One table row: identifiers first, then the binary_metrics keys."""
+    head = {"weights": weights, "domain": domain, "role": role, "threshold_policy": policy}
+    return {**head, **binary_metrics(preds.labels, preds.scores, threshold)}
+
+
+def evaluation_rows(
+    test: dict[str, Predictions],
+    thresholds: dict[str, float],
+    policy: str,
+    domain_roles: dict[str, str],
+) -> list[dict]:
+    """One row per (weights, domain) plus one per weights for all domains together (domain 'combined').
+
+    ``test`` is keyed by weights name (e.g. 'raw', 'ema'); ``thresholds`` by the same names
+    (chosen on validation data by the caller); ``domain_roles`` maps a domain to an honest
+    description of its role, e.g. 'trained (Stage I+II)', 'trained (Stage II)',
+    'held out (never trained on)'; 'combined' gets 'all test domains'.
+    Each row: weights, domain, role, threshold_policy, then the binary_metrics keys.
+    Domains appear in order of first appearance in the predictions.
+    """
+    missing = [w for w in test if w not in thresholds]
+    if missing:
+        raise ValueError(f"no threshold for weights {missing}; thresholds given for {list(thresholds)}")
+    _check_domains(test, domain_roles)
+    rows = []
+    for weights, preds in test.items():
+        t = thresholds[weights]
+        for domain in preds.domain_names():
+            rows.append(_row(weights, domain, domain_roles[domain], policy, preds.subset(domain), t))
+        rows.append(_row(weights, COMBINED, COMBINED_ROLE, policy, preds, t))
+    return rows
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(key: str, value: object) -> str:
+    """Cell text: floats rounded per column, NaN as 'nan', everything else via str."""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{_FLOAT_DECIMALS.get(key, 4)}f}"
+    return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Aligned plain-text table for the console (text left-aligned, numbers right-aligned)."""
+    cells = [[_fmt(k, row.get(k, "")) for k in _TABLE_COLUMNS] for row in rows]
+    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(_TABLE_COLUMNS)]
+    numeric = [k not in ("weights", "domain", "role") for k in _TABLE_COLUMNS]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(list(_TABLE_COLUMNS)), line(["-" * w for w in widths])]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    def cells(values: list[str]) -> str:
+        # A literal '|' (e.g. in a role description) would split the cell.
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+    lines = [cells(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [cells(r) for r in body]
+    return "\n".join(lines)
+
+
+def _markdown_metrics(rows: list[dict]) -> str:
+    """All rows with every column, floats rounded to 4 decimals."""
+    keys = list(rows[0]) if rows else []
+    return _markdown_table(keys, [[_fmt(k, r[k]) for k in keys] for r in rows])
+
+
+def _markdown_confusion(row: dict) -> str:
+    """Confusion matrix of one row: rows = true class, columns = predicted class."""
+    body = [["**real**", str(row["tn"]), str(row["fp"])], ["**fake**", str(row["fn"]), str(row["tp"])]]
+    return _markdown_table(["true \\ predicted", "real", "fake"], body)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path``.
+
+    The bytes go to a temporary file in the same folder (same file system, so
+    ``os.replace`` is atomic), are flushed and fsynced, then replace ``path``.  On any
+    error the temporary file is removed and ``path`` keeps its previous content.
+    The file gets mode 0o644 (mkstemp would leave 0o600).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise ``table`` to Parquet in memory (so it can be written atomically)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _csv_text(rows: list[dict]) -> str:
+    """Rows as CSV with a header; floats keep full precision (repr)."""
+    buf = io.StringIO()
+    keys = list(rows[0]) if rows else []
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _figure_png(fig: Figure) -> bytes:
+    """Render ``fig`` to PNG bytes and close it (figures are otherwise kept by pyplot)."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _roc_png(weights: str, preds: Predictions) -> bytes:
+    """ROC curve per domain plus combined, AUC in the legend, chance diagonal."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    parts = [(d, preds.subset(d)) for d in preds.domain_names()] + [(COMBINED, preds)]
+    for name, part in parts:
+        if len(np.unique(part.labels)) < 2:
+            # No curve exists with one class; keep the domain visible in the legend anyway.
+            ax.plot([], [], label=f"{name} (one class, AUC undefined)")
+            continue
+        fpr, tpr, _ = roc_curve(part.labels, part.scores)
+        auc = roc_auc(part.labels, part.scores)
+        style = {"color": "black", "linewidth": 2.0} if name == COMBINED else {}
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.4f})", **style)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real flagged fake)",
+           ylabel="true positive rate (fake detected)", title=f"ROC, weights '{weights}'")
+    ax.legend(loc="lower right", fontsize="small")
+    return _figure_png(fig)
+
+
+def _confusion_png(weights: str, rows: list[dict]) -> bytes:
+    """A row of 2x2 confusion matrices, one per domain + combined, counts annotated."""
+    # Constrained layout keeps each panel's y label clear of its neighbour and the suptitle.
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.8), squeeze=False, layout="constrained")
+    for ax, row in zip(axes[0], rows):
+        matrix = np.array([[row["tn"], row["fp"]], [row["fn"], row["tp"]]])
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
+        for (i, j), count in np.ndenumerate(matrix):
+            # White text on the dark cells keeps the counts readable.
+            dark = count > matrix.max() / 2
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
+        ax.set_xticks([0, 1], labels=["real", "fake"])
+        ax.set_yticks([0, 1], labels=["real", "fake"])
+        title = f"{row['domain']}\nthreshold {row['threshold']:.4f}"
+        ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.suptitle(f"Confusion matrices, weights '{weights}'")
+    return _figure_png(fig)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _summary_markdown(rows: list[dict], header: dict[str, str], pngs: dict[str, list[str]]) -> str:
+    """Text of summary.md: header lines, metrics table, confusion matrices, plot links."""
+    out = ["# TrueFace evaluation report", ""]
+    out += [f"- **{key}**: {value}" for key, value in header.items()]
+    out += ["", "## Metrics", "", _markdown_metrics(rows), "", "## Confusion matrices", ""]
+    for row in rows:
+        out += [f"### {row['weights']} / {row['domain']}: {row['role']}", "", _markdown_confusion(row), ""]
+    out += ["## Plots", ""]
+    for weights, names in pngs.items():
+        out += [f"- {weights}: " + ", ".join(f"[{n}]({n})" for n in names)]
+        out += [f"  ![{n}]({n})" for n in names]
+    return "\n".join(out) + "\n"
+
+
+def _check_weights_names(names: list[str]) -> None:
+    bad = [n for n in names if not _SAFE_NAME.match(n)]
+    if bad:
+        raise ValueError(f"weights names {bad} are not safe file names (letters, digits, '_', '.', '-')")
+
+
+def write_report(
+    out_dir: Path,
+    rows: list[dict],
+    test: dict[str, Predictions],
+    config_yaml: str,
+    header: dict[str, str],
+) -> dict[str, Path]:
+    """Write the evaluation report into ``out_dir`` (created if missing).
+
+    Files: ``metrics.csv``, ``metrics.parquet`` (same rows), ``predictions.parquet`` (all
+    weights' predictions), ``roc_<weights>.png``, ``confusion_<weights>.png``,
+    ``config.yaml`` and, written last so its presence marks a complete report,
+    ``summary.md``.  Every file is written atomically.  Returns file name -> path.
+    """
+    out_dir = Path(out_dir)
+    _check_weights_names(list(test))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def put(name: str, data: bytes) -> None:
+        written[name] = atomic_write_bytes(out_dir / name, data)
+
+    put("metrics.csv", _csv_text(rows).encode("utf-8"))
+    put("metrics.parquet", _parquet_bytes(pa.Table.from_pylist(rows)))
+    tables = [preds.to_arrow(w) for w, preds in test.items()]
+    if tables:
+        put("predictions.parquet", _parquet_bytes(pa.concat_tables(tables)))
+    put("config.yaml", config_yaml.encode("utf-8"))
+    pngs: dict[str, list[str]] = {}
+    for weights, preds in test.items():
+        roc, conf = f"roc_{weights}.png", f"confusion_{weights}.png"
+        put(roc, _roc_png(weights, preds))
+        weights_rows = [r for r in rows if r["weights"] == weights]
+        names = [roc]
+        if weights_rows:
+            put(conf, _confusion_png(weights, weights_rows))
+            names.append(conf)
+        pngs[weights] = names
+    put("summary.md", _summary_markdown(rows, header, pngs).encode("utf-8"))
+    return written

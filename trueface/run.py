@@ -1,0 +1,116 @@
+"""A run before it trains: its data root, resolved config, folders and human-readable plan.
+
+Usage::
+
+    cfg, layout = resolve_run(load_config("demo"))
+    paths = RunPaths.of(cfg); print(describe_plan(cfg, layout, paths))
+
+Resolving makes every implicit choice explicit (the data root's absolute path, the domains of
+each stage and of the test tables), so the config saved beside checkpoints and results says
+exactly what was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trueface.config import Config, to_yaml
+from trueface.data.layout import DataLayout, discover_layout, pick_domains
+from trueface.data.sampler import BalancedSampler
+from trueface.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from trueface.results import atomic_write_bytes, atomic_write_text
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: Path
+    results_dir: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> "RunPaths":
+        return cls(
+            Path(cfg.output.runs_dir).absolute() / cfg.run_name,
+            Path(cfg.output.results_dir).absolute() / cfg.run_name,
+        )
+
+    def stage_dir(self, stage: int) -> Path:
+        return self.run_dir / f"stage{stage}"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+    def stage_tensorboard_dir(self, stage: int) -> Path:
+        return self.tensorboard_dir / f"stage{stage}"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.run_dir / "ray"
+
+
+def data_root(cfg: Config) -> Path:
+    """The configured root, or the embedded synthetic data set (generated on first use)."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser().absolute()
+    s = cfg.data.synthetic
+    spec = SyntheticSpec(s.image_size, s.train_per_class, s.valid_per_class, s.test_per_class, s.seed)
+    return ensure_synthetic_dataset(Path(cfg.data.cache_dir).expanduser().absolute(), spec)
+
+
+def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:
+    root = data_root(cfg)
+    layout = discover_layout(root)
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, root=str(root), test_domains=tuple(pick_domains(layout, cfg.data.test_domains, "test"))),
+        stage1=replace(cfg.stage1, domains=tuple(pick_domains(layout, cfg.stage1.domains, "stage1"))),
+        stage2=replace(cfg.stage2, domains=tuple(pick_domains(layout, cfg.stage2.domains, "stage2"))),
+    )
+    return cfg, layout
+
+
+def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths) -> None:
+    """The resolved config and the manifest of every image, beside the checkpoints."""
+    atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
+    samples = [s for splits in layout.domains.values() for xs in splits.values() for s in xs]
+    table = pa.table({
+        "path": [s.path for s in samples], "domain": [s.domain for s in samples],
+        "split": [s.split for s in samples], "label": [s.label for s in samples],
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
+
+
+def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
+    lines = [f"run {cfg.run_name}: data {layout.root}", "images (real/fake):"]
+    for domain, splits in layout.counts().items():
+        parts = [f"{split} {c['real']}/{c['fake']}" for split, c in splits.items()]
+        lines.append(f"  {domain:<28} " + "  ".join(parts))
+    for stage in (1, 2):
+        st = cfg.stage(stage)
+        train = layout.gather(st.domains, "train")
+        sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance, st.samples_per_epoch)
+        steps = len(sampler) // st.batch_size
+        val = sum(len(layout.samples(d, "valid")) for d in st.domains)
+        lines += [
+            f"stage {stage}: {st.image_size} px on {', '.join(st.domains)}; {st.epochs} epochs max "
+            f"(patience {st.patience}), ~{steps} steps/epoch of {st.batch_size} (global, accum {st.accum_steps}), "
+            f"lr {st.lr:g} -> {st.final_lr:g}, EMA {st.ema_decay:g}, MixUp {st.mixup_alpha:g}, "
+            f"augment strength {st.augment.strength:g} (light for {st.light_epochs} epochs); {val} validation images",
+            "  " + sampler.plan().describe().replace("\n", "\n  "),
+        ]
+    sc = cfg.scaling
+    lines += [
+        f"test tables: {', '.join(cfg.data.test_domains)} + combined; threshold {cfg.eval.threshold_policy} on validation",
+        f"workers: {sc.num_workers} x ({sc.cpus_per_worker} CPU, GPU {sc.use_gpu} x {sc.gpus_per_worker:g}), "
+        f"max_failures {sc.max_failures}; weights {cfg.model.weights}",
+        f"checkpoints: {paths.run_dir}/stage{{1,2}}/{{last,best}}.pt",
+        f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}",
+        f"results: {paths.results_dir}/",
+    ]
+    return "\n".join(lines)
