@@ -284,8 +284,11 @@ class _TrainLoop:
                               f"{window_images * self.di.world_size / elapsed:.1f} img/s")
                 window_loss.zero_()
                 window_start, window_images, window_steps = time.time(), 0, 0
-        steps_done = micro_steps // st.accum_steps
-        return {"step": step, "train/loss": loss_sum.item() / steps_done, "train/lr": lr, "train/ema_decay": decay,
+        mean_loss = loss_sum.item() / (micro_steps // st.accum_steps)
+        if not math.isfinite(mean_loss):
+            raise StageError(f"{self.key}: training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; "
+                             f"lower {self.key}.lr (now {st.lr:g}) or raise {self.key}.batch_size")
+        return {"step": step, "train/loss": mean_loss, "train/lr": lr, "train/ema_decay": decay,
                 "train/strong_augment": float(epoch >= st.light_epochs)}
 
 
@@ -296,6 +299,9 @@ def validate(model: nn.Module, ema_model: nn.Module, samples: Sequence[Sample], 
     out = {}
     for name, suffix, net in (("raw", "", model), ("ema", "_ema", ema_model)):
         scores = predict_scores(net, samples, image_size, runtime, cfg, di)
+        if not np.isfinite(scores).all():
+            raise StageError(f"the {name} model gives non-finite validation scores: its weights or BatchNorm "
+                             f"statistics have blown up; lower the learning rate or train more steps per epoch")
         m = binary_metrics(labels, scores, 0.5)
         out[f"val/auc{suffix}"] = roc_auc(labels, scores)
         out[f"val/accuracy{suffix}"] = m["accuracy"]
@@ -329,14 +335,21 @@ def _score_loader(model: nn.Module, loader: DataLoader, runtime: Runtime, hflip:
     model.eval()
     chunks = []
     for images, _, _ in loader:
-        images = images.to(runtime.device, non_blocking=True, memory_format=torch.channels_last)
-        with runtime.autocast():
-            probs = fake_probability(model(images))
-            if hflip:  # the same test-time augmentation for validation and test (the original's differed)
-                probs = (probs + fake_probability(model(torch.flip(images, dims=[3])))) / 2
-        chunks.append(probs.float().cpu())
+        chunks.append(score_batch(model, images, runtime, hflip))
     model.train(was_training)
     return torch.cat(chunks).double().numpy() if chunks else np.empty(0)
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, images: torch.Tensor, runtime: Runtime, hflip: bool) -> torch.Tensor:
+    """P(fake) of a batch (on the CPU), optionally averaged with the mirrored images: the same
+    test-time augmentation for validation, test and prediction (the original's differed)."""
+    images = images.to(runtime.device, non_blocking=True, memory_format=torch.channels_last)
+    with runtime.autocast():
+        probs = fake_probability(model(images))
+        if hflip:
+            probs = (probs + fake_probability(model(torch.flip(images, dims=[3])))) / 2
+    return probs.float().cpu()
 
 
 def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, epoch: int, rank: int) -> DataLoader:

@@ -1,0 +1,71 @@
+"""Probability that each image is generated, and its label at the checkpoint's saved threshold.
+
+Usage::
+
+    python -m jobs.predict --checkpoint runs/demo/stage2/best.pt face.jpg more_faces/
+    python -m jobs.predict --checkpoint CKPT folder/ --out predictions.csv
+
+An unreadable image is reported by name (stderr, and an ``error`` row in the CSV); the others
+are still scored. Exit status 1 when any image could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from trueface.checkpoint import CheckpointError
+from trueface.predict import Predictor, expand_inputs
+from trueface.results import atomic_write_text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")
+    if not predictor.threshold_saved:
+        print("warning: the checkpoint holds no threshold (run the evaluation first); labelling at 0.5", file=sys.stderr)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        sys.exit(f"error: no images found in {' '.join(args.inputs)}")
+    rows, failed = [], 0
+    for p in tqdm(predictor.score(paths), total=len(paths), unit="img", disable=args.out is None, file=sys.stderr):
+        rows.append(p)
+        if p.error:
+            failed += 1
+            print(f"error: {p.error}", file=sys.stderr)
+    text = _csv(rows, predictor.threshold)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"{len(rows) - failed} scored, {failed} unreadable -> {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 1 if failed else 0
+
+
+def _csv(rows, threshold: float) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "p_generated", "label", "threshold", "error"])
+    for r in rows:
+        writer.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label, f"{threshold:.6f}", r.error])
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny image folders in the original layout, tiny configs, one Ray per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trueface.config import load_config
+
+MINI_140K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces140k-mini"
+
+
+def write_tiny_root(root: Path, domains: dict[str, str], per_class: int = 4, size: int = 32,
+                    splits=("train", "valid", "test")) -> Path:
+    """Images whose fakes carry a bright diagonal stripe: learnable in a few steps at 32 px.
+    ``domains`` maps a domain name to the case of its label folders ('upper' or 'lower');
+    the empty name '' writes the splits directly under ``root`` (a single-domain root)."""
+    rng = np.random.default_rng(0)
+    for domain, case in domains.items():
+        for split in splits:
+            for label, name in ((0, "real"), (1, "fake")):
+                folder = root / domain / split / (name.upper() if case == "upper" else name)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    img = rng.integers(60, 180, (size, size, 3), dtype=np.uint8)
+                    if label:
+                        idx = np.arange(size)
+                        img[idx, idx] = 250
+                    Image.fromarray(img).save(folder / f"{domain or 'x'}_{split}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    return write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+
+
+def tiny_overrides(root: Path, out: Path, run_name: str = "t") -> list[str]:
+    """The demo preset shrunk to seconds: 32 px, batch 4, 1-2 epochs, no loader processes."""
+    return [
+        f"data.root={root}", f"output.runs_dir={out / 'runs'}", f"output.results_dir={out / 'results'}",
+        f"run_name={run_name}", "data.loader_workers=0", "runtime.log_every=1", "eval.batch_size=8",
+        "scaling.cpus_per_worker=1",
+        "stage1.image_size=32", "stage1.epochs=2", "stage1.batch_size=8", "stage1.lr=0.001", "stage1.light_epochs=1",
+        "stage2.image_size=32", "stage2.epochs=1", "stage2.batch_size=8", "stage2.lr=0.001", "stage2.samples_per_epoch=16",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_root: Path, tmp_path: Path):
+    return load_config("demo", tiny_overrides(tiny_root, tmp_path))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every Ray test (ray.init costs seconds and memory)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from trueface.config import ConfigError, Config, flatten, from_dict, load_config, parse_overrides, to_dict, to_yaml
+
+
+def test_paper_preset_is_the_papers_settings():
+    cfg = load_config("paper")
+    assert (cfg.stage1.image_size, cfg.stage2.image_size) == (224, 1024)
+    assert (cfg.stage1.batch_size, cfg.stage2.batch_size) == (200, 12)
+    assert (cfg.stage1.epochs, cfg.stage1.patience, cfg.stage2.epochs, cfg.stage2.patience) == (50, 4, 20, 2)
+    assert cfg.stage1.ema_decay == cfg.stage2.ema_decay == 0.9999
+    assert (cfg.stage1.mixup_alpha, cfg.stage2.mixup_alpha) == (0.0, 0.2)
+    assert cfg.stage1.warmup_epochs == 5 and cfg.stage1.light_epochs == 5 and cfg.stage2.light_epochs == 0
+    assert (cfg.stage1.augment.blur_kernel, cfg.stage2.augment.blur_kernel) == (3, 7)
+    assert cfg.model.weights == "imagenet" and cfg.model.dropout == 0.7
+
+
+def test_override_of_one_stage2_key_keeps_stage2_defaults():
+    cfg = load_config("paper", ["stage2.augment.strength=0.5", "stage2.mixup_alpha=0.3"])
+    assert cfg.stage2.augment.strength == 0.5 and cfg.stage2.augment.blur_kernel == 7
+    assert cfg.stage2.mixup_alpha == 0.3 and cfg.stage2.image_size == 1024
+    assert cfg.stage1.augment.strength == 1.0
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"stage2\.mixup_alfa.*did you mean 'stage2\.mixup_alpha'"):
+        load_config("demo", ["stage2.mixup_alfa=0.3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage2.mixup_alpha=abc", r"stage2\.mixup_alpha: expected a number"),
+    ("stage1.epochs=2.5", r"stage1\.epochs: expected an integer"),
+    ("model.channels_last=1", r"model\.channels_last: expected true/false"),
+    ("stage1.domains=tpdne", r"stage1\.domains: expected a list"),
+    ("stage1.augment.strength=1.5", r"stage1\.augment\.strength: must be in \[0, 1\]"),
+    ("stage2.ema_decay=1.0", r"stage2\.ema_decay: must be in \[0, 1\)"),
+    ("eval.threshold_policy=median", r"eval\.threshold_policy"),
+    ("stage1.augment.blur_kernel=4", r"blur_kernel: must be an odd"),
+    ("run_name=a/b", r"run_name"),
+])
+def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_overrides(["stage1.epochs"])
+    assert parse_overrides(["a.b=1", "a.c=[x, y]"]) == {"a": {"b": 1, "c": ["x", "y"]}}
+
+
+def test_yaml_1_1_float_strings_are_numbers():
+    assert load_config("demo", ["stage1.lr=1e-4"]).stage1.lr == 1e-4
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: demo, paper"):
+        load_config("nope")
+
+
+def test_file_with_base_and_round_trip(tmp_path: Path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: demo\nstage1:\n  epochs: 7\n")
+    cfg = load_config(str(f))
+    assert cfg.stage1.epochs == 7 and cfg.run_name == "demo"
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(to_yaml(cfg))
+    assert load_config(str(dumped)) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_bad_yaml_file_names_the_file(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("stage1: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(f))
+    f.write_text("stage1:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="stage1.epochz"):
+        load_config(str(f))
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(to_dict(Config()))
+    assert flat["stage2.augment.strength"] == 1.0 and "stage1.ema_decay" in flat

@@ -1,0 +1,120 @@
+"""The engine without Ray: stage runs, resume, Stage II's guard, evaluation and prediction."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from trueface.checkpoint import load_checkpoint
+from trueface.config import load_config
+from trueface.engine import StageError, finished_stage, micro_batch_size, run_stage
+from trueface.evaluation import evaluate_checkpoint
+from trueface.predict import Predictor
+from trueface.run import resolve_run
+
+
+def _stage1(cfg, tmp_path: Path, **kw):
+    cfg, layout = resolve_run(cfg)
+    st = cfg.stage1
+    return cfg, layout, run_stage(cfg, 1, layout.gather(st.domains, "train"), layout.gather(st.domains, "valid"),
+                                  tmp_path / "stage1", **kw)
+
+
+def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
+    reports = []
+    cfg, _, result = _stage1(tiny_cfg, tmp_path, log_dir=tmp_path / "tb", report=lambda m, p: reports.append((m, p)))
+    assert result.epochs_run == 2 and len(reports) == 2
+    metrics, path = reports[-1]
+    assert {"train/loss", "val/auc", "val/auc_ema", "train/lr", "train/ema_decay"} <= set(metrics)
+    assert path == tmp_path / "stage1" / "last.pt"
+    state = load_checkpoint(path)
+    assert state["stage"] == 1 and state["epoch"] == 2 and state["step"] == 4  # 8 images / batch 4, 2 epochs
+    assert state["config"]["stage1"]["domains"] == ["140k-real-vs-fake"]
+    assert finished_stage(tmp_path / "stage1").epochs_run == 2
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, stage1=dataclasses.replace(tiny_cfg.stage1, epochs=2, patience=0))
+    _stage1(cfg, tmp_path / "straight")
+    one = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, epochs=1))
+    _stage1(one, tmp_path / "resumed")
+    (tmp_path / "resumed" / "stage1" / "stage.json").unlink()  # as if it had been interrupted
+    _stage1(cfg, tmp_path / "resumed")  # picks up last.pt at epoch 1
+    a = load_checkpoint(tmp_path / "straight" / "stage1" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "stage1" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_stage2_refuses_to_start_without_stage1(tiny_cfg, tmp_path):
+    cfg, layout = resolve_run(tiny_cfg)
+    train, val = layout.gather(cfg.stage2.domains, "train"), layout.gather(cfg.stage2.domains, "valid")
+    with pytest.raises(StageError, match="Stage II needs Stage I's checkpoint"):
+        run_stage(cfg, 2, train, val, tmp_path / "stage2", init_from=None)
+    with pytest.raises(Exception, match="does not exist"):
+        run_stage(cfg, 2, train, val, tmp_path / "stage2", init_from=tmp_path / "nope.pt")
+    assert not (tmp_path / "stage2" / "last.pt").exists()
+
+
+def test_stage2_starts_from_stage1_ema_and_balances_domains(tiny_cfg, tmp_path, capsys):
+    cfg, layout, s1 = _stage1(tiny_cfg, tmp_path)
+    with pytest.raises(StageError, match="Stage 2 checkpoint"):
+        fake = load_checkpoint(s1.best_checkpoint)
+        fake["stage"] = 2
+        torch.save(fake, tmp_path / "s2.pt")
+        run_stage(cfg, 2, layout.gather(cfg.stage2.domains, "train"), [], tmp_path / "x", init_from=tmp_path / "s2.pt")
+    seen = {}
+    import trueface.engine as engine
+
+    original = engine.ModelEma
+
+    class Spy(original):
+        def __init__(self, model, *a, **k):
+            seen["init"] = {k2: v.clone() for k2, v in model.state_dict().items()}
+            super().__init__(model, *a, **k)
+
+    engine.ModelEma = Spy
+    try:
+        run_stage(cfg, 2, layout.gather(cfg.stage2.domains, "train"), layout.gather(cfg.stage2.domains, "valid"),
+                  tmp_path / "stage2", init_from=Path(s1.best_checkpoint))
+    finally:
+        engine.ModelEma = original
+    ema1 = load_checkpoint(s1.best_checkpoint)["ema"]
+    assert all(torch.equal(seen["init"][k], v) for k, v in ema1.items())
+    out = capsys.readouterr().out
+    assert "140k-real-vs-fake/real" in out and "dalle/fake" in out  # the per-cell sampling plan
+
+
+def test_global_batch_must_divide(tiny_cfg):
+    st = dataclasses.replace(tiny_cfg.stage2, batch_size=12, accum_steps=2)
+    assert micro_batch_size(st, 3, "stage2") == 2
+    with pytest.raises(StageError, match=r"stage2.batch_size=12 .* 5 x 2"):
+        micro_batch_size(st, 5, "stage2")
+
+
+def test_evaluation_tables_thresholds_and_predict(tiny_cfg, tmp_path):
+    cfg, layout, s1 = _stage1(tiny_cfg, tmp_path)
+    report = evaluate_checkpoint(Path(s1.best_checkpoint), layout, tmp_path / "results", save_thresholds=True)
+    domains = {(r["weights"], r["domain"]) for r in report.rows}
+    assert domains == {(w, d) for w in ("raw", "ema") for d in ("140k-real-vs-fake", "dalle", "combined")}
+    roles = {r["domain"]: r["role"] for r in report.rows}
+    assert roles["140k-real-vs-fake"].startswith("trained (Stage I)") and roles["dalle"].startswith("held out")
+    assert "youden on validation (140k-real-vs-fake)" in report.threshold_source
+    for name in ("summary.md", "metrics.csv", "metrics.parquet", "roc_ema.png", "confusion_ema.png", "config.yaml"):
+        assert (tmp_path / "results" / name).is_file(), name
+    assert "youden" in (tmp_path / "results" / "summary.md").read_text()
+    assert set(load_checkpoint(s1.best_checkpoint)["thresholds"]) == {"raw", "ema"}
+
+    predictor = Predictor.from_checkpoint(Path(s1.best_checkpoint))
+    assert predictor.threshold == report.thresholds["ema"] and predictor.threshold_saved
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    good = [Path(s.path) for s in layout.samples("dalle", "test")[:3]]
+    rows = list(predictor.score([good[0], broken, *good[1:]]))
+    assert [r.label == "error" for r in rows] == [False, True, False, False]
+    assert "broken.jpg" in rows[1].error
+    assert all(0 <= r.probability <= 1 for r in rows if r.probability is not None)

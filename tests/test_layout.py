@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MINI_140K, write_tiny_root
+from trueface.data.layout import DataLayoutError, discover_layout, pick_domains
+
+
+def test_multi_domain_root_with_mixed_label_case(tiny_root: Path):
+    layout = discover_layout(tiny_root)
+    assert list(layout.domains) == ["140k-real-vs-fake", "dalle"]
+    for domain in layout.domains:
+        for split in ("train", "valid", "test"):
+            samples = layout.samples(domain, split)
+            assert sorted({s.label for s in samples}) == [0, 1]
+            assert sum(s.label for s in samples) == 8 and len(samples) == 16
+            assert all(s.domain == domain and s.split == split for s in samples)
+    fake = [s for s in layout.samples("dalle", "train") if s.label == 1]
+    assert all("/fake/" in s.path for s in fake)
+
+
+def test_single_domain_root_takes_the_folder_name(tmp_path: Path):
+    root = write_tiny_root(tmp_path / "my-faces", {"": "upper"}, per_class=2)
+    layout = discover_layout(root)
+    assert list(layout.domains) == ["my-faces"]
+    assert len(layout.samples("my-faces", "test")) == 4
+
+
+def test_val_alias_and_any_domain_name(tmp_path: Path):
+    root = write_tiny_root(tmp_path / "r", {"Some Generator": "lower"}, per_class=1, splits=("train", "val", "test"))
+    layout = discover_layout(root)
+    assert len(layout.samples("Some Generator", "valid")) == 2
+
+
+def test_errors_name_the_folder(tmp_path: Path):
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        discover_layout(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataLayoutError, match="no images found under"):
+        discover_layout(tmp_path / "empty")
+    bad = tmp_path / "bad" / "train" / "maybe"
+    bad.mkdir(parents=True)
+    with pytest.raises(DataLayoutError, match=r"bad/train has no real/ or fake/"):
+        discover_layout(tmp_path / "bad")
+
+
+def test_pick_domains_rules(tmp_path: Path):
+    root = write_tiny_root(tmp_path / "r", {"140k-real-vs-fake": "upper", "dalle": "lower", "tpdne": "lower"}, per_class=1)
+    layout = discover_layout(root)
+    assert pick_domains(layout, (), "stage1") == ["140k-real-vs-fake"]
+    assert pick_domains(layout, (), "stage2") == ["140k-real-vs-fake", "dalle", "tpdne"]
+    assert pick_domains(layout, ("tpdne",), "stage1") == ["tpdne"]
+    with pytest.raises(DataLayoutError, match=r"stage2 domain\(s\) midjourney not found"):
+        pick_domains(layout, ("midjourney",), "stage2")
+    other = discover_layout(write_tiny_root(tmp_path / "o", {"a": "lower", "b": "lower"}, per_class=1))
+    assert pick_domains(other, (), "stage1") == ["a", "b"]
+
+
+@pytest.mark.skipif(not MINI_140K.is_dir(), reason=f"real sample {MINI_140K} is absent on this machine")
+def test_real_140k_mini_sample_is_one_domain():
+    layout = discover_layout(MINI_140K)
+    counts = layout.counts()
+    assert list(counts) == ["faces140k-mini"]
+    assert counts["faces140k-mini"]["train"] == {"real": 700, "fake": 700}
+    assert counts["faces140k-mini"]["test"] == {"real": 150, "fake": 150}

@@ -1,0 +1,76 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from trueface.data.sampler import BalancedSampler
+
+
+def _data():
+    # a big domain, a tiny one (like DALL-E), both unbalanced inside
+    labels = [0] * 80 + [1] * 40 + [0] * 6 + [1] * 3
+    domains = ["140k"] * 120 + ["dalle"] * 9
+    return labels, domains
+
+
+def test_domain_class_balance_and_repetitions():
+    labels, domains = _data()
+    s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=400, seed=1)
+    idx = s.epoch_indices(0)
+    cells = Counter((domains[i], labels[i]) for i in idx)
+    assert set(cells.values()) == {100}
+    plan = {(c.domain, c.label): c for c in s.plan().cells}
+    assert plan[("dalle", 1)].repetitions == pytest.approx(100 / 3)
+    assert plan[("140k", 0)].draws == 100 and plan[("140k", 0)].size == 80
+    # a small cell is repeated evenly (without replacement inside each pass), never skewed
+    reps = Counter(i for i in idx if domains[i] == "dalle" and labels[i] == 1)
+    assert max(reps.values()) - min(reps.values()) <= 1
+
+
+def test_large_cells_are_subsampled_and_covered_over_epochs():
+    labels, domains = _data()
+    s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=40, seed=0)
+    seen = set()
+    for epoch in range(8):
+        seen |= {i for i in s.epoch_indices(epoch) if domains[i] == "140k" and labels[i] == 0}
+    assert len(seen) == 80  # 10 draws/epoch from 80 images: all seen within 8 epochs
+
+
+def test_ranks_are_disjoint_and_cover_the_epoch():
+    labels, domains = _data()
+    world = 3
+    shards = []
+    for rank in range(world):
+        s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=120, rank=rank, world_size=world, seed=5)
+        s.set_epoch(2)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s) == 40
+    full = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=120, seed=5).epoch_indices(2)
+    # positions r, r+W, ... : disjoint slots, and together exactly the epoch
+    interleaved = np.array(shards).T.reshape(-1)
+    assert np.array_equal(interleaved, full)
+    for shard in shards:  # each rank still sees every domain and class
+        assert len({(domains[i], labels[i]) for i in shard}) == 4
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    labels, domains = _data()
+    a = BalancedSampler(labels, domains, "class", seed=3)
+    b = BalancedSampler(labels, domains, "class", seed=3)
+    assert np.array_equal(a.epoch_indices(4), b.epoch_indices(4))
+    assert not np.array_equal(a.epoch_indices(4), a.epoch_indices(5))
+    counts = Counter(labels[i] for i in a.epoch_indices(0))
+    assert counts[0] == counts[1]
+
+
+def test_none_mode_is_a_permutation():
+    labels, domains = _data()
+    s = BalancedSampler(labels, domains, "none", seed=0)
+    assert sorted(s.epoch_indices(1).tolist()) == list(range(len(labels)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sampling mode"):
+        BalancedSampler([0], ["a"], "domain")
+    with pytest.raises(ValueError, match="rank 2"):
+        BalancedSampler([0], ["a"], rank=2, world_size=2)
