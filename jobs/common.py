@@ -45,11 +45,15 @@ def init_ray(address: str | None, cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Train V2 re-routes print() through a logger AND tees it, so every line of the engine's
+    # progress would reach the driver twice; workers started by this process inherit this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if address:
         ray.init(address=address)
         return
     # A local Ray gets at least the CPUs one worker group asks for, so a 2-core laptop can run
     # one worker with 2 threads (measured faster than 2 workers x 1 thread).
     cpus = max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+    ray.init(num_cpus=cpus)
 

@@ -13,8 +13,6 @@ from trueface.metrics import METRIC_KEYS, binary_metrics
 from trueface.results import (
     COMBINED,
     Predictions,
-    atomic_write_bytes,
-    atomic_write_text,
     evaluation_rows,
     format_table,
     write_report,
@@ -225,44 +223,6 @@ def test_unsafe_weights_name(tmp_path, test_preds):
 
 
 # --------------------------------------------------------------------------- atomicity
-
-
-def test_atomic_write_creates_and_replaces(tmp_path):
-    target = tmp_path / "a.txt"
-    atomic_write_text(target, "one")
-    atomic_write_bytes(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert os.listdir(tmp_path) == ["a.txt"]
-    assert (target.stat().st_mode & 0o777) == 0o644
-
-
-def test_failed_replace_keeps_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "metrics.csv"
-    atomic_write_text(target, "good")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(results.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "partial")
-    assert target.read_text() == "good"
-    assert os.listdir(tmp_path) == ["metrics.csv"]  # temporary file removed
-
-
-def test_failure_while_writing_keeps_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "x.bin"
-    atomic_write_bytes(target, b"good")
-
-    def boom(fd):
-        raise OSError("I/O error")
-
-    # Fails after the data went to the temporary file but before it could replace the target.
-    monkeypatch.setattr(results.os, "fsync", boom)
-    with pytest.raises(OSError, match="I/O error"):
-        atomic_write_bytes(target, b"new and partial")
-    assert target.read_bytes() == b"good"
-    assert os.listdir(tmp_path) == ["x.bin"]
 
 
 def test_failed_report_keeps_earlier_report(tmp_path, rows, test_preds, monkeypatch):

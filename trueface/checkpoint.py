@@ -13,13 +13,13 @@ while writing never replaces a good file with a partial one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from trueface.atomic import atomic_open
 
 FORMAT_VERSION = 1
 
@@ -36,18 +36,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

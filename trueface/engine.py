@@ -349,7 +349,7 @@ def score_batch(model: nn.Module, images: torch.Tensor, runtime: Runtime, hflip:
         probs = fake_probability(model(images))
         if hflip:
             probs = (probs + fake_probability(model(torch.flip(images, dims=[3])))) / 2
-    return probs.float().cpu()
+    return probs.cpu()
 
 
 def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, epoch: int, rank: int) -> DataLoader:

@@ -63,5 +63,6 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 
 
 def fake_probability(logits: torch.Tensor) -> torch.Tensor:
-    """P(generated) from the two-class logits (class 1 = fake)."""
-    return logits.float().softmax(dim=1)[:, 1]
+    """P(generated) from the two-class logits (class 1 = fake), in float64: float32 rounds every
+    logit gap above ~17 to exactly 1.0, and such ties would hide the ranking AUC measures."""
+    return logits.double().softmax(dim=1)[:, 1]

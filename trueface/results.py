@@ -16,9 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from trueface.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from trueface.metrics import binary_metrics, roc_auc, roc_curve  # noqa: E402
 
 __all__ = [
@@ -211,41 +210,6 @@ def _markdown_confusion(row: dict) -> str:
     """Confusion matrix of one row: rows = true class, columns = predicted class."""
     body = [["**real**", str(row["tn"]), str(row["fp"])], ["**fake**", str(row["fn"]), str(row["tp"])]]
     return _markdown_table(["true \\ predicted", "real", "fake"], body)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; return ``path``.
-
-    The bytes go to a temporary file in the same folder (same file system, so
-    ``os.replace`` is atomic), are flushed and fsynced, then replace ``path``.  On any
-    error the temporary file is removed and ``path`` keeps its previous content.
-    The file gets mode 0o644 (mkstemp would leave 0o600).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

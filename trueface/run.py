@@ -57,7 +57,8 @@ def data_root(cfg: Config) -> Path:
     if cfg.data.root:
         return Path(cfg.data.root).expanduser().absolute()
     s = cfg.data.synthetic
-    spec = SyntheticSpec(s.image_size, s.train_per_class, s.valid_per_class, s.test_per_class, s.seed)
+    spec = SyntheticSpec(s.image_size, s.train_per_class, s.valid_per_class, s.test_per_class, s.seed,
+                         s.artefact_strength)
     return ensure_synthetic_dataset(Path(cfg.data.cache_dir).expanduser().absolute(), spec)
 
 

@@ -245,6 +245,7 @@ def validate(cfg: Config) -> None:
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     syn = cfg.data.synthetic
     check(syn.image_size >= 16, "data.synthetic.image_size", "must be >= 16")
+    check(syn.artefact_strength >= 0, "data.synthetic.artefact_strength", "must be >= 0")
     for split in ("train", "valid", "test"):
         check(getattr(syn, f"{split}_per_class") >= 1, f"data.synthetic.{split}_per_class", "must be >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

@@ -93,6 +93,7 @@ class SyntheticDataConfig:
     valid_per_class: int = 30
     test_per_class: int = 30
     seed: int = 0
+    artefact_strength: float = 1.0  # x the GAN artefacts' amplitude; the demo needs them stronger
 
 
 @dataclass(frozen=True)

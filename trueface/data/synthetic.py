@@ -78,12 +78,18 @@ class SyntheticSpec:
     valid_per_class: int = 30
     test_per_class: int = 30
     seed: int = 0
+    # Multiplies the GAN artefacts' amplitudes (grid, droplet). 1.0 is subtle (a linear spectral
+    # detector needs about half of it); a ResNet-50 trained from scratch for a CPU demo's few
+    # hundred steps needs them several times stronger to show learning.
+    artefact_strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image_size < 16:  # as data.synthetic.image_size in the config checks
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if min(self.train_per_class, self.valid_per_class, self.test_per_class) < 0:
             raise ValueError("images per class must be >= 0")
+        if self.artefact_strength < 0:
+            raise ValueError(f"artefact_strength must be >= 0, got {self.artefact_strength}")
 
     def per_class(self, split: str) -> int:
         """Number of images of each class in ``split``."""
@@ -205,9 +211,9 @@ def render_image(spec: SyntheticSpec, domain: str, split: str, label: int, index
     if label == 0:
         image = clean + noise
     elif domain == "140k-real-vs-fake":
-        image = add_checkerboard(clean, rng) + noise
+        image = add_checkerboard(clean, rng, spec.artefact_strength) + noise
     elif domain == "tpdne":
-        image = add_droplet_and_grid(clean, rng) + noise
+        image = add_droplet_and_grid(clean, rng, spec.artefact_strength) + noise
     elif domain == "dalle":
         image = diffusion_look(clean, noise)
     else:
@@ -433,10 +439,10 @@ def _checker_pattern(n: int) -> np.ndarray:
     return 2.0 * cy * cx + 0.6 * (cy + cx) + harmonic
 
 
-def add_checkerboard(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def add_checkerboard(image: np.ndarray, rng: np.random.Generator, gain: float = 1.0) -> np.ndarray:
     """StyleGAN-like fake: add the periodic upsampling grid, slightly stronger in bright areas."""
     n = image.shape[0]
-    strength = _CHECKER_AMPLITUDE * rng.uniform(0.8, 1.2)
+    strength = gain * _CHECKER_AMPLITUDE * rng.uniform(0.8, 1.2)
     luminance = _grey(image)[:, :, None] / 128.0
     weights = np.array([1.0, 0.9, 1.1])  # a touch of colour, as the artefact is per-channel
     return image + strength * (0.6 + 0.4 * luminance) * _checker_pattern(n)[:, :, None] * weights
@@ -452,7 +458,7 @@ def _tpdne_grid(n: int) -> np.ndarray:
     return g / np.abs(g).max()
 
 
-def add_droplet_and_grid(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def add_droplet_and_grid(image: np.ndarray, rng: np.random.Generator, gain: float = 1.0) -> np.ndarray:
     """StyleGAN2-like fake: a soft "water droplet" blob somewhere, plus a weaker rotated grid."""
     n = image.shape[0]
     x, y = _grid(n)
@@ -462,8 +468,8 @@ def add_droplet_and_grid(image: np.ndarray, rng: np.random.Generator) -> np.ndar
     # A bright core with a darker rim: the droplet's characteristic look.
     droplet = np.exp(-d2) - 0.5 * np.exp(-d2 / 2.5)
     tint = np.array([1.0, 0.95, 0.85]) * rng.choice([-1.0, 1.0])
-    out = image + _DROPLET_AMPLITUDE * rng.uniform(0.6, 1.0) * droplet[:, :, None] * tint
-    return out + _TPDNE_AMPLITUDE * rng.uniform(0.8, 1.2) * _tpdne_grid(n)[:, :, None]
+    out = image + gain * _DROPLET_AMPLITUDE * rng.uniform(0.6, 1.0) * droplet[:, :, None] * tint
+    return out + gain * _TPDNE_AMPLITUDE * rng.uniform(0.8, 1.2) * _tpdne_grid(n)[:, :, None]
 
 
 @lru_cache(maxsize=8)

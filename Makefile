@@ -1,0 +1,25 @@
+# Two commands from a fresh clone:  make demo  |  make test   (each sets up .venv when missing)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test clean-runs
+
+setup: $(STAMP)
+
+# Reinstalls when pyproject.toml changes. pip (not uv/poetry) takes torch from the local wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.pipeline
+
+test: setup
+	$(PY) -m pytest
+
+clean-runs:
+	rm -rf runs results/demo

@@ -1,0 +1,48 @@
+import os
+
+import pytest
+
+from trueface import atomic
+from trueface.atomic import atomic_write_bytes, atomic_write_text
+
+
+def test_atomic_write_creates_and_replaces(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["a.txt"]
+    assert (target.stat().st_mode & 0o777) == 0o644
+
+
+def test_failed_replace_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    atomic_write_text(target, "good")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "partial")
+    assert target.read_text() == "good"
+    assert os.listdir(tmp_path) == ["metrics.csv"]  # temporary file removed
+
+
+def test_failure_while_writing_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "x.bin"
+    atomic_write_bytes(target, b"good")
+
+    def boom(fd):
+        raise OSError("I/O error")
+
+    # Fails after the data went to the temporary file but before it could replace the target.
+    monkeypatch.setattr(atomic.os, "fsync", boom)
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_write_bytes(target, b"new and partial")
+    assert target.read_bytes() == b"good"
+    assert os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    assert atomic_write_text(tmp_path / "a" / "b" / "c.txt", "x").read_text() == "x"

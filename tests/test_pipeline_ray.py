@@ -1,0 +1,98 @@
+"""The pipeline as users run it: jobs.pipeline on a local Ray (real Train workers), then
+jobs.evaluate and jobs.predict on its checkpoint. Shares one ray.init; each Ray test has a timeout."""
+
+import glob
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import evaluate as evaluate_job
+from jobs import pipeline
+from jobs import predict as predict_job
+from tests.conftest import tiny_overrides, write_tiny_root
+from trueface.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _fail_fast_ray_env(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+@pytest.mark.timeout(600)
+def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_session, tmp_path, capsys):
+    root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+    args = ["--data-root", str(root), *tiny_overrides(root, tmp_path, "e2e")[1:], "scaling.max_failures=0"]
+    assert pipeline.main(args) == 0
+    out = capsys.readouterr().out
+    run, results = tmp_path / "runs" / "e2e", tmp_path / "results" / "e2e"
+    # the table printed at the end, and the files behind it
+    assert "combined" in out and "dalle" in out and str(results) in out and "tensorboard --logdir" in out
+    rows = pq.read_table(results / "metrics.parquet").to_pylist()
+    assert {(r["weights"], r["domain"]) for r in rows} == {
+        (w, d) for w in ("raw", "ema") for d in ("140k-real-vs-fake", "dalle", "combined")}
+    assert {r["role"] for r in rows if r["domain"] == "dalle"} == {"trained (Stage II), held-out test split"}
+    for name in ("summary.md", "metrics.csv", "roc_raw.png", "confusion_ema.png", "config.yaml", "predictions.parquet"):
+        assert (results / name).is_file(), name
+    # both stages ran on Ray Train workers, reported checkpoints, and logged to TensorBoard
+    for stage in (1, 2):
+        assert (run / f"stage{stage}" / "best.pt").is_file()
+        assert glob.glob(str(run / "ray" / f"e2e-stage{stage}" / "checkpoint_*" / "checkpoint.pt"))
+        assert glob.glob(str(run / "tensorboard" / f"stage{stage}" / "events.out.tfevents.*"))
+    best2 = load_checkpoint(run / "stage2" / "best.pt")
+    assert best2["stage"] == 2 and set(best2["thresholds"]) == {"raw", "ema"}
+    assert best2["config"]["stage2"]["domains"] == ["140k-real-vs-fake", "dalle"]
+
+    # the same command again resumes: both stages are skipped, only the evaluation reruns
+    mtime = (run / "stage1" / "best.pt").stat().st_mtime
+    assert pipeline.main(args) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: already finished" in out and "stage 2: already finished" in out
+    assert (run / "stage1" / "best.pt").stat().st_mtime == mtime
+
+    # jobs.evaluate: the checkpoint on another root with other domain names, on a Ray worker
+    other = write_tiny_root(tmp_path / "other", {"midjourney": "lower"}, per_class=4)
+    assert evaluate_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), "--data-root", str(other),
+                              "--out", str(tmp_path / "eval-other")]) == 0
+    rows = pq.read_table(tmp_path / "eval-other" / "metrics.parquet").to_pylist()
+    assert {r["domain"] for r in rows} == {"midjourney", "combined"}
+    assert {r["role"] for r in rows if r["domain"] == "midjourney"} == {"held out (never trained on)"}
+
+    # jobs.predict: a folder with one broken file; the others are still scored, into a CSV
+    images = other / "test" / "fake"
+    (images / "broken.png").write_bytes(b"\x89PNG broken")
+    csv_path = tmp_path / "pred.csv"
+    assert predict_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), str(images), "--out", str(csv_path)]) == 1
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "path,p_generated,label,threshold,error"
+    assert len(lines) == 1 + 5 and sum(",error," in ln for ln in lines) == 1
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
+    assert pipeline.main(["--config", "paper", "--dry-run", f"output.runs_dir={tmp_path}/runs",
+                          f"data.cache_dir={tmp_path}/cache", "data.synthetic.train_per_class=2",
+                          "data.synthetic.valid_per_class=1", "data.synthetic.test_per_class=1",
+                          "data.synthetic.image_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "image_size: 1024" in out and "mixup_alpha: 0.2" in out and "ema_decay: 0.9999" in out
+    assert "stage 1: 224 px on 140k-real-vs-fake" in out and "stage 2: 1024 px" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_key_fails_before_ray_starts(monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started although the config is invalid")
+
+    monkeypatch.setattr(pipeline, "init_ray", no_ray)
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["stage2.mixup_alfa=0.3"])
+    assert "stage2.mixup_alfa" in str(exc.value) and "did you mean 'stage2.mixup_alpha'" in str(exc.value)
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"data error: data root .*nowhere does not exist"):
+        pipeline.main(["--data-root", str(tmp_path / "nowhere")])
