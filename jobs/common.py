@@ -48,6 +48,8 @@ def init_ray(address: str | None, cfg: Config) -> None:
     # Train V2 re-routes print() through a logger AND tees it, so every line of the engine's
     # progress would reach the driver twice; workers started by this process inherit this.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Spot-instance preemption watching is for clouds; locally it only logs a scary actor error.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address:
         ray.init(address=address)
         return

@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_ray(args.address, cfg)
         from jobs import ray_train
 
-        ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", job, num_workers=1)
+        ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", job,
+                      num_workers=1, fresh=True)
     import pyarrow.parquet as pq
 
     print(format_table(pq.read_table(out / "metrics.parquet").to_pylist()))

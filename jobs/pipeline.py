@@ -61,14 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"stage {stage}: training on Ray Train ...", flush=True)
             ray_train.fit(ray_train.stage_worker, cfg, f"{cfg.run_name}-stage{stage}",
-                          {"stage": stage, "init_from": str(init_from) if init_from else None})
+                          {"stage": stage, "init_from": str(init_from) if init_from else None},
+                          fresh=not stage_files(stage_dir)["last"].is_file())
         init_from = stage_files(stage_dir)["best"]
 
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
     ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate", {
         "checkpoint": str(init_from), "data_root": cfg.data.root, "out_dir": str(paths.results_dir),
         "test_domains": list(cfg.data.test_domains), "threshold_from": "valid", "save_thresholds": True,
-    }, num_workers=1)
+    }, num_workers=1, fresh=True)
     print_results(paths, time.time() - started)
     return 0
 

@@ -36,9 +36,16 @@ def scaling_config(cfg: Config, num_workers: int | None = None) -> ScalingConfig
                          resources_per_worker=resources, placement_strategy=sc.placement_strategy)
 
 
-def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | None = None):
-    """Run ``train_fn`` on a worker group; raises when the run fails after its retries."""
+def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | None = None,
+        fresh: bool = False):
+    """Run ``train_fn`` on a worker group; raises when the run fails after its retries.
+
+    Ray Train restores a run of the same name from its storage. ``fresh`` first removes that
+    state: the stage folder, not Ray's copy, says whether there is anything to resume.
+    """
     paths = RunPaths.of(cfg)
+    if fresh:
+        shutil.rmtree(paths.ray_storage / name, ignore_errors=True)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), **loop_config},

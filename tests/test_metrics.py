@@ -289,3 +289,19 @@ def test_binary_metrics_scores_outside_unit_interval():
 def test_bad_threshold(threshold):
     with pytest.raises(ValueError, match="threshold must be"):
         binary_metrics([0, 1], [0.2, 0.8], threshold)
+
+
+def test_roc_matches_scikit_learn_on_random_tied_scores():
+    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(2, 40))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random(n), 1)  # many ties
+        assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        fpr, tpr, thresholds = roc_curve(labels, scores)
+        sk_fpr, sk_tpr, sk_thr = sk_roc_curve(labels, scores, drop_intermediate=False)
+        assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr) and np.allclose(thresholds[1:], sk_thr[1:])

@@ -23,9 +23,10 @@ def _fail_fast_ray_env(monkeypatch):
 
 
 @pytest.mark.timeout(600)
-def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_session, tmp_path, capsys):
+def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_session, tmp_path, capsys, monkeypatch):
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
-    args = ["--data-root", str(root), *tiny_overrides(root, tmp_path, "e2e")[1:], "scaling.max_failures=0"]
+    monkeypatch.chdir(tmp_path)  # relative output folders, as users give them: Ray workers run elsewhere
+    args = ["--data-root", "data", *tiny_overrides(root, Path("."), "e2e")[1:], "scaling.max_failures=0"]
     assert pipeline.main(args) == 0
     out = capsys.readouterr().out
     run, results = tmp_path / "runs" / "e2e", tmp_path / "results" / "e2e"

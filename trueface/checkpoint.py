@@ -2,12 +2,13 @@
 
 Usage::
 
-    save_checkpoint(path, build_checkpoint(model, ema, optimizer, runtime, step=..., ...))
+    save_checkpoint(path, {"model": ..., "ema": ..., "optimizer": ..., "stage": 1, "config": ...})
     state = load_checkpoint(path)            # plain dict of tensors and Python values
 
-A checkpoint holds the unwrapped model (no DDP/compile prefixes), the EMA, the optimizer, the
-grad scaler, step, epoch (the next one to run), stage, the resolved config and the early-stopping
-state. It is written to a temporary name in the same folder, fsynced and renamed, so a crash
+A stage's ``last.pt`` holds the unwrapped model (no DDP/compile prefixes), the EMA, the
+optimizer, the grad scaler, step, epoch (the next one to run), stage, the resolved config and the
+early-stopping state: all it takes to resume. ``best.pt`` is the same without optimizer and
+scaler (half the size): it only starts Stage II, is evaluated and predicts. It is written to a temporary name in the same folder, fsynced and renamed, so a crash
 while writing never replaces a good file with a partial one.
 """
 

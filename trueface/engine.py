@@ -41,7 +41,7 @@ from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model, fake_probability
 from trueface.precision import Runtime
 from trueface.schedule import lr_at, set_lr
-from trueface.results import atomic_write_text
+from trueface.atomic import atomic_write_text
 from trueface.tensorboard import make_logger
 
 ReportFn = Callable[[dict, "Path | None"], None]
@@ -389,8 +389,8 @@ def _save(files, improved, di, cfg, stage, model, ema, optimizer, runtime, progr
             "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs, "history": progress.history,
         }
         save_checkpoint(files["last"], state)
-        if improved:
-            save_checkpoint(files["best"], state)
+        if improved:  # best.pt starts Stage II and is evaluated; only last.pt resumes training
+            save_checkpoint(files["best"], {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
         path = files["last"]
     if di.world_size > 1:
         dist.barrier()

@@ -5,8 +5,8 @@ Usage::
     cfg, layout = resolve_run(load_config("demo"))
     paths = RunPaths.of(cfg); print(describe_plan(cfg, layout, paths))
 
-Resolving makes every implicit choice explicit (the data root's absolute path, the domains of
-each stage and of the test tables), so the config saved beside checkpoints and results says
+Resolving makes every implicit choice explicit (absolute paths, the domains of each stage and of
+the test tables), so the config saved beside checkpoints and results says
 exactly what was trained on.
 """
 
@@ -67,7 +67,11 @@ def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:
     layout = discover_layout(root)
     cfg = replace(
         cfg,
-        data=replace(cfg.data, root=str(root), test_domains=tuple(pick_domains(layout, cfg.data.test_domains, "test"))),
+        # Absolute: Ray Train workers run in folders of their own, where relative paths mislead.
+        output=replace(cfg.output, runs_dir=str(Path(cfg.output.runs_dir).absolute()),
+                       results_dir=str(Path(cfg.output.results_dir).absolute())),
+        data=replace(cfg.data, root=str(root), cache_dir=str(Path(cfg.data.cache_dir).absolute()),
+                     test_domains=tuple(pick_domains(layout, cfg.data.test_domains, "test"))),
         stage1=replace(cfg.stage1, domains=tuple(pick_domains(layout, cfg.stage1.domains, "stage1"))),
         stage2=replace(cfg.stage2, domains=tuple(pick_domains(layout, cfg.stage2.domains, "stage2"))),
     )
