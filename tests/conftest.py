@@ -45,7 +45,7 @@ def tiny_overrides(root: Path, out: Path, run_name: str = "t") -> list[str]:
         f"data.root={root}", f"output.runs_dir={out / 'runs'}", f"output.results_dir={out / 'results'}",
         f"run_name={run_name}", "data.loader_workers=0", "runtime.log_every=1", "eval.batch_size=8",
         "scaling.cpus_per_worker=1",
-        "stage1.image_size=32", "stage1.epochs=2", "stage1.batch_size=8", "stage1.lr=0.001", "stage1.light_epochs=1",
+        "stage1.image_size=32", "stage1.epochs=2", "stage1.batch_size=8", "stage1.lr=0.001", "stage1.samples_per_epoch=0", "stage1.light_epochs=1",
         "stage2.image_size=32", "stage2.epochs=1", "stage2.batch_size=8", "stage2.lr=0.001", "stage2.samples_per_epoch=16",
     ]
 

@@ -63,7 +63,7 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     assert {r["role"] for r in rows if r["domain"] == "midjourney"} == {"held out (never trained on)"}
 
     # jobs.predict: a folder with one broken file; the others are still scored, into a CSV
-    images = other / "test" / "fake"
+    images = other / "midjourney" / "test" / "fake"
     (images / "broken.png").write_bytes(b"\x89PNG broken")
     csv_path = tmp_path / "pred.csv"
     assert predict_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), str(images), "--out", str(csv_path)]) == 1
