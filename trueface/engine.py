@@ -148,6 +148,8 @@ def run_stage(
     logger = make_logger(log_dir, di.rank)
     try:
         for epoch in range(progress.epoch, st.epochs):
+            if progress.should_stop(st.patience):  # resumed after an early stop that was not recorded
+                break
             _seed_epoch(cfg.seed, di.rank, epoch)
             sampler.set_epoch(epoch)
             train_ds.transform.set_epoch(epoch)
@@ -160,7 +162,7 @@ def run_stage(
             progress.epoch = epoch + 1
             metrics = {"stage": stage, "epoch": progress.epoch, "step": progress.step, **train_stats, **val,
                        "time/epoch_s": time.time() - t0}
-            improved = progress.record(metrics, st.patience)
+            improved = progress.record(metrics)
             metrics["best/auc_ema"] = progress.best_auc
             for name, value in metrics.items():
                 if name.startswith(("val/", "best/")):
@@ -196,7 +198,7 @@ class _Progress:
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
-    def record(self, metrics: dict, patience: int) -> bool:
+    def record(self, metrics: dict) -> bool:
         self.history.append({k: float(v) for k, v in metrics.items()})
         auc = metrics["val/auc_ema"]
         improved = self.best_epoch == 0 or (not math.isnan(auc) and auc > self.best_auc)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from trueface.config import Config, to_yaml
 from trueface.data.layout import DataLayout, discover_layout, pick_domains
 from trueface.data.sampler import BalancedSampler
-from trueface.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from trueface.data.synthetic import ensure_synthetic_dataset
 from trueface.results import atomic_write_bytes, atomic_write_text
 
 
@@ -56,10 +56,7 @@ def data_root(cfg: Config) -> Path:
     """The configured root, or the embedded synthetic data set (generated on first use)."""
     if cfg.data.root:
         return Path(cfg.data.root).expanduser().absolute()
-    s = cfg.data.synthetic
-    spec = SyntheticSpec(s.image_size, s.train_per_class, s.valid_per_class, s.test_per_class, s.seed,
-                         s.artefact_strength)
-    return ensure_synthetic_dataset(Path(cfg.data.cache_dir).expanduser().absolute(), spec)
+    return ensure_synthetic_dataset(Path(cfg.data.cache_dir).expanduser().absolute(), cfg.data.synthetic)
 
 
 def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:

@@ -124,7 +124,10 @@ def from_dict(data: dict, default: Any = None, prefix: str = "") -> Any:
     for name in names:
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], prefix + name, getattr(default, name))
-    return dataclasses.replace(default, **kwargs)
+    try:
+        return dataclasses.replace(default, **kwargs)
+    except ValueError as exc:  # a dataclass that checks its own values (e.g. SyntheticSpec)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
 
 
 def _unknown_key_message(key: str, valid: list[str]) -> str:

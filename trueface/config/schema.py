@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trueface.data.synthetic import SyntheticSpec
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -85,22 +87,10 @@ def _stage2_defaults() -> StageConfig:
 
 
 @dataclass(frozen=True)
-class SyntheticDataConfig:
-    """The embedded default data set, generated once and cached (trueface.data.synthetic)."""
-
-    image_size: int = 128
-    train_per_class: int = 100
-    valid_per_class: int = 30
-    test_per_class: int = 30
-    seed: int = 0
-    artefact_strength: float = 1.0  # x the GAN artefacts' amplitude; the demo needs them stronger
-
-
-@dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # "" = the embedded synthetic data set
     cache_dir: str = ".cache/trueface"  # where the synthetic set is generated
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)  # the embedded data set
     test_domains: tuple[str, ...] = ()  # () = every domain with a test split
     loader_workers: int = 4  # DataLoader processes per Train worker
     decode_draft: bool = True  # let PIL decode JPEGs at reduced size when that is enough
