@@ -66,7 +66,6 @@ def evaluate_checkpoint(
     *,
     test_domains: tuple[str, ...] = (),
     threshold_from: str = "auto",
-    cfg_overrides: Config | None = None,
     save_thresholds: bool = False,
     dist_info: DistInfo | None = None,
 ) -> EvaluationReport:
@@ -79,7 +78,7 @@ def evaluate_checkpoint(
     """
     di = dist_info or DistInfo.current()
     state = load_checkpoint(checkpoint)
-    cfg = cfg_overrides or from_dict(state["config"])
+    cfg = from_dict(state["config"])
     stage = int(state["stage"])
     image_size = cfg.stage(stage).image_size
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
