@@ -32,7 +32,13 @@ def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
     assert state["stage"] == 1 and state["epoch"] == 2 and state["step"] == 4  # 8 images / batch 4, 2 epochs
     assert state["config"]["stage1"]["domains"] == ["140k-real-vs-fake"]
     assert finished_stage(tmp_path / "stage1").epochs_run == 2
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/ema_decay", "val/auc", "val/auc_ema"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["train/augmented_samples"]
+    assert len(events.Scalars("val/auc_ema")) == 2  # one point per epoch
 
 
 def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path):
