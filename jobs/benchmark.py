@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shutil
 import sys
 import tempfile
 import time
@@ -51,14 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     print(f"generating {args.images} synthetic images at {source} px in {work} ...", flush=True)
-    cfg, layout = resolve_run(cfg)
-    train = layout.gather(cfg.stage1.domains, "train")
-    val = layout.gather(cfg.stage1.domains, "valid")
-    history = []
-    start = time.time()
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = run_stage(cfg, 1, train, val, work / "stage1", report=lambda m, p: history.append(m))
-    wall = time.time() - start
+    try:
+        cfg, layout = resolve_run(cfg)
+        train = layout.gather(cfg.stage1.domains, "train")
+        val = layout.gather(cfg.stage1.domains, "valid")
+        start = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = run_stage(cfg, 1, train, val, work / "stage1")
+        wall = time.time() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # images and a 377 MB checkpoint: not worth keeping
     epoch = result.history[0]
     train_s = epoch["time/epoch_s"]
     steps = int(epoch["step"])
