@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from trueface.config import Config, ConfigError, load_config, preset_names
 
@@ -59,3 +60,12 @@ def init_ray(address: str | None, cfg: Config) -> None:
     # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
     ray.init(num_cpus=cpus)
 
+
+
+def print_metrics_table(results_dir: Path) -> None:
+    """The table a Ray worker wrote to ``results_dir/metrics.parquet``, as the console shows it."""
+    import pyarrow.parquet as pq
+
+    from trueface.results import format_table
+
+    print("\n" + format_table(pq.read_table(Path(results_dir) / "metrics.parquet").to_pylist()))

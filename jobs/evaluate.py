@@ -17,11 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.common import add_ray_arguments, init_ray
+from jobs.common import add_ray_arguments, init_ray, print_metrics_table
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import from_dict
 from trueface.data.layout import DataLayoutError, discover_layout
-from trueface.results import format_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,9 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", job,
                       num_workers=1, fresh=True)
-    import pyarrow.parquet as pq
-
-    print(format_table(pq.read_table(out / "metrics.parquet").to_pylist()))
+    print_metrics_table(out)
     print(f"results: {out.absolute()}/summary.md")
     return 0
 

@@ -18,11 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray
+from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, print_metrics_table
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
 from trueface.engine import finished_stage, stage_files
-from trueface.results import format_table
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
 
 
@@ -75,10 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_results(paths: RunPaths, seconds: float | None = None) -> None:
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(paths.results_dir / "metrics.parquet").to_pylist()
-    print("\n" + format_table(rows))
+    print_metrics_table(paths.results_dir)
     if seconds is not None:
         print(f"\nfinished in {seconds / 60:.1f} min")
     print(f"results:     {paths.results_dir}/summary.md (+ metrics.csv, metrics.parquet, ROC and confusion PNGs)")
