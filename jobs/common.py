@@ -40,7 +40,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")
 
 
-def init_ray(address: str | None, cfg: Config) -> None:
+def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address``, or start a local Ray with ``num_cpus`` logical CPUs
+    (default: enough for one worker group of ``cfg``, and at least the machine's cores)."""
     import ray
 
     if ray.is_initialized():
@@ -56,10 +58,9 @@ def init_ray(address: str | None, cfg: Config) -> None:
         return
     # A local Ray gets at least the CPUs one worker group asks for, so a 2-core laptop can run
     # one worker with 2 threads (measured faster than 2 workers x 1 thread).
-    cpus = max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    cpus = num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
     ray.init(num_cpus=cpus)
-
 
 
 def print_metrics_table(results_dir: Path) -> None:

@@ -8,6 +8,8 @@ installed, or shipped with ``ray job submit --working-dir .``). Every worker cal
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -37,11 +39,12 @@ def scaling_config(cfg: Config, num_workers: int | None = None) -> ScalingConfig
 
 
 def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | None = None,
-        fresh: bool = False):
+        fresh: bool = False, callbacks: list | None = None):
     """Run ``train_fn`` on a worker group; raises when the run fails after its retries.
 
     Ray Train restores a run of the same name from its storage. ``fresh`` first removes that
     state: the stage folder, not Ray's copy, says whether there is anything to resume.
+    ``callbacks`` are Ray Train callbacks (Tune passes its ``TuneReportCallback``).
     """
     paths = RunPaths.of(cfg)
     if fresh:
@@ -55,12 +58,17 @@ def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | 
             storage_path=str(paths.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # best.pt/last.pt live in the stage folder
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()
 
 
 def _worker_setup(cfg: Config) -> DistInfo:
+    # Train V2 logs every report's full metrics dict at INFO; the engine prints its own epoch line.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     else:
@@ -78,10 +86,12 @@ def stage_worker(config: dict) -> None:
     st = cfg.stage(stage)
     train, val = layout.gather(st.domains, "train"), layout.gather(st.domains, "valid")
     init_from = Path(config["init_from"]) if config.get("init_from") else None
+    report = functools.partial(_report, epoch_offset=int(config.get("epoch_offset", 0)),
+                               attach_checkpoint=bool(config.get("attach_checkpoint", True)))
     ray_ckpt = ray.train.get_checkpoint()
     with (ray_ckpt.as_directory() if ray_ckpt else contextlib.nullcontext(None)) as ckpt_dir:
         resume = Path(ckpt_dir) / CHECKPOINT_FILE if ckpt_dir else None
-        run_stage(cfg, stage, train, val, paths.stage_dir(stage), dist_info=di, report=_report,
+        run_stage(cfg, stage, train, val, paths.stage_dir(stage), dist_info=di, report=report,
                   log_dir=paths.stage_tensorboard_dir(stage), init_from=init_from, resume_from=resume)
 
 
@@ -95,8 +105,13 @@ def evaluate_worker(config: dict) -> None:
     ray.train.report({"done": 1})
 
 
-def _report(metrics: dict, checkpoint_path: Path | None) -> None:
-    if checkpoint_path is None:
+def _report(metrics: dict, checkpoint_path: Path | None, epoch_offset: int = 0,
+            attach_checkpoint: bool = True) -> None:
+    """Report an epoch's metrics, plus ``trial_epoch`` (epochs trained in earlier stages + this
+    stage's): the clock Tune's scheduler compares trials by. ``attach_checkpoint=False`` leaves
+    Ray's copy out where ``last.pt`` sits on storage every worker reaches (Tune trials)."""
+    metrics = {**metrics, "trial_epoch": epoch_offset + metrics["epoch"]}
+    if checkpoint_path is None or not attach_checkpoint:
         ray.train.report(metrics)
         return
     tmp = Path(tempfile.mkdtemp(prefix="trueface-ckpt-"))

@@ -62,6 +62,8 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The dashboard must run: Ray Train's placement-group cleaner polls the state API it serves,
+    # and without it an interrupted trial's worker group keeps its CPUs and the next one hangs.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -164,6 +164,8 @@ def run_stage(
                        "time/epoch_s": time.time() - t0}
             improved = progress.record(metrics)
             metrics["best/auc_ema"] = progress.best_auc
+            # Lets a scheduler that may kill the run right after this report tell "finished" apart.
+            metrics["stage_done"] = float(progress.epoch >= st.epochs or progress.should_stop(st.patience))
             for name, value in metrics.items():
                 if name.startswith(("val/", "best/")):
                     logger.scalar(name, value, progress.step)

@@ -189,7 +189,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
     """A GitHub-flavoured markdown table."""
     def cells(values: list[str]) -> str:
         # A literal '|' (e.g. in a role description) would split the cell.
@@ -203,23 +203,23 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 def _markdown_metrics(rows: list[dict]) -> str:
     """All rows with every column, floats rounded to 4 decimals."""
     keys = list(rows[0]) if rows else []
-    return _markdown_table(keys, [[_fmt(k, r[k]) for k in keys] for r in rows])
+    return markdown_table(keys, [[_fmt(k, r[k]) for k in keys] for r in rows])
 
 
 def _markdown_confusion(row: dict) -> str:
     """Confusion matrix of one row: rows = true class, columns = predicted class."""
     body = [["**real**", str(row["tn"]), str(row["fp"])], ["**fake**", str(row["fn"]), str(row["tp"])]]
-    return _markdown_table(["true \\ predicted", "real", "fake"], body)
+    return markdown_table(["true \\ predicted", "real", "fake"], body)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     """Serialise ``table`` to Parquet in memory (so it can be written atomically)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
 
-def _csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
     """Rows as CSV with a header; floats keep full precision (repr)."""
     buf = io.StringIO()
     keys = list(rows[0]) if rows else []
@@ -229,7 +229,7 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _figure_png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     """Render ``fig`` to PNG bytes and close it (figures are otherwise kept by pyplot)."""
     try:
         buf = io.BytesIO()
@@ -259,7 +259,7 @@ def _roc_png(weights: str, preds: Predictions) -> bytes:
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real flagged fake)",
            ylabel="true positive rate (fake detected)", title=f"ROC, weights '{weights}'")
     ax.legend(loc="lower right", fontsize="small")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _confusion_png(weights: str, rows: list[dict]) -> bytes:
@@ -278,7 +278,7 @@ def _confusion_png(weights: str, rows: list[dict]) -> bytes:
         title = f"{row['domain']}\nthreshold {row['threshold']:.4f}"
         ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.suptitle(f"Confusion matrices, weights '{weights}'")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 # --------------------------------------------------------------------------- report
@@ -326,11 +326,11 @@ def write_report(
     def put(name: str, data: bytes) -> None:
         written[name] = atomic_write_bytes(out_dir / name, data)
 
-    put("metrics.csv", _csv_text(rows).encode("utf-8"))
-    put("metrics.parquet", _parquet_bytes(pa.Table.from_pylist(rows)))
+    put("metrics.csv", csv_text(rows).encode("utf-8"))
+    put("metrics.parquet", parquet_bytes(pa.Table.from_pylist(rows)))
     tables = [preds.to_arrow(w) for w, preds in test.items()]
     if tables:
-        put("predictions.parquet", _parquet_bytes(pa.concat_tables(tables)))
+        put("predictions.parquet", parquet_bytes(pa.concat_tables(tables)))
     put("config.yaml", config_yaml.encode("utf-8"))
     pngs: dict[str, list[str]] = {}
     for weights, preds in test.items():

@@ -42,3 +42,25 @@ class TensorBoardLogger(NullLogger):
 
 def make_logger(log_dir: Path | None, rank: int) -> NullLogger:
     return TensorBoardLogger(log_dir) if log_dir is not None and rank == 0 else NullLogger()
+
+
+def write_hparams(log_dir: Path, hparams: dict[str, float | int | str | bool], metrics: list[tuple[str, str]],
+                  trial_id: str) -> None:
+    """Make ``log_dir`` one session of TensorBoard's HParams dashboard.
+
+    ``metrics`` are ``(group, tag)`` pairs: the dashboard reads each metric's latest value from
+    the run ``log_dir/group``, where the engine logs it every epoch, so a trial stopped halfway
+    still shows its best validation AUC so far. Every session writes the same experiment config
+    (the searched names and metric columns); TensorBoard uses the first it finds.
+    """
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    from torch.utils.tensorboard import SummaryWriter
+
+    columns = [hp.Metric(tag, group=group, display_name=f"{group} {tag}".strip()) for group, tag in metrics]
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        file_writer = writer._get_file_writer()  # the only way to add a raw Summary proto
+        file_writer.add_summary(hp.hparams_config_pb([hp.HParam(name) for name in hparams], columns))
+        file_writer.add_summary(hp.hparams_pb(hparams, trial_id=trial_id))
+    finally:
+        writer.close()

@@ -2,6 +2,7 @@
 
 from trueface.config.loading import (
     ConfigError,
+    apply_values,
     flatten,
     from_dict,
     load_config,
@@ -23,6 +24,6 @@ from trueface.config.schema import (
 
 __all__ = [
     "AugmentConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
-    "ScalingConfig", "StageConfig", "flatten", "from_dict", "load_config", "parse_overrides",
+    "ScalingConfig", "StageConfig", "apply_values", "flatten", "from_dict", "load_config", "parse_overrides",
     "preset_names", "to_dict", "to_yaml", "validate",
 ]

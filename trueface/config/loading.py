@@ -74,6 +74,20 @@ def _resolve_source(source: str | Path) -> Path:
     return preset
 
 
+def apply_values(cfg: Config, values: typing.Mapping[str, Any]) -> Config:
+    """``cfg`` with ``{"stage1.lr": 0.01, ...}`` applied (typed values, not YAML text), validated."""
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    new = from_dict(tree, default=cfg)
+    validate(new)
+    return new
+
+
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     """``["a.b=1", "a.c=[x, y]"]`` -> ``{"a": {"b": 1, "c": ["x", "y"]}}``; values are YAML."""
     tree: dict[str, Any] = {}
@@ -238,7 +252,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             errors.append(f"{key}: {message}")
 
-    check(_is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.'")
+    check(is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.'")
     for number in (1, 2):
         _validate_stage(cfg.stage(number), f"stage{number}", check)
     check(cfg.model.arch == "resnet50", "model.arch", f"only resnet50 is supported, got {cfg.model.arch!r}")
@@ -308,5 +322,5 @@ def _validate_augment(aug, key: str, check) -> None:
     check(0.02 < aug.erasing_scale_max <= 1, f"{key}.erasing_scale_max", "must be in (0.02, 1]")
 
 
-def _is_run_name(name: str) -> bool:
+def is_run_name(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")

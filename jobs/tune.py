@@ -1,0 +1,231 @@
+"""Hyperparameter search on Ray Tune: Optuna (TPE) proposes, ASHA stops weak trials early.
+
+Usage::
+
+    python -m jobs.tune                                          # demo: 8 Stage I trials on the CPU
+    python -m jobs.tune --space search_spaces/paper.yaml --config paper --stage both \\
+        --data-root /data/faces --num-samples 64 --address auto
+    python -m jobs.tune --space paper-stage2 --config paper --stage 2 --init runs/paper/stage1/best.pt
+    python -m jobs.tune --resume NAME                            # finish an interrupted search
+    python -m jobs.tune --dry-run                                # the plan only
+
+Every trial trains with the same seed (same initial weights and data order), so trials differ by
+their parameters only. Each trial's folder ``<storage>/<name>/<trial>/`` holds its config,
+checkpoints and TensorBoard logs; ``results/<name>/`` gets the aggregated tables at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import yaml
+from collections.abc import Sequence
+from pathlib import Path
+
+from jobs import ray_tune
+from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray
+from trueface.atomic import atomic_write_text
+from trueface.checkpoint import CheckpointError, load_checkpoint
+from trueface.config import ConfigError, apply_values, to_dict
+from trueface.config.loading import is_run_name
+from trueface.config.search_space import load_search_space
+from trueface.data.layout import DataLayoutError
+from trueface.run import resolve_run
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+STAGE_CHOICES = {"1": [1], "2": [2], "both": [1, 2]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    storage = Path(args.storage).expanduser().absolute()
+    if args.resume:
+        spec = _load_spec(storage, args.resume)
+        print(f"resuming search {args.resume} ({spec['num_samples']} trials) with the settings it was started with",
+              flush=True)
+    else:
+        spec = _new_spec(args, storage)
+    print(describe(spec), flush=True)
+    if args.dry_run:
+        return 0
+    exp_dir = Path(spec["storage"]) / spec["name"]
+    if not args.resume:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(exp_dir / ray_tune.SPEC_FILE, json.dumps(spec, indent=2))
+        atomic_write_text(exp_dir / "search_space.yaml", yaml.safe_dump(spec["space"], sort_keys=False))
+    return _run(spec, exp_dir, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, default="tune-demo")
+    add_ray_arguments(p)
+    p.add_argument("--space", default="demo",
+                   help=f"search space: a YAML file or a name in search_spaces/ ({', '.join(_space_names())}); default: demo")
+    p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
+                   help="what a trial trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
+    p.add_argument("--init", type=Path, help="Stage I checkpoint every --stage 2 trial starts from (e.g. runs/demo/stage1/best.pt)")
+    p.add_argument("--num-samples", type=int, default=8, help="trials to run (default: 8)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
+    p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
+    p.add_argument("--grace-period", type=int, default=1, help="epochs every trial trains before ASHA may stop it (default: 1)")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung (default: 2)")
+    p.add_argument("--startup-trials", type=int,
+                   help="random trials before TPE models the results (default: half the trials, 2 to 10)")
+    p.add_argument("--name", help="search name: <storage>/<name>/ and results/<name>/ (default: <space>-<date>-<time>)")
+    p.add_argument("--storage", default="runs/tune", help="where searches live (default: runs/tune)")
+    p.add_argument("--resume", metavar="NAME", help="finish the interrupted search NAME (in --storage)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
+    return p
+
+
+def _space_names() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def _space_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return SPACES_DIR / f"{name}.yaml"
+
+
+def _new_spec(args: argparse.Namespace, storage: Path) -> dict:
+    """Everything a search needs, checked before Ray starts; exits with a message on any error."""
+    base = config_from_args(args)
+    resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
+                 "scaling.gpus_per_worker": args.gpus_per_worker}
+    stages = STAGE_CHOICES[args.stage]
+    try:
+        base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
+        space = load_search_space(_space_path(args.space))
+        cfg, _ = resolve_run(base)
+        space.check(cfg, stages)
+    except (ConfigError, DataLayoutError) as exc:
+        sys.exit(f"error: {exc}")
+    init = _check_init(args, stages)
+    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--grace-period", args.grace_period, 1),
+                             ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):
+        if value is not None and value < low:
+            sys.exit(f"error: {flag} must be >= {low}, got {value}")
+    name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_run_name(name):
+        sys.exit(f"error: --name {name!r} must be letters, digits, '-', '_', '.'")
+    if (storage / name).exists():
+        sys.exit(f"error: a search named {name!r} already exists in {storage}.\n"
+                 f"  Resume it:       python -m jobs.tune --resume {name}{_storage_flag(args.storage)}\n"
+                 f"  or start anew:   add --name <another name> (or delete {storage / name})")
+    return {
+        "version": 1, "name": name, "storage": str(storage), "command": " ".join(sys.argv),
+        "config": to_dict(cfg), "base_config": to_dict(base),
+        "space": space.to_dict(), "space_source": str(_space_path(args.space)),
+        "stages": stages, "init": str(init) if init else None,
+        "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+        "seed": cfg.seed, "startup_trials": args.startup_trials or min(10, max(2, args.num_samples // 2)),
+        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+        "results_dir": str(Path(cfg.output.results_dir) / name), "address": args.address,
+    }
+
+
+def _check_init(args: argparse.Namespace, stages: list[int]) -> Path | None:
+    if stages != [2]:
+        if args.init:
+            sys.exit(f"error: --init is for --stage 2; --stage {args.stage} trains Stage I itself")
+        return None
+    if args.init is None:
+        sys.exit("error: --stage 2 needs --init CKPT, the Stage I checkpoint every trial starts from "
+                 "(e.g. runs/demo/stage1/best.pt from python -m jobs.pipeline)")
+    try:
+        state = load_checkpoint(args.init)
+    except CheckpointError as exc:
+        sys.exit(f"error: --init: {exc}")
+    if state.get("stage") != 1:
+        sys.exit(f"error: --init {args.init} is a Stage {state.get('stage')} checkpoint; Stage II starts from a Stage I one")
+    return args.init.expanduser().absolute()
+
+
+def _storage_flag(storage: str) -> str:
+    return "" if storage == "runs/tune" else f" --storage {storage}"
+
+
+def _load_spec(storage: Path, name: str) -> dict:
+    path = storage / name / ray_tune.SPEC_FILE
+    if not path.is_file():
+        known = sorted(p.parent.name for p in storage.glob(f"*/{ray_tune.SPEC_FILE}"))
+        sys.exit(f"error: no search named {name!r} in {storage}"
+                 + (f"; searches there: {', '.join(known)}" if known else "") + " (--storage chooses the folder)")
+    return json.loads(path.read_text())
+
+
+def describe(spec: dict) -> str:
+    from trueface.config import from_dict
+
+    cfg = from_dict(spec["config"])
+    sc = cfg.scaling
+    what = {(1,): "Stage I", (2,): f"Stage II from {spec['init']}", (1, 2): "Stage I then Stage II"}[tuple(spec["stages"])]
+    epochs = sum(cfg.stage(s).epochs for s in spec["stages"])
+    space = ray_tune.search_space(spec)
+    exp = Path(spec["storage"]) / spec["name"]
+    return "\n".join([
+        f"search {spec['name']}: {spec['num_samples']} trials of {what}, at most {epochs} epochs each",
+        f"space {spec['space_source']}:",
+        space.describe(),
+        f"Optuna TPE (seed {spec['seed']}, first {spec['startup_trials']} trials random); ASHA on {ray_tune.METRIC} "
+        f"by {ray_tune.TIME_ATTR} (grace {spec['grace_period']}, keeps 1/{spec['reduction_factor']} per rung)",
+        f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
+        f"trials at once: {spec['max_concurrent'] or 'as many as the resources hold'}",
+        f"trials:      {exp}/<trial>/ (config.yaml, stageN/best.pt)",
+        f"tensorboard: tensorboard --logdir {exp}",
+        f"results:     {spec['results_dir']}/",
+    ])
+
+
+def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
+    from trueface.config import from_dict
+
+    cfg = from_dict(spec["config"])
+    address = args.address or spec.get("address")
+    started = time.time()
+    init_ray(address, cfg, num_cpus=None if address else ray_tune.local_cpus(cfg, spec["max_concurrent"], spec["num_samples"]))
+    import ray
+    from ray import tune
+
+    from jobs import aggregate, ray_train
+
+    use_gpu = ray_train.scaling_config(cfg).use_gpu
+    per_trial = ray_tune.per_trial_resources(cfg, use_gpu)
+    max_concurrent = spec["max_concurrent"] or ray_tune.derive_max_concurrent(ray.cluster_resources(), per_trial, spec["num_samples"])
+    print(f"running {max_concurrent} trial(s) at once, each holding {per_trial}", flush=True)
+    ray_tune.disable_default_loggers()
+    trainable = ray_tune.make_trainable(spec)
+    if args.resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = ray_tune.make_tuner(spec, trainable, max_concurrent)
+    tuner.fit()
+    trials = aggregate.load_trials(exp_dir)
+    freed = ray_tune.prune_last_checkpoints([t.path for t in trials if t.status == "TERMINATED"])
+    if freed:
+        print(f"deleted the resume checkpoints (last.pt) of trials that are over: {freed / 2**30:.1f} GiB freed", flush=True)
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(trials) < spec["num_samples"]:
+        print(f"\nsearch {spec['name']} interrupted: {len(trials) - len(unfinished)} of {spec['num_samples']} trials "
+              f"finished.\n  Resume it: python -m jobs.tune --resume {spec['name']}{_storage_flag(args.storage)}", flush=True)
+        return 130
+    # On a cluster the test splits are scored on a (GPU) worker; locally in this process, which
+    # saves the ~40 s a Ray Train run takes to start.
+    out = aggregate.aggregate(exp_dir, evaluate=aggregate.ray_evaluator if address else aggregate.local_evaluator)
+    print(f"\nsearch finished in {(time.time() - started) / 60:.1f} min")
+    aggregate.print_summary(out, exp_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

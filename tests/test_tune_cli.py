@@ -1,0 +1,108 @@
+"""jobs.tune without Ray: every mistake is refused before Ray starts; resources and names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from jobs import ray_tune
+from jobs import tune as tune_job
+from tests.conftest import tiny_overrides
+from trueface.config import load_config
+from trueface.config.search_space import parse_search_space
+
+SPACE = "params:\n  stage1.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  stage1.ema_decay: {decay: [0.9, 0.99]}\n"
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray must not start for this command")
+
+    monkeypatch.setattr(tune_job, "init_ray", refuse)
+
+
+def args_for(tiny_root: Path, tmp_path: Path, *extra: str, space: str = SPACE) -> list[str]:
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(space)
+    return ["--space", str(space_file), "--storage", str(tmp_path / "tune"), "--name", "s",
+            *extra, *tiny_overrides(tiny_root, tmp_path)]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_root, tmp_path, capsys, no_ray):
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--num-samples", "5")) == 0
+    out = capsys.readouterr().out
+    assert "search s: 5 trials of Stage I, at most 2 epochs each" in out
+    assert "stage1.ema_decay: decay 0.9 .. 0.99 (log-uniform in 1 - value)" in out
+    assert f"tensorboard --logdir {tmp_path / 'tune' / 's'}" in out
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("extra, space, message", [
+    ((), "params:\n  stage1.mixup_alfa: {uniform: [0, 1]}\n", "did you mean 'stage1.mixup_alpha'"),
+    ((), "params:\n  stage2.mixup_alpha: {uniform: [0, 1]}\n", "choose --stage both"),
+    ((), "params:\n  stage1.lr: {uniform: [0.0, 0.1]}\n", "value 0.0 of its range is rejected"),
+    (("--stage", "2"), SPACE.replace("stage1", "stage2"), "--stage 2 needs --init CKPT"),
+    (("--init", "x.pt"), SPACE, "--init is for --stage 2"),
+    (("--num-samples", "0"), SPACE, "--num-samples must be >= 1"),
+    (("--reduction-factor", "1"), SPACE, "--reduction-factor must be >= 2"),
+    (("--workers-per-trial", "0"), SPACE, "scaling.num_workers: must be >= 1"),
+    (("--name", "a b"), SPACE, "--name 'a b' must be"),
+])
+def test_mistakes_are_refused_before_ray_starts(tiny_root, tmp_path, no_ray, extra, space, message):
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(args_for(tiny_root, tmp_path, *extra, space=space))
+    assert message in str(exc.value)
+
+
+def test_init_must_be_a_stage_one_checkpoint(tiny_root, tmp_path, no_ray):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="bad.pt"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--stage", "2", "--init", str(bad), space=SPACE.replace("stage1", "stage2")))
+
+
+def test_an_existing_name_is_refused_with_how_to_resume(tiny_root, tmp_path, no_ray):
+    (tmp_path / "tune" / "s").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(args_for(tiny_root, tmp_path))
+    message = str(exc.value)
+    assert "already exists" in message and "python -m jobs.tune --resume s --storage" in message
+    assert "--name" in message
+
+
+def test_resume_of_an_unknown_search_lists_the_known_ones(tmp_path, no_ray):
+    (tmp_path / "tune" / "old").mkdir(parents=True)
+    (tmp_path / "tune" / "old" / ray_tune.SPEC_FILE).write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(["--resume", "nope", "--storage", str(tmp_path / "tune")])
+    assert "no search named 'nope'" in str(exc.value) and "old" in str(exc.value)
+
+
+def test_concurrency_follows_the_scarcest_resource():
+    cpu_trial = {"CPU": 2.1}
+    assert ray_tune.derive_max_concurrent({"CPU": 16.0}, cpu_trial, 100) == 7
+    assert ray_tune.derive_max_concurrent({"CPU": 16.0}, cpu_trial, 3) == 3
+    assert ray_tune.derive_max_concurrent({"CPU": 1.0}, cpu_trial, 3) == 1  # never zero
+    gpu_trial = {"CPU": 8.1, "GPU": 2.0}
+    assert ray_tune.derive_max_concurrent({"CPU": 64.0, "GPU": 4.0}, gpu_trial, 10) == 2
+
+
+def test_per_trial_resources_and_local_cpus(monkeypatch):
+    cfg = load_config("tune-demo")  # 1 worker x 1 CPU
+    assert ray_tune.per_trial_resources(cfg, use_gpu=False) == {"CPU": 1 + ray_tune.TRIAL_DRIVER_CPUS}
+    gpu = load_config("paper", ["scaling.num_workers=2", "scaling.gpus_per_worker=0.5"])
+    assert ray_tune.per_trial_resources(gpu, use_gpu=True)["GPU"] == 1.0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    # two 1-CPU trials side by side on 2 cores, plus room for the trial functions' shares
+    assert ray_tune.local_cpus(cfg, None, 8) == 3
+    assert ray_tune.derive_max_concurrent({"CPU": 3.0}, ray_tune.per_trial_resources(cfg, False), 8) == 2
+
+
+def test_trial_folders_are_named_by_their_config_values():
+    space = parse_search_space({"params": {"stage1.ema_decay": {"decay": [0.9, 0.99]},
+                                           "stage1.augment.strength": {"uniform": [0, 1]}}})
+    trial = SimpleNamespace(trial_id="ab12cd34", config={"1-stage1.ema_decay": 0.01, "stage1.augment.strength": 0.25})
+    assert ray_tune.TrialNamer(space)(trial) == "ab12cd34_s1.ema_decay=0.99,s1.strength=0.25"

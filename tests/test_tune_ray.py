@@ -1,0 +1,174 @@
+"""jobs.tune as users run it, on the shared local Ray: a tiny search is interrupted, resumed and
+aggregated; then ``--stage 2 --init`` from a Stage I checkpoint. Every Ray test has a timeout."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from jobs import aggregate as aggregate_job
+from jobs import pipeline
+from jobs import tune as tune_job
+from tests.conftest import tiny_overrides, write_tiny_root
+from trueface.config import load_config
+from trueface.data.layout import discover_layout
+from trueface.engine import run_stage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SPACE = """description: tiny
+params:
+  stage1.lr: {loguniform: [3.0e-4, 3.0e-3]}
+  stage1.ema_decay: {decay: [0.5, 0.9]}
+  stage1.mixup_alpha: {choice: [0.0, 0.4]}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fail_fast_ray_env(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def finished_trials(exp: Path) -> dict[str, str]:
+    """Trial folder -> result.json text, for trials whose last report ended their training."""
+    out = {}
+    for path in exp.glob("*/result.json"):
+        lines = path.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("stage_done"):
+            out[path.parent.name] = path.read_text()
+    return out
+
+
+def interrupt_after_first_trial(exp: Path, timeout: float = 400) -> threading.Thread:
+    """Send the search what Ctrl-C sends Tune, once its first trial has finished. SIGUSR1 (which Tune
+    handles like SIGINT) cannot hit pytest itself: Tune is running once a trial has reported."""
+    def watch():
+        end = time.time() + timeout
+        while time.time() < end and not finished_trials(exp):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, tmp_path_factory):
+    """A 3-trial search, interrupted after its first trial finished, then resumed to its end."""
+    tmp = tmp_path_factory.mktemp("tune")
+    root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+    (tmp / "space.yaml").write_text(SPACE)
+    storage, exp = tmp / "tune", tmp / "tune" / "tiny"
+    args = ["--space", str(tmp / "space.yaml"), "--storage", str(storage), "--name", "tiny", "--num-samples", "3",
+            "--max-concurrent", "1", *tiny_overrides(root, tmp), "scaling.max_failures=0", "stage1.patience=0"]
+    watcher = interrupt_after_first_trial(exp)
+    first = tune_job.main(args)
+    watcher.join(timeout=5)
+    before = finished_trials(exp)
+    resumed = tune_job.main(["--resume", "tiny", "--storage", str(storage)])
+    return {"tmp": tmp, "exp": exp, "results": tmp / "results" / "tiny", "first": first, "resumed": resumed,
+            "before": before, "root": root}
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
+    assert search["first"] == 130  # interrupted
+    assert search["resumed"] == 0
+    assert search["before"], "no trial had finished when the search was interrupted"
+    after = finished_trials(search["exp"])
+    for trial, results in search["before"].items():
+        assert after[trial] == results, f"{trial} was trained again after the resume"
+    assert len(after) == 3
+
+
+@pytest.mark.timeout(60)
+def test_trials_table_lists_every_trial_with_its_values_and_scores(search):
+    rows = pq.read_table(search["results"] / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and [r["rank"] for r in rows] == [1, 2, 3]
+    scores = [r["best_auc_ema"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for r in rows:
+        assert 3e-4 <= r["stage1.lr"] <= 3e-3 and 0.5 <= r["stage1.ema_decay"] <= 0.9
+        assert r["stage1.mixup_alpha"] in (0.0, 0.4)
+        assert r["outcome"] == "completed" or r["outcome"].startswith("stopped by ASHA")
+        config = yaml.safe_load((search["exp"] / r["trial"] / "config.yaml").read_text())
+        assert config["stage1"]["lr"] == pytest.approx(r["stage1.lr"])
+        assert config["stage1"]["ema_decay"] == pytest.approx(r["stage1.ema_decay"])
+    assert Path(rows[0]["checkpoint"]).is_file()
+    # the resume checkpoints of trials that are over were deleted; best.pt stays
+    assert not glob.glob(str(search["exp"] / "*" / "stage1" / "last.pt"))
+    for name in ("summary.md", "trials.csv", "params.png", "best_config.yaml", "test/summary.md", "test/metrics.parquet"):
+        assert (search["results"] / name).is_file(), name
+
+
+@pytest.mark.timeout(60)
+def test_every_trial_has_tensorboard_curves_and_an_hparams_session(search):
+    trials = sorted(p.parent for p in search["exp"].glob("*/config.yaml"))
+    assert len(trials) == 3
+    for trial in trials:
+        curves = EventAccumulator(str(trial / "tensorboard" / "stage1"))
+        curves.Reload()
+        assert {"train/loss", "val/auc_ema", "best/auc_ema"} <= set(curves.Tags()["scalars"])
+        session = EventAccumulator(str(trial / "tensorboard"))
+        session.Reload()
+        content = session.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        values = {k: v.number_value for k, v in start.session_start_info.hparams.items()}
+        config = yaml.safe_load((trial / "config.yaml").read_text())
+        assert values["stage1.lr"] == pytest.approx(config["stage1"]["lr"])
+        assert values["stage1.ema_decay"] == pytest.approx(config["stage1"]["ema_decay"])
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert ("stage1", "best/auc_ema") in {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+
+
+@pytest.mark.timeout(120)
+def test_best_config_loads_back_and_the_pipeline_accepts_it(search, capsys):
+    rows = pq.read_table(search["results"] / "trials.parquet").to_pylist()
+    path = search["results"] / "best_config.yaml"
+    cfg = load_config(path)
+    assert cfg.run_name == "tiny-best"
+    assert cfg.stage1.lr == pytest.approx(rows[0]["stage1.lr"])
+    assert cfg.stage1.ema_decay == pytest.approx(rows[0]["stage1.ema_decay"])
+    assert cfg.stage1.mixup_alpha == rows[0]["stage1.mixup_alpha"]
+    assert pipeline.main(["--config", str(path), "--dry-run"]) == 0
+    assert "run tiny-best" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_aggregate_command_rebuilds_the_report(search, tmp_path, capsys):
+    assert aggregate_job.main([str(search["exp"]), "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "best_config.yaml" in out and "on the test splits" in out
+    a = pq.read_table(search["results"] / "trials.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "again" / "trials.parquet").to_pylist()
+    assert [r["trial"] for r in a] == [r["trial"] for r in b]
+
+
+@pytest.mark.timeout(600)
+def test_stage_two_trials_start_from_a_fixed_stage_one_checkpoint(ray_session, tmp_path, capsys):
+    root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+    cfg = load_config("demo", tiny_overrides(root, tmp_path) + ["stage1.epochs=1"])
+    layout = discover_layout(root)
+    stage1 = run_stage(cfg, 1, layout.gather(["140k-real-vs-fake"], "train"),
+                       layout.gather(["140k-real-vs-fake"], "valid"), tmp_path / "s1")
+    (tmp_path / "space.yaml").write_text("params:\n  stage2.mixup_alpha: {uniform: [0.0, 0.8]}\n")
+    args = ["--space", str(tmp_path / "space.yaml"), "--storage", str(tmp_path / "tune"), "--name", "s2",
+            "--stage", "2", "--init", stage1.best_checkpoint, "--num-samples", "1",
+            *tiny_overrides(root, tmp_path), "scaling.max_failures=0"]
+    assert tune_job.main(args) == 0
+    rows = pq.read_table(tmp_path / "results" / "s2" / "trials.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["final_stage"] == 2 and "/stage2/best.pt" in rows[0]["checkpoint"]
+    assert "fine-tuned Stage II from" in (tmp_path / "results" / "s2" / "best_config.yaml").read_text()
