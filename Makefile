@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean-runs
+.PHONY: setup demo tune test clean-runs
 
 setup: $(STAMP)
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m jobs.pipeline
 
+tune: setup
+	$(PY) -m jobs.tune
+
 test: setup
 	$(PY) -m pytest
 
 clean-runs:
-	rm -rf runs results/demo
+	rm -rf runs results/demo results/demo-*

@@ -52,8 +52,10 @@ def run_trial(params: dict, spec: dict) -> None:
     paths = RunPaths.of(cfg)
     atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
     stages = list(spec["stages"])
-    write_hparams(paths.tensorboard_dir, search_space(spec).values(params),
-                  [(f"stage{s}", tag) for s in stages for tag in HPARAM_METRICS], trial_dir.name)
+    space = search_space(spec)
+    write_hparams(paths.tensorboard_dir, space.values(params),
+                  [(f"stage{s}", tag) for s in stages for tag in HPARAM_METRICS], trial_dir.name,
+                  {p.key: list(p.values) if p.form == "choice" else (p.low, p.high) for p in space.params})
 
     init_from, offset, reported, done = spec.get("init"), 0, False, None
     for stage in stages:

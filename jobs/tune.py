@@ -29,7 +29,7 @@ from jobs import ray_tune
 from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
-from trueface.config import ConfigError, apply_values, to_dict
+from trueface.config import ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
 from trueface.config.search_space import load_search_space
 from trueface.data.layout import DataLayoutError
@@ -42,8 +42,14 @@ STAGE_CHOICES = {"1": [1], "2": [2], "both": [1, 2]}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if "://" in args.storage:
+        # Trials write checkpoints and TensorBoard files with plain file I/O, which needs a path
+        # every node sees (local disk for one machine, NFS/EFS/Lustre for a cluster).
+        sys.exit(f"error: --storage {args.storage}: URIs (s3://, gs://) are not supported yet; give a local path "
+                 f"or a shared filesystem mounted on every node")
     storage = Path(args.storage).expanduser().absolute()
     if args.resume:
+        _refuse_settings_with_resume(parser, args)
         spec = _load_spec(storage, args.resume)
         print(f"resuming search {args.resume} ({spec['num_samples']} trials) with the settings it was started with",
               flush=True)
@@ -80,10 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-trials", type=int,
                    help="random trials before TPE models the results (default: half the trials, 2 to 10)")
     p.add_argument("--name", help="search name: <storage>/<name>/ and results/<name>/ (default: <space>-<date>-<time>)")
-    p.add_argument("--storage", default="runs/tune", help="where searches live (default: runs/tune)")
+    p.add_argument("--storage", default="runs/tune",
+                   help="where searches live: a local path, or on a cluster a shared filesystem every node mounts (default: runs/tune)")
     p.add_argument("--resume", metavar="NAME", help="finish the interrupted search NAME (in --storage)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
     return p
+
+
+def _refuse_settings_with_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A resumed search keeps the settings it was started with; silently ignoring others would mislead."""
+    allowed = {"resume", "storage", "address", "dry_run"}
+    given = [f"--{k.replace('_', '-')}" if k != "overrides" else "KEY=VALUE overrides"
+             for k, v in vars(args).items() if k not in allowed and v != parser.get_default(k) and v != []]
+    if given:
+        sys.exit(f"error: --resume continues a search with the settings it was started with; drop {', '.join(given)} "
+                 f"(or start a new search with --name)")
 
 
 def _space_names() -> list[str]:
@@ -165,8 +182,6 @@ def _load_spec(storage: Path, name: str) -> dict:
 
 
 def describe(spec: dict) -> str:
-    from trueface.config import from_dict
-
     cfg = from_dict(spec["config"])
     sc = cfg.scaling
     what = {(1,): "Stage I", (2,): f"Stage II from {spec['init']}", (1, 2): "Stage I then Stage II"}[tuple(spec["stages"])]
@@ -188,8 +203,6 @@ def describe(spec: dict) -> str:
 
 
 def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
-    from trueface.config import from_dict
-
     cfg = from_dict(spec["config"])
     address = args.address or spec.get("address")
     started = time.time()

@@ -27,10 +27,10 @@ def test_ranking_puts_the_furthest_stage_first_then_the_best_score_and_nan_last(
 
 
 def test_console_table_lists_every_trial_and_parameter():
-    text = format_trials(rank_trials([row("a", 0.7), row("b", 0.75, outcome="stopped by ASHA at epoch 1")]), KEYS)
+    text = format_trials(rank_trials([row("a_s1.lr=1", 0.7), row("b_s1.lr=2", 0.75, outcome="stopped by ASHA at epoch 1")]), KEYS)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["rank", "trial", "stage1.lr", "stage1.ema_decay"]
-    assert lines[2].split()[1] == "b" and "stopped by ASHA at epoch 1" in lines[2]
+    assert lines[2].split()[:2] == ["1", "b"] and "stopped by ASHA at epoch 1" in lines[2]
     assert len(lines) == 4
 
 

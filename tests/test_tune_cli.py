@@ -73,6 +73,16 @@ def test_an_existing_name_is_refused_with_how_to_resume(tiny_root, tmp_path, no_
     assert "--name" in message
 
 
+def test_resume_refuses_new_settings(tmp_path, no_ray):
+    with pytest.raises(SystemExit, match="drop KEY=VALUE overrides, --num-samples"):
+        tune_job.main(["--resume", "s", "--num-samples", "3", "stage1.lr=0.1"])
+
+
+def test_storage_uris_are_refused_with_what_works(tmp_path, no_ray):
+    with pytest.raises(SystemExit, match="URIs .* not supported yet; give a local path"):
+        tune_job.main(["--storage", "s3://bucket/tune", "--dry-run"])
+
+
 def test_resume_of_an_unknown_search_lists_the_known_ones(tmp_path, no_ray):
     (tmp_path / "tune" / "old").mkdir(parents=True)
     (tmp_path / "tune" / "old" / ray_tune.SPEC_FILE).write_text("{}")

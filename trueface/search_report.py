@@ -58,9 +58,10 @@ def _columns(param_keys: list[str], with_checkpoint: bool) -> list[str]:
 
 
 def format_trials(rows: list[dict], param_keys: list[str]) -> str:
-    """Aligned console table of the ranked trials (numbers right-aligned)."""
+    """Aligned console table of the ranked trials (numbers right-aligned). A trial is shown by
+    its id alone: its folder name repeats the values the next columns show."""
     cols = _columns(param_keys, with_checkpoint=False)
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(r["trial"].split("_", 1)[0] if c == "trial" else r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     text_cols = {"trial", "outcome"}
 

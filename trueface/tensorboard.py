@@ -45,22 +45,31 @@ def make_logger(log_dir: Path | None, rank: int) -> NullLogger:
 
 
 def write_hparams(log_dir: Path, hparams: dict[str, float | int | str | bool], metrics: list[tuple[str, str]],
-                  trial_id: str) -> None:
+                  trial_id: str, domains: dict[str, tuple[float, float] | list] | None = None) -> None:
     """Make ``log_dir`` one session of TensorBoard's HParams dashboard.
 
     ``metrics`` are ``(group, tag)`` pairs: the dashboard reads each metric's latest value from
     the run ``log_dir/group``, where the engine logs it every epoch, so a trial stopped halfway
-    still shows its best validation AUC so far. Every session writes the same experiment config
-    (the searched names and metric columns); TensorBoard uses the first it finds.
+    still shows its best validation AUC so far. ``domains`` (a ``(low, high)`` range or a list of
+    values per name) give the dashboard its filters. Every session writes the same experiment
+    config; TensorBoard uses the first it finds.
     """
     from tensorboard.plugins.hparams import summary_v2 as hp
     from torch.utils.tensorboard import SummaryWriter
+
+    def hparam(name: str) -> "hp.HParam":
+        domain = (domains or {}).get(name)
+        if isinstance(domain, tuple):
+            return hp.HParam(name, hp.RealInterval(float(domain[0]), float(domain[1])))
+        if isinstance(domain, list) and len({type(v) for v in domain}) == 1:
+            return hp.HParam(name, hp.Discrete(domain))
+        return hp.HParam(name)
 
     columns = [hp.Metric(tag, group=group, display_name=f"{group} {tag}".strip()) for group, tag in metrics]
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         file_writer = writer._get_file_writer()  # the only way to add a raw Summary proto
-        file_writer.add_summary(hp.hparams_config_pb([hp.HParam(name) for name in hparams], columns))
+        file_writer.add_summary(hp.hparams_config_pb([hparam(name) for name in hparams], columns))
         file_writer.add_summary(hp.hparams_pb(hparams, trial_id=trial_id))
     finally:
         writer.close()

@@ -1,0 +1,78 @@
+"""jobs.aggregate's reading of Tune's trial folders, without Ray: scores, outcomes, best config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jobs import aggregate
+from trueface.config import load_config, to_dict
+from trueface.config.search_space import parse_search_space
+
+SPACE = parse_search_space({"params": {"stage1.lr": {"loguniform": [1e-4, 1e-2]},
+                                       "stage1.ema_decay": {"decay": [0.9, 0.99]}}}, "s.yaml")
+
+
+def spec(stages=(1,)) -> dict:
+    cfg = load_config("demo", ["stage1.epochs=4", "stage2.epochs=3"])
+    return {"name": "s", "stages": list(stages), "config": to_dict(cfg), "base_config": to_dict(cfg),
+            "space": SPACE.to_dict(), "space_source": "s.yaml", "init": None}
+
+
+def trial(tmp_path, reports: list[dict], status="TERMINATED", torn_tail=False) -> aggregate.TrialInfo:
+    path = tmp_path / "abc_s1.lr=0.001"
+    path.mkdir(parents=True)
+    text = "".join(json.dumps(r) + "\n" for r in reports)
+    (path / "result.json").write_text(text + ('{"stage": 1, "ep' if torn_tail else ""))
+    return aggregate.TrialInfo("abc", path, status, {"stage1.lr": 0.001, "1-stage1.ema_decay": 0.05})
+
+
+def report(stage, epoch, auc_ema, auc, done=0.0, offset=0):
+    return {"stage": stage, "epoch": epoch, "val/auc_ema": auc_ema, "val/auc": auc, "stage_done": done,
+            "trial_epoch": offset + epoch, "time_total_s": 60.0 * (offset + epoch)}
+
+
+def test_a_completed_trial_row(tmp_path):
+    info = trial(tmp_path, [report(1, e, 0.5 + e / 10, 0.4 + e / 10, float(e == 4)) for e in range(1, 5)], torn_tail=True)
+    row = aggregate.trial_row(info, spec())
+    assert row["stage1.lr"] == 0.001 and row["stage1.ema_decay"] == pytest.approx(0.95)
+    assert row["best_auc_ema"] == pytest.approx(0.9) and row["best_auc"] == pytest.approx(0.8)
+    assert row["outcome"] == "completed" and row["epochs"] == 4 and row["wall_min"] == 4.0
+    assert row["final_stage"] == 1 and row["checkpoint"] is None  # no best.pt in this fake folder
+
+
+def test_outcomes(tmp_path):
+    early = [report(1, 1, 0.6, 0.6), report(1, 2, 0.5, 0.5, done=1.0)]
+    assert aggregate.trial_row(trial(tmp_path / "a", early), spec())["outcome"] == "early-stopped (patience, stage 1)"
+    stopped = [report(1, 1, 0.6, 0.6), report(1, 2, 0.5, 0.5)]
+    assert aggregate.trial_row(trial(tmp_path / "b", stopped), spec())["outcome"] == "stopped by ASHA at epoch 2"
+    assert aggregate.trial_row(trial(tmp_path / "c", stopped, "ERROR"), spec())["outcome"] == "error"
+    assert aggregate.trial_row(trial(tmp_path / "d", stopped, "RUNNING"), spec())["outcome"] == "unfinished"
+    # --stage both: Stage I ending is not the trial ending; scored on Stage II's reports only
+    both = [report(1, 1, 0.9, 0.9, done=1.0), report(2, 1, 0.7, 0.6, offset=1)]
+    row = aggregate.trial_row(trial(tmp_path / "e", both), spec((1, 2)))
+    assert row["outcome"] == "stopped by ASHA at epoch 2"
+    assert row["final_stage"] == 2 and row["best_auc_ema"] == pytest.approx(0.7)
+
+
+def test_a_trial_without_reports_has_nan_scores(tmp_path):
+    row = aggregate.trial_row(trial(tmp_path, [], "ERROR"), spec())
+    assert math.isnan(row["best_auc_ema"]) and row["outcome"] == "error" and row["final_stage"] is None
+
+
+def test_best_config_is_the_base_config_with_the_best_values(tmp_path):
+    info = trial(tmp_path, [report(1, 1, 0.8, 0.7, done=1.0)])
+    text = aggregate.best_config_yaml(spec(), info, {"best_auc_ema": 0.8, "best_auc": 0.7, "final_stage": 1})
+    path = tmp_path / "best.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.run_name == "s-best" and cfg.stage1.lr == 0.001 and cfg.stage1.ema_decay == pytest.approx(0.95)
+    assert cfg.stage2 == load_config("demo").stage2
+    assert text.startswith("# Best trial of search s")
+
+
+def test_a_folder_that_is_not_a_search_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="is not a TrueFace search"):
+        aggregate.aggregate(tmp_path)
