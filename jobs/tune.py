@@ -232,6 +232,14 @@ def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
         print(f"\nsearch {spec['name']} interrupted: {len(trials) - len(unfinished)} of {spec['num_samples']} trials "
               f"finished.\n  Resume it: python -m jobs.tune --resume {spec['name']}{_storage_flag(args.storage)}", flush=True)
         return 130
+    failed = [t for t in trials if t.status == "ERROR"]
+    if failed:
+        print(f"\n{len(failed)} trial(s) failed; their errors are in:\n  "
+              + "\n  ".join(str(t.path / "error.txt") for t in failed), flush=True)
+        if len(failed) == len(trials):
+            print("no trial finished: fix the error, then python -m jobs.tune --resume "
+                  f"{spec['name']}{_storage_flag(args.storage)} reruns the failed trials", flush=True)
+            return 1
     # On a cluster the test splits are scored on a (GPU) worker; locally in this process, which
     # saves the ~40 s a Ray Train run takes to start.
     out = aggregate.aggregate(exp_dir, evaluate=aggregate.ray_evaluator if address else aggregate.local_evaluator)

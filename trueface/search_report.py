@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import pyarrow as pa
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text
@@ -87,6 +88,10 @@ def params_png(rows: list[dict], params: list[tuple[str, bool]]) -> bytes:
             ax.scatter(xs, [y for _, y in pts], color=colour, label=outcome, s=28, alpha=0.85)
         if log_x:
             ax.set_xscale("log")
+            # 1-2-5 ticks in plain numbers: matplotlib's labelled minor ticks collide within a decade.
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=f"1 - {key}" if key.endswith("ema_decay") else key, ylabel="best validation AUC (EMA)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
