@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -41,6 +42,7 @@ STAGE_CHOICES = {"1": [1], "2": [2], "both": [1, 2]}
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if "://" in args.storage:
         # Trials write checkpoints and TensorBoard files with plain file I/O, which needs a path
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resuming search {args.resume} ({spec['num_samples']} trials) with the settings it was started with",
               flush=True)
     else:
-        spec = _new_spec(args, storage)
+        spec = _new_spec(args, storage, command="python -m jobs.tune " + shlex.join(argv))
     print(describe(spec), flush=True)
     if args.dry_run:
         return 0
@@ -114,7 +116,7 @@ def _space_path(name: str) -> Path:
     return SPACES_DIR / f"{name}.yaml"
 
 
-def _new_spec(args: argparse.Namespace, storage: Path) -> dict:
+def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
     """Everything a search needs, checked before Ray starts; exits with a message on any error."""
     base = config_from_args(args)
     resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
@@ -140,7 +142,7 @@ def _new_spec(args: argparse.Namespace, storage: Path) -> dict:
                  f"  Resume it:       python -m jobs.tune --resume {name}{_storage_flag(args.storage)}\n"
                  f"  or start anew:   add --name <another name> (or delete {storage / name})")
     return {
-        "version": 1, "name": name, "storage": str(storage), "command": " ".join(sys.argv),
+        "version": 1, "name": name, "storage": str(storage), "command": command.strip(),
         "config": to_dict(cfg), "base_config": to_dict(base),
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
         "stages": stages, "init": str(init) if init else None,

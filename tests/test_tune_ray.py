@@ -172,3 +172,17 @@ def test_stage_two_trials_start_from_a_fixed_stage_one_checkpoint(ray_session, t
     rows = pq.read_table(tmp_path / "results" / "s2" / "trials.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["final_stage"] == 2 and "/stage2/best.pt" in rows[0]["checkpoint"]
     assert "fine-tuned Stage II from" in (tmp_path / "results" / "s2" / "best_config.yaml").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_search_whose_trials_all_fail_says_where_the_errors_are(ray_session, tmp_path, capsys):
+    root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper"}, per_class=4)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    # 8 is not divisible into 3 accumulation steps: every trial fails inside its Train worker
+    args = ["--space", str(tmp_path / "space.yaml"), "--storage", str(tmp_path / "tune"), "--name", "bad",
+            "--num-samples", "1", *tiny_overrides(root, tmp_path), "scaling.max_failures=0", "stage1.accum_steps=3"]
+    assert tune_job.main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 trial(s) failed" in out and "error.txt" in out and "--resume bad" in out
+    error_files = glob.glob(str(tmp_path / "tune" / "bad" / "*" / "error.txt"))
+    assert error_files and "divisible by workers x accum_steps" in Path(error_files[0]).read_text()
