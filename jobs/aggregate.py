@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jobs import ray_tune
+from trueface.atomic import atomic_write_text
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
-from trueface.engine import finished_stage
 from trueface.search_report import format_trials, rank_trials, write_search_report
 
 Evaluator = Callable[[Config, Path, Path], None]  # (trial config, checkpoint, out_dir)
@@ -182,7 +182,7 @@ def _best_trial_test(spec: dict, best: TrialInfo, checkpoint: Path, out_dir: Pat
     if not (marker.is_file() and json.loads(marker.read_text()) == stamp and (out_dir / "summary.md").is_file()):
         print(f"scoring the best trial ({best.path.name}) on the test splits ...", flush=True)
         evaluate(ray_tune.trial_config(spec, best.params, best.path), checkpoint, out_dir)
-        marker.write_text(json.dumps(stamp))
+        atomic_write_text(marker, json.dumps(stamp))
     import pyarrow.parquet as pq
 
     from trueface.results import format_table

@@ -136,7 +136,7 @@ def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
             sys.exit(f"error: {flag} must be >= {low}, got {value}")
     name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
-        sys.exit(f"error: --name {name!r} must be letters, digits, '-', '_', '.'")
+        sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
     if (storage / name).exists():
         sys.exit(f"error: a search named {name!r} already exists in {storage}.\n"
                  f"  Resume it:       python -m jobs.tune --resume {name}{_storage_flag(args.storage)}\n"

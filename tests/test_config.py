@@ -84,3 +84,11 @@ def test_bad_yaml_file_names_the_file(tmp_path: Path):
 def test_flatten_gives_dotted_keys():
     flat = flatten(to_dict(Config()))
     assert flat["stage2.augment.strength"] == 1.0 and "stage1.ema_decay" in flat
+
+
+def test_true_false_given_to_a_text_key_is_read_as_that_text():
+    """`scaling.use_gpu=true` on a command line is YAML's bool; the key holds "auto"/"true"/"false"."""
+    assert load_config("demo", ["scaling.use_gpu=true"]).scaling.use_gpu == "true"
+    assert load_config("demo", ["scaling.use_gpu=false"]).scaling.use_gpu == "false"
+    with pytest.raises(ConfigError, match="scaling.use_gpu: must be auto, true or false"):
+        load_config("demo", ["scaling.use_gpu=yes please"])

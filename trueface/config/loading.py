@@ -170,6 +170,8 @@ def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML reads scaling.use_gpu=true as a bool; the field says "true"
+            return "true" if value else "false"
     elif typing.get_origin(hint) is tuple:
         return _coerce_tuple(value, typing.get_args(hint), key)
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
@@ -252,7 +254,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             errors.append(f"{key}: {message}")
 
-    check(is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.'")
+    check(is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.', '=', ','")
     for number in (1, 2):
         _validate_stage(cfg.stage(number), f"stage{number}", check)
     check(cfg.model.arch == "resnet50", "model.arch", f"only resnet50 is supported, got {cfg.model.arch!r}")
@@ -323,4 +325,6 @@ def _validate_augment(aug, key: str, check) -> None:
 
 
 def is_run_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+    """One safe path component. '=' and ',' are allowed: Tune trial folders are named by their
+    values (``ab12_s1.lr=0.001,...``) and a trial's config.yaml names its run after its folder."""
+    return bool(name) and all(c.isalnum() or c in "-_.=," for c in name) and not name.startswith(".")
