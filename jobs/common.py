@@ -35,6 +35,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
         sys.exit(f"config error: {exc}")
 
 
+def warn_if_outputs_vanish(cfg: Config, more: tuple[tuple[str, str], ...] = ()) -> None:
+    """Under ``ray job submit`` the driver runs in Ray's temporary copy of ``--working-dir``, which
+    Ray deletes: relative output folders would be lost with it, so say where they go and what to pass.
+    ``more`` adds other ``(flag, path)`` outputs, e.g. jobs.tune's ``--storage``."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray's job supervisor for the driver
+        return
+    outputs = (("output.runs_dir", cfg.output.runs_dir), ("output.results_dir", cfg.output.results_dir), *more)
+    for key, value in outputs:
+        if not Path(value).is_absolute():
+            sep = " " if key.startswith("--") else "="
+            print(f"warning: running as a Ray job, {key} {value!r} resolves to {Path(value).absolute()}, inside the "
+                  f"job's temporary copy of --working-dir, which Ray deletes. Pass {key}{sep}/absolute/path on "
+                  f"storage every node mounts to keep it.", file=sys.stderr, flush=True)
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")

@@ -18,7 +18,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, print_metrics_table
+from jobs.common import (add_config_arguments, add_ray_arguments, config_from_args, init_ray, print_metrics_table,
+                         warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
 from trueface.engine import finished_stage, stage_files
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; train nothing")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    warn_if_outputs_vanish(cfg)
     try:
         cfg, layout = resolve_run(cfg)
     except DataLayoutError as exc:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs import ray_tune
-from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray
+from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, warn_if_outputs_vanish
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import ConfigError, apply_values, from_dict, to_dict
@@ -119,6 +119,7 @@ def _space_path(name: str) -> Path:
 def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
     """Everything a search needs, checked before Ray starts; exits with a message on any error."""
     base = config_from_args(args)
+    warn_if_outputs_vanish(base, (("--storage", args.storage),))
     resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
                  "scaling.gpus_per_worker": args.gpus_per_worker}
     stages = STAGE_CHOICES[args.stage]

@@ -116,3 +116,15 @@ def test_trial_folders_are_named_by_their_config_values():
                                            "stage1.augment.strength": {"uniform": [0, 1]}}})
     trial = SimpleNamespace(trial_id="ab12cd34", config={"1-stage1.ema_decay": 0.01, "stage1.augment.strength": 0.25})
     assert ray_tune.TrialNamer(space)(trial) == "ab12cd34_s1.ema_decay=0.99,s1.strength=0.25"
+
+
+def test_a_ray_job_with_relative_outputs_is_told_where_they_go(tiny_root, tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for a job's driver
+    monkeypatch.chdir(tmp_path)
+    assert tune_job.main(["--dry-run", "--storage", "tune", "--data-root", str(tiny_root), "output.results_dir=res"]) == 0
+    err = capsys.readouterr().err
+    assert f"--storage 'tune' resolves to {tmp_path / 'tune'}" in err and "Ray deletes" in err
+    assert "output.results_dir 'res'" in err and "output.runs_dir" in err
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert tune_job.main(["--dry-run", "--data-root", str(tiny_root)]) == 0
+    assert "Ray deletes" not in capsys.readouterr().err
