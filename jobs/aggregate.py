@@ -136,10 +136,8 @@ def ray_evaluator(cfg: Config, checkpoint: Path, out_dir: Path) -> None:
     """Score the test splits on one Ray Train worker (a GPU one where the cluster has GPUs)."""
     from jobs import ray_train
 
-    ray_train.fit(ray_train.evaluate_worker, cfg, "evaluate", {
-        "checkpoint": str(checkpoint), "data_root": cfg.data.root, "out_dir": str(out_dir),
-        "test_domains": list(cfg.data.test_domains), "threshold_from": "valid",
-    }, num_workers=1, fresh=True)
+    ray_train.evaluate(cfg, "evaluate", checkpoint, cfg.data.root, out_dir,
+                       test_domains=cfg.data.test_domains, threshold_from="valid")
 
 
 def aggregate(exp_dir: Path, out_dir: Path | None = None, evaluate: Evaluator | None = local_evaluator) -> Path:

@@ -42,19 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = from_dict(state["config"])
     out = args.out or Path(cfg.output.results_dir) / f"{cfg.run_name}-on-{layout.root.resolve().name}"
     domains = tuple(d for d in args.test_domains.split(",") if d)
-    job = {"checkpoint": str(args.checkpoint.absolute()), "data_root": str(layout.root.absolute()),
-           "out_dir": str(out.absolute()), "test_domains": list(domains), "threshold_from": args.threshold_from}
     if args.no_ray:
         from trueface.evaluation import evaluate_checkpoint
 
-        evaluate_checkpoint(Path(job["checkpoint"]), layout, Path(job["out_dir"]), test_domains=domains,
+        evaluate_checkpoint(args.checkpoint.absolute(), layout, out.absolute(), test_domains=domains,
                             threshold_from=args.threshold_from)
     else:
         init_ray(args.address, cfg)
         from jobs import ray_train
 
-        ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", job,
-                      num_workers=1, fresh=True)
+        ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", args.checkpoint,
+                           layout.root, out, test_domains=domains, threshold_from=args.threshold_from)
     print_metrics_table(out)
     print(f"results: {out.absolute()}/summary.md")
     return 0

@@ -67,10 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from = stage_files(stage_dir)["best"]
 
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
-    ray_train.fit(ray_train.evaluate_worker, cfg, f"{cfg.run_name}-evaluate", {
-        "checkpoint": str(init_from), "data_root": cfg.data.root, "out_dir": str(paths.results_dir),
-        "test_domains": list(cfg.data.test_domains), "threshold_from": "valid", "save_thresholds": True,
-    }, num_workers=1, fresh=True)
+    ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_dir,
+                       test_domains=cfg.data.test_domains, threshold_from="valid", save_thresholds=True)
     print_results(paths, time.time() - started)
     return 0
 

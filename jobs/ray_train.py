@@ -95,6 +95,18 @@ def stage_worker(config: dict) -> None:
                   log_dir=paths.stage_tensorboard_dir(stage), init_from=init_from, resume_from=resume)
 
 
+def evaluate(cfg: Config, name: str, checkpoint: Path, data_root: str | Path, out_dir: Path, *,
+             test_domains: tuple[str, ...] | list[str] = (), threshold_from: str = "auto",
+             save_thresholds: bool = False):
+    """Score ``checkpoint`` on ``data_root``'s test splits on one Ray Train worker (a GPU one where
+    the cluster has GPUs); the tables go to ``out_dir`` (see trueface.evaluation)."""
+    return fit(evaluate_worker, cfg, name, {
+        "checkpoint": str(Path(checkpoint).absolute()), "data_root": str(Path(data_root).absolute()),
+        "out_dir": str(Path(out_dir).absolute()), "test_domains": list(test_domains),
+        "threshold_from": threshold_from, "save_thresholds": save_thresholds,
+    }, num_workers=1, fresh=True)
+
+
 def evaluate_worker(config: dict) -> None:
     """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation)."""
     di = _worker_setup(from_dict(config["cfg"]))
