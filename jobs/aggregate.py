@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jobs import ray_tune
+from jobs.common import metrics_table
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
@@ -181,12 +182,7 @@ def _best_trial_test(spec: dict, best: TrialInfo, checkpoint: Path, out_dir: Pat
         print(f"scoring the best trial ({best.path.name}) on the test splits ...", flush=True)
         evaluate(ray_tune.trial_config(spec, best.params, best.path), checkpoint, out_dir)
         atomic_write_text(marker, json.dumps(stamp))
-    import pyarrow.parquet as pq
-
-    from trueface.results import format_table
-
-    rows = pq.read_table(out_dir / "metrics.parquet").to_pylist()
-    return "```\n" + format_table(rows) + "\n```\n\nFull report: [test/summary.md](test/summary.md)"
+    return "```\n" + metrics_table(out_dir) + "\n```\n\nFull report: [test/summary.md](test/summary.md)"
 
 
 def print_summary(out_dir: Path, exp_dir: Path) -> None:
@@ -196,11 +192,8 @@ def print_summary(out_dir: Path, exp_dir: Path) -> None:
     spec = json.loads((exp_dir / ray_tune.SPEC_FILE).read_text())
     keys = ray_tune.search_space(spec).keys
     print("\n" + format_trials(rows, keys))
-    test = out_dir / TEST_DIR / "metrics.parquet"
-    if test.is_file():
-        from trueface.results import format_table
-
-        print(f"\nbest trial {rows[0]['trial']} on the test splits:\n" + format_table(pq.read_table(test).to_pylist()))
+    if (out_dir / TEST_DIR / "metrics.parquet").is_file():
+        print(f"\nbest trial {rows[0]['trial']} on the test splits:\n" + metrics_table(out_dir / TEST_DIR))
     print(f"\nreport:      {out_dir}/summary.md (+ trials.csv, trials.parquet, params.png, test/)")
     print(f"best config: python -m jobs.pipeline --config {out_dir}/best_config.yaml")
     print(f"tensorboard: tensorboard --logdir {exp_dir}")

@@ -78,10 +78,14 @@ def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> N
     ray.init(num_cpus=cpus)
 
 
-def print_metrics_table(results_dir: Path) -> None:
-    """The table a Ray worker wrote to ``results_dir/metrics.parquet``, as the console shows it."""
+def metrics_table(results_dir: Path) -> str:
+    """The evaluation table written to ``results_dir/metrics.parquet``, as the console shows it."""
     import pyarrow.parquet as pq
 
     from trueface.results import format_table
 
-    print("\n" + format_table(pq.read_table(Path(results_dir) / "metrics.parquet").to_pylist()))
+    return format_table(pq.read_table(Path(results_dir) / "metrics.parquet").to_pylist())
+
+
+def print_metrics_table(results_dir: Path) -> None:
+    print("\n" + metrics_table(results_dir))

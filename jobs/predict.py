@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError
 from trueface.predict import Predictor, expand_inputs
-from trueface.results import atomic_write_text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,7 +130,7 @@ def local_cpus(cfg: Config, max_concurrent: int | None, num_samples: int) -> int
     workers ask for), plus one for the trial functions' small shares."""
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     cores = os.cpu_count() or 1
-    concurrent = max_concurrent or max(1, min(num_samples, cores // workers_cpus))
+    concurrent = max_concurrent or derive_max_concurrent({"CPU": cores}, {"CPU": workers_cpus}, num_samples)
     return max(cores, concurrent * workers_cpus) + 1
 
 

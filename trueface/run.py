@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config import Config, to_yaml
 from trueface.data.layout import DataLayout, discover_layout, pick_domains
 from trueface.data.sampler import BalancedSampler
 from trueface.data.synthetic import ensure_synthetic_dataset
-from trueface.results import atomic_write_bytes, atomic_write_text
 
 
 @dataclass(frozen=True)
