@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ def tiny_overrides(root: Path, out: Path, run_name: str = "t") -> list[str]:
     return [
         f"data.root={root}", f"output.runs_dir={out / 'runs'}", f"output.results_dir={out / 'results'}",
         f"run_name={run_name}", "data.loader_workers=0", "runtime.log_every=1", "eval.batch_size=8",
-        "scaling.cpus_per_worker=1",
+        "scaling.cpus_per_worker=1", "scaling.max_failures=0",
         "stage1.image_size=32", "stage1.epochs=2", "stage1.batch_size=8", "stage1.lr=0.001", "stage1.samples_per_epoch=0", "stage1.light_epochs=1",
         "stage2.image_size=32", "stage2.epochs=1", "stage2.batch_size=8", "stage2.lr=0.001", "stage2.samples_per_epoch=16",
     ]
@@ -67,3 +70,69 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_placement_groups(request):
+    """After each Ray test, every placement group must be gone (Ray Train's cleaner removes those of
+    a killed trial within seconds). One left behind holds CPUs, and every later Ray test would wait
+    for them until its timeout: fail here instead, name it, and free it for the rest of the session."""
+    yield
+    if request.node.get_closest_marker("ray") is None:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    def alive():
+        return {pg_id: info for pg_id, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"}
+
+    end = time.time() + 30
+    while alive() and time.time() < end:
+        time.sleep(1)
+    leaked = alive()
+    for pg_id in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    if leaked:
+        pytest.fail(f"{request.node.name} left {len(leaked)} placement group(s) reserved 30 s after it ended: "
+                    + "; ".join(f"{i} {info['state']} {list(info['bundles'].values())}" for i, info in leaked.items()))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class JobProcess:
+    """``python -m <module> <args>`` in a process of its own, as a user runs it (with its own local
+    Ray), so a test can press Ctrl-C on it, kill it, or kill one of its Ray workers."""
+
+    def __init__(self, module: str, args: list[str], log: Path):
+        env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        self.log = log  # a file, not a pipe: a pipe nobody reads fills up and blocks the job
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        """Poll ``condition()`` until true; fail (with the job's output) if the job ends or time runs out."""
+        end = time.time() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (exit {self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
+            if time.time() > end:
+                self.proc.kill()
+                pytest.fail(f"no {what} within {timeout:.0f} s:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"the job did not end within {timeout:.0f} s:\n{self.output()[-4000:]}")
+        return self.proc.returncode, self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")

@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from jobs import aggregate as aggregate_job
 from jobs import pipeline
 from jobs import tune as tune_job
-from tests.conftest import tiny_overrides, write_tiny_root
+from tests.conftest import JobProcess, tiny_overrides, write_tiny_root
 from trueface.config import load_config
 from trueface.data.layout import discover_layout
 from trueface.engine import run_stage
@@ -51,18 +50,14 @@ def finished_trials(exp: Path) -> dict[str, str]:
     return out
 
 
-def interrupt_after_first_trial(exp: Path, timeout: float = 400) -> threading.Thread:
-    """Send the search what Ctrl-C sends Tune, once its first trial has finished. SIGUSR1 (which Tune
-    handles like SIGINT) cannot hit pytest itself: Tune is running once a trial has reported."""
-    def watch():
-        end = time.time() + timeout
-        while time.time() < end and not finished_trials(exp):
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def interrupted_search(args: list[str], exp: Path, log: Path) -> int:
+    """Run ``python -m jobs.tune`` as users do and press Ctrl-C (SIGINT) once its first trial has
+    finished; returns its exit status. A process of its own, like a user's: what an interrupted
+    search leaves reserved in Ray ends with its driver, not with this test session."""
+    job = JobProcess("jobs.tune", args, log)
+    job.wait_until(lambda: finished_trials(exp), 500, "finished trial")
+    job.proc.send_signal(signal.SIGINT)
+    return job.finish(timeout=120)[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +69,7 @@ def search(ray_session, tmp_path_factory):
     storage, exp = tmp / "tune", tmp / "tune" / "tiny"
     args = ["--space", str(tmp / "space.yaml"), "--storage", str(storage), "--name", "tiny", "--num-samples", "3",
             "--max-concurrent", "1", *tiny_overrides(root, tmp), "scaling.max_failures=0", "stage1.patience=0"]
-    watcher = interrupt_after_first_trial(exp)
-    first = tune_job.main(args)
-    watcher.join(timeout=5)
+    first = interrupted_search(args, exp, tmp / "tune.log")
     before = finished_trials(exp)
     resumed = tune_job.main(["--resume", "tiny", "--storage", str(storage)])
     return {"tmp": tmp, "exp": exp, "results": tmp / "results" / "tiny", "first": first, "resumed": resumed,
