@@ -4,6 +4,7 @@ Usage::
 
     python -m jobs.aggregate runs/tune/<name>              # also run by jobs.tune at the end
     python -m jobs.aggregate runs/tune/<name> --out /tmp/report --no-test
+    python -m jobs.aggregate s3://bucket/tune/<name>       # a search kept in S3
 
 Writes ``summary.md`` (trials best first, the best trial's test table), ``trials.csv`` and
 ``trials.parquet`` (one row per trial), ``best_config.yaml`` (which ``python -m jobs.pipeline
@@ -28,8 +29,9 @@ from trueface.atomic import atomic_write_text
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
 from trueface.search_report import format_trials, rank_trials, write_search_report
+from trueface.storage import Mirror, StorageError, absolute, fetch, join
 
-Evaluator = Callable[[Config, Path, Path], None]  # (trial config, checkpoint, out_dir)
+Evaluator = Callable[[Config, str, Mirror], None]  # (trial config, checkpoint location, results folder)
 TEST_DIR = "test"
 
 
@@ -43,15 +45,18 @@ class TrialInfo:
     params: dict
 
 
-def load_trials(exp_dir: Path) -> list[TrialInfo]:
+def load_trials(experiment: Mirror) -> list[TrialInfo]:
+    """Tune's trials of the search kept at ``experiment`` (a path or URI; Tune reads either), each
+    with the folder of its working copy (``experiment.local``), where its files were pulled."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        analysis = ExperimentAnalysis(str(exp_dir))
+        analysis = ExperimentAnalysis(experiment.location)
     except Exception as exc:  # Tune raises several types for a folder that is not an experiment
-        raise SystemExit(f"error: {exp_dir} holds no Tune experiment state yet ({exc}); "
+        raise SystemExit(f"error: {experiment.location} holds no Tune experiment state yet ({exc}); "
                          f"was the search started? (python -m jobs.tune)") from exc
-    return [TrialInfo(t.trial_id, Path(t.path), t.status, dict(t.config)) for t in analysis.trials]
+    return [TrialInfo(t.trial_id, experiment.local / Path(t.path).name, t.status, dict(t.config))
+            for t in analysis.trials]
 
 
 def read_results(path: Path) -> list[dict]:
@@ -67,14 +72,15 @@ def read_results(path: Path) -> list[dict]:
     return out
 
 
-def trial_row(info: TrialInfo, spec: dict) -> dict:
-    """One trial's row of the report (see trueface.search_report for the columns)."""
+def trial_row(info: TrialInfo, spec: dict, checkpoints: set[str] | frozenset[str] = frozenset()) -> dict:
+    """One trial's row of the report (see trueface.search_report for the columns). ``checkpoints``:
+    the relative paths of the ``best.pt`` files the experiment holds."""
     space = ray_tune.search_space(spec)
     results = read_results(info.path / "result.json")
     final_stage = max((int(r["stage"]) for r in results if "stage" in r), default=None)
     scored = [r for r in results if r.get("stage") == final_stage]
     epochs = int(results[-1].get(ray_tune.TIME_ATTR, 0)) if results else 0
-    checkpoint = info.path / f"stage{final_stage}" / "best.pt" if final_stage else None
+    checkpoint = f"{info.path.name}/stage{final_stage}/best.pt" if final_stage else None
     return {
         "trial": info.path.name,
         **space.values(info.params),
@@ -84,7 +90,7 @@ def trial_row(info: TrialInfo, spec: dict) -> dict:
         "epochs": epochs,
         "outcome": _outcome(info, results, spec),
         "wall_min": round(results[-1].get("time_total_s", math.nan) / 60, 2) if results else math.nan,
-        "checkpoint": str(checkpoint) if checkpoint and checkpoint.is_file() else None,
+        "checkpoint": join(ray_tune.experiment_location(spec), checkpoint) if checkpoint in checkpoints else None,
     }
 
 
@@ -125,89 +131,104 @@ def best_config_yaml(spec: dict, best: TrialInfo, row: dict) -> str:
     return "\n".join(head) + "\n" + to_yaml(cfg)
 
 
-def local_evaluator(cfg: Config, checkpoint: Path, out_dir: Path) -> None:
+def local_evaluator(cfg: Config, checkpoint: str, out: Mirror) -> None:
     """Score the test splits in this process (no Ray): the engine on this machine's CPU or GPU."""
     from trueface.evaluation import evaluate_checkpoint
 
-    evaluate_checkpoint(checkpoint, discover_layout(cfg.data.root), out_dir,
+    evaluate_checkpoint(fetch(checkpoint, cfg.data.cache_dir), discover_layout(cfg.data.root), out.local,
                         test_domains=tuple(cfg.data.test_domains), threshold_from="valid")
 
 
-def ray_evaluator(cfg: Config, checkpoint: Path, out_dir: Path) -> None:
+def ray_evaluator(cfg: Config, checkpoint: str, out: Mirror) -> None:
     """Score the test splits on one Ray Train worker (a GPU one where the cluster has GPUs)."""
     from jobs import ray_train
 
-    ray_train.evaluate(cfg, "evaluate", checkpoint, cfg.data.root, out_dir,
+    ray_train.evaluate(cfg, "evaluate", checkpoint, cfg.data.root, out.location,
                        test_domains=cfg.data.test_domains, threshold_from="valid")
+    out.pull()
 
 
-def aggregate(exp_dir: Path, out_dir: Path | None = None, evaluate: Evaluator | None = local_evaluator) -> Path:
-    """Write the search report of ``exp_dir`` into ``out_dir`` (default: the search's results
-    folder) and return that folder. ``evaluate=None`` leaves the test table out."""
-    exp_dir = Path(exp_dir).absolute()
-    spec_path = exp_dir / ray_tune.SPEC_FILE
+def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: Evaluator | None = local_evaluator,
+              cache_dir: str | None = None) -> Mirror:
+    """Write the search report of the search kept at ``experiment`` (a path or URI) into ``out``
+    (default: the search's results folder; a path or URI) and return that folder's mirror.
+    ``evaluate=None`` leaves the test table out."""
+    exp = ray_tune.experiment_mirror(absolute(experiment), cache_dir)
+    exp.pull(ray_tune.SPEC_FILE)
+    spec_path = exp.local / ray_tune.SPEC_FILE
     if not spec_path.is_file():
-        raise SystemExit(f"error: {exp_dir} is not a TrueFace search (no {ray_tune.SPEC_FILE}); "
+        raise SystemExit(f"error: {exp.location} is not a TrueFace search (no {ray_tune.SPEC_FILE}); "
                          f"pass <storage>/<name>, e.g. runs/tune/demo-20261127-101500")
     spec = json.loads(spec_path.read_text())
-    out_dir = Path(out_dir or spec["results_dir"]).absolute()
-    infos = {info.path.name: info for info in load_trials(exp_dir)}
+    cache = from_dict(spec["config"]).data.cache_dir
+    exp.pull(skip_suffixes=(".pt",))  # reports, configs, TensorBoard: checkpoints stay where they are
+    report = Mirror.of(absolute(out or spec["results_dir"]), cache)
+    infos = {info.path.name: info for info in load_trials(exp)}
     if not infos:
         raise SystemExit(f"error: search {spec['name']} has no trials yet")
-    rows = rank_trials([trial_row(info, spec) for info in infos.values()])
+    files = exp.files()
+    rows = rank_trials([trial_row(info, spec, set(files)) for info in infos.values()])
     best_row = rows[0]
     best = infos[best_row["trial"]]
     test_md = None
     if evaluate is not None and best_row["checkpoint"]:
-        test_md = _best_trial_test(spec, best, Path(best_row["checkpoint"]), out_dir / TEST_DIR, evaluate)
+        stamp = {"trial": best.path.name, "checkpoint": best_row["checkpoint"],
+                 "modified": files[best_row["checkpoint"][len(exp.location) + 1:]].mtime_ns}
+        test_md = _best_trial_test(spec, best, stamp, report.child(TEST_DIR), evaluate)
     space = ray_tune.search_space(spec)
     header = {
         "search": spec["name"], "trials": f"{len(rows)} of {spec['num_samples']}", "space": spec["space_source"],
         "stages trained": ", ".join(map(str, spec["stages"])) + (f" (Stage II from {spec['init']})" if spec["init"] else ""),
         "ranked by": "best validation AUC of the EMA weights in the trial's last stage",
         "best trial": f"{best_row['trial']} ({best_row['best_auc_ema']:.4f})",
-        "trial folders": str(exp_dir), "tensorboard": f"tensorboard --logdir {exp_dir}",
+        "trial folders": exp.location, "tensorboard": f"tensorboard --logdir {exp.local}",
         "command": spec.get("command", ""),
     }
     params = [(p.key, p.form in ("loguniform", "decay")) for p in space.params]
-    write_search_report(out_dir, rows, params, best_config_yaml(spec, best, best_row), header, test_md)
-    return out_dir
+    write_search_report(report.local, rows, params, best_config_yaml(spec, best, best_row), header, test_md)
+    report.push()
+    return report
 
 
-def _best_trial_test(spec: dict, best: TrialInfo, checkpoint: Path, out_dir: Path, evaluate: Evaluator) -> str:
+def _best_trial_test(spec: dict, best: TrialInfo, stamp: dict, out: Mirror, evaluate: Evaluator) -> str:
     """The best trial's test table (evaluated once per best checkpoint, then read back)."""
-    marker = out_dir / "evaluated.json"
-    stamp = {"trial": best.path.name, "checkpoint": str(checkpoint), "mtime": checkpoint.stat().st_mtime}
-    if not (marker.is_file() and json.loads(marker.read_text()) == stamp and (out_dir / "summary.md").is_file()):
+    marker = out.local / "evaluated.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp and (out.local / "summary.md").is_file()):
         print(f"scoring the best trial ({best.path.name}) on the test splits ...", flush=True)
-        evaluate(ray_tune.trial_config(spec, best.params, best.path), checkpoint, out_dir)
+        evaluate(ray_tune.trial_config(spec, best.params, best.path.name), stamp["checkpoint"], out)
         atomic_write_text(marker, json.dumps(stamp))
-    return "```\n" + metrics_table(out_dir) + "\n```\n\nFull report: [test/summary.md](test/summary.md)"
+    return "```\n" + metrics_table(out.local) + "\n```\n\nFull report: [test/summary.md](test/summary.md)"
 
 
-def print_summary(out_dir: Path, exp_dir: Path) -> None:
+def print_summary(report: Mirror, experiment: Mirror) -> None:
     import pyarrow.parquet as pq
 
+    out_dir = report.local
     rows = pq.read_table(out_dir / "trials.parquet").to_pylist()
-    spec = json.loads((exp_dir / ray_tune.SPEC_FILE).read_text())
+    spec = json.loads((experiment.local / ray_tune.SPEC_FILE).read_text())
     keys = ray_tune.search_space(spec).keys
     print("\n" + format_trials(rows, keys))
     if (out_dir / TEST_DIR / "metrics.parquet").is_file():
         print(f"\nbest trial {rows[0]['trial']} on the test splits:\n" + metrics_table(out_dir / TEST_DIR))
-    print(f"\nreport:      {out_dir}/summary.md (+ trials.csv, trials.parquet, params.png, test/)")
+    print(f"\nreport:      {report.location}/summary.md (+ trials.csv, trials.parquet, params.png, test/)")
     print(f"best config: python -m jobs.pipeline --config {out_dir}/best_config.yaml")
-    print(f"tensorboard: tensorboard --logdir {exp_dir}")
+    print(f"tensorboard: tensorboard --logdir {experiment.local}"
+          + (f" (a working copy of {experiment.location})" if experiment.remote else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.aggregate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", type=Path, help="the search's folder, <storage>/<name> (e.g. runs/tune/demo-...)")
-    parser.add_argument("--out", type=Path, help="report folder (default: results/<name>)")
+    parser.add_argument("experiment", help="the search's folder, <storage>/<name> (e.g. runs/tune/demo-... or "
+                                           "s3://bucket/tune/demo-...)")
+    parser.add_argument("--out", help="report folder, a path or a URI (default: the search's results/<name>)")
     parser.add_argument("--no-test", action="store_true", help="leave out the best trial's test table")
     args = parser.parse_args(argv)
-    out = aggregate(args.experiment, args.out, evaluate=None if args.no_test else local_evaluator)
-    print_summary(out, args.experiment.absolute())
+    try:
+        report = aggregate(args.experiment, args.out, evaluate=None if args.no_test else local_evaluator)
+    except StorageError as exc:
+        sys.exit(f"storage error: {exc}")
+    print_summary(report, ray_tune.experiment_mirror(absolute(args.experiment)))
     return 0
 
 

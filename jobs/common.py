@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from trueface.config import Config, ConfigError, load_config, preset_names
+from trueface.storage import is_uri
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -43,7 +44,7 @@ def warn_if_outputs_vanish(cfg: Config, more: tuple[tuple[str, str], ...] = ()) 
         return
     outputs = (("output.runs_dir", cfg.output.runs_dir), ("output.results_dir", cfg.output.results_dir), *more)
     for key, value in outputs:
-        if not Path(value).is_absolute():
+        if not is_uri(value) and not Path(value).is_absolute():
             sep = " " if key.startswith("--") else "="
             print(f"warning: running as a Ray job, {key} {value!r} resolves to {Path(value).absolute()}, inside the "
                   f"job's temporary copy of --working-dir, which Ray deletes. Pass {key}{sep}/absolute/path on "

@@ -6,6 +6,7 @@ Usage::
     python -m jobs.pipeline --config paper --data-root /data/faces --address auto
     python -m jobs.pipeline --data-root ../shared/data/faces140k-mini stage1.epochs=3
     python -m jobs.pipeline --config paper --dry-run         # resolved config and plan only
+    python -m jobs.pipeline --storage s3://bucket/trueface   # runs/ and results/ kept in S3
 
 Rerunning the same command (same run name) resumes: finished stages are skipped and an
 interrupted stage continues from its last checkpoint.
@@ -22,30 +23,45 @@ from jobs.common import (add_config_arguments, add_ray_arguments, config_from_ar
                          warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
-from trueface.engine import finished_stage, stage_files
+from trueface.engine import finished_stage
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
+from trueface.storage import StorageError, check_writable, is_uri, join
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    parser.add_argument("--storage", help="where runs/ and results/ go: a path every node mounts, or a URI such as "
+                                          "s3://bucket/trueface (credentials from the environment)")
     add_ray_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; train nothing")
     args = parser.parse_args(argv)
+    if args.storage:
+        args.overrides += [f"output.runs_dir={join(args.storage, 'runs')}", f"output.results_dir={join(args.storage, 'results')}"]
     cfg = config_from_args(args)
     warn_if_outputs_vanish(cfg)
     try:
         cfg, layout = resolve_run(cfg)
     except DataLayoutError as exc:
         sys.exit(f"data error: {exc}")
+    except StorageError as exc:
+        sys.exit(f"storage error: {exc}")
     paths = RunPaths.of(cfg)
+    run = paths.run_mirror()
     if args.dry_run:
         print(to_yaml(cfg))
         print(describe_plan(cfg, layout, paths))
         return 0
+    try:
+        check_writable(cfg.output.runs_dir, "output.runs_dir")
+        check_writable(cfg.output.results_dir, "output.results_dir")
+    except StorageError as exc:
+        sys.exit(f"storage error: {exc}")
+    run.pull("config.yaml", "stage1/stage.json", "stage2/stage.json")  # a run kept at a URI resumes from there
     _warn_if_config_changed(cfg, paths)
     write_run_files(cfg, layout, paths)
+    run.push("config.yaml", "manifest.parquet")
     print(describe_plan(cfg, layout, paths), flush=True)
 
     init_ray(args.address, cfg)
@@ -54,21 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     init_from = None
     for stage in (1, 2):
-        stage_dir = paths.stage_dir(stage)
-        done = finished_stage(stage_dir)
+        done = finished_stage(paths.stage_dir(stage))
         if done:
             print(f"stage {stage}: already finished ({done.epochs_run} epochs, best EMA AUC "
-                  f"{done.best_auc_ema:.4f}); skipping. Delete {stage_dir} to train it again.", flush=True)
+                  f"{done.best_auc_ema:.4f}); skipping. Delete {paths.location(f'stage{stage}')} to train it again.",
+                  flush=True)
         else:
             print(f"stage {stage}: training on Ray Train ...", flush=True)
             ray_train.fit(ray_train.stage_worker, cfg, f"{cfg.run_name}-stage{stage}",
-                          {"stage": stage, "init_from": str(init_from) if init_from else None},
-                          fresh=not stage_files(stage_dir)["last"].is_file())
-        init_from = stage_files(stage_dir)["best"]
+                          # a URI storage keeps last.pt there already: no second copy through Ray's
+                          {"stage": stage, "init_from": init_from, "attach_checkpoint": not is_uri(paths.run_location)},
+                          fresh=not run.exists(f"stage{stage}/last.pt"))
+            run.pull(f"stage{stage}/stage.json")
+        init_from = paths.location(f"stage{stage}/best.pt")
 
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
-    ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_dir,
+    ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_location,
                        test_domains=cfg.data.test_domains, threshold_from="valid", save_thresholds=True)
+    paths.results_mirror().pull()
+    run.pull("tensorboard")
     print_results(paths, time.time() - started)
     return 0
 
@@ -77,9 +97,11 @@ def print_results(paths: RunPaths, seconds: float | None = None) -> None:
     print_metrics_table(paths.results_dir)
     if seconds is not None:
         print(f"\nfinished in {seconds / 60:.1f} min")
-    print(f"results:     {paths.results_dir}/summary.md (+ metrics.csv, metrics.parquet, ROC and confusion PNGs)")
-    print(f"checkpoints: {paths.run_dir}/stage{{1,2}}/best.pt")
+    print(f"results:     {paths.results_location}/summary.md (+ metrics.csv, metrics.parquet, ROC and confusion PNGs)")
+    print(f"checkpoints: {paths.run_location}/stage{{1,2}}/best.pt")
     print(f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}")
+    if is_uri(paths.run_location):
+        print(f"working copies on this machine: {paths.run_dir} and {paths.results_dir}")
 
 
 def _warn_if_config_changed(cfg: Config, paths: RunPaths) -> None:

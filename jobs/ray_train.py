@@ -8,7 +8,6 @@ installed, or shipped with ``ray job submit --working-dir .``). Every worker cal
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from trueface.data.layout import discover_layout
 from trueface.engine import DistInfo, run_stage
 from trueface.evaluation import evaluate_checkpoint
 from trueface.run import RunPaths
+from trueface.storage import Mirror, absolute, fetch, is_uri, split_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -48,14 +48,14 @@ def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | 
     """
     paths = RunPaths.of(cfg)
     if fresh:
-        shutil.rmtree(paths.ray_storage / name, ignore_errors=True)
+        paths.run_mirror().delete(f"ray/{name}")
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), **loop_config},
         scaling_config=scaling_config(cfg, num_workers),
         run_config=RunConfig(
             name=name,
-            storage_path=str(paths.ray_storage),
+            storage_path=paths.ray_storage,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # best.pt/last.pt live in the stage folder
             callbacks=callbacks or None,
@@ -78,42 +78,63 @@ def _worker_setup(cfg: Config) -> DistInfo:
 
 
 def stage_worker(config: dict) -> None:
-    """Train one stage on this worker; resumes from Ray's checkpoint after a worker failure."""
+    """Train one stage on this worker; resumes from Ray's checkpoint after a worker failure, or from
+    the stage's ``last.pt``. With a URI storage, rank 0 uploads each epoch's files before reporting
+    (a scheduler may stop the trial right after a report) and the stage summary at the end."""
     cfg, stage = from_dict(config["cfg"]), int(config["stage"])
     di = _worker_setup(cfg)
     paths = RunPaths.of(cfg)
+    run = paths.run_mirror()
     layout = discover_layout(cfg.data.root)
     st = cfg.stage(stage)
     train, val = layout.gather(st.domains, "train"), layout.gather(st.domains, "valid")
-    init_from = Path(config["init_from"]) if config.get("init_from") else None
-    report = functools.partial(_report, epoch_offset=int(config.get("epoch_offset", 0)),
-                               attach_checkpoint=bool(config.get("attach_checkpoint", True)))
+    init_from = fetch(config["init_from"], cfg.data.cache_dir) if config.get("init_from") else None
+    uploads = (f"stage{stage}", f"tensorboard/stage{stage}")
+
+    def report(metrics: dict, checkpoint_path: Path | None) -> None:
+        if di.rank == 0:
+            run.push(*uploads)
+        _report(metrics, checkpoint_path, epoch_offset=int(config.get("epoch_offset", 0)),
+                attach_checkpoint=bool(config.get("attach_checkpoint", True)))
+
     ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is None:
+        run.pull(f"stage{stage}/last.pt")  # another node (or a lost one) may have written it
     with (ray_ckpt.as_directory() if ray_ckpt else contextlib.nullcontext(None)) as ckpt_dir:
         resume = Path(ckpt_dir) / CHECKPOINT_FILE if ckpt_dir else None
         run_stage(cfg, stage, train, val, paths.stage_dir(stage), dist_info=di, report=report,
                   log_dir=paths.stage_tensorboard_dir(stage), init_from=init_from, resume_from=resume)
+    if di.rank == 0:
+        run.push(*uploads)
 
 
-def evaluate(cfg: Config, name: str, checkpoint: Path, data_root: str | Path, out_dir: Path, *,
+def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Path, out: str | Path, *,
              test_domains: tuple[str, ...] | list[str] = (), threshold_from: str = "auto",
              save_thresholds: bool = False):
-    """Score ``checkpoint`` on ``data_root``'s test splits on one Ray Train worker (a GPU one where
-    the cluster has GPUs); the tables go to ``out_dir`` (see trueface.evaluation)."""
+    """Score ``checkpoint`` (a path or URI) on ``data_root``'s test splits on one Ray Train worker
+    (a GPU one where the cluster has GPUs); the tables go to ``out`` (a path or URI; see
+    trueface.evaluation). ``save_thresholds`` writes the chosen thresholds into the checkpoint."""
     return fit(evaluate_worker, cfg, name, {
-        "checkpoint": str(Path(checkpoint).absolute()), "data_root": str(Path(data_root).absolute()),
-        "out_dir": str(Path(out_dir).absolute()), "test_domains": list(test_domains),
+        "checkpoint": absolute(checkpoint), "data_root": str(Path(data_root).absolute()),
+        "out": absolute(out), "test_domains": list(test_domains),
         "threshold_from": threshold_from, "save_thresholds": save_thresholds,
     }, num_workers=1, fresh=True)
 
 
 def evaluate_worker(config: dict) -> None:
     """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation)."""
-    di = _worker_setup(from_dict(config["cfg"]))
-    evaluate_checkpoint(Path(config["checkpoint"]), discover_layout(config["data_root"]), Path(config["out_dir"]),
+    cfg = from_dict(config["cfg"])
+    di = _worker_setup(cfg)
+    checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
+    out = Mirror.of(config["out"], cfg.data.cache_dir)
+    evaluate_checkpoint(checkpoint, discover_layout(config["data_root"]), out.local,
                         test_domains=tuple(config.get("test_domains", ())),
                         threshold_from=config.get("threshold_from", "auto"),
                         save_thresholds=bool(config.get("save_thresholds")), dist_info=di)
+    out.push()
+    if config.get("save_thresholds") and is_uri(config["checkpoint"]):
+        parent, name = split_file(config["checkpoint"])
+        Mirror(checkpoint.parent, parent).push(name)
     ray.train.report({"done": 1})
 
 

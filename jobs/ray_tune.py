@@ -16,8 +16,9 @@ from pathlib import Path
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, from_dict, to_yaml
 from trueface.config.search_space import SearchSpace, parse_search_space
-from trueface.engine import finished_stage, stage_files
+from trueface.engine import finished_stage
 from trueface.run import RunPaths
+from trueface.storage import Mirror, join, mirror, staging_dir
 from trueface.tensorboard import write_hparams
 
 SPEC_FILE = "trueface-tune.json"  # how the search was started: what --resume and jobs.aggregate read
@@ -27,10 +28,24 @@ TRIAL_DRIVER_CPUS = 0.1  # the trial function only waits on its trainer; the wor
 HPARAM_METRICS = ("best/auc_ema", "val/auc_ema", "val/auc")
 
 
-def trial_config(spec: dict, params: dict, trial_dir: Path) -> Config:
-    """The trial's config: the search's base config, the sampled values, the trial's folder."""
+def trial_config(spec: dict, params: dict, trial_name: str) -> Config:
+    """The trial's config: the search's base config, the sampled values, the trial's folder
+    ``<storage>/<name>/<trial_name>`` as its run folder."""
     cfg = search_space(spec).apply(from_dict(spec["config"]), params)
-    return replace(cfg, run_name=trial_dir.name, output=replace(cfg.output, runs_dir=str(trial_dir.parent)))
+    return replace(cfg, run_name=trial_name, output=replace(cfg.output, runs_dir=experiment_location(spec)))
+
+
+def experiment_location(spec: dict) -> str:
+    """``<storage>/<name>``: a path, or a URI (then trials work in staging copies; see trueface.storage)."""
+    return join(spec["storage"], spec["name"])
+
+
+def experiment_mirror(spec_or_location: dict | str, cache_dir: str | None = None) -> Mirror:
+    location = experiment_location(spec_or_location) if isinstance(spec_or_location, dict) else spec_or_location
+    if cache_dir is None:
+        cache_dir = from_dict(spec_or_location["config"]).data.cache_dir if isinstance(spec_or_location, dict) \
+            else Config().data.cache_dir
+    return mirror(staging_dir(location, cache_dir), location)
 
 
 def search_space(spec: dict) -> SearchSpace:
@@ -47,47 +62,52 @@ def run_trial(params: dict, spec: dict) -> None:
     ctx = tune.get_context()
     # Not get_trial_dir(): that is a local staging copy which Tune syncs to the storage, and
     # syncing gigabytes of checkpoints every few seconds would cost more than the training.
-    trial_dir = Path(spec["storage"]) / spec["name"] / Path(ctx.get_trial_dir()).name
-    cfg = trial_config(spec, params, trial_dir)
+    trial_name = Path(ctx.get_trial_dir()).name
+    cfg = trial_config(spec, params, trial_name)
     paths = RunPaths.of(cfg)
-    atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
+    run = paths.run_mirror()
     stages = list(spec["stages"])
+    run.pull(*(f"stage{s}/stage.json" for s in stages))  # what an earlier attempt (on any node) finished
+    atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
     space = search_space(spec)
     write_hparams(paths.tensorboard_dir, space.values(params),
-                  [(f"stage{s}", tag) for s in stages for tag in HPARAM_METRICS], trial_dir.name,
+                  [(f"stage{s}", tag) for s in stages for tag in HPARAM_METRICS], trial_name,
                   {p.key: list(p.values) if p.form == "choice" else (p.low, p.high) for p in space.params})
+    run.push("config.yaml", "tensorboard")
 
     init_from, offset, reported, done = spec.get("init"), 0, False, None
     for stage in stages:
         stage_dir = paths.stage_dir(stage)
         done = finished_stage(stage_dir)
         if done is None:
-            last = stage_files(stage_dir)["last"]
             ray_train.fit(ray_train.stage_worker, cfg, f"{ctx.get_trial_id()}-stage{stage}",
                           {"stage": stage, "init_from": init_from, "epoch_offset": offset, "attach_checkpoint": False},
-                          fresh=not last.is_file(), callbacks=[TuneReportCallback()])
+                          fresh=not run.exists(f"stage{stage}/last.pt"), callbacks=[TuneReportCallback()])
             reported = True
+            run.pull(f"stage{stage}/stage.json")
             done = finished_stage(stage_dir)
             if done is None:
-                raise RuntimeError(f"stage {stage} of trial {trial_dir.name} ended without writing {stage_dir}/stage.json")
+                raise RuntimeError(f"stage {stage} of trial {trial_name} ended without writing "
+                                   f"{paths.location(f'stage{stage}/stage.json')}")
         # Training of this stage is over: last.pt (twice best.pt's size) only ever resumed it.
-        stage_files(stage_dir)["last"].unlink(missing_ok=True)
+        run.delete(f"stage{stage}/last.pt")
         offset += done.epochs_run
-        init_from = done.best_checkpoint
+        init_from = paths.location(f"stage{stage}/best.pt")
     if not reported and done is not None:
         # A resumed trial whose stages had all finished: Tune and Optuna still need its score.
         tune.report({**done.history[-1], METRIC: done.best_auc_ema, TIME_ATTR: offset, "stage_done": 1.0})
 
 
-def prune_last_checkpoints(trial_dirs: list[Path]) -> int:
+def prune_last_checkpoints(experiment: Mirror, trial_names: list[str]) -> int:
     """Delete ``stage*/last.pt`` of trials that Tune will never resume (finished or stopped by
     ASHA, which kills a trial before it can tidy up); returns the bytes freed. Their ``best.pt``
     stays: the report points at it and Stage II or the pipeline can start from it."""
     freed = 0
-    for trial_dir in trial_dirs:
-        for last in trial_dir.glob("stage*/last.pt"):
-            freed += last.stat().st_size
-            last.unlink()
+    for name in trial_names:
+        for rel, stat in experiment.files(name).items():
+            if rel.endswith("/last.pt") and rel.split("/")[-2].startswith("stage"):
+                experiment.delete(rel)
+                freed += stat.size
     return freed
 
 

@@ -35,6 +35,7 @@ from trueface.config.loading import is_run_name
 from trueface.config.search_space import load_search_space
 from trueface.data.layout import DataLayoutError
 from trueface.run import resolve_run
+from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, fetch, is_uri, join
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STAGE_CHOICES = {"1": [1], "2": [2], "both": [1, 2]}
@@ -44,12 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if "://" in args.storage:
-        # Trials write checkpoints and TensorBoard files with plain file I/O, which needs a path
-        # every node sees (local disk for one machine, NFS/EFS/Lustre for a cluster).
-        sys.exit(f"error: --storage {args.storage}: URIs (s3://, gs://) are not supported yet; give a local path "
-                 f"or a shared filesystem mounted on every node")
-    storage = Path(args.storage).expanduser().absolute()
+    try:
+        check_location(args.storage, "--storage")
+    except StorageError as exc:
+        sys.exit(f"error: {exc}")
+    storage = absolute(args.storage)
     if args.resume:
         _refuse_settings_with_resume(parser, args)
         spec = _load_spec(storage, args.resume)
@@ -60,12 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe(spec), flush=True)
     if args.dry_run:
         return 0
-    exp_dir = Path(spec["storage"]) / spec["name"]
+    exp = ray_tune.experiment_mirror(spec)
+    try:
+        check_writable(exp.location, "--storage")
+        if not args.resume and exp.remote and exp.exists(ray_tune.SPEC_FILE):
+            _refuse_existing(exp, spec["name"], args.storage)
+    except StorageError as exc:
+        sys.exit(f"error: {exc}")
     if not args.resume:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(exp_dir / ray_tune.SPEC_FILE, json.dumps(spec, indent=2))
-        atomic_write_text(exp_dir / "search_space.yaml", yaml.safe_dump(spec["space"], sort_keys=False))
-    return _run(spec, exp_dir, args)
+        atomic_write_text(exp.local / ray_tune.SPEC_FILE, json.dumps(spec, indent=2))
+        atomic_write_text(exp.local / "search_space.yaml", yaml.safe_dump(spec["space"], sort_keys=False))
+        exp.push(ray_tune.SPEC_FILE, "search_space.yaml")
+    return _run(spec, exp, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"search space: a YAML file or a name in search_spaces/ ({', '.join(_space_names())}); default: demo")
     p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
                    help="what a trial trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
-    p.add_argument("--init", type=Path, help="Stage I checkpoint every --stage 2 trial starts from (e.g. runs/demo/stage1/best.pt)")
+    p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI "
+                                  "(e.g. runs/demo/stage1/best.pt)")
     p.add_argument("--num-samples", type=int, default=8, help="trials to run (default: 8)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
@@ -110,13 +117,18 @@ def _space_names() -> list[str]:
 
 
 def _space_path(name: str) -> Path:
+    """A YAML file as given, else ``search_spaces/<name>.yaml`` of the working directory (a Ray
+    job's uploaded copy) or of this checkout."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    return SPACES_DIR / f"{name}.yaml"
+    for folder in (Path.cwd() / "search_spaces", SPACES_DIR):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    return SPACES_DIR / f"{name}.yaml"  # missing: the loader's error names it and lists the spaces
 
 
-def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
+def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     """Everything a search needs, checked before Ray starts; exits with a message on any error."""
     base = config_from_args(args)
     warn_if_outputs_vanish(base, (("--storage", args.storage),))
@@ -130,7 +142,7 @@ def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
         space.check(cfg, stages)
     except (ConfigError, DataLayoutError) as exc:
         sys.exit(f"error: {exc}")
-    init = _check_init(args, stages)
+    init = _check_init(args, stages, cfg.data.cache_dir)
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--grace-period", args.grace_period, 1),
                              ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):
         if value is not None and value < low:
@@ -138,23 +150,29 @@ def _new_spec(args: argparse.Namespace, storage: Path, command: str) -> dict:
     name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
         sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
-    if (storage / name).exists():
-        sys.exit(f"error: a search named {name!r} already exists in {storage}.\n"
-                 f"  Resume it:       python -m jobs.tune --resume {name}{_storage_flag(args.storage)}\n"
-                 f"  or start anew:   add --name <another name> (or delete {storage / name})")
+    exp = ray_tune.experiment_mirror(join(storage, name), cfg.data.cache_dir)
+    if exp.local.exists():  # a URI's search is looked for once the dry run is over (see main)
+        _refuse_existing(exp, name, args.storage)
     return {
-        "version": 1, "name": name, "storage": str(storage), "command": command.strip(),
+        "version": 1, "name": name, "storage": storage, "command": command.strip(),
         "config": to_dict(cfg), "base_config": to_dict(base),
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
-        "stages": stages, "init": str(init) if init else None,
+        "stages": stages, "init": init,
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
         "seed": cfg.seed, "startup_trials": args.startup_trials or min(10, max(2, args.num_samples // 2)),
         "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-        "results_dir": str(Path(cfg.output.results_dir) / name), "address": args.address,
+        "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
 
 
-def _check_init(args: argparse.Namespace, stages: list[int]) -> Path | None:
+def _refuse_existing(exp: Mirror, name: str, storage_flag: str) -> None:
+    sys.exit(f"error: a search named {name!r} already exists at {exp.location}.\n"
+             f"  Resume it:       python -m jobs.tune --resume {name}{_storage_flag(storage_flag)}\n"
+             f"  or start anew:   add --name <another name> (or delete {exp.location}"
+             + (f" and {exp.local})" if exp.remote else ")"))
+
+
+def _check_init(args: argparse.Namespace, stages: list[int], cache_dir: str) -> str | None:
     if stages != [2]:
         if args.init:
             sys.exit(f"error: --init is for --stage 2; --stage {args.stage} trains Stage I itself")
@@ -163,22 +181,24 @@ def _check_init(args: argparse.Namespace, stages: list[int]) -> Path | None:
         sys.exit("error: --stage 2 needs --init CKPT, the Stage I checkpoint every trial starts from "
                  "(e.g. runs/demo/stage1/best.pt from python -m jobs.pipeline)")
     try:
-        state = load_checkpoint(args.init)
-    except CheckpointError as exc:
+        state = load_checkpoint(fetch(args.init, cache_dir))
+    except (CheckpointError, StorageError) as exc:
         sys.exit(f"error: --init: {exc}")
     if state.get("stage") != 1:
         sys.exit(f"error: --init {args.init} is a Stage {state.get('stage')} checkpoint; Stage II starts from a Stage I one")
-    return args.init.expanduser().absolute()
+    return absolute(args.init)
 
 
 def _storage_flag(storage: str) -> str:
     return "" if storage == "runs/tune" else f" --storage {storage}"
 
 
-def _load_spec(storage: Path, name: str) -> dict:
-    path = storage / name / ray_tune.SPEC_FILE
+def _load_spec(storage: str, name: str) -> dict:
+    exp = ray_tune.experiment_mirror(join(storage, name))
+    exp.pull(ray_tune.SPEC_FILE)
+    path = exp.local / ray_tune.SPEC_FILE
     if not path.is_file():
-        known = sorted(p.parent.name for p in storage.glob(f"*/{ray_tune.SPEC_FILE}"))
+        known = [] if is_uri(storage) else sorted(p.parent.name for p in Path(storage).glob(f"*/{ray_tune.SPEC_FILE}"))
         sys.exit(f"error: no search named {name!r} in {storage}"
                  + (f"; searches there: {', '.join(known)}" if known else "") + " (--storage chooses the folder)")
     return json.loads(path.read_text())
@@ -190,7 +210,7 @@ def describe(spec: dict) -> str:
     what = {(1,): "Stage I", (2,): f"Stage II from {spec['init']}", (1, 2): "Stage I then Stage II"}[tuple(spec["stages"])]
     epochs = sum(cfg.stage(s).epochs for s in spec["stages"])
     space = ray_tune.search_space(spec)
-    exp = Path(spec["storage"]) / spec["name"]
+    exp = ray_tune.experiment_mirror(spec)
     return "\n".join([
         f"search {spec['name']}: {spec['num_samples']} trials of {what}, at most {epochs} epochs each",
         f"space {spec['space_source']}:",
@@ -199,13 +219,13 @@ def describe(spec: dict) -> str:
         f"by {ray_tune.TIME_ATTR} (grace {spec['grace_period']}, keeps 1/{spec['reduction_factor']} per rung)",
         f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
         f"trials at once: {spec['max_concurrent'] or 'as many as the resources hold'}",
-        f"trials:      {exp}/<trial>/ (config.yaml, stageN/best.pt)",
-        f"tensorboard: tensorboard --logdir {exp}",
+        f"trials:      {exp.location}/<trial>/ (config.yaml, stageN/best.pt)",
+        f"tensorboard: tensorboard --logdir {exp.local}" + (f" (a working copy of {exp.location})" if exp.remote else ""),
         f"results:     {spec['results_dir']}/",
     ])
 
 
-def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
+def _run(spec: dict, exp: Mirror, args: argparse.Namespace) -> int:
     cfg = from_dict(spec["config"])
     address = args.address or spec.get("address")
     started = time.time()
@@ -222,12 +242,12 @@ def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
     ray_tune.disable_default_loggers()
     trainable = ray_tune.make_trainable(spec)
     if args.resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = ray_tune.make_tuner(spec, trainable, max_concurrent)
     tuner.fit()
-    trials = aggregate.load_trials(exp_dir)
-    freed = ray_tune.prune_last_checkpoints([t.path for t in trials if t.status == "TERMINATED"])
+    trials = aggregate.load_trials(exp)
+    freed = ray_tune.prune_last_checkpoints(exp, [t.path.name for t in trials if t.status == "TERMINATED"])
     if freed:
         print(f"deleted the resume checkpoints (last.pt) of trials that are over: {freed / 2**30:.1f} GiB freed", flush=True)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
@@ -238,16 +258,17 @@ def _run(spec: dict, exp_dir: Path, args: argparse.Namespace) -> int:
     failed = [t for t in trials if t.status == "ERROR"]
     if failed:
         print(f"\n{len(failed)} trial(s) failed; their errors are in:\n  "
-              + "\n  ".join(str(t.path / "error.txt") for t in failed), flush=True)
+              + "\n  ".join(join(exp.location, t.path.name, "error.txt") for t in failed), flush=True)
         if len(failed) == len(trials):
             print("no trial finished: fix the error, then python -m jobs.tune --resume "
                   f"{spec['name']}{_storage_flag(args.storage)} reruns the failed trials", flush=True)
             return 1
     # On a cluster the test splits are scored on a (GPU) worker; locally in this process, which
     # saves the ~40 s a Ray Train run takes to start.
-    out = aggregate.aggregate(exp_dir, evaluate=aggregate.ray_evaluator if address else aggregate.local_evaluator)
+    report = aggregate.aggregate(exp.location, evaluate=aggregate.ray_evaluator if address else aggregate.local_evaluator,
+                                 cache_dir=cfg.data.cache_dir)
     print(f"\nsearch finished in {(time.time() - started) / 60:.1f} min")
-    aggregate.print_summary(out, exp_dir)
+    aggregate.print_summary(report, exp)
     return 0
 
 

@@ -136,3 +136,35 @@ class JobProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto's server mode) on 127.0.0.1 with one bucket, ``trueface-test``. The client
+    side is configured as users configure theirs: credentials and endpoint in the environment, which
+    also reaches every process the tests start."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="trueface-test")
+    yield {"bucket": "trueface-test", "env": env, "client": boto3.client("s3")}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def s3_keys(s3_server, prefix: str) -> dict[str, int]:
+    """Key -> size of every object under ``prefix`` in the test bucket, without the empty ``dir/``
+    markers pyarrow leaves so that a folder outlives the deletion of its last file."""
+    pages = s3_server["client"].get_paginator("list_objects_v2").paginate(Bucket=s3_server["bucket"], Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")}

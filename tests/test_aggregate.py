@@ -17,7 +17,7 @@ SPACE = parse_search_space({"params": {"stage1.lr": {"loguniform": [1e-4, 1e-2]}
 
 def spec(stages=(1,)) -> dict:
     cfg = load_config("demo", ["stage1.epochs=4", "stage2.epochs=3"])
-    return {"name": "s", "stages": list(stages), "config": to_dict(cfg), "base_config": to_dict(cfg),
+    return {"name": "s", "storage": "s3://bucket/tune", "stages": list(stages), "config": to_dict(cfg), "base_config": to_dict(cfg),
             "space": SPACE.to_dict(), "space_source": "s.yaml", "init": None}
 
 
@@ -41,6 +41,9 @@ def test_a_completed_trial_row(tmp_path):
     assert row["best_auc_ema"] == pytest.approx(0.9) and row["best_auc"] == pytest.approx(0.8)
     assert row["outcome"] == "completed" and row["epochs"] == 4 and row["wall_min"] == 4.0
     assert row["final_stage"] == 1 and row["checkpoint"] is None  # no best.pt in this fake folder
+    # where the experiment holds the trial's best.pt, the row gives its location (here a URI)
+    row = aggregate.trial_row(info, spec(), {"abc_s1.lr=0.001/stage1/best.pt"})
+    assert row["checkpoint"] == "s3://bucket/tune/s/abc_s1.lr=0.001/stage1/best.pt"
 
 
 def test_outcomes(tmp_path):

@@ -46,3 +46,12 @@ def test_failure_while_writing_keeps_old_file(tmp_path, monkeypatch):
 
 def test_missing_parent_folders_are_created(tmp_path):
     assert atomic_write_text(tmp_path / "a" / "b" / "c.txt", "x").read_text() == "x"
+
+
+def test_partial_files_of_a_killed_writer_are_removed_and_good_files_kept(tmp_path):
+    atomic_write_bytes(tmp_path / "last.pt", b"good")
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half")  # what SIGKILL mid-write leaves
+    removed = atomic.remove_partial_files(tmp_path)
+    assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert (tmp_path / "last.pt").read_bytes() == b"good"

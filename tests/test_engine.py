@@ -56,6 +56,29 @@ def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resume(tiny_cfg, tmp_path, monkeypatch):
+    """last.pt is what a resume starts from, so it is written last: once it exists, so does the
+    best.pt of every epoch before it (a kill between the writes used to lose epoch 1's best.pt)."""
+    from trueface import engine
+
+    real_save, written = engine.save_checkpoint, []
+
+    def save_then_die_on_last(path, state):
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # the process is killed at this write
+        real_save(path, state)
+        written.append(path.name)
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die_on_last)
+    with pytest.raises(KeyboardInterrupt):
+        _stage1(tiny_cfg, tmp_path)
+    assert written == ["best.pt"]  # epoch 1 improved: its best.pt was written before last.pt
+    (tmp_path / "stage1" / ".last.pt.x.tmp").write_bytes(b"half")  # what a real SIGKILL leaves
+    monkeypatch.undo()
+    _stage1(tiny_cfg, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["best.pt", "last.pt", "stage.json"]
+
+
 def test_stage2_refuses_to_start_without_stage1(tiny_cfg, tmp_path):
     cfg, layout = resolve_run(tiny_cfg)
     train, val = layout.gather(cfg.stage2.domains, "train"), layout.gather(cfg.stage2.domains, "valid")

@@ -78,9 +78,14 @@ def test_resume_refuses_new_settings(tmp_path, no_ray):
         tune_job.main(["--resume", "s", "--num-samples", "3", "stage1.lr=0.1"])
 
 
-def test_storage_uris_are_refused_with_what_works(tmp_path, no_ray):
-    with pytest.raises(SystemExit, match="URIs .* not supported yet; give a local path"):
-        tune_job.main(["--storage", "s3://bucket/tune", "--dry-run"])
+def test_a_storage_uri_is_planned_offline_and_one_holding_credentials_is_refused(tmp_path, no_ray, capsys):
+    assert tune_job.main(["--storage", "s3://bucket/tune", "--name", "n", "--dry-run", f"data.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "trials:      s3://bucket/tune/n/<trial>/" in out
+    assert f"tensorboard --logdir {tmp_path}/staging/s3/bucket/tune/n (a working copy of s3://bucket/tune/n)" in out
+    with pytest.raises(SystemExit, match="the URI holds secret_key") as exc:
+        tune_job.main(["--storage", "s3://bucket/tune?secret_key=hunter2", "--dry-run"])
+    assert "hunter2" not in str(exc.value)
 
 
 def test_resume_of_an_unknown_search_lists_the_known_ones(tmp_path, no_ray):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import signal
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq

@@ -46,3 +46,13 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_partial_files(folder: Path | str) -> list[Path]:
+    """Delete what a writer killed mid-write (SIGKILL, a lost node) left of its temporary files.
+    Call it only where no write is in flight, e.g. before a stage starts writing its checkpoints."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

@@ -41,7 +41,7 @@ from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model, fake_probability
 from trueface.precision import Runtime
 from trueface.schedule import lr_at, set_lr
-from trueface.atomic import atomic_write_text
+from trueface.atomic import atomic_write_text, remove_partial_files
 from trueface.tensorboard import make_logger
 
 ReportFn = Callable[[dict, "Path | None"], None]
@@ -126,6 +126,9 @@ def run_stage(
     ema = ModelEma(model, st.ema_decay, st.ema_warmup)
     optimizer = make_optimizer(model, st)
     progress = _Progress()
+    if di.rank == 0 and files["last"].parent.is_dir():
+        for partial in remove_partial_files(files["last"].parent):  # a writer killed mid-write left it
+            _log(di, f"{key}: removed {partial.name}, a checkpoint whose writing was cut off")
     resume_path = resume_from or (files["last"] if files["last"].is_file() else None)
     if resume_path is not None:
         progress = _restore(resume_path, stage, model, ema, optimizer, runtime)
@@ -392,9 +395,11 @@ def _save(files, improved, di, cfg, stage, model, ema, optimizer, runtime, progr
             "step": progress.step, "epoch": progress.epoch, "best_auc_ema": progress.best_auc,
             "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs, "history": progress.history,
         }
-        save_checkpoint(files["last"], state)
+        # best.pt first: a resume from last.pt never comes back to this epoch, so a worker killed
+        # between the two writes would otherwise leave a run whose best epoch has no best.pt.
         if improved:  # best.pt starts Stage II and is evaluated; only last.pt resumes training
             save_checkpoint(files["best"], {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
+        save_checkpoint(files["last"], state)
         path = files["last"]
     if di.world_size > 1:
         dist.barrier()

@@ -23,19 +23,24 @@ from trueface.config import Config, to_yaml
 from trueface.data.layout import DataLayout, discover_layout, pick_domains
 from trueface.data.sampler import BalancedSampler
 from trueface.data.synthetic import ensure_synthetic_dataset
+from trueface.storage import Mirror, absolute, check_location, is_uri, join, mirror, staging_dir
 
 
 @dataclass(frozen=True)
 class RunPaths:
+    """A run's folders. ``run_dir``/``results_dir`` are local: the folders themselves for a path
+    location, staging copies for a URI one (see trueface.storage). ``run_location`` and
+    ``results_location`` are where they are kept, as users name them."""
+
     run_dir: Path
     results_dir: Path
+    run_location: str
+    results_location: str
 
     @classmethod
     def of(cls, cfg: Config) -> "RunPaths":
-        return cls(
-            Path(cfg.output.runs_dir).absolute() / cfg.run_name,
-            Path(cfg.output.results_dir).absolute() / cfg.run_name,
-        )
+        runs, results = join(cfg.output.runs_dir, cfg.run_name), join(cfg.output.results_dir, cfg.run_name)
+        return cls(staging_dir(runs, cfg.data.cache_dir), staging_dir(results, cfg.data.cache_dir), runs, results)
 
     def stage_dir(self, stage: int) -> Path:
         return self.run_dir / f"stage{stage}"
@@ -48,8 +53,19 @@ class RunPaths:
         return self.tensorboard_dir / f"stage{stage}"
 
     @property
-    def ray_storage(self) -> Path:
-        return self.run_dir / "ray"
+    def ray_storage(self) -> str:
+        """Ray Train's own storage (a URI is fine: Ray writes through pyarrow too)."""
+        return join(self.run_location, "ray")
+
+    def run_mirror(self) -> Mirror:
+        return mirror(self.run_dir, self.run_location)
+
+    def results_mirror(self) -> Mirror:
+        return mirror(self.results_dir, self.results_location)
+
+    def location(self, relpath: str) -> str:
+        """Where a file of the run is kept, e.g. ``location("stage1/best.pt")``."""
+        return join(self.run_location, relpath)
 
 
 def data_root(cfg: Config) -> Path:
@@ -59,14 +75,20 @@ def data_root(cfg: Config) -> Path:
     return ensure_synthetic_dataset(Path(cfg.data.cache_dir).expanduser().absolute(), cfg.data.synthetic)
 
 
+def absolute_location(location: str, key: str) -> str:
+    """A path made absolute, or a URI checked (credentials in it, unknown schemes: an error naming ``key``)."""
+    check_location(location, key)
+    return absolute(location)
+
+
 def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:
     root = data_root(cfg)
     layout = discover_layout(root)
     cfg = replace(
         cfg,
         # Absolute: Ray Train workers run in folders of their own, where relative paths mislead.
-        output=replace(cfg.output, runs_dir=str(Path(cfg.output.runs_dir).absolute()),
-                       results_dir=str(Path(cfg.output.results_dir).absolute())),
+        output=replace(cfg.output, runs_dir=absolute_location(cfg.output.runs_dir, "output.runs_dir"),
+                       results_dir=absolute_location(cfg.output.results_dir, "output.results_dir")),
         data=replace(cfg.data, root=str(root), cache_dir=str(Path(cfg.data.cache_dir).absolute()),
                      test_domains=tuple(pick_domains(layout, cfg.data.test_domains, "test"))),
         stage1=replace(cfg.stage1, domains=tuple(pick_domains(layout, cfg.stage1.domains, "stage1"))),
@@ -93,6 +115,9 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
     for domain, splits in layout.counts().items():
         parts = [f"{split} {c['real']}/{c['fake']}" for split, c in splits.items()]
         lines.append(f"  {domain:<28} " + "  ".join(parts))
+    if is_uri(paths.run_location):
+        lines.append(f"storage: {paths.run_location} and {paths.results_location} (working copies under "
+                     f"{paths.run_dir.parent} and {paths.results_dir.parent})")
     for stage in (1, 2):
         st = cfg.stage(stage)
         train = layout.gather(st.domains, "train")
@@ -111,8 +136,9 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
         f"test tables: {', '.join(cfg.data.test_domains)} + combined; threshold {cfg.eval.threshold_policy} on validation",
         f"workers: {sc.num_workers} x ({sc.cpus_per_worker} CPU, GPU {sc.use_gpu} x {sc.gpus_per_worker:g}), "
         f"max_failures {sc.max_failures}; weights {cfg.model.weights}",
-        f"checkpoints: {paths.run_dir}/stage{{1,2}}/{{last,best}}.pt",
-        f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}",
-        f"results: {paths.results_dir}/",
+        f"checkpoints: {paths.run_location}/stage{{1,2}}/{{last,best}}.pt",
+        f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}"
+        + (f" (a working copy of {paths.location('tensorboard')})" if is_uri(paths.run_location) else ""),
+        f"results: {paths.results_location}/",
     ]
     return "\n".join(lines)
