@@ -72,9 +72,11 @@ def read_results(path: Path) -> list[dict]:
     return out
 
 
-def trial_row(info: TrialInfo, spec: dict, checkpoints: set[str] | frozenset[str] = frozenset()) -> dict:
+def trial_row(info: TrialInfo, spec: dict, checkpoints: set[str] | frozenset[str] = frozenset(),
+              location: str | None = None) -> dict:
     """One trial's row of the report (see trueface.search_report for the columns). ``checkpoints``:
-    the relative paths of the ``best.pt`` files the experiment holds."""
+    the relative paths of the ``best.pt`` files the experiment holds; ``location``: where it was
+    read from (default: where the search wrote it)."""
     space = ray_tune.search_space(spec)
     results = read_results(info.path / "result.json")
     final_stage = max((int(r["stage"]) for r in results if "stage" in r), default=None)
@@ -90,7 +92,7 @@ def trial_row(info: TrialInfo, spec: dict, checkpoints: set[str] | frozenset[str
         "epochs": epochs,
         "outcome": _outcome(info, results, spec),
         "wall_min": round(results[-1].get("time_total_s", math.nan) / 60, 2) if results else math.nan,
-        "checkpoint": join(ray_tune.experiment_location(spec), checkpoint) if checkpoint in checkpoints else None,
+        "checkpoint": join(location or ray_tune.experiment_location(spec), checkpoint) if checkpoint in checkpoints else None,
     }
 
 
@@ -167,13 +169,13 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
     if not infos:
         raise SystemExit(f"error: search {spec['name']} has no trials yet")
     files = exp.files()
-    rows = rank_trials([trial_row(info, spec, set(files)) for info in infos.values()])
+    rows = rank_trials([trial_row(info, spec, set(files), exp.location) for info in infos.values()])
     best_row = rows[0]
     best = infos[best_row["trial"]]
     test_md = None
     if evaluate is not None and best_row["checkpoint"]:
-        stamp = {"trial": best.path.name, "checkpoint": best_row["checkpoint"],
-                 "modified": files[best_row["checkpoint"][len(exp.location) + 1:]].mtime_ns}
+        checkpoint = f"{best.path.name}/stage{best_row['final_stage']}/best.pt"
+        stamp = {"trial": best.path.name, "checkpoint": best_row["checkpoint"], "modified": files[checkpoint].mtime_ns}
         test_md = _best_trial_test(spec, best, stamp, report.child(TEST_DIR), evaluate)
     space = ray_tune.search_space(spec)
     header = {
