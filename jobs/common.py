@@ -48,7 +48,7 @@ def warn_if_outputs_vanish(cfg: Config, more: tuple[tuple[str, str], ...] = ()) 
             sep = " " if key.startswith("--") else "="
             print(f"warning: running as a Ray job, {key} {value!r} resolves to {Path(value).absolute()}, inside the "
                   f"job's temporary copy of --working-dir, which Ray deletes. Pass {key}{sep}/absolute/path on "
-                  f"storage every node mounts to keep it.", file=sys.stderr, flush=True)
+                  f"storage every node mounts, or a URI such as s3://bucket/prefix, to keep it.", file=sys.stderr, flush=True)
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -134,7 +134,7 @@ def evaluate_worker(config: dict) -> None:
     out.push()
     if config.get("save_thresholds") and is_uri(config["checkpoint"]):
         parent, name = split_file(config["checkpoint"])
-        Mirror(checkpoint.parent, parent).push(name)
+        Mirror.of(parent, cfg.data.cache_dir).push(name)  # fetch() staged it there
     ray.train.report({"done": 1})
 
 

@@ -18,7 +18,7 @@ from trueface.config import Config, from_dict, to_yaml
 from trueface.config.search_space import SearchSpace, parse_search_space
 from trueface.engine import finished_stage
 from trueface.run import RunPaths
-from trueface.storage import Mirror, join, mirror, staging_dir
+from trueface.storage import Mirror, join
 from trueface.tensorboard import write_hparams
 
 SPEC_FILE = "trueface-tune.json"  # how the search was started: what --resume and jobs.aggregate read
@@ -45,7 +45,7 @@ def experiment_mirror(spec_or_location: dict | str, cache_dir: str | None = None
     if cache_dir is None:
         cache_dir = from_dict(spec_or_location["config"]).data.cache_dir if isinstance(spec_or_location, dict) \
             else Config().data.cache_dir
-    return mirror(staging_dir(location, cache_dir), location)
+    return Mirror.of(location, cache_dir)
 
 
 def search_space(spec: dict) -> SearchSpace:

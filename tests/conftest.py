@@ -14,7 +14,8 @@ from PIL import Image
 
 from trueface.config import load_config
 
-MINI_140K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces140k-mini"
+REPO = Path(__file__).resolve().parents[1]
+MINI_140K = REPO.parent / "shared" / "data" / "faces140k-mini"
 
 
 def write_tiny_root(root: Path, domains: dict[str, str], per_class: int = 4, size: int = 32,
@@ -98,9 +99,6 @@ def _no_leaked_placement_groups(request):
     if leaked:
         pytest.fail(f"{request.node.name} left {len(leaked)} placement group(s) reserved 30 s after it ended: "
                     + "; ".join(f"{i} {info['state']} {list(info['bundles'].values())}" for i, info in leaked.items()))
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class JobProcess:

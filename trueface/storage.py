@@ -138,8 +138,8 @@ class Mirror:
 
     @classmethod
     def of(cls, location: str | Path, cache_dir: str | Path) -> "Mirror":
-        location = str(location)
-        return cls(staging_dir(location, cache_dir), location if is_uri(location) else None)
+        """The process's mirror of ``location``, staged under ``cache_dir`` (see :func:`mirror`)."""
+        return mirror(staging_dir(str(location), cache_dir), str(location))
 
     @property
     def location(self) -> str:
@@ -149,12 +149,17 @@ class Mirror:
     def child(self, *parts: str) -> "Mirror":
         return Mirror(self.local.joinpath(*parts), join(self.remote, *parts) if self.remote else None)
 
+    def _remote_root(self):
+        """(pyarrow filesystem, the remote folder's path in it, without a trailing slash)."""
+        fs, root = _filesystem(self.remote)
+        return fs, root.rstrip("/")
+
     def push(self, *relpaths: str) -> list[str]:
         """Upload the files under ``relpaths`` (files or folders; none: everything) that are new or
         changed since this mirror last pushed them. Returns the relative paths uploaded."""
         if self.remote is None:
             return []
-        fs, root = _filesystem(self.remote)
+        fs, root = self._remote_root()
         uploaded = []
         for path in self._local_files(relpaths):
             rel = path.relative_to(self.local).as_posix()
@@ -162,9 +167,8 @@ class Mirror:
             signature = (stat.st_size, stat.st_mtime_ns)
             if self._pushed.get(rel) == signature:
                 continue
-            target = f"{root.rstrip('/')}/{rel}"
             try:
-                _upload(fs, path, target)
+                _upload(fs, path, f"{root}/{rel}")
             except OSError as exc:
                 raise _storage_error(join(self.remote, rel), exc) from exc
             self._pushed[rel] = signature
@@ -172,12 +176,12 @@ class Mirror:
         return uploaded
 
     def pull(self, *relpaths: str, skip_suffixes: tuple[str, ...] = ()) -> list[str]:
-        """Download the remote files under ``relpaths`` (none: everything) that are missing here or
-        differ in size; those that do not exist remotely are skipped. Returns what was downloaded."""
+        """Download the remote files under ``relpaths`` (none: everything) that are missing here,
+        differ in size or are older here than remotely; those that do not exist remotely are
+        skipped. Returns what was downloaded."""
         if self.remote is None:
             return []
-        fs, root = _filesystem(self.remote)
-        root = root.rstrip("/")
+        fs, root = self._remote_root()
         downloaded = []
         for rel in relpaths or ("",):
             try:
@@ -216,8 +220,7 @@ class Mirror:
             found = [base] if base.is_file() else (base.rglob("*") if base.is_dir() else [])
             return {p.relative_to(self.local).as_posix(): FileStat(p.stat().st_size, p.stat().st_mtime_ns)
                     for p in found if p.is_file()}
-        fs, root = _filesystem(self.remote)
-        root = root.rstrip("/")
+        fs, root = self._remote_root()
         try:
             infos = self._remote_infos(fs, root, relpath)
         except OSError as exc:
@@ -229,9 +232,9 @@ class Mirror:
             return (self.local / relpath).exists()
         import pyarrow.fs as pafs
 
-        fs, root = _filesystem(self.remote)
+        fs, root = self._remote_root()
         try:
-            return fs.get_file_info(f"{root.rstrip('/')}/{relpath}").type != pafs.FileType.NotFound
+            return fs.get_file_info(f"{root}/{relpath}").type != pafs.FileType.NotFound
         except OSError as exc:
             raise _storage_error(join(self.remote, relpath), exc) from exc
 
@@ -246,8 +249,8 @@ class Mirror:
             return
         import pyarrow.fs as pafs
 
-        fs, root = _filesystem(self.remote)
-        target = f"{root.rstrip('/')}/{relpath}"
+        fs, root = self._remote_root()
+        target = f"{root}/{relpath}"
         try:
             kind = fs.get_file_info(target).type
             if kind == pafs.FileType.File:
