@@ -12,6 +12,43 @@ def test_head_is_dropout_then_two_class_linear():
     assert model.fc[1].out_features == 2
 
 
+def _confident_head(model, images, gap_mean=15.0, gap_std=4.0):
+    """Rescale the head so its fp32 logit gaps (fake - real) have the given mean and spread:
+    confident scores, which bf16 logits (8 bits of mantissa) round into ties."""
+    with torch.no_grad():
+        logits = model(images)
+        gap = logits[:, 1] - logits[:, 0]
+        k = gap_std / gap.std()
+        model.fc[1].weight.mul_(k)
+        model.fc[1].bias.mul_(k)
+        model.fc[1].bias[1] += gap_mean - k * gap.mean()
+
+
+def test_scores_under_bf16_autocast_do_not_tie():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none")).eval()
+    images = torch.rand(96, 3, 32, 32)
+    _confident_head(model, images)
+    with torch.no_grad():
+        fp32 = fake_probability(model(images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images)
+    assert fp32.unique().numel() == len(images)  # the inputs do give distinct scores
+    assert logits.dtype == torch.float32
+    distinct = fake_probability(logits).unique().numel()  # 29 of 96 with the head inside autocast
+    assert distinct >= 0.99 * len(images)
+
+
+def test_old_checkpoint_layout_loads(tmp_path):
+    # checkpoints written before the fp32 head held an nn.Sequential(Dropout, Linear) as fc
+    old = build_model(ModelConfig(weights="none"))
+    old.fc = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2048, 2))
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    loaded = build_model(ModelConfig(weights=str(tmp_path / "old.pt")))
+    assert torch.equal(loaded.fc[1].weight, old.fc[1].weight)
+    assert torch.equal(loaded.fc[1].bias, old.fc[1].bias)
+
+
 def test_imagenet_weights_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match=r"resnet50-11ad3fa6\.pth.*nothing is downloaded"):

@@ -21,11 +21,29 @@ class WeightsError(RuntimeError):
     """Weights that were asked for cannot be loaded; the message says how to provide them."""
 
 
+class Fp32Head(nn.Sequential):
+    """Dropout + Linear that always runs in float32, outside any autocast.
+
+    Under bf16 autocast a Linear head returns bf16 logits (8 bits of mantissa): 10,000 confident
+    scores collapsed to 858 distinct values, and AUC counts each tie as one half. Features come in
+    whatever dtype the backbone produced; they are cast up and the head's matmul runs in fp32.
+    A Sequential subclass keeps the state-dict keys ``fc.0`` (no parameters) and ``fc.1.weight``/
+    ``fc.1.bias`` of existing checkpoints.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float) -> None:
+        super().__init__(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     model = resnet50(weights=None)
     if cfg.weights == "imagenet":
         model.load_state_dict(load_imagenet_state_dict())
-    model.fc = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(model.fc.in_features, cfg.num_classes))
+    model.fc = Fp32Head(model.fc.in_features, cfg.num_classes, cfg.dropout)
     if cfg.weights not in ("imagenet", "none"):
         load_weights_file(model, Path(cfg.weights))
     return model
