@@ -5,7 +5,7 @@ Usage::
     python -m jobs.benchmark                                   # 224 px, batch 64, on cuda if present
     python -m jobs.benchmark --image-size 224 --batch-size 128 --images 4096 stage1.augment.strength=0
 
-Runs ``trueface.engine.run_stage`` on the embedded synthetic data (generated at the size asked
+Runs ``trueface.train.run_stage`` on the embedded synthetic data (generated at the size asked
 for), so it needs neither Ray nor real data: this is the GPU check of the pipeline issue, and the
 baseline later speed work compares against. Prints train images/s (excluding validation) and
 the device, precision and peak GPU memory.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from trueface.config import ConfigError, load_config
-from trueface.engine import run_stage
+from trueface.train import run_stage
 from trueface.run import resolve_run
 
 

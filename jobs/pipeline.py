@@ -23,7 +23,7 @@ from jobs.common import (add_config_arguments, add_ray_arguments, config_from_ar
                          warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
-from trueface.engine import finished_stage
+from trueface.checkpoint import finished_stage
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
 
@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stage in (1, 2):
         done = finished_stage(paths.stage_dir(stage))
         if done:
-            print(f"stage {stage}: already finished ({done.epochs_run} epochs, best EMA AUC "
-                  f"{done.best_auc_ema:.4f}); skipping. Delete {paths.location(f'stage{stage}')} to train it again.",
+            print(f"stage {stage}: already finished ({done.epochs_run} epochs, best EMA validation AUC ({done.select_on}) "
+                  f"{done.best_select_auc_ema:.4f}); skipping. Delete {paths.location(f'stage{stage}')} to train it again.",
                   flush=True)
         else:
             print(f"stage {stage}: training on Ray Train ...", flush=True)

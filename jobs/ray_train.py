@@ -1,4 +1,4 @@
-"""Ray Train glue: one TorchTrainer per stage (and one for evaluation) around ``trueface.engine``.
+"""Ray Train glue: one TorchTrainer per stage (and one for evaluation) around ``trueface.train`` and ``trueface.evaluation``.
 
 The worker functions are module-level so Ray can import them on every worker (the project is
 installed, or shipped with ``ray job submit --working-dir .``). Every worker calls
@@ -22,10 +22,12 @@ from ray.train.torch import TorchTrainer
 
 from trueface.config import Config, from_dict, to_dict
 from trueface.data.layout import discover_layout
-from trueface.engine import DistInfo, run_stage
+from trueface.distributed import DistInfo
+from trueface.train import run_stage
 from trueface.evaluation import evaluate_checkpoint
 from trueface.run import RunPaths
-from trueface.storage import Mirror, absolute, fetch, is_uri, split_file
+from trueface.storage import Mirror, absolute, fetch, is_uri
+from trueface.thresholds import pull_beside, push_beside
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -110,14 +112,16 @@ def stage_worker(config: dict) -> None:
 
 def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Path, out: str | Path, *,
              test_domains: tuple[str, ...] | list[str] = (), threshold_from: str = "auto",
-             save_thresholds: bool = False):
+             save_thresholds: bool = False, chosen_by: str = "jobs.ray_train"):
     """Score ``checkpoint`` (a path or URI) on ``data_root``'s test splits on one Ray Train worker
     (a GPU one where the cluster has GPUs); the tables go to ``out`` (a path or URI; see
-    trueface.evaluation). ``save_thresholds`` writes the chosen thresholds into the checkpoint."""
+    trueface.evaluation), thresholds by ``cfg.eval``'s policy and scope. ``save_thresholds`` writes
+    the chosen thresholds beside the checkpoint (``thresholds.json``; the checkpoint is never
+    rewritten), recording ``chosen_by`` as the program that chose them."""
     return fit(evaluate_worker, cfg, name, {
         "checkpoint": absolute(checkpoint), "data_root": str(Path(data_root).absolute()),
         "out": absolute(out), "test_domains": list(test_domains),
-        "threshold_from": threshold_from, "save_thresholds": save_thresholds,
+        "threshold_from": threshold_from, "save_thresholds": save_thresholds, "chosen_by": chosen_by,
     }, num_workers=1, fresh=True)
 
 
@@ -126,15 +130,17 @@ def evaluate_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     di = _worker_setup(cfg)
     checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
+    pull_beside(config["checkpoint"], cfg.data.cache_dir)  # a URI checkpoint's saved thresholds, if any
     out = Mirror.of(config["out"], cfg.data.cache_dir)
     evaluate_checkpoint(checkpoint, discover_layout(config["data_root"]), out.local,
                         test_domains=tuple(config.get("test_domains", ())),
                         threshold_from=config.get("threshold_from", "auto"),
-                        save_thresholds=bool(config.get("save_thresholds")), dist_info=di)
+                        save_thresholds=bool(config.get("save_thresholds")),
+                        threshold_policy=cfg.eval.threshold_policy, threshold_scope=cfg.eval.threshold_scope,
+                        chosen_by=config.get("chosen_by", "jobs.ray_train"), dist_info=di)
     out.push()
-    if config.get("save_thresholds") and is_uri(config["checkpoint"]):
-        parent, name = split_file(config["checkpoint"])
-        Mirror.of(parent, cfg.data.cache_dir).push(name)  # fetch() staged it there
+    if config.get("save_thresholds"):
+        push_beside(config["checkpoint"], cfg.data.cache_dir)  # written beside fetch()'s staged copy
     ray.train.report({"done": 1})
 
 

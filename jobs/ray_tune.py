@@ -16,7 +16,7 @@ from pathlib import Path
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, from_dict, to_yaml
 from trueface.config.search_space import SearchSpace, parse_search_space
-from trueface.engine import finished_stage
+from trueface.checkpoint import finished_stage
 from trueface.run import RunPaths
 from trueface.storage import Mirror, join
 from trueface.tensorboard import write_hparams

@@ -1,4 +1,4 @@
-"""The engine without Ray: stage runs, resume, Stage II's guard, evaluation and prediction."""
+"""Training, evaluation and prediction without Ray: stage runs, resume, Stage II's guard, evaluation and prediction."""
 
 import dataclasses
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trueface.checkpoint import load_checkpoint
+from trueface.checkpoint import finished_stage, load_checkpoint
 from trueface.config import load_config
-from trueface.engine import StageError, finished_stage, micro_batch_size, run_stage
+from trueface.train import StageError, micro_batch_size, run_stage
 from trueface.evaluation import evaluate_checkpoint
 from trueface.predict import Predictor
 from trueface.run import resolve_run
@@ -59,9 +59,9 @@ def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path):
 def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resume(tiny_cfg, tmp_path, monkeypatch):
     """last.pt is what a resume starts from, so it is written last: once it exists, so does the
     best.pt of every epoch before it (a kill between the writes used to lose epoch 1's best.pt)."""
-    from trueface import engine
+    from trueface import checkpoint
 
-    real_save, written = engine.save_checkpoint, []
+    real_save, written = checkpoint.save_checkpoint, []
 
     def save_then_die_on_last(path, state):
         if path.name == "last.pt":
@@ -69,7 +69,7 @@ def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resu
         real_save(path, state)
         written.append(path.name)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die_on_last)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die_on_last)
     with pytest.raises(KeyboardInterrupt):
         _stage1(tiny_cfg, tmp_path)
     assert written == ["best.pt"]  # epoch 1 improved: its best.pt was written before last.pt
@@ -97,21 +97,21 @@ def test_stage2_starts_from_stage1_ema_and_balances_domains(tiny_cfg, tmp_path, 
         torch.save(fake, tmp_path / "s2.pt")
         run_stage(cfg, 2, layout.gather(cfg.stage2.domains, "train"), [], tmp_path / "x", init_from=tmp_path / "s2.pt")
     seen = {}
-    import trueface.engine as engine
+    import trueface.train as train
 
-    original = engine.ModelEma
+    original = train.ModelEma
 
     class Spy(original):
         def __init__(self, model, *a, **k):
             seen["init"] = {k2: v.clone() for k2, v in model.state_dict().items()}
             super().__init__(model, *a, **k)
 
-    engine.ModelEma = Spy
+    train.ModelEma = Spy
     try:
         run_stage(cfg, 2, layout.gather(cfg.stage2.domains, "train"), layout.gather(cfg.stage2.domains, "valid"),
                   tmp_path / "stage2", init_from=Path(s1.best_checkpoint))
     finally:
-        engine.ModelEma = original
+        train.ModelEma = original
     ema1 = load_checkpoint(s1.best_checkpoint)["ema"]
     assert all(torch.equal(seen["init"][k], v) for k, v in ema1.items())
     out = capsys.readouterr().out

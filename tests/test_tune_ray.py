@@ -20,7 +20,7 @@ from jobs import tune as tune_job
 from tests.conftest import JobProcess, tiny_overrides, write_tiny_root
 from trueface.config import load_config
 from trueface.data.layout import discover_layout
-from trueface.engine import run_stage
+from trueface.train import run_stage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -4,6 +4,7 @@ Usage::
 
     save_checkpoint(path, {"model": ..., "ema": ..., "optimizer": ..., "stage": 1, "config": ...})
     state = load_checkpoint(path)            # plain dict of tensors and Python values
+    done = finished_stage(Path("runs/demo/stage1"))   # the stage's summary, or None while it runs
 
 A stage's ``last.pt`` holds the unwrapped model (no DDP/compile prefixes), the EMA, the
 optimizer, the grad scaler, step, epoch (the next one to run), stage, the resolved config and the
@@ -14,6 +15,8 @@ while writing never replaces a good file with a partial one.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +63,46 @@ def update_checkpoint(path: Path, **fields: Any) -> None:
     state = load_checkpoint(path)
     state.update(fields)
     save_checkpoint(path, state)
+
+
+@dataclass
+class StageResult:
+    """A finished stage, as ``stage.json`` records it. ``best_select_auc_ema`` is the validation AUC
+    of the EMA weights by ``select_on`` (``eval.select_on``) at ``best_epoch``: best.pt's score."""
+
+    stage: int
+    best_select_auc_ema: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    best_checkpoint: str
+    last_checkpoint: str
+    select_on: str = "pooled"
+    history: list[dict] = field(default_factory=list)
+
+
+def stage_files(stage_dir: Path) -> dict[str, Path]:
+    return {"last": stage_dir / "last.pt", "best": stage_dir / "best.pt", "summary": stage_dir / "stage.json"}
+
+
+def finished_stage(stage_dir: Path) -> StageResult | None:
+    """The result of a stage that already ran to its end in ``stage_dir``, else None."""
+    path = stage_files(Path(stage_dir))["summary"]
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    if "best_auc_ema" in fields:  # written before selection was domain-aware: it selected on the pooled AUC
+        fields["best_select_auc_ema"] = fields.pop("best_auc_ema")
+    return StageResult(**fields)
+
+
+def save_stage_checkpoints(files: dict[str, Path], state: dict[str, Any], improved: bool) -> Path:
+    """Write ``last.pt`` (everything to resume) and, when the epoch improved, ``best.pt`` (the same
+    without optimizer and scaler: it starts Stage II, is evaluated and predicts).
+
+    best.pt first: a resume from last.pt never comes back to this epoch, so a process killed
+    between the two writes would otherwise leave a run whose best epoch has no best.pt."""
+    if improved:
+        save_checkpoint(files["best"], {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
+    save_checkpoint(files["last"], state)
+    return files["last"]

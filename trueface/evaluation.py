@@ -6,10 +6,13 @@ Usage::
     print(format_table(report.rows))
 
 Thresholds are chosen on VALIDATION data (``eval.threshold_policy``, default Youden's J on the
-combined validation splits of the domains the model was fine-tuned on), never on test data, and
-the policy is written into every table. Each test domain is labelled with its honest role:
-trained on in Stage I and/or II, or held out (flaw 4: the original called held-out splits of its
-training domains "unseen domains").
+combined validation splits of the domains the model was fine-tuned on), never on test data.
+``eval.threshold_scope: per_domain`` also chooses one per validation domain on its own images;
+a test domain without one (held out) is labelled at the pooled threshold, and every row says
+which it used. The thresholds go to ``thresholds.json`` in the results folder and, for the
+pipeline, beside the checkpoint (see trueface.thresholds): the checkpoint itself is never
+rewritten. Each test domain is labelled with its honest role: trained on in Stage I and/or II,
+or held out (flaw 4: the original called held-out splits of its training domains "unseen domains").
 """
 
 from __future__ import annotations
@@ -20,24 +23,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trueface.checkpoint import load_checkpoint, update_checkpoint
+from trueface.atomic import atomic_write_text
+from trueface.checkpoint import load_checkpoint
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayout, Sample, pick_domains
-from trueface.engine import DistInfo, predict_scores
-from trueface.metrics import choose_threshold
+from trueface.distributed import DistInfo
+from trueface.inference import predict_scores
 from trueface.model import build_model
 from trueface.precision import Runtime
 from trueface.results import Predictions, evaluation_rows, write_report
+from trueface.thresholds import (FILE_NAME, Thresholds, ThresholdsError, choose_thresholds, read_thresholds, stamp,
+                                 thresholds_path, write_thresholds)
 
 WEIGHTS = ("raw", "ema")
+#: Values of ``threshold_from``; "checkpoint" is the old name of "saved" (thresholds used to live in it).
+THRESHOLD_FROM = ("auto", "valid", "saved", "checkpoint")
+
+SCOPE_TEXT = {
+    "pooled": "pooled: one threshold per weights, chosen on all validation domains together",
+    "per_domain": "per_domain: each test domain at the threshold chosen on its own validation split, a domain "
+                  "without one at the pooled threshold; the combined row labels each image at its domain's",
+}
 
 
 @dataclass
 class EvaluationReport:
     rows: list[dict]
-    thresholds: dict[str, float]
+    thresholds: dict[str, float]  # weights -> pooled threshold
     threshold_source: str
     files: dict[str, Path]
+    chosen: Thresholds
+    threshold_file: Path  # where the thresholds used are kept: beside the checkpoint, or in the results
 
 
 def load_models(state: dict, cfg: Config) -> dict[str, torch.nn.Module]:
@@ -67,60 +83,94 @@ def evaluate_checkpoint(
     test_domains: tuple[str, ...] = (),
     threshold_from: str = "auto",
     save_thresholds: bool = False,
+    threshold_policy: str | None = None,
+    threshold_scope: str | None = None,
+    chosen_by: str = "trueface.evaluation",
     dist_info: DistInfo | None = None,
 ) -> EvaluationReport:
     """Score the test splits of ``layout`` and write the tables into ``out_dir`` (rank 0).
 
     ``threshold_from``: ``valid`` (choose on this layout's validation splits of the checkpoint's
-    training domains), ``checkpoint`` (the thresholds saved in it), or ``auto`` (the saved ones if
-    any, else valid). ``save_thresholds`` stores the chosen thresholds in the checkpoint so
-    ``jobs.predict`` labels images with them.
+    training domains), ``saved`` (alias ``checkpoint``: the checkpoint's thresholds file), or
+    ``auto`` (the saved ones if the file exists with this policy and scope, else valid). A saved
+    file chosen for other checkpoint bytes is refused (ThresholdsError). ``save_thresholds``
+    writes the chosen ones beside the checkpoint, where ``jobs.predict`` reads them.
+    ``threshold_policy``/``threshold_scope`` default to the checkpoint's ``eval`` settings.
     """
+    if threshold_from not in THRESHOLD_FROM:
+        raise ValueError(f"threshold_from {threshold_from!r} must be one of {', '.join(THRESHOLD_FROM)}")
     di = dist_info or DistInfo.current()
     state = load_checkpoint(checkpoint)
     cfg = from_dict(state["config"])
+    policy, scope = threshold_policy or cfg.eval.threshold_policy, threshold_scope or cfg.eval.threshold_scope
     stage = int(state["stage"])
     image_size = cfg.stage(stage).image_size
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
     models = {k: m.to(runtime.device, memory_format=torch.channels_last) for k, m in load_models(state, cfg).items()}
 
+    def score(samples: list[Sample]) -> dict[str, np.ndarray]:
+        return {name: predict_scores(m, samples, image_size, runtime, cfg, di) for name, m in models.items()}
+
+    saved = None if threshold_from == "valid" else _saved(checkpoint, threshold_from, policy, scope)
+    if saved is not None:
+        chosen, source = saved, f"{saved.describe()}; read from {thresholds_path(checkpoint)} ({saved.chosen_by}, {saved.chosen_at})"
+    else:
+        chosen, source = _choose(layout, _validation_domains(cfg, layout, stage), policy, scope, score)
+    keep_beside = saved is not None or save_thresholds
+    threshold_file = thresholds_path(checkpoint) if keep_beside else Path(out_dir) / FILE_NAME
+
     domains = pick_domains(layout, test_domains, "test")
     test_samples = layout.gather(domains, "test")
-    thresholds, source = _thresholds(state, cfg, layout, models, image_size, runtime, di, threshold_from)
-    test = {name: _predictions(test_samples, predict_scores(m, test_samples, image_size, runtime, cfg, di))
-            for name, m in models.items()}
-    rows = evaluation_rows(test, thresholds, f"{source}", domain_roles(cfg, domains, stage))
+    test = {name: _predictions(test_samples, s) for name, s in score(test_samples).items()}
+    rows = evaluation_rows(test, chosen.pooled, source, domain_roles(cfg, domains, stage),
+                           per_domain=chosen.per_domain if chosen.scope == "per_domain" else None,
+                           threshold_file=str(threshold_file))
     files: dict[str, Path] = {}
     if di.rank == 0:
+        if saved is None:  # stamped here: hashing the checkpoint is rank 0's job alone
+            chosen = stamp(chosen, Path(checkpoint), chosen_by, str(layout.root))
+        if save_thresholds:
+            write_thresholds(Path(checkpoint), chosen)
+        # The results keep a copy: a report names the thresholds it used even when none are saved.
+        atomic_write_text(Path(out_dir) / FILE_NAME, chosen.to_json())
         header = {
             "checkpoint": str(checkpoint), "stage": str(stage), "data root": str(layout.root),
             "test domains": ", ".join(domains), "image size": str(image_size),
-            "threshold": source, "flip test-time augmentation": str(cfg.eval.hflip_tta),
+            "threshold": source, "threshold scope": SCOPE_TEXT[chosen.scope], "threshold file": str(threshold_file),
+            "flip test-time augmentation": str(cfg.eval.hflip_tta),
         }
         files = write_report(out_dir, rows, test, to_yaml(cfg), header)
-        if save_thresholds:
-            update_checkpoint(checkpoint, thresholds=thresholds, threshold_source=source)
-    return EvaluationReport(rows, thresholds, source, files)
+        files[FILE_NAME] = Path(out_dir) / FILE_NAME
+    return EvaluationReport(rows, chosen.pooled, source, files, chosen, threshold_file)
 
 
-def _thresholds(state, cfg, layout, models, image_size, runtime, di, threshold_from) -> tuple[dict[str, float], str]:
-    saved = state.get("thresholds")
-    if threshold_from == "checkpoint" or (threshold_from == "auto" and saved):
-        if not saved:
-            raise ValueError("the checkpoint holds no thresholds; use --threshold-from valid")
-        return {k: float(v) for k, v in saved.items()}, f"saved in checkpoint ({state.get('threshold_source', '?')})"
-    policy = cfg.eval.threshold_policy
-    val_domains = [d for d in (cfg.stage2.domains if state["stage"] == 2 else cfg.stage1.domains) if d in layout.domains_with("valid")]
-    val_domains = val_domains or layout.domains_with("valid")
+def _saved(checkpoint: Path, threshold_from: str, policy: str, scope: str) -> Thresholds | None:
+    """The checkpoint's saved thresholds when they are to be used, else None (choose on valid).
+    A stale file is an error even under ``auto``: it means the checkpoint changed after its evaluation."""
+    saved = read_thresholds(Path(checkpoint))
+    if threshold_from == "auto":
+        return saved if saved is not None and (saved.policy, saved.scope) == (policy, scope) else None
+    if saved is None:
+        raise ThresholdsError(f"{checkpoint} has no thresholds file ({thresholds_path(checkpoint)}; the pipeline "
+                              "writes it when it evaluates): use --threshold-from valid to choose them on this data root")
+    return saved
+
+
+def _validation_domains(cfg: Config, layout: DataLayout, stage: int) -> list[str]:
+    """The checkpoint's training domains that have a validation split here, else every domain that has one."""
+    trained = cfg.stage2.domains if stage == 2 else cfg.stage1.domains
+    return [d for d in trained if d in layout.domains_with("valid")] or layout.domains_with("valid")
+
+
+def _choose(layout: DataLayout, val_domains: list[str], policy: str, scope: str, score) -> tuple[Thresholds, str]:
     if not val_domains:
-        return {k: 0.5 for k in models}, "0.5 (no validation split found to choose one)"
+        none = Thresholds(policy, scope, {w: 0.5 for w in WEIGHTS}, {}, {})
+        return none, "0.5 (no validation split found to choose one)"
     val_samples = layout.gather(val_domains, "valid")
     labels = np.array([s.label for s in val_samples])
-    thresholds = {
-        name: float(choose_threshold(labels, predict_scores(m, val_samples, image_size, runtime, cfg, di), policy))
-        for name, m in models.items()
-    }
-    return thresholds, f"{policy} on validation ({', '.join(val_domains)})"
+    chosen = choose_thresholds(labels, [s.domain for s in val_samples], score(val_samples), policy, scope)
+    own = "; per domain on its own validation split" if scope == "per_domain" else ""
+    return chosen, f"{policy} on validation ({', '.join(val_domains)}){own}"
 
 
 def _predictions(samples: list[Sample], scores: np.ndarray) -> Predictions:

@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+# The policies are config values: the config layer owns their names and parsing.
+from trueface.config.choices import THRESHOLD_POLICIES, validate_threshold_policy
+from trueface.config.choices import parse_fixed_threshold as _parse_fixed
+
 __all__ = [
     "THRESHOLD_POLICIES",
     "binary_metrics",
@@ -33,8 +37,6 @@ __all__ = [
     "validate_threshold_policy",
 ]
 
-#: Valid values of ``eval.threshold_policy``; ``fixed:<p>`` stands for e.g. ``fixed:0.5``.
-THRESHOLD_POLICIES = ("youden", "max_f1", "max_accuracy", "fixed:<p>")
 
 #: Keys of the dict returned by :func:`binary_metrics`, in order.
 METRIC_KEYS = (
@@ -245,34 +247,6 @@ def _as_threshold(threshold: Any) -> float:
 
 
 # --------------------------------------------------------------------------- thresholds
-
-
-def _policy_error(policy: Any, detail: str = "") -> ValueError:
-    valid = ", ".join(THRESHOLD_POLICIES)
-    extra = f" ({detail})" if detail else ""
-    return ValueError(f"unknown threshold policy {policy!r}{extra}; valid policies: {valid}, e.g. 'fixed:0.5'")
-
-
-def _parse_fixed(policy: str) -> float:
-    """Value of a ``fixed:<p>`` policy, checked to be a number in [0, 1]."""
-    text = policy[len("fixed:"):].strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise _policy_error(policy, f"'{text}' is not a number") from None
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"threshold policy {policy!r}: fixed threshold must be in [0, 1], got {text}")
-    return value
-
-
-def validate_threshold_policy(policy: str) -> None:
-    """Raise ``ValueError`` unless ``policy`` is one of :data:`THRESHOLD_POLICIES`."""
-    if not isinstance(policy, str):
-        raise _policy_error(policy, f"expected a string, got {type(policy).__name__}")
-    if policy.startswith("fixed:"):
-        _parse_fixed(policy)
-    elif policy not in THRESHOLD_POLICIES[:3]:
-        raise _policy_error(policy)
 
 
 def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:

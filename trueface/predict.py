@@ -4,6 +4,9 @@ Usage::
 
     predictor = Predictor.from_checkpoint(Path("runs/demo/stage2/best.pt"), weights="ema")
     for row in predictor.score(paths): print(row.path, row.probability, row.label, row.error)
+
+Labels use the threshold kept beside the checkpoint (``thresholds.json``, see trueface.thresholds):
+the pooled one, or with ``domain=`` that domain's own (per_domain scope); 0.5 when there is no file.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from trueface.config import from_dict
 from trueface.data.dataset import ImageReadError, load_rgb
 from trueface.data.layout import IMAGE_SUFFIXES, LABEL_NAMES
 from trueface.evaluation import load_models
-from trueface.engine import score_batch
+from trueface.inference import score_batch
 from trueface.precision import Runtime
+from trueface.thresholds import Thresholds, ThresholdsError, read_thresholds, thresholds_path
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,24 @@ class Prediction:
     probability: float | None  # P(generated); None when the image could not be read
     label: str  # real | fake | error
     error: str = ""
+
+
+#: ``threshold_source`` when the checkpoint has no thresholds file.
+UNCHOSEN = "none chosen (0.5)"
+
+
+def pick_threshold(saved: Thresholds | None, checkpoint: Path, weights: str, domain: str | None) -> tuple[float, str]:
+    """(threshold, where it came from) for ``weights``: ``domain``'s own if asked, else the pooled one."""
+    if saved is None:
+        if domain:
+            raise ThresholdsError(f"--domain {domain}: {checkpoint} has no thresholds file "
+                                  f"({thresholds_path(checkpoint)}); evaluate it first")
+        return 0.5, UNCHOSEN
+    if domain and domain not in saved.domains():
+        have = f"domains with their own: {', '.join(saved.domains())}" if saved.domains() else "none has a domain's own"
+        raise ThresholdsError(f"--domain {domain}: {thresholds_path(checkpoint)} has no threshold for {domain!r} "
+                              f"(scope {saved.scope}; {have}); leave --domain out to use the pooled one")
+    return saved.threshold(weights, domain)
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -45,21 +67,44 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, image_size: int, threshold: float, runtime: Runtime,
-                 hflip: bool, batch_size: int = 32, threshold_saved: bool = False) -> None:
+                 hflip: bool, batch_size: int = 32, saved: Thresholds | None = None,
+                 threshold_source: str = UNCHOSEN, threshold_file: Path | None = None) -> None:
         self.model, self.image_size, self.threshold = model, image_size, threshold
-        self.threshold_saved = threshold_saved  # False: 0.5 stands in for a threshold never chosen
+        self.saved = saved  # None: 0.5 stands in for a threshold never chosen
+        self.threshold_source = threshold_source  # e.g. "pooled validation", "dalle validation"
+        self.threshold_file = threshold_file
         self.runtime, self.hflip, self.batch_size = runtime, hflip, batch_size
         self.transform = eval_transform(image_size)
 
+    @property
+    def threshold_saved(self) -> bool:
+        return self.saved is not None
+
     @classmethod
-    def from_checkpoint(cls, path: Path, weights: str = "ema", device: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: Path, weights: str = "ema", device: str = "auto",
+                        domain: str | None = None) -> "Predictor":
+        """``domain``: label at that domain's own threshold (per_domain scope) instead of the pooled one.
+        A thresholds file left from an earlier training of this checkpoint raises ThresholdsError."""
         state = load_checkpoint(path)
+        saved = read_thresholds(Path(path))
+        threshold, source = pick_threshold(saved, Path(path), weights, domain)
         cfg = from_dict(state["config"])
         runtime = Runtime.create(device, cfg.runtime.precision)
         model = load_models(state, cfg)[weights].to(runtime.device, memory_format=torch.channels_last)
-        threshold = float(state.get("thresholds", {}).get(weights, 0.5))
         return cls(model, cfg.stage(int(state["stage"])).image_size, threshold, runtime, cfg.eval.hflip_tta,
-                   threshold_saved="thresholds" in state)
+                   saved=saved, threshold_source=source, threshold_file=thresholds_path(Path(path)))
+
+    def describe_threshold(self, weights: str) -> str:
+        """One line for the console: the threshold, where it came from, and what else there is."""
+        if self.saved is None:
+            return (f"labelling at 0.5: no thresholds file {self.threshold_file} (the pipeline's evaluation or "
+                    "jobs.evaluate --save-thresholds writes one)")
+        s = self.saved
+        text = (f"labelling at {self.threshold:.4f}: the {weights} weights' {self.threshold_source} threshold from "
+                f"{self.threshold_file} ({s.policy}, scope {s.scope}, chosen {s.chosen_at} by {s.chosen_by})")
+        if s.domains() and self.threshold_source == "pooled validation":
+            text += f"; domains with their own: {', '.join(s.domains())} (pick one with --domain)"
+        return text
 
     def score(self, paths: Iterable[Path]) -> Iterator[Prediction]:
         """Predictions in input order; an unreadable file yields an error row and the rest go on."""

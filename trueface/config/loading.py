@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trueface.config.choices import SELECT_MODES, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -269,11 +270,12 @@ def validate(cfg: Config) -> None:
         check(getattr(syn, f"{split}_per_class") >= 1, f"data.synthetic.{split}_per_class", "must be >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     try:
-        from trueface.metrics import validate_threshold_policy
-
         validate_threshold_policy(cfg.eval.threshold_policy)
     except ValueError as exc:
         errors.append(f"eval.threshold_policy: {exc}")
+    check(cfg.eval.threshold_scope in ("pooled", "per_domain"), "eval.threshold_scope",
+          f"{cfg.eval.threshold_scope!r} must be pooled (one threshold for all domains) or per_domain (each domain its own)")
+    check(cfg.eval.select_on in SELECT_MODES, "eval.select_on", f"must be one of {', '.join(SELECT_MODES)}")
     sc = cfg.scaling
     check(sc.num_workers >= 1, "scaling.num_workers", "must be >= 1")
     check(sc.use_gpu in ("auto", "true", "false"), "scaling.use_gpu", "must be auto, true or false")

@@ -12,7 +12,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trueface.data.synthetic import SyntheticSpec
+# The config is the bottom layer: it imports nothing of trueface, and the data code reads these.
+SYNTHETIC_DOMAINS = ("140k-real-vs-fake", "tpdne", "dalle")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The embedded synthetic data set (trueface.data.synthetic generates it): image side in
+    pixels, images per class in each split, and the seed."""
+
+    image_size: int = 128
+    train_per_class: int = 100
+    valid_per_class: int = 30
+    test_per_class: int = 30
+    seed: int = 0
+    # Multiplies the GAN artefacts' amplitudes (grid, droplet). 1.0 is subtle (a linear spectral
+    # detector needs about half of it); a ResNet-50 trained from scratch for a CPU demo's few
+    # hundred steps needs them several times stronger to show learning.
+    artefact_strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:  # as data.synthetic.image_size in the config checks
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if min(self.train_per_class, self.valid_per_class, self.test_per_class) < 0:
+            raise ValueError("images per class must be >= 0")
+        if self.artefact_strength < 0:
+            raise ValueError(f"artefact_strength must be >= 0, got {self.artefact_strength}")
+
+    def per_class(self, split: str) -> int:
+        """Number of images of each class in ``split``."""
+        return {"train": self.train_per_class, "valid": self.valid_per_class, "test": self.test_per_class}[split]
+
+    def file_count(self) -> int:
+        """Total number of image files in the data set."""
+        return len(SYNTHETIC_DOMAINS) * 2 * sum(self.per_class(s) for s in SPLITS)
 
 
 @dataclass(frozen=True)
@@ -76,6 +110,9 @@ def _stage2_defaults() -> StageConfig:
         patience=2,
         batch_size=12,
         lr=5e-5,
+        # One epoch at most: Stage II starts from trained weights, and its early stopping
+        # (patience 2) must not be spent on epochs whose learning rate is still climbing.
+        warmup_epochs=1.0,
         final_lr=1e-7,
         light_epochs=0,
         mixup_alpha=0.2,
@@ -108,6 +145,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     threshold_policy: str = "youden"  # youden | max_f1 | max_accuracy | fixed:<p>
+    # pooled: one threshold per weights on all validation domains together; per_domain: each test
+    # domain at the threshold chosen on its own validation split (the pooled one where it has none)
+    threshold_scope: str = "pooled"
+    # What picks best.pt, stops early and is a search's objective: the EMA weights' validation AUC
+    # mean_domain (mean of each training domain's AUC) | worst_domain (their minimum) | pooled
+    select_on: str = "mean_domain"
     hflip_tta: bool = True  # average with the flipped image, for validation AND test alike
     batch_size: int = 64  # per worker
 
@@ -120,6 +163,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+    # BatchNorm statistics over the global micro-batch instead of each GPU's own (CUDA only: torch's
+    # SyncBatchNorm does not run on CPU). Off: see README "Scaling settings" for when to turn it on.
+    sync_batchnorm: bool = False
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SYNTHETIC_DOMAINS = ("140k-real-vs-fake", "tpdne", "dalle")
+from trueface.config.schema import SPLITS, SYNTHETIC_DOMAINS, SyntheticSpec  # noqa: F401  (the config owns them)
+
 GENERATOR_VERSION = 1  # bump when the images change; part of the cache fingerprint
 
-SPLITS = ("train", "valid", "test")
 MARKER_NAME = "SYNTHETIC.json"
 # (real, fake) folder names per domain: the real 140k data set ships upper-case label folders.
 LABEL_DIRS = {
@@ -67,37 +67,6 @@ _PNG_COMPRESS_LEVEL = 1  # fixed, so bytes and sizes do not depend on Pillow def
 # size of an image is dominated by its noise, so a wide spread buries the small size shifts the
 # artefacts cause (file size must not separate fake from real).
 _NOISE_SIGMA_RANGE = (0.6, 4.5)
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """What to generate: image side in pixels, images per class in each split, and the seed."""
-
-    image_size: int = 128
-    train_per_class: int = 100
-    valid_per_class: int = 30
-    test_per_class: int = 30
-    seed: int = 0
-    # Multiplies the GAN artefacts' amplitudes (grid, droplet). 1.0 is subtle (a linear spectral
-    # detector needs about half of it); a ResNet-50 trained from scratch for a CPU demo's few
-    # hundred steps needs them several times stronger to show learning.
-    artefact_strength: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.image_size < 16:  # as data.synthetic.image_size in the config checks
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if min(self.train_per_class, self.valid_per_class, self.test_per_class) < 0:
-            raise ValueError("images per class must be >= 0")
-        if self.artefact_strength < 0:
-            raise ValueError(f"artefact_strength must be >= 0, got {self.artefact_strength}")
-
-    def per_class(self, split: str) -> int:
-        """Number of images of each class in ``split``."""
-        return {"train": self.train_per_class, "valid": self.valid_per_class, "test": self.test_per_class}[split]
-
-    def file_count(self) -> int:
-        """Total number of image files in the data set."""
-        return len(SYNTHETIC_DOMAINS) * 2 * sum(self.per_class(s) for s in SPLITS)
 
 
 # --------------------------------------------------------------------------------------------

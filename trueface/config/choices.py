@@ -1,0 +1,45 @@
+"""The allowed values of the config's text keys that more than one module reads.
+
+Usage: ``validate_threshold_policy("fixed:0.5")``; ``SELECT_MODES``
+
+The config is the bottom layer (it imports nothing else of trueface), so these live here and
+``trueface.metrics`` and ``trueface.train`` import them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Valid values of ``eval.threshold_policy``; ``fixed:<p>`` stands for e.g. ``fixed:0.5``.
+THRESHOLD_POLICIES = ("youden", "max_f1", "max_accuracy", "fixed:<p>")
+
+#: Valid values of ``eval.select_on``: what model selection compares (see trueface.train).
+SELECT_MODES = ("mean_domain", "worst_domain", "pooled")
+
+
+def _policy_error(policy: Any, detail: str = "") -> ValueError:
+    valid = ", ".join(THRESHOLD_POLICIES)
+    extra = f" ({detail})" if detail else ""
+    return ValueError(f"unknown threshold policy {policy!r}{extra}; valid policies: {valid}, e.g. 'fixed:0.5'")
+
+
+def parse_fixed_threshold(policy: str) -> float:
+    """Value of a ``fixed:<p>`` policy, checked to be a number in [0, 1]."""
+    text = policy[len("fixed:"):].strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise _policy_error(policy, f"'{text}' is not a number") from None
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"threshold policy {policy!r}: fixed threshold must be in [0, 1], got {text}")
+    return value
+
+
+def validate_threshold_policy(policy: str) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of :data:`THRESHOLD_POLICIES`."""
+    if not isinstance(policy, str):
+        raise _policy_error(policy, f"expected a string, got {type(policy).__name__}")
+    if policy.startswith("fixed:"):
+        parse_fixed_threshold(policy)
+    elif policy not in THRESHOLD_POLICIES[:3]:
+        raise _policy_error(policy)

@@ -1,0 +1,55 @@
+"""Who this process is among the data-parallel workers, and the few collectives training needs.
+
+Usage::
+
+    di = DistInfo.current()                  # rank 0 of 1 without torch.distributed
+    average_buffers(model, di)               # every rank now holds the same BatchNorm statistics
+
+Ray Train (or torchrun, or a test's torch.multiprocessing) initialises the process group; this
+module only reads it, so the same code runs with one process and no process group at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "DistInfo":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, di: DistInfo) -> None:
+    """Replace every floating-point buffer (BatchNorm running mean and variance) by its mean over
+    the ranks. DDP keeps the parameters identical on all ranks, but each rank updates its own
+    BatchNorm statistics from its own micro-batches: without this, each rank would validate a
+    different model and rank 0's checkpoint would not be the model whose scores were reported."""
+    if di.world_size == 1:
+        return
+    buffers = [b for b in model.buffers() if b.dtype.is_floating_point]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).double() for b in buffers])  # one collective, exact enough in float64
+    dist.all_reduce(flat)
+    flat /= di.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def barrier(di: DistInfo) -> None:
+    if di.world_size > 1:
+        dist.barrier()

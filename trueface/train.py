@@ -1,0 +1,437 @@
+"""Training: one stage to its end (or early stop), one epoch, one step; plain PyTorch.
+
+Usage (no Ray needed; ``jobs/`` calls the same function inside Ray Train workers)::
+
+    result = run_stage(cfg, 1, train_samples, val_samples, Path("runs/x/stage1"))
+    result = run_stage(cfg, 2, ..., Path("runs/x/stage2"), init_from=Path(result.best_checkpoint))
+
+One optimizer step = ``accum_steps`` micro-batches on every worker; the global batch is
+``stage.batch_size`` whatever the number of workers, and the gradients of one step are the same
+with W workers x A micro-batches as with one worker x W*A micro-batches (tests/test_ddp.py).
+Schedules (LR, EMA decay, augmentation switch, sampler order, random seeds) are pure functions of
+the step and epoch, so a checkpoint's step and epoch are all it takes to resume with the identical
+next step.
+
+Model selection (best.pt, early stopping, a search's objective) follows ``val/select_auc_ema``,
+the EMA weights' validation AUC by ``eval.select_on``: by default the mean over the stage's
+domains of each domain's AUC, so the largest domain does not decide alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
+
+from trueface.atomic import atomic_write_text, remove_partial_files
+from trueface.augment import TrainTransform, denormalize, mixup, soft_targets
+from trueface.checkpoint import (CheckpointError, StageResult, load_checkpoint, save_stage_checkpoints, stage_files,
+                                 unwrap)
+from trueface.config import Config, StageConfig, to_dict
+from trueface.config.choices import SELECT_MODES
+from trueface.data.dataset import ImageDataset
+from trueface.data.layout import Sample
+from trueface.data.sampler import BalancedSampler
+from trueface.distributed import DistInfo, average_buffers, barrier
+from trueface.ema import ModelEma
+from trueface.inference import decode_size, predict_scores
+from trueface.metrics import binary_metrics, roc_auc
+from trueface.model import build_model
+from trueface.precision import Runtime
+from trueface.schedule import lr_at, set_lr
+from trueface.tensorboard import make_logger
+
+ReportFn = Callable[[dict, "Path | None"], None]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message says what to change."""
+
+
+def micro_batch_size(st: StageConfig, world_size: int, key: str) -> int:
+    per_step = world_size * st.accum_steps
+    if st.batch_size % per_step:
+        raise StageError(
+            f"{key}.batch_size={st.batch_size} is the global batch and must be divisible by "
+            f"workers x accum_steps = {world_size} x {st.accum_steps}; change one of them"
+        )
+    return st.batch_size // per_step
+
+
+@dataclass
+class TrainState:
+    """What the optimizer steps change and a checkpoint saves. ``train_model`` is ``model`` or its
+    DDP wrapper; ``model`` is always the bare module (checkpoints hold no wrapper prefixes)."""
+
+    model: nn.Module
+    ema: ModelEma
+    optimizer: torch.optim.Optimizer
+    runtime: Runtime
+    train_model: nn.Module
+
+    def checkpoint(self, cfg: Config, stage: int, progress: "Progress") -> dict:
+        return {
+            "format_version": 1, "stage": stage, "config": to_dict(cfg),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.runtime.scaler.state_dict() if self.runtime.scaler else {},
+            "step": progress.step, "epoch": progress.epoch, "best_select_auc_ema": progress.best_auc,
+            "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs, "history": progress.history,
+        }
+
+    def restore(self, path: Path, stage: int) -> "Progress":
+        state = load_checkpoint(path)
+        if state["stage"] != stage:
+            raise CheckpointError(f"{path} is a Stage {state['stage']} checkpoint, cannot resume Stage {stage} from it")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.runtime.scaler and state.get("scaler"):
+            self.runtime.scaler.load_state_dict(state["scaler"])
+        best = state.get("best_select_auc_ema", state.get("best_auc_ema"))  # older checkpoints: pooled AUC
+        return Progress(state["step"], state["epoch"], best, state["best_epoch"], state["bad_epochs"],
+                        list(state["history"]))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The stage's step arithmetic, fixed before the first epoch."""
+
+    st: StageConfig
+    key: str
+    micro: int
+    steps_per_epoch: int
+    warmup_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.st.epochs
+
+
+@dataclass
+class Progress:
+    """Where a stage stands; saved in every checkpoint. ``best_auc`` is the best selection AUC."""
+
+    step: int = 0
+    epoch: int = 0
+    best_auc: float = float("-inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, metrics: dict, in_warmup: bool) -> bool:
+        """Keep the epoch's metrics; True when it is the new best. An epoch still inside the LR
+        warm-up may become the best but never counts towards early stopping: its model is judged
+        before the learning rate has reached its value."""
+        self.history.append({k: float(v) for k, v in metrics.items()})
+        auc = metrics["val/select_auc_ema"]
+        improved = self.best_epoch == 0 or (not math.isnan(auc) and auc > self.best_auc)
+        if improved:
+            self.best_auc, self.best_epoch, self.bad_epochs = float(auc), self.epoch, 0
+        elif not in_warmup:
+            self.bad_epochs += 1
+        return improved
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.bad_epochs >= patience
+
+
+def run_stage(
+    cfg: Config,
+    stage: int,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    stage_dir: Path,
+    *,
+    dist_info: DistInfo | None = None,
+    report: ReportFn | None = None,
+    log_dir: Path | None = None,
+    init_from: Path | None = None,
+    resume_from: Path | None = None,
+) -> StageResult:
+    """Train one stage to its end (or early stop); resumes from ``resume_from`` or ``last.pt``.
+
+    Stage II must be given Stage I's checkpoint (``init_from``) and starts from its EMA weights:
+    the original silently fell back to ImageNet weights when the file was missing (flaw 2).
+    """
+    st, key = cfg.stage(stage), f"stage{stage}"
+    di = dist_info or DistInfo.current()
+    files = stage_files(Path(stage_dir))
+    state = _build_state(cfg, stage, init_from, di)
+    progress = Progress()
+    if di.rank == 0 and files["last"].parent.is_dir():
+        for partial in remove_partial_files(files["last"].parent):  # a writer killed mid-write left it
+            _log(di, f"{key}: removed {partial.name}, a checkpoint whose writing was cut off")
+    resume_path = resume_from or (files["last"] if files["last"].is_file() else None)
+    if resume_path is not None:
+        progress = state.restore(resume_path, stage)
+        _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
+
+    train_ds = ImageDataset(train_samples, TrainTransform(st.image_size, st.light_epochs, st.augment),
+                            decode_size(cfg, st.image_size))
+    sampler = BalancedSampler(train_ds.labels, train_ds.domains, st.balance, st.samples_per_epoch, di.rank, di.world_size, cfg.seed)
+    plan = _step_plan(st, key, len(sampler), di)
+    _log(di, f"{key}: {len(train_ds)} train images, {len(val_samples)} validation, {plan.steps_per_epoch} steps/epoch "
+             f"of {st.batch_size} ({di.world_size} worker(s) x {st.accum_steps} x {plan.micro}), "
+             f"{state.runtime.device} {state.runtime.precision}; selection on {cfg.eval.select_on} validation AUC (EMA)\n"
+             + sampler.plan().describe())
+
+    logger = make_logger(log_dir, di.rank)
+    try:
+        for epoch in range(progress.epoch, st.epochs):
+            if progress.should_stop(st.patience):  # resumed after an early stop that was not recorded
+                break
+            _seed_epoch(cfg.seed, di.rank, epoch)
+            sampler.set_epoch(epoch)
+            train_ds.transform.set_epoch(epoch)
+            loader = _train_loader(train_ds, sampler, plan.micro, cfg, state.runtime, epoch, di.rank)
+            t0 = time.time()
+            window = _ProgressWindow(logger, cfg.runtime.log_every, key, di)
+            train_stats = train_one_epoch(state, plan, loader, progress.step, epoch, window,
+                                          np.random.default_rng([cfg.seed, di.rank, epoch, 7]))
+            progress.step = train_stats.pop("step")
+            # Every rank must validate, and rank 0 save, the same model: see average_buffers.
+            average_buffers(state.model, di)
+            average_buffers(state.ema.module, di)
+            val = validate({"raw": state.model, "ema": state.ema.module}, val_samples, st.image_size,
+                           state.runtime, cfg, di)
+            progress.epoch = epoch + 1
+            metrics = {"stage": stage, "epoch": progress.epoch, "step": progress.step, **train_stats, **val,
+                       "time/epoch_s": time.time() - t0}
+            improved = progress.record(metrics, in_warmup=progress.step <= plan.warmup_steps)
+            metrics["best/select_auc_ema"] = progress.best_auc
+            metrics["best/epoch"] = progress.best_epoch
+            # Lets a scheduler that may kill the run right after this report tell "finished" apart.
+            metrics["stage_done"] = float(progress.epoch >= st.epochs or progress.should_stop(st.patience))
+            for name, value in metrics.items():
+                if name.startswith(("val/", "best/")):
+                    logger.scalar(name, value, progress.step)
+            ckpt = None
+            if di.rank == 0:
+                ckpt = save_stage_checkpoints(files, state.checkpoint(cfg, stage, progress), improved)
+            barrier(di)
+            _log(di, f"{key} epoch {progress.epoch}/{st.epochs}: loss {metrics['train/loss']:.4f} "
+                     f"val AUC raw {val['val/auc']:.4f} EMA {val['val/auc_ema']:.4f}, "
+                     f"{cfg.eval.select_on} EMA {val['val/select_auc_ema']:.4f}"
+                     + (" (best)" if improved else f" ({progress.bad_epochs} without improvement)"))
+            if report is not None:
+                report(metrics, ckpt)
+            if progress.should_stop(st.patience):
+                _log(di, f"{key}: early stop after {progress.epoch} epochs (patience {st.patience})")
+                break
+    finally:
+        logger.close()
+    result = StageResult(
+        stage, progress.best_auc, progress.best_epoch, progress.epoch, progress.epoch < st.epochs,
+        str(files["best"]), str(files["last"]), cfg.eval.select_on, progress.history,
+    )
+    if di.rank == 0:
+        atomic_write_text(files["summary"], json.dumps(asdict(result), indent=2))
+    return result
+
+
+def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) -> TrainState:
+    runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
+    model = _initial_model(cfg, stage, init_from)
+    model.to(runtime.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
+    ema = ModelEma(model, cfg.stage(stage).ema_decay, cfg.stage(stage).ema_warmup)  # plain BatchNorm, always
+    train_model: nn.Module = model
+    if di.world_size > 1:
+        if cfg.scaling.sync_batchnorm:
+            if runtime.device.type != "cuda":
+                raise StageError("scaling.sync_batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
+                                 "set scaling.sync_batchnorm=false to train on CPU workers")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
+        train_model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return TrainState(model, ema, make_optimizer(model, cfg.stage(stage)), runtime, train_model)
+
+
+def _step_plan(st: StageConfig, key: str, samples_per_worker: int, di: DistInfo) -> StepPlan:
+    micro = micro_batch_size(st, di.world_size, key)
+    steps_per_epoch = samples_per_worker // (micro * st.accum_steps)
+    if steps_per_epoch < 1:
+        raise StageError(f"{key}: {samples_per_worker} samples per worker per epoch is less than one step of "
+                         f"{micro} x {st.accum_steps}; lower {key}.batch_size")
+    return StepPlan(st, key, micro, steps_per_epoch, round(st.warmup_epochs * steps_per_epoch))
+
+
+def _initial_model(cfg: Config, stage: int, init_from: Path | None) -> nn.Module:
+    if stage == 1:
+        return build_model(cfg.model)
+    if init_from is None:
+        raise StageError("Stage II needs Stage I's checkpoint (init_from) and will not start from other weights")
+    state = load_checkpoint(init_from)
+    if state["stage"] != 1:
+        raise StageError(f"{init_from} is a Stage {state['stage']} checkpoint; Stage II starts from a Stage I one")
+    model = build_model(replace(cfg.model, weights="none"))
+    model.load_state_dict(state["ema"])
+    return model
+
+
+def make_optimizer(model: nn.Module, st: StageConfig) -> torch.optim.Optimizer:
+    if st.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * torch.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st: StageConfig,
+               rng: np.random.Generator, sync_grads: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch (MixUp, label smoothing); returns its share of the
+    step's loss, detached. ``sync_grads=False`` keeps DDP from all-reducing gradients that the
+    next micro-batch of the same step will add to."""
+    rt = state.runtime
+    images = images.to(rt.device, non_blocking=True, memory_format=torch.channels_last)
+    targets = soft_targets(labels, 2, st.label_smoothing).to(rt.device)
+    images, targets, _ = mixup(images, targets, st.mixup_alpha, rng)
+    no_sync = getattr(state.train_model, "no_sync", None)
+    with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():
+        with rt.autocast():
+            logits = state.train_model(images)
+        loss = soft_cross_entropy(logits, targets) / st.accum_steps
+        rt.backward(loss)
+    return loss.detach()
+
+
+def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step: int, epoch: int,
+                    window: "_ProgressWindow", rng: np.random.Generator) -> dict:
+    """``plan.steps_per_epoch`` optimizer steps from global step ``step``; returns the epoch's
+    training metrics and the new ``step``."""
+    st = plan.st
+    state.train_model.train()
+    loss_sum = torch.zeros((), device=state.runtime.device)
+    micro_steps, decay, lr = plan.steps_per_epoch * st.accum_steps, 0.0, 0.0
+    for i, (images, labels, _) in enumerate(loader):
+        if i >= micro_steps:
+            break
+        if i == 0:
+            window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]), nrow=8), step)
+        lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
+        set_lr(state.optimizer, lr)
+        last_micro = (i + 1) % st.accum_steps == 0
+        loss = train_step(state, images, labels, st, rng, sync_grads=last_micro)
+        loss_sum += loss
+        window.add(loss, len(images))
+        if not last_micro:
+            continue
+        state.runtime.step(state.optimizer)
+        step += 1
+        decay = state.ema.update(state.model, step)
+        window.step_done(step, epoch, lr, decay)
+    mean_loss = loss_sum.item() / plan.steps_per_epoch
+    if not math.isfinite(mean_loss):
+        raise StageError(f"{plan.key}: training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; "
+                         f"lower {plan.key}.lr (now {st.lr:g}) or raise {plan.key}.batch_size")
+    return {"step": step, "train/loss": mean_loss, "train/lr": lr, "train/ema_decay": decay,
+            "train/strong_augment": float(epoch >= st.light_epochs)}
+
+
+class _ProgressWindow:
+    """Loss and throughput since the last progress line; the only per-step synchronisation."""
+
+    def __init__(self, logger, log_every: int, key: str, di: DistInfo) -> None:
+        self.logger, self.log_every, self.key, self.di = logger, log_every, key, di
+        self.loss: torch.Tensor | None = None
+        self.start, self.images, self.steps = time.time(), 0, 0
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss = loss.clone() if self.loss is None else self.loss + loss
+        self.images += images
+
+    def step_done(self, step: int, epoch: int, lr: float, decay: float) -> None:
+        self.steps += 1
+        if step % self.log_every:
+            return
+        elapsed = time.time() - self.start
+        mean_loss = self.loss.item() / self.steps
+        rate = self.images * self.di.world_size / elapsed
+        self.logger.scalar("train/loss", mean_loss, step)
+        self.logger.scalar("train/lr", lr, step)
+        self.logger.scalar("train/ema_decay", decay, step)
+        self.logger.scalar("train/images_per_sec", rate, step)
+        _log(self.di, f"{self.key} epoch {epoch + 1} step {step} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} img/s")
+        self.loss, self.start, self.images, self.steps = None, time.time(), 0, 0
+
+
+def validate(models: dict[str, nn.Module], samples: Sequence[Sample], image_size: int, runtime: Runtime,
+             cfg: Config, di: DistInfo) -> dict[str, float]:
+    """Validation metrics of the raw and EMA weights (``models``: {"raw": ..., "ema": ...})."""
+    scores = {}
+    for name, net in models.items():
+        scores[name] = predict_scores(net, samples, image_size, runtime, cfg, di)
+        if not np.isfinite(scores[name]).all():
+            raise StageError(f"the {name} model gives non-finite validation scores: its weights or BatchNorm "
+                             f"statistics have blown up; lower the learning rate or train more steps per epoch")
+    return validation_metrics(np.array([s.label for s in samples]), [s.domain for s in samples], scores,
+                              cfg.eval.select_on)
+
+
+def validation_metrics(labels: np.ndarray, domains: Sequence[str], scores: dict[str, np.ndarray],
+                       select_on: str) -> dict[str, float]:
+    """Pooled AUC and accuracy at 0.5, each domain's AUC, and the selection AUC, per weights
+    (``raw`` -> ``val/auc``, ``ema`` -> ``val/auc_ema``, ...).
+
+    ``select_on``: ``mean_domain`` (mean of the domains' AUCs: every domain counts the same, as the
+    balanced sampler intends), ``worst_domain`` (their minimum) or ``pooled`` (all images as one
+    set: dominated by the largest domain). A domain whose validation split holds one class only has
+    no AUC and is left out of the mean; with none left the selection AUC is NaN."""
+    if select_on not in SELECT_MODES:
+        raise ValueError(f"eval.select_on must be one of {SELECT_MODES}, got {select_on!r}")
+    domains = np.asarray(domains)
+    out: dict[str, float] = {}
+    for name, sc in scores.items():
+        suffix = "" if name == "raw" else f"_{name}"
+        out[f"val/auc{suffix}"] = roc_auc(labels, sc)
+        out[f"val/accuracy{suffix}"] = binary_metrics(labels, sc, 0.5)["accuracy"]
+        per_domain = {}
+        for d in sorted(set(domains.tolist())):
+            mask = domains == d
+            per_domain[d] = out[f"val/{d}/auc{suffix}"] = roc_auc(labels[mask], sc[mask])
+        defined = [v for v in per_domain.values() if not math.isnan(v)]
+        if select_on == "pooled":
+            out[f"val/select_auc{suffix}"] = out[f"val/auc{suffix}"]
+        elif not defined:
+            out[f"val/select_auc{suffix}"] = float("nan")
+        else:
+            out[f"val/select_auc{suffix}"] = float(np.mean(defined) if select_on == "mean_domain" else np.min(defined))
+    return out
+
+
+def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, epoch: int, rank: int) -> DataLoader:
+    # A fresh loader per epoch: its workers fork with the dataset's current transform (the
+    # light -> strong switch) and a generator seeded by (seed, rank, epoch) for their RNGs.
+    gen = torch.Generator().manual_seed(_mix_seed(cfg.seed, rank, epoch, 11))
+    return DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=cfg.data.loader_workers,
+                      drop_last=True, pin_memory=runtime.device.type == "cuda", generator=gen,
+                      persistent_workers=False)
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed every RNG the main process uses from (seed, rank, epoch): resumed epochs replay exactly."""
+    s = _mix_seed(seed, rank, epoch)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def _log(di: DistInfo, message: str) -> None:
+    if di.rank == 0:
+        print(message, flush=True)
