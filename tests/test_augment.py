@@ -1,11 +1,25 @@
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trueface.augment import TrainTransform, light_transform, mixup, soft_targets, strong_transform
+from torchvision.transforms import v2
+
+from trueface import augment
+from trueface.augment import (
+    AddGaussianNoise,
+    RandomGaussianBlur,
+    RandomJPEG,
+    TrainTransform,
+    light_transform,
+    mixup,
+    soft_targets,
+    strong_params,
+    strong_transform,
+)
 from trueface.config.schema import AugmentConfig
 
 
@@ -54,10 +68,128 @@ def test_each_op_has_its_own_probability():
     assert blurred.diff(dim=-1).abs().mean() < base[0].diff(dim=-1).abs().mean()
 
 
-def test_strength_scales_magnitudes():
-    half = strong_transform(32, AugmentConfig(strength=0.5))
-    crop = half.transforms[0]
-    assert crop.scale[0] == pytest.approx(0.8)
+# Every knob differs from the defaults and from the others, so a knob that is swapped with
+# another, or not scaled, or not passed to its op, changes some assertion below.
+DISTINCT = AugmentConfig(
+    crop_scale_min=0.5, randaugment_p=0.9, randaugment_ops=3, randaugment_magnitude=10,
+    color_jitter_p=0.7, color_jitter=(0.4, 0.3, 0.2, 0.1), grayscale_p=0.2, jpeg_p=0.6,
+    jpeg_quality_min=40, jpeg_quality_max=90, blur_p=0.8, blur_kernel=3, blur_sigma_max=2.5,
+    noise_p=0.3, noise_std=0.04, erasing_p=0.45, erasing_scale_max=0.3,
+)
+
+
+def _expected(cfg, s):
+    """The promise, written out independently of trueface.augment: probabilities and magnitudes
+    times s; ranges with an identity end move from it (crop 1, ratio 1, JPEG q_max, sigma 0.1)."""
+    return dict(
+        crop_scale=(1 - (1 - cfg.crop_scale_min) * s, 1.0),
+        crop_ratio=(1 - 0.25 * s, 1 + s / 3),
+        randaugment_p=cfg.randaugment_p * s,
+        randaugment_ops=cfg.randaugment_ops,  # a count, deliberately not scaled
+        randaugment_magnitude=round(cfg.randaugment_magnitude * s),
+        color_jitter_p=cfg.color_jitter_p * s,
+        color_jitter=tuple(v * s for v in cfg.color_jitter),
+        grayscale_p=cfg.grayscale_p * s,
+        jpeg_p=cfg.jpeg_p * s,
+        jpeg_quality=(round(cfg.jpeg_quality_max - (cfg.jpeg_quality_max - cfg.jpeg_quality_min) * s), cfg.jpeg_quality_max),
+        blur_p=cfg.blur_p * s,
+        blur_sigma=(0.1, 0.1 + (cfg.blur_sigma_max - 0.1) * s),
+        noise_p=cfg.noise_p * s,
+        noise_std=cfg.noise_std * s,
+        erasing_p=cfg.erasing_p * s,
+        erasing_scale=(0.02, max(0.02, cfg.erasing_scale_max * s)),
+    )
+
+
+def _built(tf):
+    """The effective parameters read back from the ops of a built strong pipeline."""
+    ops = tf.transforms
+    assert [type(op) for op in ops] == [
+        v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomApply, v2.RandomApply, v2.RandomGrayscale,
+        v2.RandomApply, v2.RandomApply, v2.Compose, v2.RandomApply, v2.Normalize, v2.RandomErasing,
+    ]
+    crop, _, ra, cj, gray, jpeg, blur, _, noise, _, erase = ops
+    applied = {type(a.transforms[0]): a for a in (ra, cj, jpeg, blur, noise)}
+    assert set(applied) == {v2.RandAugment, v2.ColorJitter, RandomJPEG, RandomGaussianBlur, AddGaussianNoise}
+    ra, cj, jpeg, blur, noise = (applied[t] for t in (v2.RandAugment, v2.ColorJitter, RandomJPEG, RandomGaussianBlur, AddGaussianNoise))
+    jitter = cj.transforms[0]
+    return dict(
+        crop_scale=tuple(crop.scale),
+        crop_ratio=tuple(crop.ratio),
+        randaugment_p=ra.p,
+        randaugment_ops=ra.transforms[0].num_ops,
+        randaugment_magnitude=ra.transforms[0].magnitude,
+        color_jitter_p=cj.p,
+        # ColorJitter stores factor ranges: (1 - b, 1 + b) for b, c, s and (-h, h) for hue
+        color_jitter=(jitter.brightness[1] - 1, jitter.contrast[1] - 1, jitter.saturation[1] - 1, jitter.hue[1]),
+        grayscale_p=gray.p,
+        jpeg_p=jpeg.p,
+        jpeg_quality=(jpeg.transforms[0].q_min, jpeg.transforms[0].q_max),
+        blur_p=blur.p,
+        blur_sigma=(blur.transforms[0].sigma_min, blur.transforms[0].sigma_max),
+        noise_p=noise.p,
+        noise_std=noise.transforms[0].std,
+        erasing_p=erase.p,
+        erasing_scale=tuple(erase.scale),
+    )
+
+
+def _approx(params):
+    return {k: pytest.approx(v, abs=1e-9) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 1.0])
+def test_strength_scales_every_probability_and_magnitude(s):
+    cfg = AugmentConfig(**{**DISTINCT.__dict__, "strength": s})
+    expected = _expected(cfg, s)
+    assert asdict(strong_params(cfg)) == _approx(expected)
+    # the wiring: each built op received its parameter
+    assert _built(strong_transform(32, cfg)) == _approx(expected)
+
+
+def test_strength_half_moves_every_knob_off_its_full_value():
+    # guards the test itself: at 0.5 no knob but the op count may equal its full-strength value,
+    # so one that ignored strength could not pass the equality above
+    half, full = _expected(DISTINCT, 0.5), _expected(DISTINCT, 1.0)
+    assert [k for k in half if half[k] == full[k]] == ["randaugment_ops"]
+
+
+def test_strength_zero_is_exactly_the_light_pipeline():
+    assert repr(strong_transform(32, AugmentConfig(**{**DISTINCT.__dict__, "strength": 0.0}))) == repr(light_transform(32))
+
+
+def test_blur_honours_sigma_max_above_kernel_half(monkeypatch):
+    # Stage I: kernel 3, sigma_max 2.0; a cap at kernel / 2 made every sigma <= 1.5
+    cfg = AugmentConfig(randaugment_p=0, color_jitter_p=0, grayscale_p=0, jpeg_p=0, blur_p=1.0, noise_p=0, erasing_p=0)
+    assert cfg.blur_sigma_max > cfg.blur_kernel / 2
+    radii = []
+    real_blur = augment.ImageFilter.GaussianBlur
+
+    def recording_blur(radius):
+        radii.append(radius)
+        return real_blur(radius)
+
+    monkeypatch.setattr(augment.ImageFilter, "GaussianBlur", recording_blur)
+    tf = strong_transform(16, cfg)
+    img = _image(3, size=16)
+    for seed in range(200):
+        _run(tf, img, seed)
+    assert len(radii) == 200  # blur p 1: every sample blurred
+    assert 0.1 <= min(radii) and max(radii) <= cfg.blur_sigma_max
+    assert max(radii) > cfg.blur_kernel / 2 and max(radii) > 0.95 * cfg.blur_sigma_max
+
+
+@pytest.mark.parametrize("sigma", [2.0, 3.0])
+def test_blur_spreads_a_line_by_the_drawn_sigma(sigma):
+    # PIL's radius is the standard deviation and nothing truncates it: a one-pixel line comes out
+    # with a profile of that standard deviation (kernel 3 would have clipped it near 1.5)
+    line = np.zeros((8, 64), np.uint8)
+    line[:, 32] = 255
+    out = np.asarray(RandomGaussianBlur(sigma, sigma)(Image.fromarray(line)), dtype=float)[4]
+    w = out / out.sum()
+    x = np.arange(64)
+    std = np.sqrt((w * (x - (w * x).sum()) ** 2).sum())
+    assert std == pytest.approx(sigma, rel=0.03)
 
 
 def test_mixup_targets_are_the_same_mix_as_the_images():

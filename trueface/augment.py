@@ -11,12 +11,18 @@ grayscale, JPEG, Gaussian blur, Gaussian noise, random erasing) but every op has
 probability (the original blurred every sample, flaw 6), and ``strength`` in [0, 1] scales every
 probability and magnitude together, so Tune can search one number. ``strength == 0`` is exactly
 the light pipeline. Cheap ops run on PIL images (blur and JPEG are several times faster there).
+``strong_params`` states what each config value becomes at a strength.
+
+Blur honours ``blur_sigma_max`` exactly: PIL's GaussianBlur radius IS the sigma and its support
+follows the sigma, so ``blur_kernel`` (3 or 7) only records the original's kernel size; capping
+sigma at kernel / 2 silently turned Stage I's 2.0 into 1.5.
 """
 
 from __future__ import annotations
 
 import io
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,15 +83,14 @@ class RandomJPEG:
 
 
 class RandomGaussianBlur:
-    """Gaussian blur with sigma drawn from [0.1, sigma_max], support limited like a kernel."""
+    """Gaussian blur with sigma drawn uniformly from [sigma_min, sigma_max], applied exactly:
+    PIL's GaussianBlur radius is the standard deviation and its support grows with it."""
 
-    def __init__(self, kernel: int, sigma_max: float) -> None:
-        self.kernel, self.sigma_max = kernel, sigma_max
+    def __init__(self, sigma_min: float, sigma_max: float) -> None:
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        # PIL's radius is the sigma; the kernel size only bounds how far the blur can reach.
-        sigma = min(random.uniform(0.1, self.sigma_max), self.kernel / 2)
-        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma_min, self.sigma_max)))
 
 
 class AddGaussianNoise:
@@ -98,27 +103,82 @@ class AddGaussianNoise:
         return (x + torch.randn_like(x) * self.std).clamp(0, 1)
 
 
-def strong_transform(image_size: int, cfg: AugmentConfig) -> v2.Compose:
-    """The strong pipeline at ``cfg.strength``; strength 0 returns the light pipeline."""
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range at strength 1
+BLUR_SIGMA_MIN = 0.1
+
+
+@dataclass(frozen=True)
+class StrongParams:
+    """The effective parameters of every strong op at one strength (see ``strong_params``)."""
+
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    randaugment_p: float
+    randaugment_ops: int
+    randaugment_magnitude: int
+    color_jitter_p: float
+    color_jitter: tuple[float, float, float, float]
+    grayscale_p: float
+    jpeg_p: float
+    jpeg_quality: tuple[int, int]
+    blur_p: float
+    blur_sigma: tuple[float, float]
+    noise_p: float
+    noise_std: float
+    erasing_p: float
+    erasing_scale: tuple[float, float]
+
+
+def strong_params(cfg: AugmentConfig) -> StrongParams:
+    """What each config value becomes at strength s = ``cfg.strength``.
+
+    Every probability, and every magnitude whose zero means "no change" (colour jitter, RandAugment
+    magnitude, noise std, erased area), is multiplied by s. A range that must keep an identity end
+    moves from that end towards the configured one by s: crop scale and ratio from 1, JPEG quality
+    from jpeg_quality_max, blur sigma from 0.1. RandAugment's op count is not scaled (its
+    probability and magnitude are). The erased area keeps torchvision's usual 0.02 minimum.
+    """
     s = cfg.strength
-    if s <= 0:
+    return StrongParams(
+        crop_scale=(1 - (1 - cfg.crop_scale_min) * s, 1.0),
+        crop_ratio=(1 - (1 - CROP_RATIO[0]) * s, 1 + (CROP_RATIO[1] - 1) * s),
+        randaugment_p=cfg.randaugment_p * s,
+        randaugment_ops=cfg.randaugment_ops,
+        randaugment_magnitude=round(cfg.randaugment_magnitude * s),
+        color_jitter_p=cfg.color_jitter_p * s,
+        color_jitter=tuple(v * s for v in cfg.color_jitter),
+        grayscale_p=cfg.grayscale_p * s,
+        jpeg_p=cfg.jpeg_p * s,
+        jpeg_quality=(round(cfg.jpeg_quality_max - (cfg.jpeg_quality_max - cfg.jpeg_quality_min) * s), cfg.jpeg_quality_max),
+        blur_p=cfg.blur_p * s,
+        blur_sigma=(BLUR_SIGMA_MIN, BLUR_SIGMA_MIN + (cfg.blur_sigma_max - BLUR_SIGMA_MIN) * s),
+        noise_p=cfg.noise_p * s,
+        noise_std=cfg.noise_std * s,
+        erasing_p=cfg.erasing_p * s,
+        erasing_scale=(0.02, max(0.02, cfg.erasing_scale_max * s)),
+    )
+
+
+def strong_transform(image_size: int, cfg: AugmentConfig) -> v2.Compose:
+    """The strong pipeline at ``cfg.strength``, built from ``strong_params``; strength 0 returns
+    the light pipeline."""
+    if cfg.strength <= 0:
         return light_transform(image_size)
-    b, c, sat, hue = (v * s for v in cfg.color_jitter)
-    q_min = round(cfg.jpeg_quality_max - (cfg.jpeg_quality_max - cfg.jpeg_quality_min) * s)
+    p = strong_params(cfg)
     pil_ops = [
-        v2.RandomResizedCrop(image_size, scale=(1 - (1 - cfg.crop_scale_min) * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.33 * s), antialias=True),
+        v2.RandomResizedCrop(image_size, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.RandAugment(cfg.randaugment_ops, round(cfg.randaugment_magnitude * s))], p=cfg.randaugment_p * s),
-        v2.RandomApply([v2.ColorJitter(b, c, sat, hue)], p=cfg.color_jitter_p * s),
-        v2.RandomGrayscale(p=cfg.grayscale_p * s),
-        v2.RandomApply([RandomJPEG(q_min, cfg.jpeg_quality_max)], p=cfg.jpeg_p * s),
-        v2.RandomApply([RandomGaussianBlur(cfg.blur_kernel, 0.1 + (cfg.blur_sigma_max - 0.1) * s)], p=cfg.blur_p * s),
+        v2.RandomApply([v2.RandAugment(p.randaugment_ops, p.randaugment_magnitude)], p=p.randaugment_p),
+        v2.RandomApply([v2.ColorJitter(*p.color_jitter)], p=p.color_jitter_p),
+        v2.RandomGrayscale(p=p.grayscale_p),
+        v2.RandomApply([RandomJPEG(*p.jpeg_quality)], p=p.jpeg_p),
+        v2.RandomApply([RandomGaussianBlur(*p.blur_sigma)], p=p.blur_p),
     ]
     tensor_ops = [
         to_normalized_tensor(),
-        v2.RandomApply([AddGaussianNoise(cfg.noise_std * s)], p=cfg.noise_p * s),
+        v2.RandomApply([AddGaussianNoise(p.noise_std)], p=p.noise_p),
         normalize(),
-        v2.RandomErasing(p=cfg.erasing_p * s, scale=(0.02, max(0.02, cfg.erasing_scale_max * s)), value=0),
+        v2.RandomErasing(p=p.erasing_p, scale=p.erasing_scale, value=0),
     ]
     return v2.Compose(pil_ops + tensor_ops)
 

@@ -67,8 +67,8 @@ class AugmentConfig:
     jpeg_quality_min: int = 30
     jpeg_quality_max: int = 95
     blur_p: float = 0.5
-    blur_kernel: int = 3
-    blur_sigma_max: float = 2.0
+    blur_kernel: int = 3  # the original's kernel, recorded only: the blur's support follows sigma
+    blur_sigma_max: float = 2.0  # sigma ~ U[0.1, this], honoured exactly (PIL radius = sigma)
     noise_p: float = 0.5
     noise_std: float = 0.02  # on [0, 1] pixels
     erasing_p: float = 0.5
