@@ -74,3 +74,20 @@ def test_bad_arguments():
         BalancedSampler([0], ["a"], "domain")
     with pytest.raises(ValueError, match="rank 2"):
         BalancedSampler([0], ["a"], rank=2, world_size=2)
+
+
+def test_ranks_of_an_epoch_that_does_not_divide_are_padded_by_wrapping():
+    """121 samples over 3 ranks: every rank gets 41 (DDP needs equal batch counts), the slots hold
+    the whole epoch once, and the 2 padding slots repeat the epoch's first samples."""
+    labels, domains = _data()
+    world = 3
+    shards = []
+    for rank in range(world):
+        s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=121, rank=rank, world_size=world, seed=5)
+        s.set_epoch(1)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s) == 41
+    full = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=121, seed=5).epoch_indices(1)
+    interleaved = np.array(shards).T.reshape(-1)
+    assert len(full) == 121 and np.array_equal(interleaved[:121], full)
+    assert np.array_equal(interleaved[121:], full[:2])

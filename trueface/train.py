@@ -244,7 +244,12 @@ def run_stage(
 
 def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) -> TrainState:
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
-    model = _initial_model(cfg, stage, init_from)
+    # The initial weights (random init, the new head) come from cfg.seed alone: the same on every
+    # rank (each rank's EMA copies its own model before DDP broadcasts rank 0's) and in every trial
+    # of a search, so trials differ by their parameters only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix_seed(cfg.seed, stage, 0x1417))
+        model = _initial_model(cfg, stage, init_from)
     model.to(runtime.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
     ema = ModelEma(model, cfg.stage(stage).ema_decay, cfg.stage(stage).ema_warmup)  # plain BatchNorm, always
     train_model: nn.Module = model

@@ -1,0 +1,162 @@
+"""Two data-parallel processes (gloo on the CPU, torch.multiprocessing, no Ray) against one.
+
+What runs here is what a 2-GPU Ray Train job runs: DDP, ``no_sync`` accumulation, the sampler's
+rank shards, buffer averaging before validation, the gathered validation scores, the barrier
+around checkpoints. One process with ``accum_steps=2`` sees the same micro-batches as two
+processes with ``accum_steps=1`` (rank r takes the epoch's positions r, r+2, ...; one process
+takes them in pairs), so their weights after the same optimizer steps must agree.
+
+Images are mirror-symmetric so the light pipeline's random flip changes nothing, dropout and MixUp
+are off, and micro-batches hold one image (so BatchNorm's batch statistics are the same grouping
+in both runs): what is left to differ is the order of floating-point sums in the all-reduce.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from trueface.checkpoint import load_checkpoint
+from trueface.config import load_config
+from trueface.data.layout import discover_layout
+from trueface.distributed import DistInfo
+from trueface.evaluation import load_models
+from trueface.inference import predict_scores
+from trueface.metrics import roc_auc
+from trueface.model import build_model
+from trueface.precision import Runtime
+
+pytestmark = pytest.mark.timeout(600)
+WORLD = 2
+STEPS_PER_EPOCH = 4
+EPOCHS = 2
+# fp32, the same micro-batches. Measured here: bit-identical ((g0 + g1) / 2 == g0 / 2 + g1 / 2 in
+# binary floating point); the tolerance leaves room for BLAS or all-reduce orders elsewhere.
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _symmetric_root(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 6), ("valid", 5), ("test", 1)):
+        for label, name in ((0, "real"), (1, "fake")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                half = rng.integers(40, 200, (64, 32, 3), dtype=np.uint8)
+                if label:
+                    half[28:36] = 250  # a horizontal band: symmetric, learnable
+                Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)).save(folder / f"{split}_{i}.png")
+    return root
+
+
+def _config(root: Path, out: Path, accum_steps: int):
+    return load_config("demo", [
+        f"data.root={root}", f"output.runs_dir={out}", "run_name=ddp", "data.loader_workers=0",
+        "model.weights=none", "model.dropout=0.0", "runtime.precision=fp32", "runtime.log_every=1", "eval.batch_size=1",
+        "stage1.image_size=64", f"stage1.epochs={EPOCHS}", "stage1.batch_size=2", f"stage1.accum_steps={accum_steps}",
+        f"stage1.samples_per_epoch={2 * STEPS_PER_EPOCH}", "stage1.balance=none", "stage1.light_epochs=99",
+        "stage1.mixup_alpha=0.0", "stage1.patience=0", "stage1.warmup_epochs=0.5", "stage1.lr=0.001",
+        "stage1.ema_decay=0.9",
+    ])
+
+
+def _samples(cfg, split: str):
+    layout = discover_layout(cfg.data.root)
+    return layout.gather(layout.domains, split)
+
+
+def _worker(rank: int, root: str, out: str, rendezvous: str) -> None:
+    """One rank: train Stage I, recording what validation sees; then score 7 samples with 2 ranks."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    import trueface.train as train
+
+    seen, reports = [], []
+    real_validate = train.validate
+
+    def recording_validate(models, *args, **kwargs):
+        seen.append({name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in models.items()})
+        return real_validate(models, *args, **kwargs)
+
+    train.validate = recording_validate
+    cfg = _config(Path(root), Path(out), accum_steps=1)
+    di = DistInfo(rank, WORLD)
+    train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / "ddp" / "stage1",
+                    dist_info=di, report=lambda metrics, path: reports.append(metrics))
+    # predict_scores over 2 ranks with a sample count that does not divide by 2
+    model = load_models(load_checkpoint(Path(out) / "ddp" / "stage1" / "best.pt"), cfg)["ema"]
+    scores = predict_scores(model, _samples(cfg, "valid")[:7], 64, Runtime.create("cpu", "fp32"), cfg, di)
+    torch.save({"seen": seen, "reports": reports, "scores": scores}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-process run and the 1-process accum_steps=2 run, trained once for every test here."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    root = _symmetric_root(tmp / "data")
+    mp.spawn(_worker, args=(str(root), str(tmp / "two"), str(tmp / "rendezvous")), nprocs=WORLD, join=True)
+    import trueface.train as train
+
+    one_cfg = _config(root, tmp / "one", accum_steps=2)
+    torch.set_num_threads(1)
+    one = train.run_stage(one_cfg, 1, _samples(one_cfg, "train"), _samples(one_cfg, "valid"), tmp / "one" / "ddp" / "stage1")
+    ranks = [torch.load(tmp / "two" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"tmp": tmp, "cfg": one_cfg, "ranks": ranks, "one": one}
+
+
+def test_two_processes_train_the_same_weights_as_one_with_accumulation(runs):
+    two = load_checkpoint(runs["tmp"] / "two" / "ddp" / "stage1" / "last.pt")
+    one = load_checkpoint(runs["tmp"] / "one" / "ddp" / "stage1" / "last.pt")
+    assert two["step"] == one["step"] == EPOCHS * STEPS_PER_EPOCH
+    init = build_model(runs["cfg"].model)  # the seed's initial weights, which both runs started from
+    worst = 0.0
+    for key in ("model", "ema"):
+        for name, start in init.named_parameters():
+            a, b = two[key][name], one[key][name]
+            worst = max(worst, (a - b).abs().max().item())
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}.{name}: {m}")
+    print(f"largest |2 processes - 1 process| over all weights: {worst:.2e}")
+    # the weights moved: a run that did not train would pass the comparison trivially
+    assert not torch.allclose(two["model"]["fc.1.weight"], init.state_dict()["fc.1.weight"])
+
+
+def test_both_ranks_validate_identical_ema_and_raw_models_buffers_included(runs):
+    seen0, seen1 = runs["ranks"][0]["seen"], runs["ranks"][1]["seen"]
+    assert len(seen0) == len(seen1) == EPOCHS
+    for epoch, (a, b) in enumerate(zip(seen0, seen1), start=1):
+        for weights in ("raw", "ema"):
+            differing = [k for k in a[weights] if not torch.equal(a[weights][k], b[weights][k])]
+            assert not differing, f"epoch {epoch}: rank 0 and rank 1 validate different {weights} models: {differing[:4]}"
+    # buffers really were updated by training (identical only because they were averaged)
+    assert not torch.equal(seen0[-1]["ema"]["bn1.running_mean"], torch.zeros_like(seen0[-1]["ema"]["bn1.running_mean"]))
+
+
+def test_reported_validation_auc_is_the_saved_best_checkpoints(runs):
+    """best.pt (written by rank 0) scored alone gives exactly the AUC both ranks reported for it."""
+    reports = runs["ranks"][0]["reports"]
+    best = load_checkpoint(runs["tmp"] / "two" / "ddp" / "stage1" / "best.pt")
+    reported = next(m for m in reports if m["epoch"] == best["best_epoch"])
+    cfg = runs["cfg"]
+    samples = _samples(cfg, "valid")
+    labels = np.array([s.label for s in samples])
+    scores = predict_scores(load_models(best, cfg)["ema"], samples, 64, Runtime.create("cpu", "fp32"), cfg)
+    assert roc_auc(labels, scores) == reported["val/auc_ema"]
+    assert runs["ranks"][1]["reports"][best["best_epoch"] - 1]["val/auc_ema"] == reported["val/auc_ema"]
+
+
+def test_predict_scores_over_two_ranks_equals_one_rank_in_order(runs):
+    cfg = runs["cfg"]
+    samples = _samples(cfg, "valid")[:7]  # 7 over 2 ranks: 4 + 3
+    best = load_checkpoint(runs["tmp"] / "two" / "ddp" / "stage1" / "best.pt")
+    single = predict_scores(load_models(best, cfg)["ema"], samples, 64, Runtime.create("cpu", "fp32"), cfg)
+    for rank in range(WORLD):
+        two = runs["ranks"][rank]["scores"]
+        assert two.shape == (7,) and np.array_equal(two, single), f"rank {rank}: {two} != {single}"
+    assert len(set(single.tolist())) > 1  # distinct scores, so an order mix-up would show
