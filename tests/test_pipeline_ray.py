@@ -2,6 +2,7 @@
 jobs.evaluate and jobs.predict on its checkpoint. Shares one ray.init; each Ray test has a timeout."""
 
 import glob
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +27,10 @@ def _fail_fast_ray_env(monkeypatch):
 def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_session, tmp_path, capsys, monkeypatch):
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
     monkeypatch.chdir(tmp_path)  # relative output folders, as users give them: Ray workers run elsewhere
-    args = ["--data-root", "data", *tiny_overrides(root, Path("."), "e2e")[1:], "scaling.max_failures=0"]
+    # Two Train workers (1 CPU each): the real TorchTrainer path with DDP, gathered validation
+    # scores and rank-0 checkpoints, as on a 2-GPU cluster.
+    args = ["--data-root", "data", *tiny_overrides(root, Path("."), "e2e")[1:], "scaling.max_failures=0",
+            "scaling.num_workers=2"]
     assert pipeline.main(args) == 0
     out = capsys.readouterr().out
     run, results = tmp_path / "runs" / "e2e", tmp_path / "results" / "e2e"
@@ -43,6 +47,8 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
         assert (run / f"stage{stage}" / "best.pt").is_file()
         assert glob.glob(str(run / "ray" / f"e2e-stage{stage}" / "checkpoint_*" / "checkpoint.pt"))
         assert glob.glob(str(run / "tensorboard" / f"stage{stage}" / "events.out.tfevents.*"))
+        history = json.loads((run / f"stage{stage}" / "stage.json").read_text())["history"]
+        assert {h["world_size"] for h in history} == {2}, "the stage did not train on two ranks"
     best2 = load_checkpoint(run / "stage2" / "best.pt")
     assert best2["stage"] == 2 and set(best2["thresholds"]) == {"raw", "ema"}
     assert best2["config"]["stage2"]["domains"] == ["140k-real-vs-fake", "dalle"]

@@ -208,7 +208,8 @@ def run_stage(
             val = validate({"raw": state.model, "ema": state.ema.module}, val_samples, st.image_size,
                            state.runtime, cfg, di)
             progress.epoch = epoch + 1
-            metrics = {"stage": stage, "epoch": progress.epoch, "step": progress.step, **train_stats, **val,
+            metrics = {"stage": stage, "epoch": progress.epoch, "step": progress.step, "world_size": di.world_size,
+                       **train_stats, **val,
                        "time/epoch_s": time.time() - t0}
             improved = progress.record(metrics, in_warmup=progress.step <= plan.warmup_steps)
             metrics["best/select_auc_ema"] = progress.best_auc
