@@ -9,8 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 ray_cli="$repo/.venv/bin/ray"   # the CLI is only a client here; the head runs $deps_py
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
 out="$(mktemp -d /tmp/trueface-job-XXXXXX)"
+# Token auth with a token of this check's own: `ray start` with RAY_AUTH_MODE=token needs one to
+# exist, and ~/.ray/auth_token exists only where some ray.init() (make test) made it.
+(umask 077 && "$repo/.venv/bin/python" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$out/auth_token")
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$out/auth_token"
 port=8275
 address="http://127.0.0.1:$port"
 head_pid="" submission=""
