@@ -16,7 +16,7 @@ out="$(mktemp -d /tmp/trueface-job-XXXXXX)"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$out/auth_token"
 port=8275
 address="http://127.0.0.1:$port"
-head_pid="" submission=""
+head_pid="" submission="" passed=""
 
 # A bare venv whose .pth file adds .venv's site-packages as a plain path line. Python does not
 # process the .pth files inside a folder added that way, so the editable install's finder
@@ -52,7 +52,13 @@ stop_head() {
     for _ in $(seq 30); do kill -0 "$head_pid" 2>/dev/null || return 0; sleep 1; done
     kill -KILL "$head_pid" 2>/dev/null || true
 }
-trap stop_head EXIT
+# On success keep only the results and checkpoints: Ray's session folder under $out took 1.8 GB.
+# On failure keep everything, the head's and the job's logs included.
+finish() {
+    stop_head
+    if [ -n "$passed" ]; then rm -rf "$out/ray" "$out/deps"; fi
+}
+trap finish EXIT
 
 deps_py="$out/deps/bin/python"
 make_deps_python "$out/deps"
@@ -84,4 +90,5 @@ grep -qE "run_job_checked: checked [0-9]+ project modules .*\(python $deps_py\)"
 for f in results/ci-job/summary.md results/ci-job/metrics.parquet runs/ci-job/stage2/best.pt; do
     test -s "$out/$f" || { echo "missing $out/$f" >&2; exit 1; }
 done
+passed=1
 echo "job submission check passed in $(( $(date +%s) - started )) s: the upload alone ran the job; results in $out/results/ci-job"
