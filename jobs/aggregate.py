@@ -8,9 +8,11 @@ Usage::
 
 Writes ``summary.md`` (trials best first, the best trial's test table), ``trials.csv`` and
 ``trials.parquet`` (one row per trial), ``best_config.yaml`` (which ``python -m jobs.pipeline
---config`` takes as is), ``params.png`` (validation AUC against each parameter) and ``test/``
-(the best trial's full evaluation report). Trials are ranked on validation AUC only; the test
-splits are scored for the best trial alone, after it was chosen.
+--config`` takes as is), ``params.png`` (the objective against each parameter),
+``importances.png`` (Optuna's parameter importances) and ``test/`` (the best trial's full
+evaluation report). Trials are ranked on the search's objective, the final stage's
+``best/select_auc_ema`` (validation only); the test splits are scored for the best trial alone,
+after it was chosen.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jobs.common import metrics_table
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
-from trueface.search_report import format_trials, rank_trials, write_search_report
+from trueface.search_report import format_trials, param_importances, rank_trials, write_search_report
 from trueface.storage import Mirror, StorageError, absolute, fetch, join
 
 Evaluator = Callable[[Config, str, Mirror], None]  # (trial config, checkpoint location, results folder)
@@ -81,11 +83,14 @@ def trial_row(info: TrialInfo, spec: dict, checkpoints: set[str] | frozenset[str
     results = read_results(info.path / "result.json")
     final_stage = max((int(r["stage"]) for r in results if "stage" in r), default=None)
     scored = [r for r in results if r.get("stage") == final_stage]
-    epochs = int(results[-1].get(ray_tune.TIME_ATTR, 0)) if results else 0
+    epochs = int(results[-1].get(ray_tune.TRIAL_EPOCH, 0)) if results else 0
     checkpoint = f"{info.path.name}/stage{final_stage}/best.pt" if final_stage else None
     return {
         "trial": info.path.name,
         **space.values(info.params),
+        # Only the search's final stage reports a number here (earlier stages: NaN), so a trial
+        # that never reached it has none: no Stage I score is ever ranked against a Stage II one.
+        "objective": _best(results, ray_tune.OBJECTIVE),
         "best_auc_ema": _best(scored, "val/auc_ema"),
         "best_auc": _best(scored, "val/auc"),
         "final_stage": final_stage,
@@ -114,7 +119,7 @@ def _outcome(info: TrialInfo, results: list[dict], spec: dict) -> str:
         stopped = [s for s in spec["stages"] if any(
             r.get("stage") == s and r.get("stage_done") and r["epoch"] < cfg.stage(s).epochs for r in results)]
         return f"early-stopped (patience, stage {stopped[-1]})" if stopped else "completed"
-    return f"stopped by ASHA at epoch {last.get(ray_tune.TIME_ATTR, 0)}"
+    return f"stopped by ASHA at Stage {'I' * int(last.get('stage', 0))} epoch {last.get(ray_tune.OBJECTIVE_EPOCH, 0)}"
 
 
 def best_config_yaml(spec: dict, best: TrialInfo, row: dict) -> str:
@@ -124,7 +129,8 @@ def best_config_yaml(spec: dict, best: TrialInfo, row: dict) -> str:
     searched = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in space.values(best.params).items())
     head = [
         f"# Best trial of search {spec['name']}: {best.path.name}",
-        f"# validation AUC (EMA) {row['best_auc_ema']:.4f}, raw {row['best_auc']:.4f}, Stage {row['final_stage']}",
+        f"# objective (Stage {row['final_stage']} {ray_tune.SCORE}, validation) {row['objective']:.4f}; "
+        f"pooled validation AUC (EMA) {row['best_auc_ema']:.4f}, raw {row['best_auc']:.4f}",
         f"# searched: {searched}",
         "# Train it: python -m jobs.pipeline --config <this file>",
     ]
@@ -181,13 +187,16 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
     header = {
         "search": spec["name"], "trials": f"{len(rows)} of {spec['num_samples']}", "space": spec["space_source"],
         "stages trained": ", ".join(map(str, spec["stages"])) + (f" (Stage II from {spec['init']})" if spec["init"] else ""),
-        "ranked by": "best validation AUC of the EMA weights in the trial's last stage",
-        "best trial": f"{best_row['trial']} ({best_row['best_auc_ema']:.4f})",
+        "ranked by": f"objective: the best {from_dict(spec['config']).eval.select_on} validation AUC of the EMA "
+                     f"weights ({ray_tune.SCORE}) in Stage {'I' * spec['stages'][-1]}, the search's final stage; "
+                     f"a trial stopped by ASHA has the one it had when stopped",
+        "best trial": f"{best_row['trial']} ({best_row['objective']:.4f})",
         "trial folders": exp.location, "tensorboard": f"tensorboard --logdir {exp.local}",
         "command": spec.get("command", ""),
     }
     params = [(p.key, p.form in ("loguniform", "decay")) for p in space.params]
-    write_search_report(report.local, rows, params, best_config_yaml(spec, best, best_row), header, test_md)
+    write_search_report(report.local, rows, params, best_config_yaml(spec, best, best_row), header, test_md,
+                        importances=param_importances(rows, space))
     report.push()
     return report
 
@@ -212,7 +221,7 @@ def print_summary(report: Mirror, experiment: Mirror) -> None:
     print("\n" + format_trials(rows, keys))
     if (out_dir / TEST_DIR / "metrics.parquet").is_file():
         print(f"\nbest trial {rows[0]['trial']} on the test splits:\n" + metrics_table(out_dir / TEST_DIR))
-    print(f"\nreport:      {report.location}/summary.md (+ trials.csv, trials.parquet, params.png, test/)")
+    print(f"\nreport:      {report.location}/summary.md (+ trials.csv, trials.parquet, params.png, importances.png, test/)")
     print(f"best config: python -m jobs.pipeline --config {out_dir}/best_config.yaml")
     print(f"tensorboard: tensorboard --logdir {experiment.local}"
           + (f" (a working copy of {experiment.location})" if experiment.remote else ""))

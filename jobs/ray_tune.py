@@ -4,28 +4,41 @@ A trial is a Tune function trainable that ``fit()``s one ``TorchTrainer`` per st
 with ``TuneReportCallback`` forwarding each epoch's metrics (the Ray Train V2 pattern; a trainer
 passed straight to ``Tuner`` fails under V2). A trial's folder is a TrueFace run folder: its
 ``config.yaml``, ``stageN/{best,last}.pt``, ``stageN/stage.json`` and ``tensorboard/``.
+
+What ASHA and Optuna compare (``trial_result``): ``objective``, the FINAL stage's
+``best/select_auc_ema`` (best EMA validation AUC by ``eval.select_on`` so far, on that stage's
+validation set), by ``objective_epoch``, that stage's epoch. Earlier stages of a ``--stage both``
+trial report ``objective`` NaN and ``objective_epoch`` 0: Tune's strict metric check needs the
+key in every result, ASHA records nothing below its first rung (epoch >= 1), and Optuna's value
+is the trial's last result, always a final-stage one. So Stage I runs to its budget unjudged and
+no Stage I number ever meets a Stage II one.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, from_dict, to_yaml
-from trueface.config.search_space import SearchSpace, parse_search_space
-from trueface.checkpoint import finished_stage
+from trueface.config.search_space import FirstEffect, SearchSpace, SearchSpaceError, parse_search_space
+from trueface.checkpoint import StageResult, finished_stage
 from trueface.run import RunPaths
 from trueface.storage import Mirror, join
 from trueface.tensorboard import write_hparams
 
 SPEC_FILE = "trueface-tune.json"  # how the search was started: what --resume and jobs.aggregate read
-METRIC = "best/auc_ema"  # per stage: the best EMA validation AUC so far (never falls, unlike val/auc_ema)
-TIME_ATTR = "trial_epoch"  # epochs trained by the trial, over its stages: ASHA's clock
+SPEC_VERSION = 2  # 2: objective = the final stage's best/select_auc_ema (1 compared best/auc_ema of any stage)
+SCORE = "best/select_auc_ema"  # the engine's best selection AUC (EMA) so far in the stage: never falls
+OBJECTIVE = "objective"  # what Optuna and ASHA compare: SCORE of the trial's final stage, NaN before it
+OBJECTIVE_EPOCH = "objective_epoch"  # ASHA's clock: the final stage's epoch, 0 before it
+TRIAL_EPOCH = "trial_epoch"  # epochs trained by the trial over all its stages (for the record)
 TRIAL_DRIVER_CPUS = 0.1  # the trial function only waits on its trainer; the workers hold the CPUs
-HPARAM_METRICS = ("best/auc_ema", "val/auc_ema", "val/auc")
+HPARAM_METRICS = ("best/select_auc_ema", "val/select_auc_ema", "val/auc_ema", "val/auc")
 
 
 def trial_config(spec: dict, params: dict, trial_name: str) -> Config:
@@ -50,6 +63,28 @@ def experiment_mirror(spec_or_location: dict | str, cache_dir: str | None = None
 
 def search_space(spec: dict) -> SearchSpace:
     return parse_search_space(spec["space"], spec["space_source"])
+
+
+def trial_result(metrics: dict, epoch_offset: int = 0, final_stage: bool | None = None) -> dict:
+    """An epoch's report as Tune gets it: ``metrics`` (the engine's) plus ``trial_epoch``
+    (``epoch_offset``, the epochs of the trial's earlier stages, + this stage's epoch) and, in a
+    search (``final_stage`` not None), ``objective`` and ``objective_epoch``: this stage's score
+    and epoch in the final stage, NaN and 0 before it (see the module docstring for why both keys
+    are always there). Ray Train's workers and a resumed trial both report through here."""
+    out = {**metrics, TRIAL_EPOCH: epoch_offset + int(metrics["epoch"])}
+    if final_stage is None:
+        return out
+    if final_stage:
+        return {**out, OBJECTIVE: float(metrics[SCORE]), OBJECTIVE_EPOCH: int(metrics["epoch"])}
+    return {**out, OBJECTIVE: math.nan, OBJECTIVE_EPOCH: 0}
+
+
+def finished_trial_result(done: StageResult, epoch_offset: int) -> dict:
+    """The one report of a resumed trial whose stages had all finished (``done``: the final
+    stage's result; ``epoch_offset``: its earlier stages' epochs): Optuna still needs its score."""
+    last = {**(done.history[-1] if done.history else {}), "stage": done.stage, "epoch": done.epochs_run,
+            SCORE: done.best_select_auc_ema, "best/epoch": done.best_epoch, "stage_done": 1.0}
+    return trial_result(last, epoch_offset, final_stage=True)
 
 
 def run_trial(params: dict, spec: dict) -> None:
@@ -81,7 +116,8 @@ def run_trial(params: dict, spec: dict) -> None:
         done = finished_stage(stage_dir)
         if done is None:
             ray_train.fit(ray_train.stage_worker, cfg, f"{ctx.get_trial_id()}-stage{stage}",
-                          {"stage": stage, "init_from": init_from, "epoch_offset": offset, "attach_checkpoint": False},
+                          {"stage": stage, "init_from": init_from, "epoch_offset": offset, "attach_checkpoint": False,
+                           "final_stage": stage == stages[-1]},
                           fresh=not run.exists(f"stage{stage}/last.pt"), callbacks=[TuneReportCallback()])
             reported = True
             run.pull(f"stage{stage}/stage.json")
@@ -94,8 +130,107 @@ def run_trial(params: dict, spec: dict) -> None:
         offset += done.epochs_run
         init_from = paths.location(f"stage{stage}/best.pt")
     if not reported and done is not None:
-        # A resumed trial whose stages had all finished: Tune and Optuna still need its score.
-        tune.report({**done.history[-1], METRIC: done.best_auc_ema, TIME_ATTR: offset, "stage_done": 1.0})
+        tune.report(finished_trial_result(done, offset - done.epochs_run))
+
+
+def final_stage_epochs(space: SearchSpace, cfg: Config, stages: list[int]) -> int:
+    """ASHA's max_t: the final stage's epochs (the top of its range where the space searches them)."""
+    key = f"stage{stages[-1]}.epochs"
+    return int(max([cfg.stage(stages[-1]).epochs] + [max(p.extremes()) for p in space.params if p.key == key]))
+
+
+def asha_rungs(grace_period: int, max_t: int, reduction_factor: int) -> list[int]:
+    """The epochs (of the final stage) at which ASHA compares a trial with the others and may stop
+    it: Ray's single-bracket milestones grace * rf**k (ray.tune.schedulers.async_hyperband._Bracket,
+    same arithmetic), below max_t, where a trial ends anyway."""
+    grace = min(grace_period, max_t)
+    count = int(np.log(max_t / grace) / np.log(reduction_factor) + 1)
+    return sorted(m for m in (grace * reduction_factor ** k for k in range(count)) if m < max_t)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When ASHA judges a search's trials and when each searched key first acts, in one clock:
+    the final stage's epochs."""
+
+    source: str
+    stages: tuple[int, ...]
+    select_on: str  # eval.select_on: which validation AUC the objective is
+    max_t: int
+    grace_period: int
+    reduction_factor: int
+    effects: tuple[FirstEffect, ...]
+
+    @property
+    def final(self) -> int:
+        return self.stages[-1]
+
+    @property
+    def rungs(self) -> list[int]:
+        return asha_rungs(self.grace_period, self.max_t, self.reduction_factor)
+
+    def check(self) -> None:
+        """Raise SearchSpaceError for a key that never acts, or that acts after ASHA's first rung
+        (ASHA would stop trials on epochs where their values of it had made no difference)."""
+        for e in self.effects:
+            if e.epoch is None:
+                raise SearchSpaceError(f"{self.source}: {e.key} never changes training: {e.why}")
+        late = [e for e in self.effects if e.stage == self.final and self.rungs and e.epoch > self.rungs[0]]
+        if not late:
+            return
+        fit = max(e.epoch for e in self.effects if e.stage == self.final)
+        e = max(late, key=lambda x: x.epoch)
+        after = (f"ASHA would then stop trials at {_stage(self.final)} epochs {_epochs(asha_rungs(fit, self.max_t, self.reduction_factor))}"
+                 if fit < self.max_t else "no trial is then stopped before its last epoch")
+        raise SearchSpaceError(
+            f"{self.source}: {e.key} first acts at {_stage(self.final)} epoch {e.epoch} ({e.why}), but ASHA compares "
+            f"trials from {_stage(self.final)} epoch {self.rungs[0]} on ({self.describe_rungs()}): it would stop trials "
+            f"on epochs where their values of {e.key} made no difference. Use --grace-period {fit} (or grace_period: "
+            f"{fit} in the space file; {after}), or drop or narrow {e.key}")
+
+    def describe_rungs(self) -> str:
+        where = (f"rungs at {_stage(self.final)} epochs {_epochs(self.rungs)} of {self.max_t}" if self.rungs
+                 else f"no rungs before {_stage(self.final)}'s last epoch, {self.max_t}: no trial is stopped early")
+        return f"{where}; --grace-period {self.grace_period}, --reduction-factor {self.reduction_factor}"
+
+    def describe(self) -> str:
+        final = _stage(self.final)
+        lines = [
+            f"objective: {final}'s {SCORE} (best EMA validation AUC so far, {self.select_on}), reported as "
+            f"{OBJECTIVE!r}; Optuna gets each trial's last",
+            f"ASHA: clock {OBJECTIVE_EPOCH!r} = {final}'s epoch; {self.describe_rungs()}; keeps 1/{self.reduction_factor} per rung",
+        ]
+        if len(self.stages) > 1:
+            earlier = " and ".join(_stage(s) for s in self.stages[:-1])
+            lines.append(f"  {earlier} runs to its own end unjudged (its reports: {OBJECTIVE} NaN, {OBJECTIVE_EPOCH} 0)")
+        lines.append(f"first epoch each searched key acts in (no rung may come before it), {final} epochs:")
+        width = max(len(e.key) for e in self.effects)
+        for e in self.effects:
+            if e.epoch is None:
+                when = f"never in {_stage(e.stage)}"
+            elif e.stage != self.final:
+                when = f"{_stage(e.stage)} epoch {e.epoch}: before {final}"
+            else:
+                when = f"epoch {e.epoch}"
+            lines.append(f"  {e.key:<{width}}  {when}" + (f" ({e.why})" if e.why else ""))
+        return "\n".join(lines)
+
+
+def schedule(spec: dict) -> Schedule:
+    """The search's Schedule from its spec (``steps_per_epoch``: the plan's optimizer steps per
+    epoch of each stage, which places an EMA decay's first effect)."""
+    space, cfg, stages = search_space(spec), from_dict(spec["config"]), list(spec["stages"])
+    steps = {int(k): int(v) for k, v in spec["steps_per_epoch"].items()}
+    return Schedule(spec["space_source"], tuple(stages), cfg.eval.select_on, final_stage_epochs(space, cfg, stages), spec["grace_period"],
+                    spec["reduction_factor"], tuple(space.first_effects(cfg, stages, steps)))
+
+
+def _stage(stage: int) -> str:
+    return f"Stage {'I' * stage}"
+
+
+def _epochs(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs))
 
 
 def prune_last_checkpoints(experiment: Mirror, trial_names: list[str]) -> int:
@@ -161,23 +296,30 @@ def make_trainable(spec: dict):
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": TRIAL_DRIVER_CPUS})
 
 
-def make_tuner(spec: dict, trainable, max_concurrent: int):
+def make_search(spec: dict):
+    """Optuna's TPE (the searcher) and ASHA (the scheduler), both on OBJECTIVE (see trial_result)."""
     import optuna
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    space = search_space(spec)
-    cfg = from_dict(spec["config"])
-    max_t = sum(cfg.stage(s).epochs for s in spec["stages"])
+    sched = schedule(spec)
     sampler = optuna.samplers.TPESampler(
         seed=spec["seed"], n_startup_trials=spec["startup_trials"],
         constant_liar=True,  # trials still running count as pending, so parallel trials differ
     )
-    searcher = OptunaSearch(space=space.suggest, metric=METRIC, mode="max", sampler=sampler)
-    scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=max_t,
-                              grace_period=min(spec["grace_period"], max_t), reduction_factor=spec["reduction_factor"])
+    searcher = OptunaSearch(space=search_space(spec).suggest, metric=OBJECTIVE, mode="max", sampler=sampler)
+    scheduler = ASHAScheduler(time_attr=OBJECTIVE_EPOCH, metric=OBJECTIVE, mode="max", max_t=sched.max_t,
+                              grace_period=min(sched.grace_period, sched.max_t), reduction_factor=sched.reduction_factor)
+    return searcher, scheduler
+
+
+def make_tuner(spec: dict, trainable, max_concurrent: int, search: tuple | None = None):
+    """The search's Tuner; ``search``: the ``make_search(spec)`` pair to use (default: new ones)."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    space = search_space(spec)
+    searcher, scheduler = search or make_search(spec)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec["num_samples"],

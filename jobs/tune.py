@@ -10,7 +10,8 @@ Usage::
     python -m jobs.tune --dry-run                                # the plan only
 
 Every trial trains with the same seed (same initial weights and data order), so trials differ by
-their parameters only. Each trial's folder ``<storage>/<name>/<trial>/`` holds its config,
+their parameters only. Trials are compared on the final stage's ``best/select_auc_ema`` at equal
+epochs of that stage (see jobs.ray_tune); a space whose keys act after ASHA's first rung is refused. Each trial's folder ``<storage>/<name>/<trial>/`` holds its config,
 checkpoints and TensorBoard logs; ``results/<name>/`` gets the aggregated tables at the end.
 """
 
@@ -30,10 +31,11 @@ from jobs import ray_tune
 from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, warn_if_outputs_vanish
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
-from trueface.config import ConfigError, apply_values, from_dict, to_dict
+from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
 from trueface.config.search_space import load_search_space
-from trueface.data.layout import DataLayoutError
+from trueface.data.layout import DataLayout, DataLayoutError
+from trueface.data.sampler import BalancedSampler
 from trueface.run import resolve_run
 from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, fetch, is_uri, join
 
@@ -58,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         spec = _new_spec(args, storage, command="python -m jobs.tune " + shlex.join(argv))
     print(describe(spec), flush=True)
+    _check_schedule(spec)  # after the plan, which shows the rungs and when each key acts
     if args.dry_run:
         return 0
     exp = ray_tune.experiment_mirror(spec)
@@ -90,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
     p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
-    p.add_argument("--grace-period", type=int, default=1, help="epochs every trial trains before ASHA may stop it (default: 1)")
+    p.add_argument("--grace-period", type=int,
+                   help="epochs of the final stage every trial trains before ASHA may stop it (default: the space's "
+                        "grace_period, else 1); must not come before a searched key first acts")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung (default: 2)")
     p.add_argument("--startup-trials", type=int,
                    help="random trials before TPE models the results (default: half the trials, 2 to 10)")
@@ -138,7 +143,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     try:
         base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
         space = load_search_space(_space_path(args.space))
-        cfg, _ = resolve_run(base)
+        cfg, layout = resolve_run(base)
         space.check(cfg, stages)
     except (ConfigError, DataLayoutError) as exc:
         sys.exit(f"error: {exc}")
@@ -147,22 +152,50 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
                              ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):
         if value is not None and value < low:
             sys.exit(f"error: {flag} must be >= {low}, got {value}")
+    grace = args.grace_period or space.grace_period or 1
     name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
         sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
     exp = ray_tune.experiment_mirror(join(storage, name), cfg.data.cache_dir)
     if exp.local.exists():  # a URI's search is looked for once the dry run is over (see main)
         _refuse_existing(exp, name, args.storage)
-    return {
-        "version": 1, "name": name, "storage": storage, "command": command.strip(),
+    spec = {
+        "version": ray_tune.SPEC_VERSION, "name": name, "storage": storage, "command": command.strip(),
         "config": to_dict(cfg), "base_config": to_dict(base),
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
         "stages": stages, "init": init,
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
         "seed": cfg.seed, "startup_trials": args.startup_trials or min(10, max(2, args.num_samples // 2)),
-        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+        "grace_period": grace, "reduction_factor": args.reduction_factor,
+        "steps_per_epoch": steps_per_epoch(cfg, layout, stages),
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
+    return spec
+
+
+def _check_schedule(spec: dict) -> None:
+    """Refuse (before Ray starts, in a dry run too) a space whose keys never act, or act after
+    ASHA's first rung; the message says which --grace-period fits."""
+    try:
+        ray_tune.schedule(spec).check()
+    except ConfigError as exc:
+        data = from_dict(spec["config"]).data.root
+        sys.exit(f"error: {exc}\n  (epochs and steps per epoch ({spec['steps_per_epoch']} by stage) are those of this "
+                 f"config on the data in {data})")
+
+
+def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int]) -> dict[str, int]:
+    """Optimizer steps per epoch of each stage, counted as trueface.train counts them (rank 0's
+    share of the sampler over micro-batch x accumulation); JSON keys, so strings."""
+    out = {}
+    for stage in stages:
+        st, workers = cfg.stage(stage), cfg.scaling.num_workers
+        train = layout.gather(st.domains, "train")
+        sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
+                                  st.samples_per_epoch, 0, workers, cfg.seed)
+        micro = max(1, st.batch_size // (workers * st.accum_steps))
+        out[str(stage)] = max(1, len(sampler) // (micro * st.accum_steps))
+    return out
 
 
 def _refuse_existing(exp: Mirror, name: str, storage_flag: str) -> None:
@@ -201,7 +234,12 @@ def _load_spec(storage: str, name: str) -> dict:
         known = [] if is_uri(storage) else sorted(p.parent.name for p in Path(storage).glob(f"*/{ray_tune.SPEC_FILE}"))
         sys.exit(f"error: no search named {name!r} in {storage}"
                  + (f"; searches there: {', '.join(known)}" if known else "") + " (--storage chooses the folder)")
-    return json.loads(path.read_text())
+    spec = json.loads(path.read_text())
+    if spec.get("version") != ray_tune.SPEC_VERSION:
+        sys.exit(f"error: search {name!r} was started by an older TrueFace, whose trials compared best/auc_ema of "
+                 f"whichever stage they were in; its trials cannot be resumed under the final-stage objective. "
+                 f"Start a new search (its finished trials stay readable with python -m jobs.aggregate)")
+    return spec
 
 
 def describe(spec: dict) -> str:
@@ -215,8 +253,8 @@ def describe(spec: dict) -> str:
         f"search {spec['name']}: {spec['num_samples']} trials of {what}, at most {epochs} epochs each",
         f"space {spec['space_source']}:",
         space.describe(),
-        f"Optuna TPE (seed {spec['seed']}, first {spec['startup_trials']} trials random); ASHA on {ray_tune.METRIC} "
-        f"by {ray_tune.TIME_ATTR} (grace {spec['grace_period']}, keeps 1/{spec['reduction_factor']} per rung)",
+        f"Optuna TPE (seed {spec['seed']}, first {spec['startup_trials']} trials random) proposes; ASHA stops",
+        ray_tune.schedule(spec).describe(),
         f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
         f"trials at once: {spec['max_concurrent'] or 'as many as the resources hold'}",
         f"trials:      {exp.location}/<trial>/ (config.yaml, stageN/best.pt)",

@@ -9,7 +9,8 @@ import optuna
 import pytest
 
 from trueface.config import load_config
-from trueface.config.search_space import SearchSpaceError, load_search_space, parse_search_space
+from trueface.config.search_space import SearchSpaceError, first_step_above, load_search_space, parse_search_space
+from trueface.ema import ema_decay_at
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -125,3 +126,82 @@ def test_round_trip_through_to_dict():
     again = parse_search_space(sp.to_dict(), sp.source)
     assert again == sp
     assert math.isclose(again.params[0].low, 1e-4)
+
+
+def effects(params: dict, cfg_overrides=(), stages=(1,), steps=None, **extra):
+    cfg = load_config("demo", list(cfg_overrides))
+    return {e.key: e for e in space(params, **extra).first_effects(cfg, stages, steps or {1: 10, 2: 10})}
+
+
+def test_augmentation_keys_act_once_strong_augmentation_starts():
+    got = effects({"stage1.augment.strength": {"uniform": [0, 1]}, "stage1.lr": {"loguniform": [1e-4, 1e-2]},
+                   "model.dropout": {"uniform": [0.1, 0.5]}}, ["stage1.light_epochs=2", "stage1.epochs=4"])
+    assert (got["stage1.augment.strength"].stage, got["stage1.augment.strength"].epoch) == (1, 3)
+    assert got["stage1.lr"].epoch == 1 and (got["model.dropout"].stage, got["model.dropout"].epoch) == (1, 1)
+    # a searched light_epochs: the augmentation keys wait for its top, the key itself acts after its low
+    got = effects({"stage1.augment.erasing_p": {"uniform": [0, 0.5]}, "stage1.light_epochs": {"int": [1, 3]}},
+                  ["stage1.epochs=6"])
+    assert got["stage1.augment.erasing_p"].epoch == 4 and got["stage1.light_epochs"].epoch == 2
+    # keys outside stageN.* act from the first epoch of the trial's first stage
+    assert effects({"model.dropout": {"uniform": [0.1, 0.5]}}, stages=(2,))["model.dropout"].stage == 2
+
+
+def test_augmentation_that_never_starts_is_flagged():
+    got = effects({"stage1.augment.strength": {"uniform": [0, 1]}}, ["stage1.light_epochs=4", "stage1.epochs=4"])
+    e = got["stage1.augment.strength"]
+    assert e.epoch is None and "stage1.light_epochs = 4" in e.why and "Stage I trains 4 epochs" in e.why
+    # a searched epochs range counts with its top
+    got = effects({"stage1.augment.strength": {"uniform": [0, 1]}, "stage1.epochs": {"int": [3, 6]}},
+                  ["stage1.light_epochs=4", "stage1.epochs=4"])
+    assert got["stage1.augment.strength"].epoch == 5
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999])
+def test_first_step_above_matches_the_ema_warmup(decay):
+    """Before that step the warm-up caps every decay >= ``decay`` at the same value; from it on not."""
+    step = first_step_above(decay)
+    assert ema_decay_at(step, decay, True) != ema_decay_at(step, 1.0, True)
+    for s in range(max(1, step - 3), step):  # optimizer steps count from 1
+        assert ema_decay_at(s, decay, True) == ema_decay_at(s, 1.0, True)
+
+
+def test_an_ema_decay_acts_once_the_warmup_passes_the_range_low_end():
+    # 0.9 first differs from larger decays at step 81: epoch 9 of 10 steps, epoch 1 of 100
+    assert effects({"stage1.ema_decay": {"decay": [0.9, 0.99]}}, ["stage1.epochs=20"])["stage1.ema_decay"].epoch == 9
+    got = effects({"stage2.ema_decay": {"decay": [0.9, 0.99]}}, ["stage2.epochs=20"], stages=(1, 2), steps={1: 1, 2: 100})
+    assert (got["stage2.ema_decay"].stage, got["stage2.ema_decay"].epoch) == (2, 1)  # the step count restarts per stage
+    assert "passes the top, 0.99, at step 891 (epoch 9)" in got["stage2.ema_decay"].why
+    # never within the stage: 4 epochs x 10 steps end with the warm-up at 41/50 = 0.82
+    e = effects({"stage1.ema_decay": {"decay": [0.9, 0.99]}}, ["stage1.epochs=4"])["stage1.ema_decay"]
+    assert e.epoch is None and "reaches only 0.82" in e.why and "search decays below 0.82" in e.why
+    # without the warm-up a decay acts from the first step
+    assert effects({"stage1.ema_decay": {"decay": [0.9, 0.99]}}, ["stage1.epochs=4", "stage1.ema_warmup=false"]
+                   )["stage1.ema_decay"].epoch == 1
+
+
+def test_grace_period_in_the_file():
+    sp = space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}}, grace_period=3)
+    assert sp.grace_period == 3 and parse_search_space(sp.to_dict(), sp.source) == sp
+    assert space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}}).grace_period is None
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(SearchSpaceError, match="grace_period must be a whole number of epochs >= 1"):
+            space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}}, grace_period=bad)
+
+
+def test_the_objective_s_own_definition_cannot_be_searched():
+    with pytest.raises(SearchSpaceError, match="eval.select_on: cannot be searched.*compared on one measure"):
+        space({"eval.select_on": {"choice": ["mean_domain", "pooled"]}}).check(load_config("demo"), (1,))
+
+
+@pytest.mark.parametrize("name, stages, steps", [
+    ("paper", (1, 2), {1: 500, 2: 2000}),  # the original's ~500 steps per Stage I epoch (DESIGN.md)
+    ("paper-stage2", (2,), {2: 2000}),
+])
+def test_paper_spaces_fit_asha_on_paper_sized_data(name, stages, steps):
+    """On data of the paper's size every key acts by ASHA's first rung at the default grace 1
+    (on the embedded synthetic set they do not, which jobs.tune says: see test_tune_cli)."""
+    sp = load_search_space(SPACES / f"{name}.yaml")
+    got = sp.first_effects(load_config("paper"), stages, steps)
+    final = [e for e in got if e.stage == stages[-1]]
+    assert all(e.epoch == 1 for e in final), [(e.key, e.epoch) for e in final]
+    assert all(e.epoch is not None for e in got)

@@ -10,10 +10,12 @@ import pytest
 from jobs import ray_tune
 from jobs import tune as tune_job
 from tests.conftest import tiny_overrides
+from trueface.checkpoint import save_checkpoint
 from trueface.config import load_config
 from trueface.config.search_space import parse_search_space
 
-SPACE = "params:\n  stage1.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  stage1.ema_decay: {decay: [0.9, 0.99]}\n"
+# The tiny data's Stage I has 2 steps per epoch: decays from 0.1 up differ from its first step.
+SPACE = "params:\n  stage1.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  stage1.ema_decay: {decay: [0.1, 0.5]}\n"
 
 
 @pytest.fixture
@@ -35,7 +37,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_root, tmp_path, capsys,
     assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--num-samples", "5")) == 0
     out = capsys.readouterr().out
     assert "search s: 5 trials of Stage I, at most 2 epochs each" in out
-    assert "stage1.ema_decay: decay 0.9 .. 0.99 (log-uniform in 1 - value)" in out
+    assert "stage1.ema_decay: decay 0.1 .. 0.5 (log-uniform in 1 - value)" in out
+    assert "objective: Stage I's best/select_auc_ema" in out
+    assert "ASHA: clock 'objective_epoch' = Stage I's epoch; rungs at Stage I epochs 1 of 2" in out
+    assert "stage1.ema_decay  epoch 1 (decays from 0.1 up differ from step 1, ~2 steps/epoch" in out
     assert f"tensorboard --logdir {tmp_path / 'tune' / 's'}" in out
     assert not (tmp_path / "tune").exists()
 
@@ -133,3 +138,82 @@ def test_a_ray_job_with_relative_outputs_is_told_where_they_go(tiny_root, tmp_pa
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert tune_job.main(["--dry-run", "--data-root", str(tiny_root)]) == 0
     assert "Ray deletes" not in capsys.readouterr().err
+
+
+AUGMENT = "params:\n  stage1.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  stage1.augment.strength: {uniform: [0.0, 1.0]}\n"
+
+
+def test_a_key_that_acts_after_asha_s_first_rung_is_refused_with_the_grace_that_fits(tiny_root, tmp_path, capsys, no_ray):
+    """Strong augmentation starts at epoch 2 (light_epochs 1): ASHA's rung at epoch 1 would judge
+    the strength on an epoch where it was off."""
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", space=AUGMENT) + ["stage1.epochs=4"])
+    message = str(exc.value)
+    assert "stage1.augment.strength first acts at Stage I epoch 2" in message
+    assert "rungs at Stage I epochs 1, 2 of 4" in message and "Use --grace-period 2" in message
+    assert "ASHA would then stop trials at Stage I epochs 2" in message
+    assert "rungs at Stage I epochs 1, 2 of 4" in capsys.readouterr().out  # the plan was printed first
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--grace-period", "2", space=AUGMENT) + ["stage1.epochs=4"]) == 0
+    assert "rungs at Stage I epochs 2 of 4; --grace-period 2" in capsys.readouterr().out
+    # the space's own default
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", space="grace_period: 2\n" + AUGMENT) + ["stage1.epochs=4"]) == 0
+    assert "--grace-period 2" in capsys.readouterr().out
+
+
+def test_with_both_stages_only_stage_two_keys_meet_asha(tiny_root, tmp_path, capsys, no_ray):
+    both = AUGMENT + "  stage2.mixup_alpha: {uniform: [0.0, 0.8]}\n"
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--stage", "both", space=both) + ["stage2.epochs=4"]) == 0
+    out = capsys.readouterr().out
+    assert "rungs at Stage II epochs 1, 2 of 4" in out and "Stage I runs to its own end unjudged" in out
+    assert "stage1.augment.strength  Stage I epoch 2: before Stage II" in out
+    late = both + "  stage2.augment.strength: {uniform: [0.0, 1.0]}\n"
+    with pytest.raises(SystemExit, match="stage2.augment.strength first acts at Stage II epoch 3.*--grace-period 3"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--stage", "both", space=late)
+                      + ["stage2.epochs=4", "stage2.light_epochs=2"])
+
+
+def test_a_key_that_never_acts_is_refused(tiny_root, tmp_path, no_ray):
+    """The tiny Stage I trains 2 epochs of 2 steps: the EMA warm-up caps every decay at 5/14."""
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", space=SPACE.replace("[0.1, 0.5]", "[0.9, 0.99]")))
+    assert "stage1.ema_decay never changes training" in str(exc.value) and "search decays below 0.357" in str(exc.value)
+    assert "steps per epoch ({'1': 2} by stage)" in str(exc.value)
+
+
+def test_the_paper_search_on_the_embedded_data_shows_its_rungs_and_is_refused(tmp_path, capsys, no_ray):
+    """The synthetic set is far smaller than the paper's data: Stage I has one step per epoch."""
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(["--dry-run", "--space", "paper", "--config", "paper", "--stage", "both",
+                       "--storage", str(tmp_path / "tune")])
+    out = capsys.readouterr().out
+    assert "rungs at Stage II epochs 1, 2, 4, 8, 16 of 20" in out
+    assert "stage2.augment.strength  epoch 1" in out
+    assert "stage1.ema_decay never changes training" in str(exc.value)
+
+
+def test_the_demo_space_runs_at_its_default_grace(tmp_path, capsys, no_ray):
+    assert tune_job.main(["--dry-run", "--storage", str(tmp_path / "tune")]) == 0
+    assert "rungs at Stage I epochs 1, 2 of 3" in capsys.readouterr().out
+
+
+def test_the_stage_two_demo_space_runs_at_its_default_grace(tmp_path, capsys, no_ray):
+    init = tmp_path / "stage1.pt"
+    save_checkpoint(init, {"stage": 1, "config": {}, "ema": {}, "model": {}})  # all --init checks read
+    assert tune_job.main(["--dry-run", "--space", "demo-stage2", "--config", "demo", "--stage", "2", "--init", str(init),
+                          "--storage", str(tmp_path / "tune")]) == 0
+    assert "rungs at Stage II epochs 1, 2 of 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grace, max_t, rf", [(1, 3, 2), (1, 4, 2), (1, 20, 2), (2, 20, 3), (3, 50, 2), (5, 5, 2), (7, 4, 2)])
+def test_asha_rungs_are_ray_s(grace, max_t, rf):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    g = min(grace, max_t)  # as make_search passes it
+    assert ray_tune.asha_rungs(grace, max_t, rf) == sorted(m for m, _ in _Bracket(g, max_t, rf, 0)._rungs if m < max_t)
+
+
+def test_a_search_started_before_the_final_stage_objective_is_not_resumed(tmp_path, no_ray):
+    (tmp_path / "tune" / "old").mkdir(parents=True)
+    (tmp_path / "tune" / "old" / ray_tune.SPEC_FILE).write_text('{"version": 1}')
+    with pytest.raises(SystemExit, match="started by an older TrueFace.*Start a new search"):
+        tune_job.main(["--resume", "old", "--storage", str(tmp_path / "tune")])

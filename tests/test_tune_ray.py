@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACE = """description: tiny
 params:
   stage1.lr: {loguniform: [3.0e-4, 3.0e-3]}
-  stage1.ema_decay: {decay: [0.5, 0.9]}
+  stage1.ema_decay: {decay: [0.1, 0.5]}   # the tiny Stage I has 4 steps: these differ from step 1
   stage1.mixup_alpha: {choice: [0.0, 0.4]}
 """
 
@@ -89,10 +89,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
 def test_trials_table_lists_every_trial_with_its_values_and_scores(search):
     rows = pq.read_table(search["results"] / "trials.parquet").to_pylist()
     assert len(rows) == 3 and [r["rank"] for r in rows] == [1, 2, 3]
-    scores = [r["best_auc_ema"] for r in rows]
+    scores = [r["objective"] for r in rows]
     assert scores == sorted(scores, reverse=True)
     for r in rows:
-        assert 3e-4 <= r["stage1.lr"] <= 3e-3 and 0.5 <= r["stage1.ema_decay"] <= 0.9
+        assert 3e-4 <= r["stage1.lr"] <= 3e-3 and 0.1 <= r["stage1.ema_decay"] <= 0.5
+        # the objective is the best best/select_auc_ema the trial reported, epoch by epoch
+        results = aggregate_job.read_results(search["exp"] / r["trial"] / "result.json")
+        assert r["objective"] == max(x["best/select_auc_ema"] for x in results)
+        assert [x["objective_epoch"] for x in results] == [x["epoch"] for x in results]
         assert r["stage1.mixup_alpha"] in (0.0, 0.4)
         assert r["outcome"] == "completed" or r["outcome"].startswith("stopped by ASHA")
         config = yaml.safe_load((search["exp"] / r["trial"] / "config.yaml").read_text())
@@ -104,6 +108,7 @@ def test_trials_table_lists_every_trial_with_its_values_and_scores(search):
     assert not glob.glob(str(search["exp"] / "*" / "stage1" / "last.pt"))
     for name in ("summary.md", "trials.csv", "params.png", "best_config.yaml", "test/summary.md", "test/metrics.parquet"):
         assert (search["results"] / name).is_file(), name
+    assert "## Parameter importances" in (search["results"] / "summary.md").read_text()
 
 
 @pytest.mark.timeout(60)
@@ -113,7 +118,7 @@ def test_every_trial_has_tensorboard_curves_and_an_hparams_session(search):
     for trial in trials:
         curves = EventAccumulator(str(trial / "tensorboard" / "stage1"))
         curves.Reload()
-        assert {"train/loss", "val/auc_ema", "best/auc_ema"} <= set(curves.Tags()["scalars"])
+        assert {"train/loss", "val/auc_ema", "val/select_auc_ema", "best/select_auc_ema"} <= set(curves.Tags()["scalars"])
         session = EventAccumulator(str(trial / "tensorboard"))
         session.Reload()
         content = session.PluginTagToContent("hparams")
@@ -123,7 +128,7 @@ def test_every_trial_has_tensorboard_curves_and_an_hparams_session(search):
         assert values["stage1.lr"] == pytest.approx(config["stage1"]["lr"])
         assert values["stage1.ema_decay"] == pytest.approx(config["stage1"]["ema_decay"])
         experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-        assert ("stage1", "best/auc_ema") in {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+        assert ("stage1", "best/select_auc_ema") in {(m.name.group, m.name.tag) for m in experiment.metric_infos}
 
 
 @pytest.mark.timeout(120)

@@ -4,16 +4,20 @@ Usage::
 
     rows = rank_trials(rows)       # best first
     print(format_trials(rows, param_keys))
-    write_search_report(Path("results/demo-..."), rows, param_keys, best_config_yaml, header, test_md)
+    write_search_report(Path("results/demo-..."), rows, params, best_config_yaml, header, test_md,
+                        importances=param_importances(rows, space))
 
-A row is a flat mapping: ``trial``, one column per searched config key, ``best_auc_ema``,
-``best_auc`` (raw weights), ``final_stage`` (the stage whose validation scored it),
-``epochs``, ``outcome``, ``wall_min``, ``checkpoint``. Nothing here knows about Ray.
+A row is a flat mapping: ``trial``, one column per searched config key, ``objective`` (the
+search's final stage's best selection AUC of the EMA weights on validation; NaN for a trial that
+never reached that stage), ``best_auc_ema`` and ``best_auc`` (pooled validation AUC, EMA and raw
+weights, of the trial's last stage), ``final_stage`` (the last stage it reported), ``epochs``,
+``outcome``, ``wall_min``, ``checkpoint``. Nothing here knows about Ray.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -24,18 +28,20 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import pyarrow as pa
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text
+from trueface.config.search_space import SearchSpace
 from trueface.results import csv_text, figure_png, markdown_table, parquet_bytes
 
-SCORE = "best_auc_ema"
+SCORE = "objective"
+MIN_IMPORTANCE_TRIALS = 3  # fANOVA's forest needs a few points to split on
 OUTCOME_COLOURS = {"completed": "tab:green", "early-stopped": "tab:olive", "stopped by ASHA": "tab:orange",
                    "error": "tab:red", "unfinished": "tab:grey"}
 
 
 def rank_trials(rows: list[dict]) -> list[dict]:
-    """Best first: trials that reached the last stage, then by best EMA validation AUC (NaN last).
+    """Best first by the objective (NaN last), trials that got further first among equals.
 
-    A ``--stage both`` trial stopped during Stage I was scored on Stage I's validation set,
-    which is not comparable with Stage II's, so it ranks below every trial that got further.
+    Only the final stage reports an objective, so a ``--stage both`` trial that ended in Stage I
+    has none and ranks below every trial that was scored.
     """
     def key(row: dict) -> tuple:
         score = row.get(SCORE)
@@ -54,7 +60,8 @@ def _cell(value: object) -> str:
 
 
 def _columns(param_keys: list[str], with_checkpoint: bool) -> list[str]:
-    cols = ["rank", "trial", *param_keys, "best_auc_ema", "best_auc", "final_stage", "epochs", "outcome", "wall_min"]
+    cols = ["rank", "trial", *param_keys, "objective", "best_auc_ema", "best_auc", "final_stage", "epochs", "outcome",
+            "wall_min"]
     return cols + (["checkpoint"] if with_checkpoint else [])
 
 
@@ -73,7 +80,7 @@ def format_trials(rows: list[dict], param_keys: list[str]) -> str:
 
 
 def params_png(rows: list[dict], params: list[tuple[str, bool]]) -> bytes:
-    """Best EMA validation AUC against each searched parameter, one panel each, coloured by outcome.
+    """The objective against each searched parameter, one panel each, coloured by outcome.
 
     ``params`` are ``(key, log_x)``; a decay parameter is drawn against 1 - value on a log axis.
     """
@@ -92,12 +99,70 @@ def params_png(rows: list[dict], params: list[tuple[str, bool]]) -> bytes:
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel=f"1 - {key}" if key.endswith("ema_decay") else key, ylabel="best validation AUC (EMA)")
+        ax.set(xlabel=f"1 - {key}" if key.endswith("ema_decay") else key, ylabel="objective (validation AUC, EMA)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize="small")
-    fig.suptitle("Search: validation AUC against each parameter")
+    fig.suptitle("Search: the objective against each parameter")
+    return figure_png(fig)
+
+
+@dataclass(frozen=True)
+class Importances:
+    """Optuna's parameter importances by config key (largest first), or none and ``note`` says why."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    trials: int = 0
+    note: str = ""
+
+
+def param_importances(rows: list[dict], space: SearchSpace, seed: int = 0) -> Importances:
+    """fANOVA importances (``optuna.importance.get_param_importances``) of the searched keys for
+    the objective, on a study rebuilt from the rows that have one (a trial ASHA stopped counts with
+    the objective it had then), with each key's own distribution. Too few trials, or one
+    objective for all, give no importances and a note that says so."""
+    import optuna
+
+    scored = [r for r in rows if _finite(r.get(SCORE)) and all(r.get(p.key) is not None for p in space.params)]
+    if len(scored) < MIN_IMPORTANCE_TRIALS:
+        return Importances(trials=len(scored), note=f"{len(scored)} trial(s) have an objective; parameter importances "
+                                                    f"need at least {MIN_IMPORTANCE_TRIALS}")
+    if len({float(r[SCORE]) for r in scored}) < 2:
+        return Importances(trials=len(scored), note=f"all {len(scored)} trials have the same objective "
+                                                    f"({float(scored[0][SCORE]):.4g}): no parameter explains any of it")
+    dists = {p.name: p.distribution() for p in space.params}
+    trials = [optuna.trial.create_trial(params={p.name: _sampled(p, dists[p.name], r[p.key]) for p in space.params},
+                                        distributions=dists, value=float(r[SCORE])) for r in scored]
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(trials)
+    by_name = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
+    keys = {p.name: p.key for p in space.params}
+    return Importances({keys[n]: float(v) for n, v in by_name.items()}, len(scored))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sampled(param, dist, value):
+    """The value Optuna sampled for a row's config value (clamped: 1 - (1 - x) may leave the range by an ulp)."""
+    if param.form == "choice":
+        return value
+    if param.form == "int":
+        return int(value)
+    return min(max(float(param.to_sampled(value)), dist.low), dist.high)
+
+
+def importances_png(imp: Importances) -> bytes:
+    """A horizontal bar per searched key, the most important on top."""
+    keys = list(imp.values)[::-1]
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(keys) + 1.4), layout="constrained")
+    ax.barh(keys, [imp.values[k] for k in keys], color="tab:blue")
+    ax.set(xlabel="importance (fANOVA share of the objective's variance)", xlim=(0, 1))
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"Parameter importances over {imp.trials} trials")
     return figure_png(fig)
 
 
@@ -108,8 +173,10 @@ def _plot_x(key: str, value):
 
 
 def write_search_report(out_dir: Path, rows: list[dict], params: list[tuple[str, bool]], best_config_yaml: str,
-                        header: dict[str, str], test_markdown: str | None) -> dict[str, Path]:
-    """``trials.{csv,parquet}``, ``params.png``, ``best_config.yaml`` and, last, ``summary.md``."""
+                        header: dict[str, str], test_markdown: str | None,
+                        importances: Importances | None = None) -> dict[str, Path]:
+    """``trials.{csv,parquet}``, ``params.png``, ``importances.png`` (where ``importances`` has
+    values), ``best_config.yaml`` and, last, ``summary.md``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k, _ in params]
@@ -124,7 +191,18 @@ def write_search_report(out_dir: Path, rows: list[dict], params: list[tuple[str,
     md = ["# TrueFace search report", ""]
     md += [f"- **{k}**: {v}" for k, v in header.items()]
     md += ["", "## Trials, best first", "", markdown_table(cols, [[_cell(r.get(c)) for c in cols] for r in table]),
-           "", "![validation AUC against each parameter](params.png)", ""]
+           "", "![the objective against each parameter](params.png)", ""]
+    if importances is not None:
+        md += ["## Parameter importances", ""]
+        if importances.values:
+            written["importances.png"] = atomic_write_bytes(out_dir / "importances.png", importances_png(importances))
+            md += [f"fANOVA (Optuna) over the {importances.trials} trials with an objective: the share of its variance "
+                   "each parameter explains. Rough with few trials.", "",
+                   markdown_table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in importances.values.items()]),
+                   "", "![parameter importances](importances.png)", ""]
+        else:
+            (out_dir / "importances.png").unlink(missing_ok=True)  # an earlier report's, of other trials
+            md += [f"None: {importances.note}.", ""]
     if test_markdown:
         md += ["## Best trial on the test splits", "", test_markdown, ""]
     md += ["## Best config", "", "Train it with the full pipeline:", "",

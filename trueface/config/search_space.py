@@ -10,6 +10,7 @@ Usage::
 A file looks like::
 
     description: what this space is for
+    grace_period: 3                              # optional: jobs.tune's --grace-period default
     params:
       stage1.lr:               {loguniform: [1.0e-4, 3.0e-3]}
       stage1.ema_decay:        {decay: [0.99, 0.9999]}   # log-uniform in 1 - decay
@@ -20,6 +21,10 @@ A file looks like::
 ``decay`` samples ``1 - value`` log-uniformly, so 0.99 ... 0.9999 is covered evenly per decade
 (uniform sampling would put 90% of trials above 0.999). Optuna sees that parameter under the
 name ``1-<key>``; ``values()`` turns trial parameters back into config values.
+
+``first_effects()`` says from which epoch each key changes training at all: strong augmentation
+starts after ``light_epochs``, and two EMA decays train alike until the decay warm-up passes the
+lower one. A scheduler that judges a trial earlier judges the key on epochs where it did nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,10 @@ FORMS = {
     "choice": "one of a list of values",
     "decay": "1 - value log-uniform, for EMA decays in (0, 1)",
 }
+
+
+# Keys that define what trials are compared on: a search over them compares unlike scores.
+OBJECTIVE_KEYS = {"eval.select_on": "it chooses the validation AUC that is the search's objective"}
 
 
 class SearchSpaceError(ConfigError):
@@ -78,6 +87,22 @@ class Param:
         """The config value of a sampled parameter."""
         return 1 - float(sampled) if self.form == "decay" else sampled
 
+    def to_sampled(self, value: Any) -> Any:
+        """The value Optuna samples (under ``name``) for a config value: ``value``'s inverse."""
+        return 1 - float(value) if self.form == "decay" else value
+
+    def distribution(self) -> Any:
+        """The Optuna distribution ``suggest`` samples from (to rebuild a study from finished trials)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.form == "choice":
+            return CategoricalDistribution(list(self.values))
+        if self.form == "int":
+            return IntDistribution(int(self.low), int(self.high))
+        if self.form == "decay":
+            return FloatDistribution(1 - self.high, 1 - self.low, log=True)
+        return FloatDistribution(self.low, self.high, log=self.form == "loguniform")
+
     def extremes(self) -> list[Any]:
         """Config values that span the range: if these validate, every sample does."""
         if self.form == "choice":
@@ -94,10 +119,23 @@ class Param:
 
 
 @dataclasses.dataclass(frozen=True)
+class FirstEffect:
+    """Epoch ``epoch`` (1-based) of stage ``stage`` is the first in which two values of ``key``'s
+    range train differently; ``epoch`` None: never within the stage. ``why`` says how that was
+    worked out (and, for None, what to change)."""
+
+    key: str
+    stage: int
+    epoch: int | None
+    why: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchSpace:
     params: tuple[Param, ...]
     source: str = ""
     description: str = ""
+    grace_period: int | None = None  # the space's default for jobs.tune --grace-period
 
     @property
     def keys(self) -> list[str]:
@@ -136,6 +174,9 @@ class SearchSpace:
                 raise SearchSpaceError(f"{where}: is true/false; use choice: [true, false]")
             if isinstance(current, int) and not isinstance(current, bool) and p.form in ("uniform", "loguniform", "decay"):
                 raise SearchSpaceError(f"{where}: is an integer; use int: [low, high] or choice")
+            if p.key in OBJECTIVE_KEYS:
+                raise SearchSpaceError(f"{where}: cannot be searched: {OBJECTIVE_KEYS[p.key]}, and trials must "
+                                       f"be compared on one measure; set it for the whole search ({p.key}=VALUE)")
             stage = _stage_of(p.key)
             if stage is not None and stage not in stages:
                 trains = " and ".join(f"Stage {'I' * s}" for s in stages)
@@ -148,11 +189,86 @@ class SearchSpace:
                 except ConfigError as exc:
                     raise SearchSpaceError(f"{where}: value {value!r} of its range is rejected by the config: {exc}") from exc
 
+    def first_effects(self, cfg: Config, stages: Sequence[int], steps_per_epoch: Mapping[int, int]) -> list[FirstEffect]:
+        """For each key, the first epoch (of its stage) in which its values train differently:
+        ``stageN.augment.*`` from epoch ``light_epochs + 1`` (light augmentation before); an EMA
+        decay from the epoch where the decay warm-up passes the range's low end (the step count
+        restarts each stage; ``steps_per_epoch`` maps a stage to its optimizer steps per epoch);
+        ``stageN.light_epochs`` from epoch low + 1; every other key from epoch 1 of its stage,
+        or of the trial's first stage for keys outside ``stageN.*``. Where a searched key moves
+        ``light_epochs`` or ``epochs``, the latest start and the longest stage count."""
+        return [self._first_effect(p, cfg, tuple(stages), steps_per_epoch) for p in self.params]
+
+    def _first_effect(self, p: Param, cfg: Config, stages: tuple[int, ...], steps_per_epoch: Mapping[int, int]) -> FirstEffect:
+        stage = _stage_of(p.key) or stages[0]
+        key = f"stage{stage}"
+        st = cfg.stage(stage)
+        epochs = int(self._most(f"{key}.epochs", st.epochs))
+        name = f"Stage {'I' * stage}"
+        if p.key.startswith(f"{key}.augment."):
+            light = int(self._most(f"{key}.light_epochs", st.light_epochs))
+            why = f"strong augmentation starts after {key}.light_epochs = {light}"
+            if light >= epochs:
+                return FirstEffect(p.key, stage, None, f"{why}, and {name} trains {epochs} epochs: lower "
+                                                       f"{key}.light_epochs or raise {key}.epochs")
+            return FirstEffect(p.key, stage, light + 1, why)
+        if p.key == f"{key}.light_epochs":
+            return FirstEffect(p.key, stage, int(min(p.extremes())) + 1, "light augmentation ends after the lowest value")
+        if p.key == f"{key}.ema_decay" and self._may_be(f"{key}.ema_warmup", st.ema_warmup, True):
+            return _decay_effect(p, stage, epochs, int(steps_per_epoch[stage]))
+        return FirstEffect(p.key, stage, 1)
+
+    def _most(self, key: str, default: Any) -> Any:
+        """The largest value ``key`` takes in the trials: its range's top if searched, else ``default``."""
+        param = next((p for p in self.params if p.key == key), None)
+        return max(param.extremes()) if param is not None else default
+
+    def _may_be(self, key: str, default: Any, value: Any) -> bool:
+        param = next((p for p in self.params if p.key == key), None)
+        return value in param.extremes() if param is not None else default == value
+
     def to_dict(self) -> dict:
-        return {"description": self.description, "params": {p.key: _param_spec(p) for p in self.params}}
+        out = {"description": self.description, "params": {p.key: _param_spec(p) for p in self.params}}
+        return {**out, "grace_period": self.grace_period} if self.grace_period is not None else out
 
     def describe(self) -> str:
         return "\n".join(f"  {p.describe()}" for p in self.params)
+
+
+def warmup_decay(step: int) -> float:
+    """The EMA decay warm-up's ceiling after ``step`` optimizer steps (trueface.ema.ema_decay_at)."""
+    return (1 + step) / (10 + step)
+
+
+def first_step_above(decay: float) -> int:
+    """The first optimizer step (1-based) at which the warm-up ceiling exceeds ``decay``: from there
+    on ``decay`` and any larger one give different averages; before it both are the ceiling."""
+    step = max(1, math.floor((10 * decay - 1) / (1 - decay)) + 1)
+    while step > 1 and warmup_decay(step - 1) > decay:  # float rounding in the closed form
+        step -= 1
+    while warmup_decay(step) <= decay:
+        step += 1
+    return step
+
+
+def _decay_effect(p: Param, stage: int, epochs: int, steps_per_epoch: int) -> FirstEffect:
+    low, high = min(p.extremes()), max(p.extremes())
+    steps = max(1, steps_per_epoch)
+    first = first_step_above(low)
+    epoch = (first - 1) // steps + 1
+    total = epochs * steps
+    why = f"decays from {low:g} up differ from step {first}, ~{steps} steps/epoch"
+    if epoch > epochs:
+        return FirstEffect(p.key, stage, None,
+                           f"{why}, and Stage {'I' * stage} has ~{total} steps: the decay warm-up "
+                           f"min(decay, (1 + step) / (10 + step)) reaches only {warmup_decay(total):.3g}, so every "
+                           f"value trains alike; search decays below {warmup_decay(total):.3g} or train more steps")
+    top = first_step_above(high) if high < 1 else None
+    if top is not None and top <= total:
+        why += f"; the warm-up passes the top, {high:g}, at step {top} (epoch {(top - 1) // steps + 1})"
+    else:
+        why += f"; it never reaches the top, {high:g}: decays above {warmup_decay(total):.3g} train alike"
+    return FirstEffect(p.key, stage, epoch, why)
 
 
 def _stage_of(key: str) -> int | None:
@@ -178,16 +294,19 @@ def load_search_space(path: str | Path) -> SearchSpace:
 def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
     if not isinstance(data, dict):
         raise SearchSpaceError(f"{source}: expected a mapping with 'params:', got {type(data).__name__}")
-    unknown = set(data) - {"description", "params"}
+    unknown = set(data) - {"description", "params", "grace_period"}
     if unknown:
         raise SearchSpaceError(f"{source}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
-                               f"a search space has 'description' and 'params'")
+                               f"a search space has 'description', 'params' and optionally 'grace_period'")
+    grace = data.get("grace_period")
+    if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 1):
+        raise SearchSpaceError(f"{source}: grace_period must be a whole number of epochs >= 1, got {grace!r}")
     params = data.get("params")
     if not isinstance(params, dict) or not params:
         raise SearchSpaceError(f"{source}: 'params' must map dotted config keys to ranges, e.g. "
                                f"stage1.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
     return SearchSpace(tuple(_parse_param(str(k), v, source) for k, v in params.items()), source,
-                       str(data.get("description") or ""))
+                       str(data.get("description") or ""), grace)
 
 
 def _parse_param(key: str, spec: Any, source: str) -> Param:
