@@ -97,7 +97,7 @@ def stage_worker(config: dict) -> None:
         if di.rank == 0:
             run.push(*uploads)
         _report(metrics, checkpoint_path, epoch_offset=int(config.get("epoch_offset", 0)),
-                attach_checkpoint=bool(config.get("attach_checkpoint", True)))
+                attach_checkpoint=bool(config.get("attach_checkpoint", True)), final_stage=config.get("final_stage"))
 
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is None:
@@ -145,11 +145,14 @@ def evaluate_worker(config: dict) -> None:
 
 
 def _report(metrics: dict, checkpoint_path: Path | None, epoch_offset: int = 0,
-            attach_checkpoint: bool = True) -> None:
-    """Report an epoch's metrics, plus ``trial_epoch`` (epochs trained in earlier stages + this
-    stage's): the clock Tune's scheduler compares trials by. ``attach_checkpoint=False`` leaves
-    Ray's copy out where ``last.pt`` sits on storage every worker reaches (Tune trials)."""
-    metrics = {**metrics, "trial_epoch": epoch_offset + metrics["epoch"]}
+            attach_checkpoint: bool = True, final_stage: bool | None = None) -> None:
+    """Report an epoch's metrics as jobs.ray_tune.trial_result shapes them: plus ``trial_epoch``
+    (epochs trained in earlier stages + this stage's) and, in a Tune trial (``final_stage`` set
+    by the loop config), the search's objective and ASHA's clock. ``attach_checkpoint=False``
+    leaves Ray's copy out where ``last.pt`` sits on storage every worker reaches (Tune trials)."""
+    from jobs.ray_tune import trial_result  # the search owns its report keys (objective, ASHA clock)
+
+    metrics = trial_result(metrics, epoch_offset, None if final_stage is None else bool(final_stage))
     if checkpoint_path is None or not attach_checkpoint:
         ray.train.report(metrics)
         return
