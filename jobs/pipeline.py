@@ -26,6 +26,7 @@ from trueface.data.layout import DataLayoutError
 from trueface.checkpoint import finished_stage
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
+from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
     ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_location,
-                       test_domains=cfg.data.test_domains, threshold_from="valid", save_thresholds=True)
+                       test_domains=cfg.data.test_domains, threshold_from="valid", save_thresholds=True,
+                       chosen_by=f"jobs.pipeline (run {cfg.run_name})")
     paths.results_mirror().pull()
+    run.pull(f"stage2/{THRESHOLDS_FILE}")  # written beside best.pt, never into it
     run.pull("tensorboard")
     print_results(paths, time.time() - started)
     return 0
@@ -99,6 +102,7 @@ def print_results(paths: RunPaths, seconds: float | None = None) -> None:
         print(f"\nfinished in {seconds / 60:.1f} min")
     print(f"results:     {paths.results_location}/summary.md (+ metrics.csv, metrics.parquet, ROC and confusion PNGs)")
     print(f"checkpoints: {paths.run_location}/stage{{1,2}}/best.pt")
+    print(f"thresholds:  {paths.run_location}/stage2/{THRESHOLDS_FILE} (jobs.predict labels with them)")
     print(f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}")
     if is_uri(paths.run_location):
         print(f"working copies on this machine: {paths.run_dir} and {paths.results_dir}")

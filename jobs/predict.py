@@ -1,9 +1,14 @@
-"""Probability that each image is generated, and its label at the checkpoint's saved threshold.
+"""Probability that each image is generated, and its label at the checkpoint's chosen threshold.
 
 Usage::
 
     python -m jobs.predict --checkpoint runs/demo/stage2/best.pt face.jpg more_faces/
     python -m jobs.predict --checkpoint CKPT folder/ --out predictions.csv
+    python -m jobs.predict --checkpoint CKPT dalle_faces/ --domain dalle   # that domain's own threshold
+
+The threshold comes from ``thresholds.json`` beside the checkpoint (written by the pipeline's
+evaluation): the pooled one, or with ``--domain`` the one chosen on that domain's validation split
+(``eval.threshold_scope: per_domain``). The console and the CSV's ``threshold_source`` say which.
 
 An unreadable image is reported by name (stderr, and an ``error`` row in the CSV); the others
 are still scored. Exit status 1 when any image could not be read.
@@ -23,6 +28,7 @@ from tqdm import tqdm
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError
 from trueface.predict import Predictor, expand_inputs
+from trueface.thresholds import ThresholdsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,13 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--domain", help="label at this domain's own threshold (eval.threshold_scope per_domain); "
+                                         "default: the pooled one")
     args = parser.parse_args(argv)
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device)
-    except CheckpointError as exc:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device, domain=args.domain)
+    except (CheckpointError, ThresholdsError) as exc:
         sys.exit(f"error: {exc}")
-    if not predictor.threshold_saved:
-        print("warning: the checkpoint holds no threshold (run the evaluation first); labelling at 0.5", file=sys.stderr)
+    print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(args.weights), file=sys.stderr)
     paths = expand_inputs(args.inputs)
     if not paths:
         sys.exit(f"error: no images found in {' '.join(args.inputs)}")
@@ -49,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if p.error:
             failed += 1
             print(f"error: {p.error}", file=sys.stderr)
-    text = _csv(rows, predictor.threshold)
+    text = _csv(rows, predictor.threshold, predictor.threshold_source)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"{len(rows) - failed} scored, {failed} unreadable -> {args.out}", file=sys.stderr)
@@ -58,12 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _csv(rows, threshold: float) -> str:
+def _csv(rows, threshold: float, source: str) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "p_generated", "label", "threshold", "error"])
+    writer.writerow(["path", "p_generated", "label", "threshold", "threshold_source", "error"])
     for r in rows:
-        writer.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label, f"{threshold:.6f}", r.error])
+        p = "" if r.probability is None else f"{r.probability:.6f}"
+        writer.writerow([r.path, p, r.label, f"{threshold:.6f}", source, r.error])
     return buf.getvalue()
 
 

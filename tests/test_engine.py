@@ -12,6 +12,7 @@ from trueface.train import StageError, micro_batch_size, run_stage
 from trueface.evaluation import evaluate_checkpoint
 from trueface.predict import Predictor
 from trueface.run import resolve_run
+from trueface.thresholds import read_thresholds
 
 
 def _stage1(cfg, tmp_path: Path, **kw):
@@ -136,7 +137,8 @@ def test_evaluation_tables_thresholds_and_predict(tiny_cfg, tmp_path):
     for name in ("summary.md", "metrics.csv", "metrics.parquet", "roc_ema.png", "confusion_ema.png", "config.yaml"):
         assert (tmp_path / "results" / name).is_file(), name
     assert "youden" in (tmp_path / "results" / "summary.md").read_text()
-    assert set(load_checkpoint(s1.best_checkpoint)["thresholds"]) == {"raw", "ema"}
+    saved = read_thresholds(Path(s1.best_checkpoint))  # beside best.pt, never inside it
+    assert saved.pooled == report.thresholds and "thresholds" not in load_checkpoint(s1.best_checkpoint)
 
     predictor = Predictor.from_checkpoint(Path(s1.best_checkpoint))
     assert predictor.threshold == report.thresholds["ema"] and predictor.threshold_saved

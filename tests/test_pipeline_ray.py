@@ -2,6 +2,7 @@
 jobs.evaluate and jobs.predict on its checkpoint. Shares one ray.init; each Ray test has a timeout."""
 
 import glob
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from jobs import pipeline
 from jobs import predict as predict_job
 from tests.conftest import tiny_overrides, write_tiny_root
 from trueface.checkpoint import load_checkpoint
+from trueface.thresholds import read_thresholds
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,7 +52,10 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
         history = json.loads((run / f"stage{stage}" / "stage.json").read_text())["history"]
         assert {h["world_size"] for h in history} == {2}, "the stage did not train on two ranks"
     best2 = load_checkpoint(run / "stage2" / "best.pt")
-    assert best2["stage"] == 2 and set(best2["thresholds"]) == {"raw", "ema"}
+    assert best2["stage"] == 2 and "thresholds" not in best2
+    saved = read_thresholds(run / "stage2" / "best.pt")  # beside best.pt; refused were it chosen for other bytes
+    assert set(saved.pooled) == {"raw", "ema"} and saved.chosen_by == "jobs.pipeline (run e2e)"
+    best2_sha = hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest()
     assert best2["config"]["stage2"]["domains"] == ["140k-real-vs-fake", "dalle"]
 
     # the same command again resumes: both stages are skipped, only the evaluation reruns
@@ -59,6 +64,7 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     out = capsys.readouterr().out
     assert "stage 1: already finished" in out and "stage 2: already finished" in out
     assert (run / "stage1" / "best.pt").stat().st_mtime == mtime
+    assert hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest() == best2_sha  # evaluated again, unchanged
 
     # jobs.evaluate: the checkpoint on another root with other domain names, on a Ray worker
     other = write_tiny_root(tmp_path / "other", {"midjourney": "lower"}, per_class=4)
@@ -67,6 +73,7 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     rows = pq.read_table(tmp_path / "eval-other" / "metrics.parquet").to_pylist()
     assert {r["domain"] for r in rows} == {"midjourney", "combined"}
     assert {r["role"] for r in rows if r["domain"] == "midjourney"} == {"held out (never trained on)"}
+    assert hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest() == best2_sha
 
     # jobs.predict: a folder with one broken file; the others are still scored, into a CSV
     images = other / "midjourney" / "test" / "fake"
@@ -74,7 +81,7 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     csv_path = tmp_path / "pred.csv"
     assert predict_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), str(images), "--out", str(csv_path)]) == 1
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,p_generated,label,threshold,error"
+    assert lines[0] == "path,p_generated,label,threshold,threshold_source,error"
     assert len(lines) == 1 + 5 and sum(",error," in ln for ln in lines) == 1
     assert "broken.png" in capsys.readouterr().err
 

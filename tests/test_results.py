@@ -94,8 +94,10 @@ def test_evaluation_rows_shape_and_order(rows):
         ("raw", "stylegan"), ("raw", "sdxl"), ("raw", COMBINED),
         ("ema", "stylegan"), ("ema", "sdxl"), ("ema", COMBINED),
     ]
-    assert list(rows[0]) == ["weights", "domain", "role", "threshold_policy", *METRIC_KEYS]
+    assert list(rows[0]) == ["weights", "domain", "role", "threshold_policy", "threshold_scope", "threshold_source",
+                             "threshold_file", *METRIC_KEYS]
     assert {r["threshold_policy"] for r in rows} == {"youden"}
+    assert {(r["threshold_scope"], r["threshold_source"]) for r in rows} == {("pooled", "pooled validation")}
     assert rows[1]["role"] == "held out (never trained on)"
     assert rows[2]["role"] == "all test domains"
 
@@ -137,8 +139,8 @@ def test_format_table(rows):
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[0].split() == ["weights", "domain", "role", "n", "auc", "accuracy", "precision",
-                                "recall", "f1", "ece", "threshold"]
-    # Aligned: the threshold column ends at the same place in every row.
+                                "recall", "f1", "ece", "threshold", "threshold_source"]
+    # Aligned: the last column ends at the same place in every row.
     assert len({len(line) for line in lines[2:]}) == 1
     assert f"{rows[0]['auc']:.4f}" in lines[2]
     assert "0.4200" in lines[-1]

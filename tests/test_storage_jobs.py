@@ -4,6 +4,8 @@ which inherit that environment as a cluster's workers would."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import pyarrow.parquet as pq
@@ -41,6 +43,10 @@ def test_pipeline_keeps_checkpoints_logs_and_results_in_s3_and_resumes_from_ther
     for name in ("summary.md", "metrics.parquet", "metrics.csv"):
         assert results + name in keys, name
     assert not [k for k in keys if k.endswith(".tmp")]
+    # the thresholds went up beside best.pt, stamped with the bytes best.pt still has (never rewritten)
+    thresholds = json.loads(_object(s3_server, run + "stage2/thresholds.json"))
+    best_sha = hashlib.sha256(_object(s3_server, run + "stage2/best.pt")).hexdigest()
+    assert thresholds["checkpoint"]["sha256"] == best_sha and set(thresholds["thresholds"]) == {"raw", "ema"}
     # credentials: from the environment only, never written to the bucket or printed
     secret = s3_server["env"]["AWS_SECRET_ACCESS_KEY"]
     assert secret not in out
@@ -60,8 +66,15 @@ def test_pipeline_keeps_checkpoints_logs_and_results_in_s3_and_resumes_from_ther
                               "--data-root", str(root), "--out", "s3://trueface-test/e2e/results/again", "--no-ray"]) == 0
     assert "results: s3://trueface-test/e2e/results/again/summary.md" in capsys.readouterr().out
     assert "e2e/results/again/metrics.parquet" in s3_keys(s3_server, "e2e/results/again/")
+    again = pq.read_table(cache / "staging" / "s3" / "trueface-test" / "e2e" / "results" / "again" / "metrics.parquet")
+    assert all("read from" in p for p in again.column("threshold_policy").to_pylist())  # the bucket's thresholds.json
+    assert hashlib.sha256(_object(s3_server, run + "stage2/best.pt")).hexdigest() == best_sha
     rows = pq.read_table(cache / "staging" / "s3" / "trueface-test" / "e2e" / "results" / "s3run" / "metrics.parquet")
     assert sorted(set(rows.column("domain").to_pylist())) == sorted([*DOMAINS, "combined"])
+
+
+def _object(s3_server, key: str) -> bytes:
+    return s3_server["client"].get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read()
 
 
 @pytest.mark.timeout(60)

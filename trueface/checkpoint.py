@@ -11,6 +11,8 @@ optimizer, the grad scaler, step, epoch (the next one to run), stage, the resolv
 early-stopping state: all it takes to resume. ``best.pt`` is the same without optimizer and
 scaler (half the size): it only starts Stage II, is evaluated and predicts. It is written to a temporary name in the same folder, fsynced and renamed, so a crash
 while writing never replaces a good file with a partial one.
+Once its stage has finished, a checkpoint is never rewritten: what is chosen later (the decision
+thresholds) goes to a file beside it (trueface.thresholds).
 """
 
 from __future__ import annotations
@@ -56,13 +58,6 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a TrueFace checkpoint (missing {', '.join(sorted(missing))})")
     return state
-
-
-def update_checkpoint(path: Path, **fields: Any) -> None:
-    """Add or replace top-level fields (e.g. the chosen thresholds), atomically."""
-    state = load_checkpoint(path)
-    state.update(fields)
-    save_checkpoint(path, state)
 
 
 @dataclass

@@ -111,7 +111,7 @@ def evaluate_checkpoint(
     def score(samples: list[Sample]) -> dict[str, np.ndarray]:
         return {name: predict_scores(m, samples, image_size, runtime, cfg, di) for name, m in models.items()}
 
-    saved = None if threshold_from == "valid" else _saved(checkpoint, threshold_from, policy, scope)
+    saved = None if threshold_from == "valid" else saved_thresholds(checkpoint, threshold_from, policy, scope)
     if saved is not None:
         chosen, source = saved, f"{saved.describe()}; read from {thresholds_path(checkpoint)} ({saved.chosen_by}, {saved.chosen_at})"
     else:
@@ -144,7 +144,7 @@ def evaluate_checkpoint(
     return EvaluationReport(rows, chosen.pooled, source, files, chosen, threshold_file)
 
 
-def _saved(checkpoint: Path, threshold_from: str, policy: str, scope: str) -> Thresholds | None:
+def saved_thresholds(checkpoint: Path, threshold_from: str, policy: str, scope: str) -> Thresholds | None:
     """The checkpoint's saved thresholds when they are to be used, else None (choose on valid).
     A stale file is an error even under ``auto``: it means the checkpoint changed after its evaluation."""
     saved = read_thresholds(Path(checkpoint))

@@ -4,6 +4,7 @@ Usage::
 
     from trueface.results import Predictions, evaluation_rows, format_table, write_report
     rows = evaluation_rows({"raw": raw_preds, "ema": ema_preds}, thresholds, "youden", roles)
+    rows = evaluation_rows(preds, pooled, "youden", roles, per_domain={"ema": {"dalle": 0.31}, ...})
     print(format_table(rows))
     write_report(Path("results/my_run"), rows, {"raw": raw_preds, "ema": ema_preds}, cfg_yaml, header)
 
@@ -53,7 +54,8 @@ COMBINED_ROLE = "all test domains"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Columns of the console table and their float format.
-_TABLE_COLUMNS = ("weights", "domain", "role", "n", "auc", "accuracy", "precision", "recall", "f1", "ece", "threshold")
+_TABLE_COLUMNS = ("weights", "domain", "role", "n", "auc", "accuracy", "precision", "recall", "f1", "ece", "threshold",
+                  "threshold_source")
 _FLOAT_DECIMALS = {"auc": 4, "accuracy": 4, "precision": 4, "recall": 4, "f1": 4, "ece": 4, "threshold": 4}
 
 
@@ -130,10 +132,27 @@ def _check_domains(test: dict[str, Predictions], domain_roles: dict[str, str]) -
             raise ValueError(f"domain_roles has no role for domain(s) {missing} (weights {weights!r})")
 
 
-def _row(weights: str, domain: str, role: str, policy: str, preds: Predictions, threshold: float) -> dict:
-    """One table row: identifiers first, then the binary_metrics keys."""
-    head = {"weights": weights, "domain": domain, "role": role, "threshold_policy": policy}
-    return {**head, **binary_metrics(preds.labels, preds.scores, threshold)}
+#: ``threshold_source`` of the rows, by scope and whether the domain has a threshold of its own.
+POOLED_SOURCE = "pooled validation"
+FALLBACK_SOURCE = "pooled validation (no validation split of its own)"
+PER_IMAGE_SOURCE = "each image at its own domain's threshold"
+
+# Metrics that follow from the decisions alone; the rest (auc, ece, counts) from the scores.
+_DECISION_KEYS = ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")
+
+
+def _per_image_metrics(preds: Predictions, thresholds: np.ndarray) -> dict:
+    """binary_metrics when each image has its own threshold: the decisions (score >= its
+    threshold) scored as 0/1 predictions at 0.5, AUC and ECE from the scores; threshold NaN."""
+    decided = (preds.scores >= thresholds).astype(np.float64)
+    on_scores = binary_metrics(preds.labels, preds.scores, 0.5)
+    on_decisions = binary_metrics(preds.labels, decided, 0.5)
+    return {**on_scores, **{k: on_decisions[k] for k in _DECISION_KEYS}, "threshold": math.nan}
+
+
+def _head(weights: str, domain: str, role: str, policy: str, scope: str, source: str, threshold_file: str) -> dict:
+    return {"weights": weights, "domain": domain, "role": role, "threshold_policy": policy,
+            "threshold_scope": scope, "threshold_source": source, "threshold_file": threshold_file}
 
 
 def evaluation_rows(
@@ -141,26 +160,49 @@ def evaluation_rows(
     thresholds: dict[str, float],
     policy: str,
     domain_roles: dict[str, str],
+    *,
+    per_domain: dict[str, dict[str, float]] | None = None,
+    threshold_file: str = "",
 ) -> list[dict]:
     """One row per (weights, domain) plus one per weights for all domains together (domain 'combined').
 
-    ``test`` is keyed by weights name (e.g. 'raw', 'ema'); ``thresholds`` by the same names
-    (chosen on validation data by the caller); ``domain_roles`` maps a domain to an honest
-    description of its role, e.g. 'trained (Stage I+II)', 'trained (Stage II)',
+    ``test`` is keyed by weights name (e.g. 'raw', 'ema'); ``thresholds`` by the same names: the
+    pooled thresholds (chosen on validation data by the caller); ``domain_roles`` maps a domain to
+    an honest description of its role, e.g. 'trained (Stage I+II)', 'trained (Stage II)',
     'held out (never trained on)'; 'combined' gets 'all test domains'.
-    Each row: weights, domain, role, threshold_policy, then the binary_metrics keys.
-    Domains appear in order of first appearance in the predictions.
+
+    ``per_domain`` (weights -> domain -> threshold) selects the per_domain scope: a domain row
+    uses its domain's own threshold, or the pooled one where it has none (``threshold_source``
+    says which), and the combined row labels each image at its own domain's threshold (its
+    ``threshold`` is NaN: there is no single one). Without it every row uses the pooled one.
+
+    Each row: weights, domain, role, threshold_policy, threshold_scope, threshold_source,
+    threshold_file, then the binary_metrics keys. Domains appear in order of first appearance.
     """
     missing = [w for w in test if w not in thresholds]
     if missing:
         raise ValueError(f"no threshold for weights {missing}; thresholds given for {list(thresholds)}")
     _check_domains(test, domain_roles)
+    scope = "pooled" if per_domain is None else "per_domain"
     rows = []
     for weights, preds in test.items():
-        t = thresholds[weights]
+        pooled, own = thresholds[weights], (per_domain or {}).get(weights, {})
         for domain in preds.domain_names():
-            rows.append(_row(weights, domain, domain_roles[domain], policy, preds.subset(domain), t))
-        rows.append(_row(weights, COMBINED, COMBINED_ROLE, policy, preds, t))
+            if per_domain is None:
+                t, source = pooled, POOLED_SOURCE
+            else:
+                t, source = (own[domain], f"{domain} validation") if domain in own else (pooled, FALLBACK_SOURCE)
+            part = preds.subset(domain)
+            head = _head(weights, domain, domain_roles[domain], policy, scope, source, threshold_file)
+            rows.append({**head, **binary_metrics(part.labels, part.scores, t)})
+        if per_domain is None:
+            head, metrics = (_head(weights, COMBINED, COMBINED_ROLE, policy, scope, POOLED_SOURCE, threshold_file),
+                             binary_metrics(preds.labels, preds.scores, pooled))
+        else:
+            per_image = np.array([own.get(d, pooled) for d in preds.domains], dtype=np.float64)
+            head, metrics = (_head(weights, COMBINED, COMBINED_ROLE, policy, scope, PER_IMAGE_SOURCE, threshold_file),
+                             _per_image_metrics(preds, per_image))
+        rows.append({**head, **metrics})
     return rows
 
 
@@ -201,8 +243,8 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def _markdown_metrics(rows: list[dict]) -> str:
-    """All rows with every column, floats rounded to 4 decimals."""
-    keys = list(rows[0]) if rows else []
+    """All rows with every column but threshold_file (the header names it), floats rounded to 4 decimals."""
+    keys = [k for k in rows[0] if k != "threshold_file"] if rows else []
     return markdown_table(keys, [[_fmt(k, r[k]) for k in keys] for r in rows])
 
 
@@ -275,7 +317,9 @@ def _confusion_png(weights: str, rows: list[dict]) -> bytes:
             ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
         ax.set_xticks([0, 1], labels=["real", "fake"])
         ax.set_yticks([0, 1], labels=["real", "fake"])
-        title = f"{row['domain']}\nthreshold {row['threshold']:.4f}"
+        # The per_domain scope's combined row has no single threshold (NaN): each image used its domain's.
+        value = row["threshold"]
+        title = f"{row['domain']}\n" + ("per-domain thresholds" if math.isnan(value) else f"threshold {value:.4f}")
         ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.suptitle(f"Confusion matrices, weights '{weights}'")
     return figure_png(fig)
