@@ -26,7 +26,7 @@ from trueface.distributed import DistInfo
 from trueface.train import run_stage
 from trueface.evaluation import evaluate_checkpoint
 from trueface.run import RunPaths
-from trueface.storage import Mirror, absolute, fetch, is_uri
+from trueface.storage import Mirror, absolute, fetch
 from trueface.thresholds import pull_beside, push_beside
 
 CHECKPOINT_FILE = "checkpoint.pt"
