@@ -140,8 +140,8 @@ def test_format_table(rows):
     assert len(lines) == 2 + len(rows)
     assert lines[0].split() == ["weights", "domain", "role", "n", "auc", "accuracy", "precision",
                                 "recall", "f1", "ece", "threshold", "threshold_source"]
-    # Aligned: the last column ends at the same place in every row.
-    assert len({len(line) for line in lines[2:]}) == 1
+    # Aligned: the numbers end, and the (left-aligned) threshold source starts, at one column in every row.
+    assert len({line.index(" pooled validation") for line in lines[2:]}) == 1
     assert f"{rows[0]['auc']:.4f}" in lines[2]
     assert "0.4200" in lines[-1]
 

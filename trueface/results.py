@@ -220,7 +220,7 @@ def format_table(rows: list[dict]) -> str:
     """Aligned plain-text table for the console (text left-aligned, numbers right-aligned)."""
     cells = [[_fmt(k, row.get(k, "")) for k in _TABLE_COLUMNS] for row in rows]
     widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(_TABLE_COLUMNS)]
-    numeric = [k not in ("weights", "domain", "role") for k in _TABLE_COLUMNS]
+    numeric = [k not in ("weights", "domain", "role", "threshold_source") for k in _TABLE_COLUMNS]
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
