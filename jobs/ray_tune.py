@@ -175,18 +175,21 @@ class Schedule:
         for e in self.effects:
             if e.epoch is None:
                 raise SearchSpaceError(f"{self.source}: {e.key} never changes training: {e.why}")
-        late = [e for e in self.effects if e.stage == self.final and self.rungs and e.epoch > self.rungs[0]]
-        if not late:
-            return
-        fit = max(e.epoch for e in self.effects if e.stage == self.final)
-        e = max(late, key=lambda x: x.epoch)
-        after = (f"ASHA would then stop trials at {_stage(self.final)} epochs {_epochs(asha_rungs(fit, self.max_t, self.reduction_factor))}"
-                 if fit < self.max_t else "no trial is then stopped before its last epoch")
-        raise SearchSpaceError(
-            f"{self.source}: {e.key} first acts at {_stage(self.final)} epoch {e.epoch} ({e.why}), but ASHA compares "
-            f"trials from {_stage(self.final)} epoch {self.rungs[0]} on ({self.describe_rungs()}): it would stop trials "
-            f"on epochs where their values of {e.key} made no difference. Use --grace-period {fit} (or grace_period: "
-            f"{fit} in the space file; {after}), or drop or narrow {e.key}")
+        rungs = self.rungs
+        late = [e for e in self.effects if e.stage == self.final and rungs and e.epoch > rungs[0]]
+        if late:
+            raise SearchSpaceError(self._late_key_message(max(late, key=lambda x: x.epoch)))
+
+    def _late_key_message(self, e: FirstEffect) -> str:
+        final = _stage(self.final)
+        fit = max(x.epoch for x in self.effects if x.stage == self.final)  # the grace every key fits
+        then = asha_rungs(fit, self.max_t, self.reduction_factor)
+        after = f"ASHA would then stop trials at {final} epochs {_epochs(then)}" if then else \
+            "no trial is then stopped before its last epoch"
+        return (f"{self.source}: {e.key} first acts at {final} epoch {e.epoch} ({e.why}), but ASHA compares trials "
+                f"from {final} epoch {self.rungs[0]} on ({self.describe_rungs()}): it would stop trials on epochs "
+                f"where their values of {e.key} made no difference. Use --grace-period {fit} (or grace_period: {fit} "
+                f"in the space file; {after}), or drop or narrow {e.key}")
 
     def describe_rungs(self) -> str:
         where = (f"rungs at {_stage(self.final)} epochs {_epochs(self.rungs)} of {self.max_t}" if self.rungs
@@ -221,8 +224,8 @@ def schedule(spec: dict) -> Schedule:
     epoch of each stage, which places an EMA decay's first effect)."""
     space, cfg, stages = search_space(spec), from_dict(spec["config"]), list(spec["stages"])
     steps = {int(k): int(v) for k, v in spec["steps_per_epoch"].items()}
-    return Schedule(spec["space_source"], tuple(stages), cfg.eval.select_on, final_stage_epochs(space, cfg, stages), spec["grace_period"],
-                    spec["reduction_factor"], tuple(space.first_effects(cfg, stages, steps)))
+    return Schedule(spec["space_source"], tuple(stages), cfg.eval.select_on, final_stage_epochs(space, cfg, stages),
+                    spec["grace_period"], spec["reduction_factor"], tuple(space.first_effects(cfg, stages, steps)))
 
 
 def _stage(stage: int) -> str:

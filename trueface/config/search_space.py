@@ -251,6 +251,12 @@ def first_step_above(decay: float) -> int:
     return step
 
 
+def _decay_text(decay: float) -> str:
+    """A decay with 3 significant digits of 1 - decay: 0.735, 0.999647 (not 1)."""
+    places = max(3, 2 - math.floor(math.log10(1 - decay))) if decay < 1 else 3
+    return f"{decay:.{places}f}".rstrip("0").rstrip(".")
+
+
 def _decay_effect(p: Param, stage: int, epochs: int, steps_per_epoch: int) -> FirstEffect:
     low, high = min(p.extremes()), max(p.extremes())
     steps = max(1, steps_per_epoch)
@@ -261,13 +267,14 @@ def _decay_effect(p: Param, stage: int, epochs: int, steps_per_epoch: int) -> Fi
     if epoch > epochs:
         return FirstEffect(p.key, stage, None,
                            f"{why}, and Stage {'I' * stage} has ~{total} steps: the decay warm-up "
-                           f"min(decay, (1 + step) / (10 + step)) reaches only {warmup_decay(total):.3g}, so every "
-                           f"value trains alike; search decays below {warmup_decay(total):.3g} or train more steps")
+                           f"min(decay, (1 + step) / (10 + step)) reaches only {_decay_text(warmup_decay(total))}, so "
+                           f"every value trains alike; search decays below {_decay_text(warmup_decay(total))} or train "
+                           f"more steps")
     top = first_step_above(high) if high < 1 else None
     if top is not None and top <= total:
         why += f"; the warm-up passes the top, {high:g}, at step {top} (epoch {(top - 1) // steps + 1})"
     else:
-        why += f"; it never reaches the top, {high:g}: decays above {warmup_decay(total):.3g} train alike"
+        why += f"; it never reaches the top, {high:g}: decays above {_decay_text(warmup_decay(total))} train alike"
     return FirstEffect(p.key, stage, epoch, why)
 
 
