@@ -213,7 +213,10 @@ class SearchSpace:
                                                        f"{key}.light_epochs or raise {key}.epochs")
             return FirstEffect(p.key, stage, light + 1, why)
         if p.key == f"{key}.light_epochs":
-            return FirstEffect(p.key, stage, int(min(p.extremes())) + 1, "light augmentation ends after the lowest value")
+            first = int(min(p.extremes())) + 1
+            why = "light augmentation ends after the lowest value"
+            return FirstEffect(p.key, stage, first if first <= epochs else None,
+                               why if first <= epochs else f"{why}, after {name}'s {epochs} epochs")
         if p.key == f"{key}.ema_decay" and self._may_be(f"{key}.ema_warmup", st.ema_warmup, True):
             return _decay_effect(p, stage, epochs, int(steps_per_epoch[stage]))
         return FirstEffect(p.key, stage, 1)
@@ -224,6 +227,7 @@ class SearchSpace:
         return max(param.extremes()) if param is not None else default
 
     def _may_be(self, key: str, default: Any, value: Any) -> bool:
+        """Whether some trial has ``key`` == ``value`` (its range holds it, or ``default`` is it)."""
         param = next((p for p in self.params if p.key == key), None)
         return value in param.extremes() if param is not None else default == value
 
