@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from trueface.atomic import atomic_write_text
+from trueface.config.choices import THRESHOLD_SCOPES
 from trueface.metrics import choose_threshold
 from trueface.storage import Mirror, is_uri, split_file
 
 FORMAT_VERSION = 1
 #: Valid values of ``eval.threshold_scope``.
-SCOPES = ("pooled", "per_domain")
+SCOPES = THRESHOLD_SCOPES
 #: The file beside a checkpoint called ``best.pt``.
 FILE_NAME = "thresholds.json"
 

@@ -16,6 +16,9 @@ THRESHOLD_POLICIES = ("youden", "max_f1", "max_accuracy", "fixed:<p>")
 #: Valid values of ``eval.select_on``: what model selection compares (see trueface.train).
 SELECT_MODES = ("mean_domain", "worst_domain", "pooled")
 
+#: Valid values of ``eval.threshold_scope`` (see trueface.thresholds).
+THRESHOLD_SCOPES = ("pooled", "per_domain")
+
 
 def _policy_error(policy: Any, detail: str = "") -> ValueError:
     valid = ", ".join(THRESHOLD_POLICIES)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import SELECT_MODES, validate_threshold_policy
+from trueface.config.choices import SELECT_MODES, THRESHOLD_SCOPES, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -273,7 +273,7 @@ def validate(cfg: Config) -> None:
         validate_threshold_policy(cfg.eval.threshold_policy)
     except ValueError as exc:
         errors.append(f"eval.threshold_policy: {exc}")
-    check(cfg.eval.threshold_scope in ("pooled", "per_domain"), "eval.threshold_scope",
+    check(cfg.eval.threshold_scope in THRESHOLD_SCOPES, "eval.threshold_scope",
           f"{cfg.eval.threshold_scope!r} must be pooled (one threshold for all domains) or per_domain (each domain its own)")
     check(cfg.eval.select_on in SELECT_MODES, "eval.select_on", f"must be one of {', '.join(SELECT_MODES)}")
     sc = cfg.scaling
