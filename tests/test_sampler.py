@@ -36,19 +36,24 @@ def test_large_cells_are_subsampled_and_covered_over_epochs():
     assert len(seen) == 80  # 10 draws/epoch from 80 images: all seen within 8 epochs
 
 
-def test_ranks_are_disjoint_and_cover_the_epoch():
+@pytest.mark.parametrize("total", [120, 121, 122])
+def test_ranks_are_disjoint_and_cover_the_epoch(total):
+    """Over 3 ranks: every rank gets the same count (DDP needs equal batch counts), the slots hold
+    the whole epoch once, and an epoch that does not divide pads its last slots by wrapping
+    around to the epoch's first samples."""
     labels, domains = _data()
     world = 3
     shards = []
     for rank in range(world):
-        s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=120, rank=rank, world_size=world, seed=5)
+        s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=total, rank=rank, world_size=world, seed=5)
         s.set_epoch(2)
         shards.append(list(s))
-        assert len(shards[-1]) == len(s) == 40
-    full = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=120, seed=5).epoch_indices(2)
+        assert len(shards[-1]) == len(s) == -(-total // world)
+    full = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=total, seed=5).epoch_indices(2)
     # positions r, r+W, ... : disjoint slots, and together exactly the epoch
     interleaved = np.array(shards).T.reshape(-1)
-    assert np.array_equal(interleaved, full)
+    assert len(full) == total and np.array_equal(interleaved[:total], full)
+    assert np.array_equal(interleaved[total:], full[:len(interleaved) - total])
     for shard in shards:  # each rank still sees every domain and class
         assert len({(domains[i], labels[i]) for i in shard}) == 4
 
@@ -74,20 +79,3 @@ def test_bad_arguments():
         BalancedSampler([0], ["a"], "domain")
     with pytest.raises(ValueError, match="rank 2"):
         BalancedSampler([0], ["a"], rank=2, world_size=2)
-
-
-def test_ranks_of_an_epoch_that_does_not_divide_are_padded_by_wrapping():
-    """121 samples over 3 ranks: every rank gets 41 (DDP needs equal batch counts), the slots hold
-    the whole epoch once, and the 2 padding slots repeat the epoch's first samples."""
-    labels, domains = _data()
-    world = 3
-    shards = []
-    for rank in range(world):
-        s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=121, rank=rank, world_size=world, seed=5)
-        s.set_epoch(1)
-        shards.append(list(s))
-        assert len(shards[-1]) == len(s) == 41
-    full = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=121, seed=5).epoch_indices(1)
-    interleaved = np.array(shards).T.reshape(-1)
-    assert len(full) == 121 and np.array_equal(interleaved[:121], full)
-    assert np.array_equal(interleaved[121:], full[:2])
