@@ -324,6 +324,8 @@ def test_job_command_passes_the_real_checks_with_dry_run(label, tmp_path, capsys
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=4)
     args = localized(argv, tmp_path, root)
     main = pipeline_job.main if argv[2] == "jobs.pipeline" else tune_job.main
+    if main is tune_job.main:  # epochs of the paper data's size (Stage I ~500 steps), or its EMA decays never act
+        args += ["stage1.samples_per_epoch=100000", "stage2.samples_per_epoch=24000"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     shared = tmp_path / "shared"
@@ -485,7 +487,8 @@ def test_install_sh_installs_the_project_into_a_fresh_venv(tmp_path):
     assert all(f.resolve().is_relative_to(src.resolve()) for f in files), files
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=2)
     out = run("python", "-m", "jobs.tune", "--space", "paper", "--config", "paper", "--stage", "both",
-              "--data-root", str(root), "--storage", str(tmp_path / "tune"), "--num-samples", "2", "--dry-run")
+              "--data-root", str(root), "--storage", str(tmp_path / "tune"), "--num-samples", "2", "--dry-run",
+              "stage1.samples_per_epoch=100000", "stage2.samples_per_epoch=24000")  # paper-sized epochs
     assert f"space {src / 'search_spaces' / 'paper.yaml'}" in out
 
     bad = subprocess.run(["bash", str(src / "docker" / "install.sh"), str(tmp_path / "nowhere")],

@@ -83,7 +83,9 @@ def test_resume_refuses_new_settings(tmp_path, no_ray):
         tune_job.main(["--resume", "s", "--num-samples", "3", "stage1.lr=0.1"])
 
 
-def test_a_storage_uri_is_planned_offline_and_one_holding_credentials_is_refused(tmp_path, no_ray, capsys):
+def test_a_storage_uri_is_planned_offline_and_one_holding_credentials_is_refused(tmp_path, no_ray, capsys, s3_server):
+    # s3_server: pyarrow resolves an S3 URI's region with a request; the local S3 answers it here
+    # (without it the test passed only after another test had started that server).
     assert tune_job.main(["--storage", "s3://bucket/tune", "--name", "n", "--dry-run", f"data.cache_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "trials:      s3://bucket/tune/n/<trial>/" in out
