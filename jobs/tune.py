@@ -35,8 +35,7 @@ from trueface.config import Config, ConfigError, apply_values, from_dict, to_dic
 from trueface.config.loading import is_run_name
 from trueface.config.search_space import load_search_space
 from trueface.data.layout import DataLayout, DataLayoutError
-from trueface.data.sampler import BalancedSampler
-from trueface.run import resolve_run
+from trueface.run import planned_steps_per_epoch, resolve_run
 from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, fetch, is_uri, join
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -185,17 +184,8 @@ def _check_schedule(spec: dict) -> None:
 
 
 def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int]) -> dict[str, int]:
-    """Optimizer steps per epoch of each stage, counted as trueface.train counts them (rank 0's
-    share of the sampler over micro-batch x accumulation); JSON keys, so strings."""
-    out = {}
-    for stage in stages:
-        st, workers = cfg.stage(stage), cfg.scaling.num_workers
-        train = layout.gather(st.domains, "train")
-        sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
-                                  st.samples_per_epoch, 0, workers, cfg.seed)
-        micro = max(1, st.batch_size // (workers * st.accum_steps))
-        out[str(stage)] = max(1, len(sampler) // (micro * st.accum_steps))
-    return out
+    """Optimizer steps per epoch of each stage (as trueface.train counts them); JSON keys, so strings."""
+    return {str(stage): planned_steps_per_epoch(cfg, layout, stage) for stage in stages}
 
 
 def _refuse_existing(exp: Mirror, name: str, storage_flag: str) -> None:

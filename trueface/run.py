@@ -110,6 +110,17 @@ def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths) -> None:
     atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
 
 
+def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
+    """Optimizer steps per epoch of ``stage``, counted as trueface.train counts them: rank 0's share
+    of the epoch over micro-batch x accumulation (at least 1 here: training refuses 0 itself)."""
+    st, workers = cfg.stage(stage), cfg.scaling.num_workers
+    train = layout.gather(st.domains, "train")
+    sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
+                              st.samples_per_epoch, 0, workers, cfg.seed)
+    micro = max(1, st.batch_size // (workers * st.accum_steps))
+    return max(1, len(sampler) // (micro * st.accum_steps))
+
+
 def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
     lines = [f"run {cfg.run_name}: data {layout.root}", "images (real/fake):"]
     for domain, splits in layout.counts().items():
@@ -122,7 +133,7 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
         st = cfg.stage(stage)
         train = layout.gather(st.domains, "train")
         sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance, st.samples_per_epoch)
-        steps = len(sampler) // st.batch_size
+        steps = planned_steps_per_epoch(cfg, layout, stage)
         val = sum(len(layout.samples(d, "valid")) for d in st.domains)
         lines += [
             f"stage {stage}: {st.image_size} px on {', '.join(st.domains)}; {st.epochs} epochs max "
