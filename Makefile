@@ -22,7 +22,7 @@ tune: setup
 	$(PY) -m jobs.tune
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 clean-runs:
 	rm -rf runs results/demo results/demo-*
