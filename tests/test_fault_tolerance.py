@@ -84,6 +84,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_killed_driver_reruns_
     assert {p.name: p.read_bytes() for p in (run_dir / "stage1").iterdir()} == stage1_before
     rows = pq.read_table(tmp_path / "results" / "ft" / "metrics.parquet").to_pylist()
     assert sorted({r["domain"] for r in rows}) == sorted([*DOMAINS, "combined"])
-    # kept: the best and the last checkpoint of each stage, no partial file from the killed worker
-    for stage in (1, 2):
-        assert sorted(p.name for p in (run_dir / f"stage{stage}").iterdir()) == ["best.pt", "last.pt", "stage.json"]
+    # kept: the best and the last checkpoint of each stage, no partial file from the killed worker,
+    # and beside Stage II's best.pt the thresholds the evaluation chose for it
+    for stage, extra in ((1, []), (2, ["thresholds.json"])):
+        expected = sorted(["best.pt", "last.pt", "stage.json", *extra])
+        assert sorted(p.name for p in (run_dir / f"stage{stage}").iterdir()) == expected
