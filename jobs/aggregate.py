@@ -141,18 +141,19 @@ def best_config_yaml(spec: dict, best: TrialInfo, row: dict) -> str:
 
 def local_evaluator(cfg: Config, checkpoint: str, out: Mirror) -> None:
     """Score the test splits in this process (no Ray): the engine on this machine's CPU or GPU."""
-    from trueface.evaluation import evaluate_checkpoint
+    from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 
     evaluate_checkpoint(fetch(checkpoint, cfg.data.cache_dir), discover_layout(cfg.data.root), out.local,
-                        test_domains=tuple(cfg.data.test_domains), threshold_from="valid")
+                        test_domains=tuple(cfg.data.test_domains), thresholds=ThresholdRequest("valid"))
 
 
 def ray_evaluator(cfg: Config, checkpoint: str, out: Mirror) -> None:
     """Score the test splits on one Ray Train worker (a GPU one where the cluster has GPUs)."""
     from jobs import ray_train
+    from trueface.evaluation import ThresholdRequest
 
     ray_train.evaluate(cfg, "evaluate", checkpoint, cfg.data.root, out.location,
-                       test_domains=cfg.data.test_domains, threshold_from="valid")
+                       test_domains=cfg.data.test_domains, thresholds=ThresholdRequest("valid"))
     out.pull()
 
 

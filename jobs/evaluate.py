@@ -28,6 +28,7 @@ from jobs.common import add_ray_arguments, init_ray, print_metrics_table
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, from_dict
 from trueface.data.layout import DataLayoutError, discover_layout
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
 from trueface.storage import Mirror, StorageError, check_writable, fetch, join
 from trueface.thresholds import SCOPES, ThresholdsError, pull_beside, push_beside
 
@@ -60,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threshold_scope:
             cfg = replace(cfg, eval=replace(cfg.eval, threshold_scope=args.threshold_scope))
         if args.threshold_from != "valid":  # a missing or stale thresholds file stops here, not on a worker
-            from trueface.evaluation import saved_thresholds
-
             pull_beside(args.checkpoint, Config().data.cache_dir)
             saved_thresholds(checkpoint, args.threshold_from, cfg.eval.threshold_policy, cfg.eval.threshold_scope)
         out = args.out or join(cfg.output.results_dir, f"{cfg.run_name}-on-{layout.root.resolve().name}")
@@ -71,11 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Mirror.of(out, cfg.data.cache_dir)
     domains = tuple(d for d in args.test_domains.split(",") if d)
     if args.no_ray:
-        from trueface.evaluation import evaluate_checkpoint
-
-        evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, threshold_from=args.threshold_from,
-                            save_thresholds=args.save_thresholds, threshold_scope=cfg.eval.threshold_scope,
-                            chosen_by="jobs.evaluate")
+        evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, thresholds=ThresholdRequest(
+            args.threshold_from, scope=cfg.eval.threshold_scope, save=args.save_thresholds, chosen_by="jobs.evaluate"))
         results.push()
         if args.save_thresholds:
             push_beside(args.checkpoint, Config().data.cache_dir)
@@ -84,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobs import ray_train
 
         ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", args.checkpoint,
-                           layout.root, out, test_domains=domains, threshold_from=args.threshold_from,
-                           save_thresholds=args.save_thresholds, chosen_by="jobs.evaluate")
+                           layout.root, out, test_domains=domains, thresholds=ThresholdRequest(
+                               args.threshold_from, save=args.save_thresholds, chosen_by="jobs.evaluate"))
         results.pull()
     print_metrics_table(results.local)
     print(f"results: {results.location}/summary.md")

@@ -23,6 +23,7 @@ from jobs.common import (add_config_arguments, add_ray_arguments, config_from_ar
                          warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
+from trueface.evaluation import ThresholdRequest
 from trueface.checkpoint import finished_stage
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
@@ -87,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
     ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_location,
-                       test_domains=cfg.data.test_domains, threshold_from="valid", save_thresholds=True,
-                       chosen_by=f"jobs.pipeline (run {cfg.run_name})")
+                       test_domains=cfg.data.test_domains,
+                       thresholds=ThresholdRequest("valid", save=True, chosen_by=f"jobs.pipeline (run {cfg.run_name})"))
     paths.results_mirror().pull()
     run.pull(f"stage2/{THRESHOLDS_FILE}")  # written beside best.pt, never into it
     run.pull("tensorboard")

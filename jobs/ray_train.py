@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray
@@ -24,7 +25,7 @@ from trueface.config import Config, from_dict, to_dict
 from trueface.data.layout import discover_layout
 from trueface.distributed import DistInfo
 from trueface.train import run_stage
-from trueface.evaluation import evaluate_checkpoint
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.run import RunPaths
 from trueface.storage import Mirror, absolute, fetch
 from trueface.thresholds import pull_beside, push_beside
@@ -111,17 +112,15 @@ def stage_worker(config: dict) -> None:
 
 
 def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Path, out: str | Path, *,
-             test_domains: tuple[str, ...] | list[str] = (), threshold_from: str = "auto",
-             save_thresholds: bool = False, chosen_by: str = "jobs.ray_train"):
+             test_domains: tuple[str, ...] | list[str] = (), thresholds: ThresholdRequest = ThresholdRequest()):
     """Score ``checkpoint`` (a path or URI) on ``data_root``'s test splits on one Ray Train worker
     (a GPU one where the cluster has GPUs); the tables go to ``out`` (a path or URI; see
-    trueface.evaluation), thresholds by ``cfg.eval``'s policy and scope. ``save_thresholds`` writes
-    the chosen thresholds beside the checkpoint (``thresholds.json``; the checkpoint is never
-    rewritten), recording ``chosen_by`` as the program that chose them."""
+    trueface.evaluation). ``thresholds`` (trueface.evaluation.ThresholdRequest) says where the
+    thresholds come from, by ``cfg.eval``'s policy and scope unless it names others, and whether
+    they are saved beside the checkpoint (``thresholds.json``; the checkpoint is never rewritten)."""
     return fit(evaluate_worker, cfg, name, {
         "checkpoint": absolute(checkpoint), "data_root": str(Path(data_root).absolute()),
-        "out": absolute(out), "test_domains": list(test_domains),
-        "threshold_from": threshold_from, "save_thresholds": save_thresholds, "chosen_by": chosen_by,
+        "out": absolute(out), "test_domains": list(test_domains), "thresholds": asdict(thresholds),
     }, num_workers=1, fresh=True)
 
 
@@ -132,14 +131,15 @@ def evaluate_worker(config: dict) -> None:
     checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
     pull_beside(config["checkpoint"], cfg.data.cache_dir)  # a URI checkpoint's saved thresholds, if any
     out = Mirror.of(config["out"], cfg.data.cache_dir)
+    request = ThresholdRequest(**config["thresholds"])
+    # The run's config (cfg) decides policy and scope, not the one saved in the checkpoint: a rerun
+    # with eval.threshold_scope=per_domain evaluates per domain.
+    request = replace(request, policy=request.policy or cfg.eval.threshold_policy,
+                      scope=request.scope or cfg.eval.threshold_scope)
     evaluate_checkpoint(checkpoint, discover_layout(config["data_root"]), out.local,
-                        test_domains=tuple(config.get("test_domains", ())),
-                        threshold_from=config.get("threshold_from", "auto"),
-                        save_thresholds=bool(config.get("save_thresholds")),
-                        threshold_policy=cfg.eval.threshold_policy, threshold_scope=cfg.eval.threshold_scope,
-                        chosen_by=config.get("chosen_by", "jobs.ray_train"), dist_info=di)
+                        test_domains=tuple(config.get("test_domains", ())), thresholds=request, dist_info=di)
     out.push()
-    if config.get("save_thresholds"):
+    if request.save:
         push_beside(config["checkpoint"], cfg.data.cache_dir)  # written beside fetch()'s staged copy
     ray.train.report({"done": 1})
 

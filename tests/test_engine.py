@@ -9,7 +9,7 @@ import torch
 from trueface.checkpoint import finished_stage, load_checkpoint
 from trueface.config import load_config
 from trueface.train import StageError, micro_batch_size, run_stage
-from trueface.evaluation import evaluate_checkpoint
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.predict import Predictor
 from trueface.run import resolve_run
 from trueface.thresholds import read_thresholds
@@ -128,7 +128,8 @@ def test_global_batch_must_divide(tiny_cfg):
 
 def test_evaluation_tables_thresholds_and_predict(tiny_cfg, tmp_path):
     cfg, layout, s1 = _stage1(tiny_cfg, tmp_path)
-    report = evaluate_checkpoint(Path(s1.best_checkpoint), layout, tmp_path / "results", save_thresholds=True)
+    report = evaluate_checkpoint(Path(s1.best_checkpoint), layout, tmp_path / "results",
+                                 thresholds=ThresholdRequest(save=True))
     domains = {(r["weights"], r["domain"]) for r in report.rows}
     assert domains == {(w, d) for w in ("raw", "ema") for d in ("140k-real-vs-fake", "dalle", "combined")}
     roles = {r["domain"]: r["role"] for r in report.rows}

@@ -16,7 +16,7 @@ from jobs import predict as predict_job
 from tests.conftest import tiny_overrides, write_tiny_root
 from trueface.checkpoint import load_checkpoint, save_checkpoint
 from trueface.config import ConfigError, load_config, to_dict
-from trueface.evaluation import evaluate_checkpoint, load_models
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, load_models
 from trueface.inference import predict_scores
 from trueface.metrics import METRIC_KEYS, binary_metrics, choose_threshold, roc_auc
 from trueface.model import build_model
@@ -175,8 +175,8 @@ def _sha256(path: Path) -> str:
 def test_the_pipelines_evaluation_and_jobs_evaluate_never_rewrite_best_pt(run, tmp_path, capsys):
     cfg, layout, ckpt = run
     before = _sha256(ckpt)
-    report = evaluate_checkpoint(ckpt, layout, tmp_path / "results", threshold_from="valid", save_thresholds=True,
-                                 chosen_by="jobs.pipeline (test)")  # what the pipeline's evaluation does
+    report = evaluate_checkpoint(ckpt, layout, tmp_path / "results",
+                                 thresholds=ThresholdRequest("valid", save=True, chosen_by="jobs.pipeline (test)"))  # what the pipeline's evaluation does
     assert _sha256(ckpt) == before and "thresholds" not in load_checkpoint(ckpt)
     saved = json.loads(thresholds_path(ckpt).read_text())
     assert saved["checkpoint"] == {"file": "best.pt", "sha256": before, "bytes": ckpt.stat().st_size}
@@ -235,7 +235,7 @@ def test_per_domain_scope_end_to_end_and_predict_picks_a_domain(run, tmp_path, c
 
 def test_a_retrained_checkpoint_refuses_its_old_thresholds(run, tmp_path):
     cfg, layout, ckpt = run
-    evaluate_checkpoint(ckpt, layout, tmp_path / "results", threshold_from="valid", save_thresholds=True)
+    evaluate_checkpoint(ckpt, layout, tmp_path / "results", thresholds=ThresholdRequest("valid", save=True))
     state = load_checkpoint(ckpt)
     state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["ema"].items()}
     save_checkpoint(ckpt, state)  # the stage trained again into the same folder

@@ -36,7 +36,7 @@ from trueface.thresholds import (FILE_NAME, Thresholds, ThresholdsError, choose_
                                  thresholds_path, write_thresholds)
 
 WEIGHTS = ("raw", "ema")
-#: Values of ``threshold_from``; "checkpoint" is the old name of "saved" (thresholds used to live in it).
+#: Values of ``ThresholdRequest.source``; "checkpoint" is the old name of "saved" (thresholds used to live in it).
 THRESHOLD_FROM = ("auto", "valid", "saved", "checkpoint")
 
 SCOPE_TEXT = {
@@ -75,34 +75,44 @@ def domain_roles(cfg: Config, test_domains: list[str], trained_stage: int) -> di
     return roles
 
 
+@dataclass(frozen=True)
+class ThresholdRequest:
+    """Where ``evaluate_checkpoint`` gets its decision thresholds, and whether it keeps them.
+
+    ``source``: ``valid`` (choose on the layout's validation splits of the checkpoint's training
+    domains), ``saved`` (alias ``checkpoint``: the checkpoint's thresholds file), or ``auto`` (the
+    saved ones if the file exists with this policy and scope, else valid). A saved file chosen for
+    other checkpoint bytes is refused (ThresholdsError). ``policy``/``scope`` default to the
+    checkpoint's ``eval`` settings. ``save`` writes the chosen ones beside the checkpoint, where
+    ``jobs.predict`` reads them, recording ``chosen_by`` as the program that chose them."""
+
+    source: str = "auto"
+    policy: str | None = None
+    scope: str | None = None
+    save: bool = False
+    chosen_by: str = "trueface.evaluation"
+
+    def __post_init__(self) -> None:
+        if self.source not in THRESHOLD_FROM:
+            raise ValueError(f"threshold source {self.source!r} must be one of {', '.join(THRESHOLD_FROM)}")
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     layout: DataLayout,
     out_dir: Path,
     *,
     test_domains: tuple[str, ...] = (),
-    threshold_from: str = "auto",
-    save_thresholds: bool = False,
-    threshold_policy: str | None = None,
-    threshold_scope: str | None = None,
-    chosen_by: str = "trueface.evaluation",
+    thresholds: ThresholdRequest = ThresholdRequest(),
     dist_info: DistInfo | None = None,
 ) -> EvaluationReport:
-    """Score the test splits of ``layout`` and write the tables into ``out_dir`` (rank 0).
-
-    ``threshold_from``: ``valid`` (choose on this layout's validation splits of the checkpoint's
-    training domains), ``saved`` (alias ``checkpoint``: the checkpoint's thresholds file), or
-    ``auto`` (the saved ones if the file exists with this policy and scope, else valid). A saved
-    file chosen for other checkpoint bytes is refused (ThresholdsError). ``save_thresholds``
-    writes the chosen ones beside the checkpoint, where ``jobs.predict`` reads them.
-    ``threshold_policy``/``threshold_scope`` default to the checkpoint's ``eval`` settings.
-    """
-    if threshold_from not in THRESHOLD_FROM:
-        raise ValueError(f"threshold_from {threshold_from!r} must be one of {', '.join(THRESHOLD_FROM)}")
+    """Score the test splits of ``layout`` and write the tables into ``out_dir`` (rank 0), at the
+    thresholds ``thresholds`` asks for (see ThresholdRequest)."""
     di = dist_info or DistInfo.current()
     state = load_checkpoint(checkpoint)
     cfg = from_dict(state["config"])
-    policy, scope = threshold_policy or cfg.eval.threshold_policy, threshold_scope or cfg.eval.threshold_scope
+    request = thresholds
+    policy, scope = request.policy or cfg.eval.threshold_policy, request.scope or cfg.eval.threshold_scope
     stage = int(state["stage"])
     image_size = cfg.stage(stage).image_size
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
@@ -111,12 +121,12 @@ def evaluate_checkpoint(
     def score(samples: list[Sample]) -> dict[str, np.ndarray]:
         return {name: predict_scores(m, samples, image_size, runtime, cfg, di) for name, m in models.items()}
 
-    saved = None if threshold_from == "valid" else saved_thresholds(checkpoint, threshold_from, policy, scope)
+    saved = None if request.source == "valid" else saved_thresholds(checkpoint, request.source, policy, scope)
     if saved is not None:
         chosen, source = saved, f"{saved.describe()}; read from {thresholds_path(checkpoint)} ({saved.chosen_by}, {saved.chosen_at})"
     else:
         chosen, source = _choose(layout, _validation_domains(cfg, layout, stage), policy, scope, score)
-    keep_beside = saved is not None or save_thresholds
+    keep_beside = saved is not None or request.save
     threshold_file = thresholds_path(checkpoint) if keep_beside else Path(out_dir) / FILE_NAME
 
     domains = pick_domains(layout, test_domains, "test")
@@ -128,8 +138,8 @@ def evaluate_checkpoint(
     files: dict[str, Path] = {}
     if di.rank == 0:
         if saved is None:  # stamped here: hashing the checkpoint is rank 0's job alone
-            chosen = stamp(chosen, Path(checkpoint), chosen_by, str(layout.root))
-        if save_thresholds:
+            chosen = stamp(chosen, Path(checkpoint), request.chosen_by, str(layout.root))
+        if request.save:
             write_thresholds(Path(checkpoint), chosen)
         # The results keep a copy: a report names the thresholds it used even when none are saved.
         atomic_write_text(Path(out_dir) / FILE_NAME, chosen.to_json())
