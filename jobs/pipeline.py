@@ -23,8 +23,8 @@ from jobs.common import (add_config_arguments, add_ray_arguments, config_from_ar
                          warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
-from trueface.evaluation import ThresholdRequest
 from trueface.checkpoint import finished_stage
+from trueface.evaluation import ThresholdRequest
 from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE

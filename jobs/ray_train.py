@@ -21,14 +21,15 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from jobs.ray_tune import trial_result  # the search owns its report keys (objective, ASHA clock)
 from trueface.config import Config, from_dict, to_dict
 from trueface.data.layout import discover_layout
 from trueface.distributed import DistInfo
-from trueface.train import run_stage
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.run import RunPaths
 from trueface.storage import Mirror, absolute, fetch
 from trueface.thresholds import pull_beside, push_beside
+from trueface.train import run_stage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -150,8 +151,6 @@ def _report(metrics: dict, checkpoint_path: Path | None, epoch_offset: int = 0,
     (epochs trained in earlier stages + this stage's) and, in a Tune trial (``final_stage`` set
     by the loop config), the search's objective and ASHA's clock. ``attach_checkpoint=False``
     leaves Ray's copy out where ``last.pt`` sits on storage every worker reaches (Tune trials)."""
-    from jobs.ray_tune import trial_result  # the search owns its report keys (objective, ASHA clock)
-
     metrics = trial_result(metrics, epoch_offset, None if final_stage is None else bool(final_stage))
     if checkpoint_path is None or not attach_checkpoint:
         ray.train.report(metrics)

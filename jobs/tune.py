@@ -11,8 +11,9 @@ Usage::
 
 Every trial trains with the same seed (same initial weights and data order), so trials differ by
 their parameters only. Trials are compared on the final stage's ``best/select_auc_ema`` at equal
-epochs of that stage (see jobs.ray_tune); a space whose keys act after ASHA's first rung is refused. Each trial's folder ``<storage>/<name>/<trial>/`` holds its config,
-checkpoints and TensorBoard logs; ``results/<name>/`` gets the aggregated tables at the end.
+epochs of that stage (see jobs.ray_tune); a space whose keys act after ASHA's first rung is
+refused. Each trial's folder ``<storage>/<name>/<trial>/`` holds its config, checkpoints and
+TensorBoard logs; ``results/<name>/`` gets the aggregated tables at the end.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     exp = ray_tune.experiment_mirror(join(storage, name), cfg.data.cache_dir)
     if exp.local.exists():  # a URI's search is looked for once the dry run is over (see main)
         _refuse_existing(exp, name, args.storage)
-    spec = {
+    return {
         "version": ray_tune.SPEC_VERSION, "name": name, "storage": storage, "command": command.strip(),
         "config": to_dict(cfg), "base_config": to_dict(base),
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
@@ -169,7 +170,6 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         "steps_per_epoch": steps_per_epoch(cfg, layout, stages),
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
-    return spec
 
 
 def _check_schedule(spec: dict) -> None:
