@@ -46,3 +46,27 @@ def validate_threshold_policy(policy: str) -> None:
         parse_fixed_threshold(policy)
     elif policy not in THRESHOLD_POLICIES[:3]:
         raise _policy_error(policy)
+
+
+#: Valid values of ``data.on_bad_image`` (see trueface.data.check).
+ON_BAD_IMAGE = ("error", "skip")
+
+
+def parse_normalize(spec: str) -> tuple[int, int] | None:
+    """``data.normalize`` as (JPEG quality, short side in px), or None for ``none``; ValueError
+    with the expected form otherwise."""
+    if spec == "none":
+        return None
+    form = "expected none or jpeg:<quality>@<size>, e.g. jpeg:95@256"
+    if not isinstance(spec, str) or not spec.startswith("jpeg:") or "@" not in spec:
+        raise ValueError(f"{spec!r}: {form}")
+    quality, _, size = spec[len("jpeg:"):].partition("@")
+    try:
+        q, n = int(quality), int(size)
+    except ValueError:
+        raise ValueError(f"{spec!r}: quality and size must be whole numbers ({form})") from None
+    if not 1 <= q <= 100:
+        raise ValueError(f"{spec!r}: JPEG quality must be in [1, 100]")
+    if n < 16:
+        raise ValueError(f"{spec!r}: size must be >= 16 px")
+    return q, n

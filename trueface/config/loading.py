@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import SELECT_MODES, THRESHOLD_SCOPES, validate_threshold_policy
+from trueface.config.choices import ON_BAD_IMAGE, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -263,6 +263,13 @@ def validate(cfg: Config) -> None:
     check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
     check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    check(cfg.data.on_bad_image in ON_BAD_IMAGE, "data.on_bad_image",
+          f"{cfg.data.on_bad_image!r} must be error (stop before training) or skip (leave bad files out, listed)")
+    check(cfg.data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+    try:
+        parse_normalize(cfg.data.normalize)
+    except ValueError as exc:
+        errors.append(f"data.normalize: {exc}")
     syn = cfg.data.synthetic
     check(syn.image_size >= 16, "data.synthetic.image_size", "must be >= 16")
     check(syn.artefact_strength >= 0, "data.synthetic.artefact_strength", "must be >= 0")

@@ -130,7 +130,20 @@ class DataConfig:
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)  # the embedded data set
     test_domains: tuple[str, ...] = ()  # () = every domain with a test split
     loader_workers: int = 4  # DataLoader processes per Train worker
-    decode_draft: bool = True  # let PIL decode JPEGs at reduced size when that is enough
+    # Shrink an image by a power of two before resizing when it is at least twice the size needed:
+    # the same step (PIL's reduce) for every format, so reals and fakes are downscaled alike.
+    decode_draft: bool = True
+    # What a file that cannot be used does (unreadable, not an image, too small, a label conflict...):
+    # error = stop before training with the data check's summary; skip = leave it out, listed in the
+    # report, the plan and the run's results (see trueface.data.check).
+    on_bad_image: str = "error"
+    min_image_side: int = 32  # an image whose shorter side is below this is bad (1x1, icons)
+    # none | jpeg:<quality>@<size>: re-encode every image once (cached), short side resized to
+    # <size>, as JPEG at <quality>, before training and evaluation: removes a format shortcut.
+    normalize: str = "none"
+    # Files left out, relative to root: set by the data check under on_bad_image=skip, so the saved
+    # config says exactly what was trained on.
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
