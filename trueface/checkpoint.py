@@ -4,6 +4,7 @@ Usage::
 
     save_checkpoint(path, {"model": ..., "ema": ..., "optimizer": ..., "stage": 1, "config": ...})
     state = load_checkpoint(path)            # plain dict of tensors and Python values
+    weights = safe_torch_load(path, "weights file")   # any torch file: tensors and plain values only
     done = finished_stage(Path("runs/demo/stage1"))   # the stage's summary, or None while it runs
 
 A stage's ``last.pt`` holds the unwrapped model (no DDP/compile prefixes), the EMA, the
@@ -13,11 +14,18 @@ scaler (half the size): it only starts Stage II, is evaluated and predicts. It i
 while writing never replaces a good file with a partial one.
 Once its stage has finished, a checkpoint is never rewritten: what is chosen later (the decision
 thresholds) goes to a file beside it (trueface.thresholds).
+
+Every torch file TrueFace reads goes through ``safe_torch_load``: ``weights_only=True``, and a
+refusal in TrueFace's words. A pickle that would build other Python objects (code could run) is
+"refused"; a truncated or foreign file is "not readable"; the torch error stays chained, not printed.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import pickletools
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from torch import nn
 from trueface.atomic import atomic_open
 
 FORMAT_VERSION = 1
+_LEGACY_HEADER_PICKLES = 4  # torch's pre-zip format: magic number, protocol, sys info, the object
 
 
 class CheckpointError(RuntimeError):
@@ -46,14 +55,66 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, f)
 
 
+def safe_torch_load(path: Path, what: str, error: type[Exception] = CheckpointError) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file it refuses raises ``error`` with a
+    message naming ``path``, saying what the file is (``what``: "TrueFace checkpoint", "weights
+    file") and what to do. Torch's own text stays out of the message (it is the chained cause)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler's refusal, or bytes it cannot parse
+        refused = _complete_pickle_globals(path)
+        if refused is None:
+            raise error(_unreadable(path, what)) from exc
+        named = f" ({', '.join(refused[:3])})" if refused else ""
+        raise error(
+            f"refused {path}: it holds Python objects other than tensors and plain values{named}, and code "
+            f"could run when it loads, so it is not a {what}. TrueFace loads checkpoints and weights with "
+            f"weights_only=True; re-save the weights as a plain state dict "
+            f"(torch.save(model.state_dict(), path)) from a source you trust."
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError... for a cut or foreign file
+        raise error(_unreadable(path, what)) from exc
+
+
+def _unreadable(path: Path, what: str) -> str:
+    return (f"{path} is not a readable {what}: the file is truncated or not a torch file "
+            f"(copy it again, or point to the file torch.save wrote)")
+
+
+def _complete_pickle_globals(path: Path) -> list[str] | None:
+    """When ``path`` holds complete pickle programs (the ``data.pkl`` of torch's zip format, a bare
+    pickle, or the leading pickles of torch's legacy format), the globals it names that weights_only does not allow (maybe none: it may refuse an
+    opcode instead); None when no complete pickle is there (cut, corrupt or not a pickle at all).
+
+    Read statically with pickletools: nothing in the file is executed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                program = archive.read(name)
+            for _ in pickletools.genops(program):  # raises on a cut or corrupt program
+                pass
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with open(path, "rb") as f:  # a bare pickle, or torch's legacy format: four pickles, then storages
+            for _ in range(_LEGACY_HEADER_PICKLES):
+                if not f.peek(1):
+                    break
+                for _ in pickletools.genops(f):  # reads one pickle, up to its STOP; raises when cut
+                    pass
+        return []
+    except Exception:  # zip, pickle and torch each raise their own types for bytes they cannot parse
+        return None
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"{path} is not a readable TrueFace checkpoint: {exc}") from exc
+    state = safe_torch_load(path, "TrueFace checkpoint")
     missing = {"model", "ema", "stage", "config"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a TrueFace checkpoint (missing {', '.join(sorted(missing))})")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
+from trueface.checkpoint import safe_torch_load
 from trueface.config.schema import ModelConfig
 
 
@@ -64,16 +65,19 @@ def load_imagenet_state_dict() -> dict[str, torch.Tensor]:
             f"{path.name} to {path.parent}/ here (or set TORCH_HOME), "
             f"or run with model.weights=none or model.weights=/path/to/weights.pt"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path, "ImageNet weights file", WeightsError)
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a plain state dict or a TrueFace checkpoint (its EMA weights) into ``model``."""
     if not path.is_file():
         raise WeightsError(f"model.weights: file {path} does not exist (use imagenet, none or a file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, "weights file (a state dict or a TrueFace checkpoint)", WeightsError)
     if isinstance(state, dict) and "ema" in state:
         state = state["ema"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict: save it with "
+                           f"torch.save(model.state_dict(), path)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
