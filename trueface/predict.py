@@ -7,6 +7,10 @@ Usage::
 
 Labels use the threshold kept beside the checkpoint (``thresholds.json``, see trueface.thresholds):
 the pooled one, or with ``domain=`` that domain's own (per_domain scope); 0.5 when there is no file.
+
+Images are prepared as the checkpoint was trained: decoded by ``load_rgb`` with the config's
+``data.decode_draft`` reduce, and under ``data.normalize: jpeg:<q>@<size>`` re-encoded in memory by
+the function that built the training cache (``load_normalized``: the same pixels as the cached copy).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch
 from trueface.augment import eval_transform
 from trueface.checkpoint import load_checkpoint
 from trueface.config import from_dict
-from trueface.data.dataset import ImageReadError, load_rgb
+from trueface.config.choices import parse_normalize
+from trueface.data.decode import ImageReadError, load_rgb
 from trueface.data.layout import IMAGE_SUFFIXES, LABEL_NAMES
+from trueface.data.normalize import load_normalized
 from trueface.evaluation import load_models
-from trueface.inference import score_batch
+from trueface.inference import decode_size, score_batch
 from trueface.precision import Runtime
 from trueface.thresholds import Thresholds, ThresholdsError, read_thresholds, thresholds_path
 
@@ -68,13 +74,18 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     def __init__(self, model: torch.nn.Module, image_size: int, threshold: float, runtime: Runtime,
                  hflip: bool, batch_size: int = 32, saved: Thresholds | None = None,
-                 threshold_source: str = UNCHOSEN, threshold_file: Path | None = None) -> None:
+                 threshold_source: str = UNCHOSEN, threshold_file: Path | None = None,
+                 decode_size: int | None = None, normalize: tuple[int, int] | None = None) -> None:
+        """``decode_size``: ``load_rgb``'s reduce target (None: full decode); ``normalize``: (JPEG
+        quality, short side) of ``data.normalize``, None for none. ``from_checkpoint`` sets both
+        from the checkpoint's config."""
         self.model, self.image_size, self.threshold = model, image_size, threshold
         self.saved = saved  # None: 0.5 stands in for a threshold never chosen
         self.threshold_source = threshold_source  # e.g. "pooled validation", "dalle validation"
         self.threshold_file = threshold_file
         self.runtime, self.hflip, self.batch_size = runtime, hflip, batch_size
         self.transform = eval_transform(image_size)
+        self.decode_size, self.normalize = decode_size, normalize
 
     @property
     def threshold_saved(self) -> bool:
@@ -91,8 +102,10 @@ class Predictor:
         cfg = from_dict(state["config"])
         runtime = Runtime.create(device, cfg.runtime.precision)
         model = load_models(state, cfg)[weights].to(runtime.device, memory_format=torch.channels_last)
-        return cls(model, cfg.stage(int(state["stage"])).image_size, threshold, runtime, cfg.eval.hflip_tta,
-                   saved=saved, threshold_source=source, threshold_file=thresholds_path(Path(path)))
+        image_size = cfg.stage(int(state["stage"])).image_size
+        return cls(model, image_size, threshold, runtime, cfg.eval.hflip_tta,
+                   saved=saved, threshold_source=source, threshold_file=thresholds_path(Path(path)),
+                   decode_size=decode_size(cfg, image_size), normalize=parse_normalize(cfg.data.normalize))
 
     def describe_threshold(self, weights: str) -> str:
         """One line for the console: the threshold, where it came from, and what else there is."""
@@ -111,7 +124,7 @@ class Predictor:
         batch: list[tuple[Path, torch.Tensor]] = []
         for path in paths:
             try:
-                batch.append((path, self.transform(load_rgb(str(path), self.image_size))))
+                batch.append((path, self.load(path)))
             except ImageReadError as exc:
                 yield from self._flush(batch)
                 batch = []
@@ -121,6 +134,12 @@ class Predictor:
                 yield from self._flush(batch)
                 batch = []
         yield from self._flush(batch)
+
+    def load(self, path: Path) -> torch.Tensor:
+        """The model's input for one file, prepared as training prepared its data."""
+        if self.normalize is None:
+            return self.transform(load_rgb(path, self.decode_size))
+        return self.transform(load_normalized(path, *self.normalize, self.decode_size))
 
     def _flush(self, batch: list[tuple[Path, torch.Tensor]]) -> Iterator[Prediction]:
         if not batch:

@@ -2,8 +2,9 @@
 
 Usage: ``ds = ImageDataset(samples, transform, decode_size=224)``; ``x, label, index = ds[0]``
 
-A file that cannot be decoded raises ``ImageReadError`` naming it, rather than a bare PIL error
-from inside a DataLoader worker.
+Files are decoded by ``trueface.data.decode.load_rgb`` (the same steps for every format); one that
+cannot be decoded raises ``ImageReadError`` naming it and the cause, rather than a bare PIL error
+from inside a DataLoader worker. Both names are re-exported here for existing imports.
 """
 
 from __future__ import annotations
@@ -11,26 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from trueface.data.decode import ImageReadError, load_rgb
 from trueface.data.layout import Sample
 
-
-class ImageReadError(RuntimeError):
-    """An image file could not be read or decoded; the message names the file."""
-
-
-def load_rgb(path: str, decode_size: int | None = None) -> Image.Image:
-    """Open ``path`` as RGB. With ``decode_size``, JPEGs are decoded at the smallest power-of-two
-    reduction still at least that large (``Image.draft``: 1.5-2x faster for big files)."""
-    try:
-        with Image.open(path) as img:
-            if decode_size and img.format == "JPEG":
-                img.draft("RGB", (decode_size, decode_size))
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from exc
+__all__ = ["ImageDataset", "ImageReadError", "load_rgb"]  # the last two re-exported from trueface.data.decode
 
 
 class ImageDataset(Dataset):
