@@ -6,12 +6,16 @@ Ray is imported lazily, inside functions, so ``--dry-run`` and config errors ret
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from trueface.config import Config, ConfigError, load_config, preset_names
 from trueface.storage import is_uri
+
+LOOPBACK = "127.0.0.1"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -75,8 +79,62 @@ def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> N
     # A local Ray gets at least the CPUs one worker group asks for, so a 2-core laptop can run
     # one worker with 2 threads (measured faster than 2 workers x 1 thread).
     cpus = num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-    ray.init(num_cpus=cpus)
+    start_local_ray(cpus)
+
+
+def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
+    """Start a Ray on this machine that only this machine can reach: GCS, raylet, object manager,
+    workers, dashboard and its agents all listen on loopback, and token authentication is on, so
+    another user of this machine needs the token too. The test suite's shared Ray
+    (tests/conftest.py) starts through here as well."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    # Token auth: Ray 2.60 turns it on for a new local Ray unless RAY_AUTH_MODE says otherwise. Not
+    # set here: Ray reads the mode when imported and only refreshes it when it picks the default.
+    auth_mode_given = "RAY_AUTH_MODE" in os.environ
+    ensure_private_auth_token()
+    # Every Ray process listens on the node's address. On Linux Ray takes the machine's network
+    # address for it and turns even an explicit _node_ip_address="127.0.0.1" into that address;
+    # only with ENABLE_RAY_CLUSTER off (its default on macOS and Windows, to spare firewall pop-ups)
+    # does it pick loopback, and then GCS, raylet, workers and agents bind to loopback (Ray 2.60,
+    # checked by tests/test_ray_binding.py). Off only while this node starts: its address is fixed
+    # then, and a later ray.init(address=...) in this process must find a cluster's node as usual.
+    cluster_default = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_default
+    token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if not auth_mode_given and not token_auth:
+        print("warning: this local Ray started without token authentication (a Ray other than 2.60?); "
+              "set RAY_AUTH_MODE=token to require it.", file=sys.stderr, flush=True)
+    node_ip = ray._private.worker.global_worker.node.node_ip_address
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        guard = "only its token authentication guards it" if token_auth else "and nothing guards it"
+        print(f"warning: this local Ray listens on {node_ip}, not loopback, so other machines can reach it "
+              f"(a Ray other than 2.60?); {guard}.", file=sys.stderr, flush=True)
+
+
+def ensure_private_auth_token() -> None:
+    """With token auth on (RAY_AUTH_MODE=token, or unset: Ray's default for a local Ray) and no
+    token given, Ray writes one to ~/.ray/auth_token with the default umask: readable by every local
+    user. Write it first, readable by its owner only; warn about a token file others can read."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.name == "posix" and path.stat().st_mode & 0o077:
+            print(f"warning: Ray's auth token {path} can be read by other users of this machine, who could "
+                  f"then use this Ray; make it private with: chmod 600 {path}", file=sys.stderr, flush=True)
+        return
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits
 
 
 def metrics_table(results_dir: Path) -> str:

@@ -66,9 +66,12 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray
 
-    # The dashboard must run: Ray Train's placement-group cleaner polls the state API it serves,
-    # and without it an interrupted trial's worker group keeps its CPUs and the next one hangs.
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    from jobs.common import start_local_ray
+
+    # As jobs.init_ray starts one (loopback only, token auth; tests/test_ray_binding.py checks it),
+    # dashboard included: Ray Train's placement-group cleaner polls the state API it serves, and
+    # without it an interrupted trial's worker group keeps its CPUs and the next one hangs.
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
