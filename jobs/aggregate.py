@@ -143,7 +143,7 @@ def local_evaluator(cfg: Config, checkpoint: str, out: Mirror) -> None:
     """Score the test splits in this process (no Ray): the engine on this machine's CPU or GPU."""
     from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 
-    evaluate_checkpoint(fetch(checkpoint, cfg.data.cache_dir), discover_layout(cfg.data.root), out.local,
+    evaluate_checkpoint(fetch(checkpoint, cfg.data.cache_dir), discover_layout(cfg.data.root, cfg.data.exclude), out.local,
                         test_domains=tuple(cfg.data.test_domains), thresholds=ThresholdRequest("valid"))
 
 

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"config error: {exc}")
     print(f"generating {args.images} synthetic images at {source} px in {work} ...", flush=True)
     try:
-        cfg, layout = resolve_run(cfg)
+        cfg, layout = resolve_run(cfg, data_check=False)  # generated images: nothing to check, time it alone
         train = layout.gather(cfg.stage1.domains, "train")
         val = layout.gather(cfg.stage1.domains, "valid")
         start = time.time()

@@ -55,6 +55,19 @@ def warn_if_outputs_vanish(cfg: Config, more: tuple[tuple[str, str], ...] = ()) 
                   f"storage every node mounts, or a URI such as s3://bucket/prefix, to keep it.", file=sys.stderr, flush=True)
 
 
+def check_model_weights(cfg: Config) -> None:
+    """Load ``model.weights`` here, before Ray starts: a missing, unsafe or ill-fitting file stops the
+    job with TrueFace's message instead of a training worker's traceback."""
+    if cfg.model.weights == "none":
+        return
+    from trueface.model import WeightsError, build_model
+
+    try:
+        build_model(cfg.model)
+    except WeightsError as exc:
+        sys.exit(f"error: model.weights: {exc}")
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")

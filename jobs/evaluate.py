@@ -14,6 +14,12 @@ when their policy and scope match, and otherwise chooses on this root's validati
 requires the saved file. A saved file left from an earlier training of the checkpoint is refused.
 ``--save-thresholds`` writes the ones chosen here beside the checkpoint, for jobs.predict. The
 checkpoint itself is never modified.
+
+The root gets the data check first (trueface.data.check, by the checkpoint's data.on_bad_image
+unless ``--on-bad-image`` says otherwise) and its images the checkpoint's ``data.normalize``. A test
+image whose bytes are also in the checkpoint's training or validation data (its run's manifest, see
+trueface.data.overlap) makes the evaluation refuse, unless ``--allow-overlap``: then every row of
+the table counts them (``train_overlap``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from pathlib import Path
 from jobs.common import add_ray_arguments, init_ray, print_metrics_table
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, from_dict
-from trueface.data.layout import DataLayoutError, discover_layout
+from trueface.config.choices import parse_normalize
+from trueface.data.check import scan_and_check
+from trueface.data.layout import DataLayout, DataLayoutError, discover_layout
+from trueface.data.normalize import normalized_root
+from trueface.data.overlap import overlap_counts, training_hashes
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
 from trueface.storage import Mirror, StorageError, check_writable, fetch, join
 from trueface.thresholds import SCOPES, ThresholdsError, pull_beside, push_beside
@@ -48,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-thresholds", action="store_true",
                         help="write the thresholds chosen on this root's validation splits beside the checkpoint "
                              "(thresholds.json), where jobs.predict reads them; needs --threshold-from valid")
+    parser.add_argument("--allow-overlap", action="store_true",
+                        help="evaluate even when test images are also in the checkpoint's training data (counted in the table)")
+    parser.add_argument("--on-bad-image", choices=("error", "skip"),
+                        help="what the data check does with bad files of this root (default: the checkpoint's data.on_bad_image)")
     parser.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of a Ray Train worker")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
@@ -65,13 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved_thresholds(checkpoint, args.threshold_from, cfg.eval.threshold_policy, cfg.eval.threshold_scope)
         out = args.out or join(cfg.output.results_dir, f"{cfg.run_name}-on-{layout.root.resolve().name}")
         check_writable(out, "--out")
+        layout, exclude, overlap = checked_test_root(layout, cfg, args)
     except (CheckpointError, DataLayoutError, StorageError, ThresholdsError) as exc:
         sys.exit(f"error: {exc}")
     results = Mirror.of(out, cfg.data.cache_dir)
     domains = tuple(d for d in args.test_domains.split(",") if d)
     if args.no_ray:
         evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, thresholds=ThresholdRequest(
-            args.threshold_from, scope=cfg.eval.threshold_scope, save=args.save_thresholds, chosen_by="jobs.evaluate"))
+            args.threshold_from, scope=cfg.eval.threshold_scope, save=args.save_thresholds, chosen_by="jobs.evaluate"),
+            train_overlap=overlap)
         results.push()
         if args.save_thresholds:
             push_beside(args.checkpoint, Config().data.cache_dir)
@@ -81,11 +97,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", args.checkpoint,
                            layout.root, out, test_domains=domains, thresholds=ThresholdRequest(
-                               args.threshold_from, save=args.save_thresholds, chosen_by="jobs.evaluate"))
+                               args.threshold_from, save=args.save_thresholds, chosen_by="jobs.evaluate"),
+                           exclude=exclude, train_overlap=overlap)
         results.pull()
     print_metrics_table(results.local)
     print(f"results: {results.location}/summary.md")
     return 0
+
+
+def checked_test_root(layout: DataLayout, cfg: Config,
+                      args: argparse.Namespace) -> tuple[DataLayout, tuple[str, ...], dict | None]:
+    """The root after the data check (bad files left out, or a stop), normalised as the checkpoint
+    was trained; the files left out; its overlap with the training data (None: nothing to compare with)."""
+    policy = args.on_bad_image or cfg.data.on_bad_image
+    check_cfg = replace(cfg, data=replace(cfg.data, root=str(layout.root), on_bad_image=policy, exclude=()))
+    check = scan_and_check(layout, check_cfg)
+    if check.blocking:
+        sys.exit(f"{check.summary()}\n(--on-bad-image skip leaves them out; python -m jobs.check_data --data-root "
+                 f"{layout.root} writes the full report)")
+    if check.excluded:
+        print(check.summary(), flush=True)
+        layout = discover_layout(layout.root, check.excluded)
+    trained = training_hashes(args.checkpoint, cfg)
+    overlap = None
+    if trained is None:
+        print(f"warning: test/train overlap not checked: neither {args.checkpoint}'s run manifest nor its data root "
+              f"{cfg.data.root} is reachable from here", file=sys.stderr)
+    else:
+        overlap = overlap_counts(check.rows, trained.sha1)
+        if sum(overlap.values()) and not args.allow_overlap:
+            per = ", ".join(f"{d} {n}" for d, n in overlap.items() if n)
+            sys.exit(f"error: {sum(overlap.values())} test images of {layout.root} are also in the checkpoint's "
+                     f"training data ({per}; compared by content with {trained.source}). Its scores on them say "
+                     "nothing about new images. Pass --allow-overlap to evaluate anyway: the table counts them.")
+    if parse_normalize(cfg.data.normalize) is not None:
+        relpaths = [layout.relpath(s.path) for s in layout.all_samples()]
+        layout = discover_layout(normalized_root(layout.root, relpaths, cfg.data.normalize, Path(cfg.data.cache_dir)),
+                                 check.excluded)
+    return layout, check.excluded, overlap
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jobs.common import (add_config_arguments, add_ray_arguments, config_from_args, init_ray, print_metrics_table,
-                         warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
+                         print_metrics_table, warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.data.layout import DataLayoutError
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
-from trueface.run import RunPaths, describe_plan, resolve_run, write_run_files
+from trueface.data.check import DataCheckError
+from trueface.run import RunPaths, describe_plan, prepare_run, write_data_check, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
@@ -44,17 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     warn_if_outputs_vanish(cfg)
     try:
-        cfg, layout = resolve_run(cfg)
+        prepared = prepare_run(cfg)
     except DataLayoutError as exc:
         sys.exit(f"data error: {exc}")
+    except DataCheckError as exc:
+        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {cfg.data.root or '<root>'} for the full report.")
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
+    cfg, layout, check = prepared.cfg, prepared.layout, prepared.check
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
     if args.dry_run:
         print(to_yaml(cfg))
-        print(describe_plan(cfg, layout, paths))
+        print(describe_plan(cfg, layout, paths, check))
         return 0
+    check_model_weights(cfg)
     try:
         check_writable(cfg.output.runs_dir, "output.runs_dir")
         check_writable(cfg.output.results_dir, "output.results_dir")
@@ -62,9 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"storage error: {exc}")
     run.pull("config.yaml", "stage1/stage.json", "stage2/stage.json")  # a run kept at a URI resumes from there
     _warn_if_config_changed(cfg, paths)
-    write_run_files(cfg, layout, paths)
+    write_run_files(cfg, layout, paths, check)
     run.push("config.yaml", "manifest.parquet")
-    print(describe_plan(cfg, layout, paths), flush=True)
+    write_data_check(check, paths)
+    print(describe_plan(cfg, layout, paths, check), flush=True)
 
     init_ray(args.address, cfg)
     from jobs import ray_train  # imports Ray: only once the config is known to be good
@@ -89,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("evaluation: scoring the test splits on Ray Train ...", flush=True)
     ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate", init_from, cfg.data.root, paths.results_location,
                        test_domains=cfg.data.test_domains,
-                       thresholds=ThresholdRequest("valid", save=True, chosen_by=f"jobs.pipeline (run {cfg.run_name})"))
+                       thresholds=ThresholdRequest("valid", save=True, chosen_by=f"jobs.pipeline (run {cfg.run_name})"),
+                       exclude=cfg.data.exclude)
     paths.results_mirror().pull()
     run.pull(f"stage2/{THRESHOLDS_FILE}")  # written beside best.pt, never into it
     run.pull("tensorboard")

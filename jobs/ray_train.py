@@ -89,7 +89,7 @@ def stage_worker(config: dict) -> None:
     di = _worker_setup(cfg)
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
-    layout = discover_layout(cfg.data.root)
+    layout = discover_layout(cfg.data.root, cfg.data.exclude)
     st = cfg.stage(stage)
     train, val = layout.gather(st.domains, "train"), layout.gather(st.domains, "valid")
     init_from = fetch(config["init_from"], cfg.data.cache_dir) if config.get("init_from") else None
@@ -113,15 +113,19 @@ def stage_worker(config: dict) -> None:
 
 
 def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Path, out: str | Path, *,
-             test_domains: tuple[str, ...] | list[str] = (), thresholds: ThresholdRequest = ThresholdRequest()):
+             test_domains: tuple[str, ...] | list[str] = (), thresholds: ThresholdRequest = ThresholdRequest(),
+             exclude: tuple[str, ...] = (), train_overlap: dict[str, int] | None = None):
     """Score ``checkpoint`` (a path or URI) on ``data_root``'s test splits on one Ray Train worker
     (a GPU one where the cluster has GPUs); the tables go to ``out`` (a path or URI; see
     trueface.evaluation). ``thresholds`` (trueface.evaluation.ThresholdRequest) says where the
     thresholds come from, by ``cfg.eval``'s policy and scope unless it names others, and whether
-    they are saved beside the checkpoint (``thresholds.json``; the checkpoint is never rewritten)."""
+    they are saved beside the checkpoint (``thresholds.json``; the checkpoint is never rewritten).
+    ``exclude``: files of ``data_root`` the data check left out; ``train_overlap``: see
+    trueface.evaluation.evaluate_checkpoint."""
     return fit(evaluate_worker, cfg, name, {
         "checkpoint": absolute(checkpoint), "data_root": str(Path(data_root).absolute()),
         "out": absolute(out), "test_domains": list(test_domains), "thresholds": asdict(thresholds),
+        "exclude": list(exclude), "train_overlap": train_overlap,
     }, num_workers=1, fresh=True)
 
 
@@ -137,8 +141,9 @@ def evaluate_worker(config: dict) -> None:
     # with eval.threshold_scope=per_domain evaluates per domain.
     request = replace(request, policy=request.policy or cfg.eval.threshold_policy,
                       scope=request.scope or cfg.eval.threshold_scope)
-    evaluate_checkpoint(checkpoint, discover_layout(config["data_root"]), out.local,
-                        test_domains=tuple(config.get("test_domains", ())), thresholds=request, dist_info=di)
+    evaluate_checkpoint(checkpoint, discover_layout(config["data_root"], config.get("exclude", ())), out.local,
+                        test_domains=tuple(config.get("test_domains", ())), thresholds=request, dist_info=di,
+                        train_overlap=config.get("train_overlap"))
     out.push()
     if request.save:
         push_beside(config["checkpoint"], cfg.data.cache_dir)  # written beside fetch()'s staged copy

@@ -29,14 +29,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs import ray_tune
-from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, warn_if_outputs_vanish
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
+                         warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
 from trueface.config.search_space import load_search_space
 from trueface.data.layout import DataLayout, DataLayoutError
-from trueface.run import planned_steps_per_epoch, resolve_run
+from trueface.data.check import DataCheckError
+from trueface.run import planned_steps_per_epoch, prepare_run
 from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, fetch, is_uri, join
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_schedule(spec)  # after the plan, which shows the rungs and when each key acts
     if args.dry_run:
         return 0
+    check_model_weights(from_dict(spec["config"]))
     exp = ray_tune.experiment_mirror(spec)
     try:
         check_writable(exp.location, "--storage")
@@ -143,10 +146,15 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     try:
         base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
         space = load_search_space(_space_path(args.space))
-        cfg, layout = resolve_run(base)
+        prepared = prepare_run(base)
+        cfg, layout = prepared.cfg, prepared.layout
         space.check(cfg, stages)
     except (ConfigError, DataLayoutError) as exc:
         sys.exit(f"error: {exc}")
+    except DataCheckError as exc:
+        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
+    if prepared.check.findings:  # every trial trains on what the check let through: say what that is
+        print(prepared.check.summary(), flush=True)
     init = _check_init(args, stages, cfg.data.cache_dir)
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--grace-period", args.grace_period, 1),
                              ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):

@@ -66,11 +66,22 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     assert (run / "stage1" / "best.pt").stat().st_mtime == mtime
     assert hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest() == best2_sha  # evaluated again, unchanged
 
-    # jobs.evaluate: the checkpoint on another root with other domain names, on a Ray worker
+    # jobs.evaluate: the checkpoint on another root with other domain names, on a Ray worker. Two
+    # training images copied into its test split: refused, then counted with --allow-overlap.
     other = write_tiny_root(tmp_path / "other", {"midjourney": "lower"}, per_class=4)
-    assert evaluate_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), "--data-root", str(other),
-                              "--out", str(tmp_path / "eval-other")]) == 0
+    for label in ("real", "fake"):
+        trained = sorted((root / "dalle" / "train" / label).glob("*.png"))[0]
+        (other / "midjourney" / "test" / label / "copied.png").write_bytes(trained.read_bytes())
+    eval_args = ["--checkpoint", str(run / "stage2" / "best.pt"), "--data-root", str(other),
+                 "--out", str(tmp_path / "eval-other")]
+    with pytest.raises(SystemExit, match=r"(\d+) test images of .* are also in the checkpoint's training data") as refused:
+        evaluate_job.main(eval_args)
+    overlapping = int(str(refused.value).split("error: ")[1].split()[0])
+    assert overlapping == 2 and not (tmp_path / "eval-other" / "metrics.parquet").exists()
+    assert evaluate_job.main(eval_args + ["--allow-overlap"]) == 0
     rows = pq.read_table(tmp_path / "eval-other" / "metrics.parquet").to_pylist()
+    assert {(r["domain"], r["train_overlap"]) for r in rows} == {("midjourney", 2), ("combined", 2)}
+    assert f"test images also in the training data**: {overlapping}" in (tmp_path / "eval-other" / "summary.md").read_text()
     assert {r["domain"] for r in rows} == {"midjourney", "combined"}
     assert {r["role"] for r in rows if r["domain"] == "midjourney"} == {"held out (never trained on)"}
     assert hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest() == best2_sha
@@ -82,7 +93,7 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     assert predict_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), str(images), "--out", str(csv_path)]) == 1
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "path,p_generated,label,threshold,threshold_source,error"
-    assert len(lines) == 1 + 5 and sum(",error," in ln for ln in lines) == 1
+    assert len(lines) == 1 + 6 and sum(",error," in ln for ln in lines) == 1
     assert "broken.png" in capsys.readouterr().err
 
 

@@ -105,9 +105,12 @@ def evaluate_checkpoint(
     test_domains: tuple[str, ...] = (),
     thresholds: ThresholdRequest = ThresholdRequest(),
     dist_info: DistInfo | None = None,
+    train_overlap: dict[str, int] | None = None,
 ) -> EvaluationReport:
     """Score the test splits of ``layout`` and write the tables into ``out_dir`` (rank 0), at the
-    thresholds ``thresholds`` asks for (see ThresholdRequest)."""
+    thresholds ``thresholds`` asks for (see ThresholdRequest). ``train_overlap`` (test domain ->
+    images also in the checkpoint's training data, see trueface.data.overlap) adds that count to
+    every row, so a table computed on overlapping data says so."""
     di = dist_info or DistInfo.current()
     state = load_checkpoint(checkpoint)
     cfg = from_dict(state["config"])
@@ -135,6 +138,9 @@ def evaluate_checkpoint(
     rows = evaluation_rows(test, chosen.pooled, source, domain_roles(cfg, domains, stage),
                            per_domain=chosen.per_domain if chosen.scope == "per_domain" else None,
                            threshold_file=str(threshold_file))
+    if train_overlap is not None:
+        for row in rows:
+            row["train_overlap"] = train_overlap.get(row["domain"], sum(train_overlap.get(d, 0) for d in domains))
     files: dict[str, Path] = {}
     if di.rank == 0:
         if saved is None:  # stamped here: hashing the checkpoint is rank 0's job alone
@@ -149,6 +155,9 @@ def evaluate_checkpoint(
             "threshold": source, "threshold scope": SCOPE_TEXT[chosen.scope], "threshold file": str(threshold_file),
             "flip test-time augmentation": str(cfg.eval.hflip_tta),
         }
+        if train_overlap is not None:
+            header["test images also in the training data"] = (
+                f"{sum(train_overlap.get(d, 0) for d in domains)} (per domain: column train_overlap)")
         files = write_report(out_dir, rows, test, to_yaml(cfg), header)
         files[FILE_NAME] = Path(out_dir) / FILE_NAME
     return EvaluationReport(rows, chosen.pooled, source, files, chosen, threshold_file)

@@ -30,7 +30,8 @@ from trueface.precision import Runtime
 
 
 def decode_size(cfg: Config, image_size: int) -> int | None:
-    """The size PIL may draft-decode JPEGs to (``data.decode_draft``), else None (full decode)."""
+    """The size an image may be reduced to by a power of two before resizing (``data.decode_draft``; the
+    same step for every format, see trueface.data.decode), else None (full size)."""
     return image_size if cfg.data.decode_draft else None
 
 

@@ -218,15 +218,17 @@ def _fmt(key: str, value: object) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Aligned plain-text table for the console (text left-aligned, numbers right-aligned)."""
-    cells = [[_fmt(k, row.get(k, "")) for k in _TABLE_COLUMNS] for row in rows]
-    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(_TABLE_COLUMNS)]
-    numeric = [k not in ("weights", "domain", "role", "threshold_source") for k in _TABLE_COLUMNS]
+    # train_overlap: only in tables of test roots compared with the checkpoint's training data
+    columns = _TABLE_COLUMNS + (("train_overlap",) if any("train_overlap" in r for r in rows) else ())
+    cells = [[_fmt(k, row.get(k, "")) for k in columns] for row in rows]
+    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(columns)]
+    numeric = [k not in ("weights", "domain", "role", "threshold_source") for k in columns]
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "  ".join(parts).rstrip()
 
-    out = [line(list(_TABLE_COLUMNS)), line(["-" * w for w in widths])]
+    out = [line(list(columns)), line(["-" * w for w in widths])]
     out += [line(c) for c in cells]
     return "\n".join(out)
 

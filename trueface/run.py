@@ -3,11 +3,17 @@
 Usage::
 
     cfg, layout = resolve_run(load_config("demo"))
-    paths = RunPaths.of(cfg); print(describe_plan(cfg, layout, paths))
+    prepared = prepare_run(load_config("demo"))      # the same, plus the data check it ran
+    paths = RunPaths.of(cfg); print(describe_plan(cfg, layout, paths, prepared.check))
 
 Resolving makes every implicit choice explicit (absolute paths, the domains of each stage and of
-the test tables), so the config saved beside checkpoints and results says
-exactly what was trained on.
+the test tables, the files the data check leaves out, the normalised copy of the data), so the
+config saved beside checkpoints and results says exactly what was trained on.
+
+The data check (trueface.data.check) runs before anything trains: from its cache it costs seconds.
+Under ``data.on_bad_image=error`` it raises ``DataCheckError`` with its summary; under ``skip`` the
+bad files go to ``data.exclude``. ``data.normalize`` then swaps the root for a re-encoded copy
+(trueface.data.normalize) with the same relative paths.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import pyarrow.parquet as pq
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config import Config, to_yaml
+from trueface.config.choices import parse_normalize
+from trueface.data.check import DataCheck, DataCheckError, scan_and_check
 from trueface.data.layout import DataLayout, discover_layout, pick_domains
+from trueface.data.normalize import normalized_root
 from trueface.data.sampler import BalancedSampler
 from trueface.data.synthetic import ensure_synthetic_dataset
 from trueface.storage import Mirror, absolute, check_location, is_uri, join, mirror, staging_dir
@@ -81,10 +90,51 @@ def absolute_location(location: str, key: str) -> str:
     return absolute(location)
 
 
-def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:
+@dataclass(frozen=True)
+class PreparedRun:
+    cfg: Config
+    layout: DataLayout
+    check: DataCheck | None = None  # None when the check was not asked for
+
+
+def prepare_run(cfg: Config, data_check: bool = True, progress: bool = True) -> PreparedRun:
+    """The resolved config and layout, after the data check (``data_check``) and normalisation."""
+    asked = cfg
+    cfg, layout = resolve_layout(cfg)
+    root = Path(cfg.data.root)
+    check = None
+    if data_check:
+        check = scan_and_check(layout, cfg, progress=progress)
+        if check.blocking:
+            raise DataCheckError(check.summary(limit=20))
+        if check.excluded:
+            layout = discover_layout(root, check.excluded)
+            # From the config as asked: a split left with one class drops out of the default domains.
+            cfg = _resolved(replace(asked, data=replace(asked.data, exclude=check.excluded)), layout, root)
+    spec = parse_normalize(cfg.data.normalize)
+    if spec is not None:
+        mirror_root = normalized_root(root, [layout.relpath(s.path) for s in layout.all_samples()], cfg.data.normalize,
+                                      Path(cfg.data.cache_dir))
+        layout = discover_layout(mirror_root, cfg.data.exclude)
+        cfg = replace(cfg, data=replace(cfg.data, root=str(mirror_root)))
+    return PreparedRun(cfg, layout, check)
+
+
+def resolve_layout(cfg: Config) -> tuple[Config, DataLayout]:
+    """The config resolved against its data root as found: no data check, no normalisation."""
     root = data_root(cfg)
     layout = discover_layout(root)
-    cfg = replace(
+    return _resolved(cfg, layout, root), layout
+
+
+def resolve_run(cfg: Config, data_check: bool = True) -> tuple[Config, DataLayout]:
+    prepared = prepare_run(cfg, data_check, progress=False)
+    return prepared.cfg, prepared.layout
+
+
+def _resolved(cfg: Config, layout: DataLayout, root: Path) -> Config:
+    """Every implicit choice made explicit (the user's unset domains keep being derived from ``layout``)."""
+    return replace(
         cfg,
         # Absolute: Ray Train workers run in folders of their own, where relative paths mislead.
         output=replace(cfg.output, runs_dir=absolute_location(cfg.output.runs_dir, "output.runs_dir"),
@@ -94,20 +144,36 @@ def resolve_run(cfg: Config) -> tuple[Config, DataLayout]:
         stage1=replace(cfg.stage1, domains=tuple(pick_domains(layout, cfg.stage1.domains, "stage1"))),
         stage2=replace(cfg.stage2, domains=tuple(pick_domains(layout, cfg.stage2.domains, "stage2"))),
     )
-    return cfg, layout
 
 
-def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths) -> None:
-    """The resolved config and the manifest of every image, beside the checkpoints."""
+def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> None:
+    """The resolved config and the manifest of every image, beside the checkpoints. With the data
+    check, the manifest holds each file's sha1 (of the file as found, before any normalisation):
+    jobs.evaluate compares a test root against it."""
     atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
-    samples = [s for splits in layout.domains.values() for xs in splits.values() for s in xs]
+    samples = layout.all_samples()
+    sha1 = {r["relpath"]: r["sha1"] for r in check.rows} if check else {}
     table = pa.table({
         "path": [s.path for s in samples], "domain": [s.domain for s in samples],
         "split": [s.split for s in samples], "label": [s.label for s in samples],
+        "sha1": [sha1.get(layout.relpath(s.path), "") for s in samples],
     })
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
+
+
+DATA_CHECK_DIR = "data-check"
+
+
+def write_data_check(check: DataCheck | None, paths: RunPaths) -> None:
+    """The data check's report in the run's results (``data-check/``): what was left out and why."""
+    if check is None:
+        return
+    from trueface.data.report import write_report  # matplotlib: only when a report is written
+
+    write_report(check, paths.results_dir / DATA_CHECK_DIR)
+    paths.results_mirror().push(DATA_CHECK_DIR)
 
 
 def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
@@ -121,8 +187,11 @@ def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
     return max(1, len(sampler) // (micro * st.accum_steps))
 
 
-def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
-    lines = [f"run {cfg.run_name}: data {layout.root}", "images (real/fake):"]
+def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> str:
+    lines = [f"run {cfg.run_name}: data {layout.root}"]
+    if check is not None:
+        lines += _describe_check(check, paths)
+    lines.append("images (real/fake)" + (" after the data check:" if cfg.data.exclude else ":"))
     for domain, splits in layout.counts().items():
         parts = [f"{split} {c['real']}/{c['fake']}" for split, c in splits.items()]
         lines.append(f"  {domain:<28} " + "  ".join(parts))
@@ -143,6 +212,8 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
             "  " + sampler.plan().describe().replace("\n", "\n  "),
         ]
     sc = cfg.scaling
+    if cfg.data.normalize != "none":
+        lines.append(f"data.normalize {cfg.data.normalize}: every image re-encoded alike, cached in {cfg.data.root}")
     lines += [
         f"test tables: {', '.join(cfg.data.test_domains)} + combined; threshold {cfg.eval.threshold_policy} on validation",
         f"workers: {sc.num_workers} x ({sc.cpus_per_worker} CPU, GPU {sc.use_gpu} x {sc.gpus_per_worker:g}), "
@@ -153,3 +224,16 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths) -> str:
         f"results: {paths.results_location}/",
     ]
     return "\n".join(lines)
+
+
+def _describe_check(check: DataCheck, paths: RunPaths) -> list[str]:
+    report = f"{paths.results_location}/{DATA_CHECK_DIR}/report.md"
+    lines = [f"data check: {len(check.rows)} images, {len(check.errors)} errors, {len(check.warnings)} warnings "
+             f"(report: {report})"]
+    if check.excluded:
+        lines.append(f"  left out {len(check.excluded)} files (data.on_bad_image=skip; listed in the report's "
+                     f"problems.csv and the config's data.exclude)")
+    for a in check.shortcut_warnings:
+        lines.append(f"  warning: format shortcut in {a.domain!r}: {a.describe()} (data.normalize=jpeg:<q>@<size> "
+                     f"removes it)")
+    return lines

@@ -137,7 +137,7 @@ class DataConfig:
     # error = stop before training with the data check's summary; skip = leave it out, listed in the
     # report, the plan and the run's results (see trueface.data.check).
     on_bad_image: str = "error"
-    min_image_side: int = 32  # an image whose shorter side is below this is bad (1x1, icons)
+    min_image_side: int = 16  # an image whose shorter side is below this is bad (1x1, icons); 16 = the smallest stage size
     # none | jpeg:<quality>@<size>: re-encode every image once (cached), short side resized to
     # <size>, as JPEG at <quality>, before training and evaluation: removes a format shortcut.
     normalize: str = "none"

@@ -9,11 +9,20 @@ Two shapes are understood, with every folder name matched case-insensitively:
 - ``ROOT/{train,valid,test}/{real,fake}/*.jpg``: one domain, named after ROOT's folder.
 
 ``val`` and ``validation`` are accepted for ``valid``. Labels: 0 = real, 1 = fake.
+
+Discovery never stops at the first oddity: what it cannot use goes to ``layout.problems`` (a broken
+or escaping symbolic link, a file name that is not UTF-8, a one-class split, an unknown label folder,
+a missing split), each naming the path, and the data check (trueface.data.check) reports them and
+decides by ``data.on_bad_image``. A file whose link points outside the root is never read: every
+sample resolves inside its data root. ``exclude`` (relative paths) leaves out files the data check
+found bad; a split left with one class is dropped, as a problem.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +47,22 @@ class Sample:
     split: str
 
 
+@dataclass(frozen=True)
+class LayoutProblem:
+    """Something under the root discovery could not use. ``severity``: error (a file or split that
+    is bad: on_bad_image decides) or warning (ignored, reported)."""
+
+    path: str  # relative to the data root
+    problem: str
+    severity: str = "error"
+
+
 @dataclass
 class DataLayout:
     root: Path
     # domain -> split -> samples, each list sorted by path so every rank sees the same order
     domains: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    problems: list[LayoutProblem] = field(default_factory=list)
 
     def samples(self, domain: str, split: str) -> list[Sample]:
         if domain not in self.domains:
@@ -57,6 +77,12 @@ class DataLayout:
     def domains_with(self, split: str) -> list[str]:
         return [d for d, splits in self.domains.items() if splits.get(split)]
 
+    def all_samples(self) -> list[Sample]:
+        return [s for splits in self.domains.values() for xs in splits.values() for s in xs]
+
+    def relpath(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
     def counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """domain -> split -> {'real': n, 'fake': n}, for plans and logs."""
         return {
@@ -68,23 +94,28 @@ class DataLayout:
         }
 
 
-def discover_layout(root: Path | str) -> DataLayout:
+def discover_layout(root: Path | str, exclude: Iterable[str] = ()) -> DataLayout:
+    """The layout under ``root``, without the files in ``exclude`` (paths relative to ``root``)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(f"data root {root} does not exist or is not a folder")
+    reader = _Reader(root, frozenset(exclude))
+    layout = DataLayout(root, problems=reader.problems)
     if _split_dirs(root):
-        layout = DataLayout(root, {_domain_name(root): _read_domain(root)})
+        layout.domains[_domain_name(root)] = reader.domain(root)
     else:
-        layout = DataLayout(root)
         for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if _split_dirs(child):
-                layout.domains[child.name] = _read_domain(child)
+                layout.domains[child.name] = reader.domain(child)
             else:
-                log.warning("ignoring %s: it has no train/valid/test folder", child)
+                reader.problem(child, "ignored: it has no train/valid/test folder", "warning")
+    layout.domains = {d: splits for d, splits in layout.domains.items() if splits}
     if not layout.domains:
+        errors_first = sorted(layout.problems, key=lambda p: p.severity != "error")
+        found = "".join(f"\n  {p.path}: {p.problem}" for p in errors_first[:10])
         raise DataLayoutError(
             f"no images found under {root}: expected ROOT/<domain>/{{train,valid,test}}/{{real,fake}}/"
-            f"*.jpg or ROOT/{{train,valid,test}}/{{real,fake}}/*.jpg (folder names in any case)"
+            f"*.jpg or ROOT/{{train,valid,test}}/{{real,fake}}/*.jpg (folder names in any case)" + found
         )
     return layout
 
@@ -104,35 +135,91 @@ def _split_dirs(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _read_domain(folder: Path) -> dict[str, list[Sample]]:
-    domain = _domain_name(folder)
-    splits: dict[str, list[Sample]] = {}
-    for split, split_dir in _split_dirs(folder).items():
+class _Reader:
+    """Reads domains under one root, collecting problems instead of stopping at the first."""
+
+    def __init__(self, root: Path, exclude: frozenset[str]) -> None:
+        self.root, self.real_root, self.exclude = root, root.resolve(), exclude
+        self.problems: list[LayoutProblem] = []
+
+    def problem(self, path: Path, text: str, severity: str = "error") -> None:
+        """Recorded relative to the root, as the data check's report names files."""
+        self.problems.append(LayoutProblem(display_path(os.path.relpath(path, self.root)), text, severity))
+
+    def domain(self, folder: Path) -> dict[str, list[Sample]]:
+        domain = _domain_name(folder)
+        splits: dict[str, list[Sample]] = {}
+        found = _split_dirs(folder)
+        for split in SPLITS:
+            if split not in found:
+                self.problem(folder / split, f"domain {domain!r} has no {split}/ split ({_SPLIT_ROLE[split]})", "warning")
+        for split, split_dir in found.items():
+            samples = self._split(domain, split, split_dir)
+            if samples:
+                splits[split] = sorted(samples, key=lambda s: s.path)
+        return splits
+
+    def _split(self, domain: str, split: str, split_dir: Path) -> list[Sample]:
         samples: list[Sample] = []
-        labels_found = []
+        label_dirs: dict[int, Path] = {}
         for child in sorted(split_dir.iterdir()):
             label = LABELS.get(child.name.lower())
-            if label is None or not child.is_dir():
-                if child.is_dir():
-                    log.warning("ignoring %s: label folders are real/ and fake/", child)
+            if not child.is_dir():
                 continue
-            labels_found.append(label)
-            samples += [Sample(str(p), label, domain, split) for p in _images_in(child)]
-        if not labels_found:
-            raise DataLayoutError(f"{split_dir} has no real/ or fake/ folder (any case)")
-        if len(set(labels_found)) != len(labels_found):
-            raise DataLayoutError(f"{split_dir} has two folders for one label (e.g. REAL/ and real/)")
-        if not samples:
-            raise DataLayoutError(f"{split_dir}: its real/ and fake/ folders hold no images")
-        splits[split] = sorted(samples, key=lambda s: s.path)
-    return splits
+            if label is None:
+                n = sum(1 for _ in child.iterdir())
+                self.problem(child, f"ignored: unknown label folder with {n} entries (label folders are real/ and fake/)",
+                             "warning")
+                continue
+            if label in label_dirs:
+                self.problem(child, f"two folders for one label ({label_dirs[label].name}/ and {child.name}/): "
+                                    f"both are read")
+            label_dirs[label] = child
+            samples += [Sample(str(p), label, domain, split) for p in self._images_in(child)]
+        present = {s.label for s in samples}
+        if present != {0, 1}:
+            missing = [LABEL_NAMES[y] for y in (0, 1) if y not in present]
+            self.problem(split_dir, f"{split}/ of {domain!r} has no usable {' or '.join(missing)} images: a split "
+                                    f"needs both classes, so it is left out")
+            return []
+        return samples
+
+    def _images_in(self, folder: Path) -> list[Path]:
+        out = []
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if self._excluded(p):
+                continue
+            if not _is_utf8(p.name):
+                self.problem(p, "file name is not valid UTF-8 (shown with escapes): rename the file")
+            elif p.is_symlink() and not p.exists():
+                self.problem(p, f"broken symbolic link (to {os.readlink(p)})")
+            elif not p.resolve().is_relative_to(self.real_root):
+                self.problem(p, f"refused: it resolves to {p.resolve()}, outside the data root")
+            elif p.is_file():
+                out.append(p)
+        return out
+
+    def _excluded(self, path: Path) -> bool:
+        return bool(self.exclude) and str(path.relative_to(self.root)) in self.exclude
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+_SPLIT_ROLE = {"train": "it cannot be trained on", "valid": "it is not validated: no selection or thresholds on it",
+               "test": "it is not in the test tables"}
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (surrogateescape)
+        return False
+    return True
+
+
+def display_path(path: Path | str) -> str:
+    """A path as valid UTF-8 text for reports and tables (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def pick_domains(layout: DataLayout, requested: tuple[str, ...], role: str) -> list[str]:

@@ -1,0 +1,193 @@
+"""The data check on a corpus of every bad and odd input: each named, the policy obeyed, nothing lost.
+
+One corpus (tests/data_corpus.py) and one scan are shared by the module's tests; training under
+``data.on_bad_image=skip`` runs one short Stage I on it, to show a bad file never reaches an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import trueface.data.scan as scan_module
+from tests.conftest import MINI_140K, REPO, tiny_overrides
+from tests.data_corpus import write_corpus
+from trueface.config import load_config
+from trueface.data.check import DataCheckError, scan_and_check
+from trueface.data.report import write_report
+from trueface.run import RunPaths, describe_plan, prepare_run, resolve_layout
+
+CROP = 48
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    built = write_corpus(tmp / "root")
+    yield built
+    os.chmod(built.root / "faces/train/real/noperm.jpg", 0o644)  # let pytest clean up
+
+
+def _cfg(corpus, tmp: Path, *extra: str):
+    return load_config("demo", tiny_overrides(corpus.root, tmp, "corpus") + [
+        f"data.cache_dir={tmp / 'cache'}", f"stage1.image_size={CROP}", f"stage2.image_size={CROP}",
+        "stage1.domains=[faces]", "stage2.domains=[faces]", "data.test_domains=[faces]", *extra])
+
+
+@pytest.fixture(scope="module")
+def unreadable(corpus):
+    """As root (CI containers), chmod 000 does not stop reading: make the scan's open refuse instead."""
+    target = str(corpus.root / "faces/train/real/noperm.jpg")
+    if os.geteuid() != 0:
+        yield
+        return
+    real_open = open
+
+    def guarded(path, *args, **kw):
+        if str(path) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return real_open(path, *args, **kw)
+
+    scan_module.open = guarded
+    yield
+    del scan_module.open
+
+
+@pytest.fixture(scope="module")
+def checked(corpus, unreadable, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("check")
+    cfg, layout = resolve_layout(_cfg(corpus, tmp))
+    return cfg, layout, scan_and_check(layout, cfg, progress=False), tmp
+
+
+def test_every_bad_file_is_named_with_its_problem(corpus, checked):
+    _, _, check, _ = checked
+    errors = {f.path: f.problem for f in check.errors}
+    for rel, words in corpus.errors.items():
+        assert rel in errors, f"{rel} ({words}) not reported; errors: {sorted(errors)}"
+        assert words.lower() in errors[rel].lower(), f"{rel}: {errors[rel]!r} does not say {words!r}"
+    # Nothing healthy is called bad: every error is a planted one.
+    assert set(errors) == set(corpus.errors), sorted(set(errors) - set(corpus.errors))
+
+
+def test_layout_problems_and_warnings_are_reported(corpus, checked):
+    _, _, check, _ = checked
+    found = {f.path: f.problem for f in check.findings}
+    for rel, words in {**corpus.layout_problems, **corpus.warnings}.items():
+        assert rel in found and words in found[rel], f"{rel}: expected {words!r}, got {found.get(rel)!r}"
+
+
+def test_valid_oddities_are_converted_not_errors(corpus, checked):
+    _, _, check, _ = checked
+    rows = {r["relpath"]: r for r in check.rows}
+    for rel, words in corpus.oddities.items():
+        assert rows[rel]["error"] == "", f"{rel}: {rows[rel]['error']}"
+        assert words in rows[rel]["warning"], f"{rel}: {rows[rel]['warning']!r}"
+    assert rows["faces/train/fake/cmyk.jpg"]["format"] == "JPEG" and rows["faces/train/fake/cmyk.jpg"]["jpeg_quality"] == 90
+    assert sum(check.oddities.values()) == len(corpus.oddities)
+
+
+def test_error_policy_stops_before_training_with_the_summary(corpus, checked, tmp_path):
+    with pytest.raises(DataCheckError) as err:
+        prepare_run(_cfg(corpus, checked[3]), progress=False)
+    text = str(err.value)
+    assert "stopping (data.on_bad_image=error)" in text and "faces/train/real/truncated.jpg" in text
+    assert f"{len(corpus.errors)} errors" in text
+
+
+def test_skip_policy_leaves_bad_files_out_and_shows_counts_after(corpus, checked):
+    cfg_asked = _cfg(corpus, checked[3], "data.on_bad_image=skip")
+    prepared = prepare_run(cfg_asked, progress=False)
+    assert set(prepared.cfg.data.exclude) == corpus.excluded
+    used = {prepared.layout.relpath(s.path) for s in prepared.layout.all_samples()}
+    assert not used & set(corpus.errors)
+    assert "faces/test/real/leak.jpg" in used  # the test copy of a train/test duplicate stays
+    # The plan's counts are those after skipping, and say so.
+    plan = describe_plan(prepared.cfg, prepared.layout, RunPaths.of(prepared.cfg), prepared.check)
+    counts = prepared.layout.counts()["faces"]["train"]
+    assert "after the data check" in plan and f"train {counts['real']}/{counts['fake']}" in plan
+    assert f"left out {len(corpus.excluded)} files" in plan
+    before = prepared.check.counts_before["faces"]["train"]
+    assert before["real"] - counts["real"] == sum(1 for p in corpus.excluded if p.startswith("faces/train/real/"))
+
+
+def test_report_names_every_file(corpus, checked, tmp_path):
+    _, _, check, _ = checked
+    files = write_report(check, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    for rel in corpus.errors:
+        assert rel in text, rel
+    table = pq.read_table(tmp_path / "report" / "images.parquet")
+    assert table.num_rows == len(check.rows) and "sha1" in table.column_names
+    assert all(p.is_file() for p in files)
+
+
+def test_rescan_reads_the_cache_and_notices_a_changed_file(corpus, checked, monkeypatch):
+    cfg, layout, check, _ = checked
+    calls = []
+    monkeypatch.setattr(scan_module, "inspect_image", lambda *a: calls.append(a) or {})
+    again = scan_and_check(layout, cfg, progress=False)
+    assert calls == [] and [r["sha1"] for r in again.rows] == [r["sha1"] for r in check.rows]
+    monkeypatch.undo()
+    victim = corpus.root / "faces/valid/real/valid_real_0.jpg"
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    rescanned = []
+    real = scan_module.inspect_image
+    monkeypatch.setattr(scan_module, "inspect_image", lambda *a: rescanned.append(a[0]) or real(*a))
+    scan_and_check(layout, cfg, progress=False)
+    assert rescanned == [str(victim)]
+
+
+def test_training_under_skip_never_meets_a_bad_file(corpus, checked):
+    from trueface.train import run_stage
+
+    prepared = prepare_run(_cfg(corpus, checked[3], "data.on_bad_image=skip", "stage1.epochs=1"), progress=False)
+    cfg, layout = prepared.cfg, prepared.layout
+    result = run_stage(cfg, 1, layout.gather(["faces"], "train"), layout.gather(["faces"], "valid"),
+                       checked[3] / "stage1")
+    assert result.epochs_run == 1
+
+
+def test_check_data_cli_exit_status_and_report(corpus, checked, tmp_path):
+    cmd = [sys.executable, "-m", "jobs.check_data", "--data-root", str(corpus.root), "--out", str(tmp_path / "r"),
+           f"data.cache_dir={checked[3] / 'cache'}"]
+    stopped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 1, stopped.stderr
+    assert "faces/train/fake/zero.jpg" in stopped.stdout and (tmp_path / "r" / "report.md").is_file()
+    skipped = subprocess.run(cmd[:3] + ["--dry-run"] + cmd[3:] + ["data.on_bad_image=skip"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"leaving out {len(corpus.excluded)} files" in skipped.stdout
+
+
+def test_a_format_shortcut_is_flagged(tmp_path):
+    """Reals JPEG, fakes PNG, the same pixels otherwise: the audit names the format."""
+    from tests.conftest import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "fmt", {"": "lower"}, per_class=12, size=48)
+    for path in root.rglob("real/*.png"):
+        from PIL import Image
+
+        Image.open(path).convert("RGB").save(path.with_suffix(".jpg"), quality=90)
+        path.unlink()
+    cfg = load_config("demo", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg, layout = resolve_layout(cfg)
+    check = scan_and_check(layout, cfg, progress=False)
+    (audit,) = check.audits
+    assert audit.warning and audit.separating_field == "format" and audit.auc > 0.9
+    assert "format" in check.summary()
+
+
+@pytest.mark.skipif(not MINI_140K.is_dir(), reason=f"real sample {MINI_140K} is absent on this machine")
+def test_real_sample_is_clean(tmp_path):
+    cfg = load_config("demo", [f"data.root={MINI_140K}", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg, layout = resolve_layout(cfg)
+    check = scan_and_check(layout, cfg, progress=False)
+    assert check.errors == [] and [p for p in check.leaks if p.kind == "exact"] == []
+    assert {r["format"] for r in check.rows} == {"JPEG"} and {r["jpeg_quality"] for r in check.rows} == {75}
