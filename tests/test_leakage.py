@@ -1,0 +1,246 @@
+"""Duplicate and near-duplicate leakage: the pHash, the pair search (banded vs brute force), the summary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import MINI_140K
+from trueface.data.leakage import (
+    NEAR_DUPLICATE_BITS,
+    LeakPair,
+    find_leakage,
+    hamming,
+    leak_summary,
+    near_pairs_by_bands,
+    perceptual_hash,
+)
+
+
+def picture(seed: int, size: int = 256) -> Image.Image:
+    """A smooth random picture with a few shapes: low frequencies that differ from seed to seed."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(coarse)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, size - 40, 2)
+        x1, y1 = x0 + rng.integers(20, 120), y0 + rng.integers(20, 120)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((int(x0), int(y0), int(x1), int(y1)), fill=colour)
+    return coarse
+
+
+def reopen(img: Image.Image, **save) -> Image.Image:
+    buffer = io.BytesIO()
+    img.save(buffer, **save)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def row(name: str, phash: str, sha1: str = "", domain: str = "d", split: str = "train", label: int = 0, error: str = "") -> dict:
+    return {"path": f"/data/{name}", "relpath": name, "domain": domain, "split": split, "label": label,
+            "sha1": sha1 or hashlib.sha1(name.encode()).hexdigest(), "phash": phash, "error": error}
+
+
+def flip(phash: str, *bits: int) -> str:
+    value = int(phash, 16)
+    for bit in bits:
+        value ^= 1 << bit
+    return f"{value:016x}"
+
+
+# ---- pHash ----
+
+def test_phash_is_16_hex_digits_deterministic_and_equal_for_identical_images():
+    a = perceptual_hash(picture(1))
+    assert len(a) == 16 and int(a, 16) >= 0
+    assert perceptual_hash(picture(1)) == a
+    assert bin(int(a, 16)).count("1") == 32  # each bit is "above the median of 64"
+
+
+def test_phash_within_threshold_for_reencoded_and_resized_copies():
+    for seed in range(8):
+        img = picture(seed)
+        h = perceptual_hash(img)
+        copies = {
+            "jpeg q50": reopen(img, format="JPEG", quality=50),
+            "resized x0.5": img.resize((128, 128), Image.Resampling.BICUBIC),
+            "png": reopen(img, format="PNG"),
+            "16-bit gray png": reopen(Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257), format="PNG"),
+        }
+        for what, copy in copies.items():
+            assert hamming(h, perceptual_hash(copy)) <= NEAR_DUPLICATE_BITS, f"seed {seed}: {what}"
+        assert hamming(h, perceptual_hash(copies["png"])) == 0
+        assert hamming(h, perceptual_hash(copies["16-bit gray png"])) == 0  # scale-free: 16 bits hash like 8
+
+
+def test_phash_of_different_pictures_is_far_apart():
+    hashes = [perceptual_hash(picture(seed)) for seed in range(100, 112)]
+    distances = [hamming(a, b) for a, b in itertools.combinations(hashes, 2)]
+    assert min(distances) > 3 * NEAR_DUPLICATE_BITS
+    assert 24 <= np.mean(distances) <= 40  # unrelated pictures: about half the bits
+
+
+def test_phash_of_blank_and_transparent_images():
+    assert perceptual_hash(Image.new("L", (64, 64), 0)) == "0" * 16
+    assert perceptual_hash(Image.new("RGB", (64, 64), (200, 10, 10))) == "8" + "0" * 15  # only the DC term
+    rgba = picture(3).convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: what shows is the white background
+    assert perceptual_hash(rgba) == perceptual_hash(Image.new("RGB", (64, 64), "white"))
+
+
+def test_hamming_counts_bits_and_refuses_non_hex():
+    assert hamming("0" * 16, "f" * 16) == 64
+    assert hamming("00000000000000ff", "000000000000000f") == 4
+    with pytest.raises(ValueError, match="not a hex hash"):
+        hamming("zz", "00")
+
+
+# ---- find_leakage ----
+
+H = "a5a5a5a5a5a5a5a5"
+FAR = "5a5a5a5a5a5a5a5a"  # 64 bits from H
+
+
+def test_same_file_in_train_and_test_is_an_exact_cross_split_pair():
+    rows = [row("train/real/x.jpg", H, sha1="s1"), row("test/real/x.jpg", H, sha1="s1", split="test"),
+            row("train/real/y.jpg", FAR)]
+    pairs = find_leakage(rows)
+    assert pairs == [LeakPair("exact", "train/real/x.jpg", "test/real/x.jpg", 0, "d", "train", 0, "d", "test", 0)]
+    assert pairs[0].cross_split and not pairs[0].cross_label and not pairs[0].cross_domain
+    assert pairs.warnings == []
+
+
+def test_same_image_as_real_and_fake_is_cross_label_and_a_resized_copy_across_domains_is_near():
+    img = picture(7)
+    h, h_small = perceptual_hash(img), perceptual_hash(img.resize((100, 100), Image.Resampling.BILINEAR))
+    rows = [row("a/train/real/p.jpg", h, sha1="s1", domain="a"),
+            row("a/train/fake/p.jpg", h, sha1="s1", domain="a", label=1),
+            row("b/test/fake/small.jpg", h_small, sha1="s2", domain="b", split="test", label=1)]
+    pairs = find_leakage(rows)
+    exact = [p for p in pairs if p.kind == "exact"]
+    near = {(p.a, p.b): p for p in pairs if p.kind == "near"}
+    assert [(p.a, p.b, p.cross_label, p.cross_split) for p in exact] == [("a/train/real/p.jpg", "a/train/fake/p.jpg", True, False)]
+    # the resized copy is near both of the same-bytes files (near pairs skip same-sha1 pairs only)
+    assert set(near) == {("a/train/real/p.jpg", "b/test/fake/small.jpg"), ("a/train/fake/p.jpg", "b/test/fake/small.jpg")}
+    assert all(p.cross_domain and p.cross_split for p in near.values())
+    assert all(p.distance == hamming(h, h_small) for p in near.values())
+
+
+def test_near_pair_inside_one_cell_is_not_leakage_but_an_exact_copy_there_is_reported():
+    rows = [row("train/real/a.jpg", H), row("train/real/b.jpg", flip(H, 0, 9)),
+            row("train/real/c.jpg", FAR, sha1="s3"), row("train/real/c_copy.jpg", FAR, sha1="s3")]
+    pairs = find_leakage(rows)
+    assert [(p.kind, p.a, p.b, p.same_cell) for p in pairs] == [("exact", "train/real/c.jpg", "train/real/c_copy.jpg", True)]
+    # the same near pair across labels is reported, at its distance
+    rows[1]["label"] = 1
+    assert [(p.kind, p.distance, p.cross_label) for p in find_leakage(rows) if p.kind == "near"] == [("near", 2, True)]
+
+
+def test_threshold_is_inclusive_and_rows_with_errors_or_no_hash_are_ignored():
+    rows = [row("train/a.jpg", H), row("test/b.jpg", flip(H, 1, 2, 3, 4), split="test"),
+            row("test/c.jpg", H, split="test", error="cannot decode"), row("test/d.jpg", "", split="test")]
+    assert [(p.b, p.distance) for p in find_leakage(rows, near_bits=4)] == [("test/b.jpg", 4)]
+    assert find_leakage(rows, near_bits=3) == []
+
+
+def test_large_exact_group_gives_one_pair_per_copy_against_the_earliest_split():
+    rows = [row(f"test/real/{k:02d}.jpg", H, sha1="same", split="test") for k in range(40)]
+    rows.append(row("valid/real/first.jpg", H, sha1="same", split="valid"))
+    pairs = find_leakage(rows)
+    assert len(pairs) == 40 and {p.kind for p in pairs} == {"exact"}
+    assert {p.a for p in pairs} == {"valid/real/first.jpg"}
+    assert len({p.b for p in pairs}) == 40
+
+
+def test_large_near_group_reports_every_cross_pair_once():
+    # 30 distinct files, H and 29 copies with 2 bits of their own flipped, alternating train/test
+    rows = [row(f"{('train', 'test')[k % 2]}/f{k}.jpg", flip(H, 2 * k, 2 * k + 1) if k else H, split=("train", "test")[k % 2])
+            for k in range(30)]
+    pairs = find_leakage(rows)
+    hashes = [r["phash"] for r in rows]
+    expected = {(rows[i]["relpath"], rows[j]["relpath"]) if i % 2 == 0 else (rows[j]["relpath"], rows[i]["relpath"])
+                for i, j in itertools.combinations(range(30), 2)
+                if hamming(hashes[i], hashes[j]) <= NEAR_DUPLICATE_BITS and i % 2 != j % 2}
+    assert len(expected) == 15 * 15  # each file is 2 bits from H and 4 from the others: every train/test pair
+    assert {(p.a, p.b) for p in pairs} == expected and len(pairs) == 225
+    assert all(p.a.startswith("train/") for p in pairs)
+    # at 3 bits only the pairs with H (train/f0) remain: one per test file
+    assert {(p.a, p.b) for p in find_leakage(rows, near_bits=3)} == {("train/f0.jpg", f"test/f{k}.jpg") for k in range(1, 30, 2)}
+
+
+def test_a_crowded_bucket_is_capped_with_a_warning_instead_of_compared():
+    blank = perceptual_hash(Image.new("RGB", (64, 64), "white"))
+    rows = [row(f"{('train', 'test')[k % 2]}/blank{k}.png", blank, split=("train", "test")[k % 2]) for k in range(60)]
+    start = time.perf_counter()
+    pairs = find_leakage(rows, max_bucket=50)
+    assert time.perf_counter() - start < 2
+    assert pairs == [] and len(pairs.warnings) == NEAR_DUPLICATE_BITS + 1  # the crowd fills one bucket in every band
+    assert "shared by 60 images" in pairs.warnings[0] and "cap of 50" in pairs.warnings[0]
+    assert leak_summary(pairs)["warnings"] == pairs.warnings
+    assert len(find_leakage(rows, max_bucket=100)) == 30 * 30  # under the cap: every train/test pair
+
+
+@pytest.mark.parametrize("near_bits", [0, 3, 4, 8])
+def test_banding_finds_exactly_the_pairs_brute_force_finds(near_bits):
+    rng = np.random.default_rng(near_bits)
+    centres = rng.integers(0, 2**63, 20, dtype=np.int64).astype(np.uint64)
+    hashes = []
+    for _ in range(400):  # clustered, so that there are many pairs at every distance
+        value = int(centres[rng.integers(20)])
+        for bit in rng.choice(64, rng.integers(0, 10), replace=False):
+            value ^= 1 << int(bit)
+        hashes.append(value)
+    array = np.array(hashes, dtype=np.uint64)
+    (i, j, dist), warnings = near_pairs_by_bands(array, near_bits)
+    brute = {(a, b) for a, b in itertools.combinations(range(len(hashes)), 2) if (hashes[a] ^ hashes[b]).bit_count() <= near_bits}
+    assert warnings == [] and len(brute) > 20
+    assert set(zip(i.tolist(), j.tolist())) == brute and len(i) == len(brute)  # each pair once
+    assert dist.tolist() == [(hashes[a] ^ hashes[b]).bit_count() for a, b in zip(i.tolist(), j.tolist())]
+
+
+def test_leak_summary_counts_by_kind_and_relation():
+    pairs = [LeakPair("exact", "a", "b", 0, "d", "train", 0, "d", "test", 0),
+             LeakPair("exact", "a", "c", 0, "d", "train", 0, "d", "train", 0),
+             LeakPair("near", "e", "f", 2, "d", "train", 0, "e", "test", 1)]
+    s = leak_summary(pairs)
+    assert s["pairs"] == 3 and s["warnings"] == []
+    assert s["exact"] == {"pairs": 2, "cross_split": 1, "cross_domain": 0, "cross_label": 0, "same_cell": 1,
+                          "by_splits": {"train/test": 1, "train/train": 1}}
+    assert s["near"] == {"pairs": 1, "cross_split": 1, "cross_domain": 1, "cross_label": 1, "same_cell": 0,
+                         "by_splits": {"train/test": 1}}
+
+
+def test_malformed_phash_names_the_file():
+    with pytest.raises(ValueError, match="train/bad.jpg.*rescan"):
+        find_leakage([row("train/bad.jpg", "abc"), row("test/x.jpg", H, split="test")])
+
+
+@pytest.mark.skipif(not MINI_140K.is_dir(), reason=f"faces140k-mini not found at {MINI_140K}")
+def test_mini_set_has_no_copies_and_one_chance_near_pair_across_splits():
+    """Measured: of the 2,000 images' 2.0 M pairs, two are within 4 bits (both at 2): one StyleGAN
+    face twice inside train/FAKE (same cell, not reported) and a chance match of two different
+    men across train/valid FAKE (reported)."""
+    rows = []
+    for path in sorted(MINI_140K.glob("*/*/*.jpg")):
+        with Image.open(path) as img:
+            phash = perceptual_hash(img)
+        rows.append({"path": str(path), "relpath": str(path.relative_to(MINI_140K)), "domain": "mini",
+                     "split": path.parts[-3], "label": int(path.parts[-2].lower() == "fake"),
+                     "sha1": hashlib.sha1(path.read_bytes()).hexdigest(), "phash": phash, "error": ""})
+    assert len(rows) == 2000
+    pairs = find_leakage(rows)
+    assert [(p.kind, p.a, p.b, p.distance) for p in pairs] == [("near", "train/FAKE/0VNPD85RZU.jpg", "valid/FAKE/0YX00K947S.jpg", 2)]
+
+
+def test_rows_without_sha1_are_never_exact_but_can_be_near():
+    rows = [row("train/a.jpg", H), row("test/b.jpg", H, split="test")]
+    for r in rows:
+        r["sha1"] = ""
+    assert [(p.kind, p.distance) for p in find_leakage(rows)] == [("near", 0)]
