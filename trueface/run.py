@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config import Config, to_yaml
 from trueface.config.choices import parse_normalize
-from trueface.data.check import DataCheck, DataCheckError, scan_and_check
+from trueface.data.check import DataCheck, DataCheckError, scan_and_check, shortcut_text
 from trueface.data.layout import DataLayout, discover_layout, pick_domains
 from trueface.data.normalize import normalized_root
 from trueface.data.sampler import BalancedSampler
@@ -228,12 +228,10 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataC
 
 def _describe_check(check: DataCheck, paths: RunPaths) -> list[str]:
     report = f"{paths.results_location}/{DATA_CHECK_DIR}/report.md"
-    lines = [f"data check: {len(check.rows)} images, {len(check.errors)} errors, {len(check.warnings)} warnings "
-             f"(report: {report})"]
+    lines = [f"data check: {len(check.rows)} images, {len(check.errors)} errors, {len(check.warnings)} warnings, "
+             f"{len(check.shortcut_warnings)} metadata shortcuts (report: {report})"]
     if check.excluded:
         lines.append(f"  left out {len(check.excluded)} files (data.on_bad_image=skip; listed in the report's "
                      f"problems.csv and the config's data.exclude)")
-    for a in check.shortcut_warnings:
-        lines.append(f"  warning: format shortcut in {a.domain!r}: {a.describe()} (data.normalize=jpeg:<q>@<size> "
-                     f"removes it)")
+    lines += [f"  warning: {shortcut_text(a)}" for a in check.shortcut_warnings]
     return lines

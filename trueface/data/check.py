@@ -95,6 +95,7 @@ class DataCheck:
         """A few lines for the console and the plan: counts, the first problems, what happens."""
         n = len(self.rows)
         lines = [f"data check of {self.root}: {n} images, {len(self.errors)} errors, {len(self.warnings)} warnings, "
+                 f"{len(self.shortcut_warnings)} metadata shortcuts, "
                  f"{sum(p.cross_split for p in self.leaks)} cross-split and {sum(p.cross_label for p in self.leaks)} "
                  f"cross-label duplicate pairs"]
         for f in self.errors[:limit]:
@@ -102,7 +103,7 @@ class DataCheck:
         if len(self.errors) > limit:
             lines.append(f"  ... and {len(self.errors) - limit} more errors (see the report)")
         for a in self.shortcut_warnings:
-            lines.append(f"  warning: format shortcut in {a.domain!r}: {a.describe()}")
+            lines.append(f"  warning: {shortcut_text(a)}")
         if self.errors:
             if self.policy == "error":
                 lines.append("  stopping (data.on_bad_image=error): fix or remove these files, or run with "
@@ -111,6 +112,16 @@ class DataCheck:
                 lines.append(f"  leaving out {len(self.excluded)} files (data.on_bad_image=skip); images after that:")
                 lines += ["    " + line for line in describe_counts(self.counts_after).splitlines()]
         return "\n".join(lines)
+
+
+def shortcut_text(audit: DomainAudit) -> str:
+    """One line on a domain whose metadata separates the classes, with what to do about it."""
+    if audit.separating_field == "file_size":
+        advice = ("file size follows image content and the encoder: check both classes were saved the same "
+                  "way; data.normalize=jpeg:<q>@<size> re-encodes them alike")
+    else:
+        advice = "data.normalize=jpeg:<q>@<size> re-encodes every image alike and removes it"
+    return f"metadata shortcut in {audit.domain!r}: {audit.describe()} ({advice})"
 
 
 def describe_counts(counts: dict[str, dict[str, dict[str, int]]]) -> str:
