@@ -190,7 +190,7 @@ def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
 def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> str:
     lines = [f"run {cfg.run_name}: data {layout.root}"]
     if check is not None:
-        lines += _describe_check(check, paths)
+        lines += _describe_check(check, paths, cfg.data.normalize)
     lines.append("images (real/fake)" + (" after the data check:" if cfg.data.exclude else ":"))
     for domain, splits in layout.counts().items():
         parts = [f"{split} {c['real']}/{c['fake']}" for split, c in splits.items()]
@@ -226,12 +226,15 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataC
     return "\n".join(lines)
 
 
-def _describe_check(check: DataCheck, paths: RunPaths) -> list[str]:
+def _describe_check(check: DataCheck, paths: RunPaths, normalize: str) -> list[str]:
     report = f"{paths.results_location}/{DATA_CHECK_DIR}/report.md"
     lines = [f"data check: {len(check.rows)} images, {len(check.errors)} errors, {len(check.warnings)} warnings, "
              f"{len(check.shortcut_warnings)} metadata shortcuts (report: {report})"]
     if check.excluded:
         lines.append(f"  left out {len(check.excluded)} files (data.on_bad_image=skip; listed in the report's "
                      f"problems.csv and the config's data.exclude)")
-    lines += [f"  warning: {shortcut_text(a)}" for a in check.shortcut_warnings]
+    for a in check.shortcut_warnings:
+        lines.append(f"  warning: {shortcut_text(a)}")
+        if normalize != "none":
+            lines.append(f"    this run trains on the copy data.normalize={normalize} re-encoded alike")
     return lines

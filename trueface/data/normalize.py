@@ -83,10 +83,12 @@ def load_normalized(path: str | os.PathLike, quality: int, size: int, decode_siz
 
 
 def normalized_folder(root: Path, spec: str, cache_dir: Path) -> Path:
-    """The mirror's folder: readable name, key from the root's absolute path, the spec and the recipe."""
+    """The mirror's folder: readable name, key from the root's absolute path, the spec and the recipe.
+    It ends in the root's own folder name: a single-domain root's domain is named after its folder."""
     key = hashlib.sha1(f"{Path(root).resolve()}\n{spec}\n{RECIPE_VERSION}".encode()).hexdigest()[:10]
     readable = re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-")
-    return Path(cache_dir) / "normalized" / f"{Path(root).resolve().name or 'root'}-{readable}-{key}"
+    name = Path(root).resolve().name or "root"
+    return Path(cache_dir) / "normalized" / f"{name}-{readable}-{key}" / name
 
 
 def normalized_root(root: Path, relpaths: Sequence[str], spec: str, cache_dir: Path,
