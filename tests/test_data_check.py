@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -166,22 +167,35 @@ def test_check_data_cli_exit_status_and_report(corpus, checked, tmp_path):
     assert f"leaving out {len(corpus.excluded)} files" in skipped.stdout
 
 
-def test_a_format_shortcut_is_flagged(tmp_path):
-    """Reals JPEG, fakes PNG, the same pixels otherwise: the audit names the format."""
+def _format_root(tmp_path: Path) -> Path:
+    """Reals JPEG, fakes PNG, the same kind of pixels otherwise."""
+    from PIL import Image
+
     from tests.conftest import write_tiny_root
 
     root = write_tiny_root(tmp_path / "fmt", {"": "lower"}, per_class=12, size=48)
     for path in root.rglob("real/*.png"):
-        from PIL import Image
-
         Image.open(path).convert("RGB").save(path.with_suffix(".jpg"), quality=90)
         path.unlink()
+    return root
+
+
+def test_a_format_shortcut_is_flagged_and_normalize_removes_it(tmp_path):
+    root = _format_root(tmp_path)
     cfg = load_config("demo", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"])
     cfg, layout = resolve_layout(cfg)
     check = scan_and_check(layout, cfg, progress=False)
     (audit,) = check.audits
     assert audit.warning and audit.separating_field == "format" and audit.auc > 0.9
-    assert "format" in check.summary()
+    assert "format separates real from fake" in check.summary()
+    # Trained on the normalised copy: same domain name and images, one format and quality.
+    prepared = prepare_run(replace(cfg, data=replace(cfg.data, normalize="jpeg:90@48")), progress=False)
+    assert Path(prepared.cfg.data.root).is_relative_to(tmp_path / "cache" / "normalized")
+    assert prepared.layout.counts() == layout.counts()
+    after = scan_and_check(prepared.layout, prepared.cfg, progress=False)
+    assert {r["format"] for r in after.rows} == {"JPEG"} and {r["jpeg_quality"] for r in after.rows} == {90}
+    # (the fakes' stripe still makes their JPEGs larger: file size follows content, and the audit says so)
+    assert after.audits[0].field_auc["format"] == 0.5 and after.audits[0].separating_field != "format"
 
 
 @pytest.mark.skipif(not MINI_140K.is_dir(), reason=f"real sample {MINI_140K} is absent on this machine")
