@@ -125,6 +125,13 @@ def write_corpus(root: Path, per_class: int = 6) -> Corpus:
     corpus.errors[put("faces/train/real/leak.jpg", leak)] = "also in test/"
     put("faces/test/real/leak.jpg", leak)  # the test copy stays: the train one is left out
 
+    # A near duplicate: a smooth picture in valid/, and a smaller, harder-compressed copy in test/.
+    picture = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    corpus.warnings[put("faces/valid/real/near.jpg", _jpeg_bytes(picture))] = "near duplicate (perceptual hash"
+    copy = io.BytesIO()
+    picture.resize((SIZE - 8, SIZE - 8), Image.Resampling.BILINEAR).save(copy, format="JPEG", quality=40)
+    put("faces/test/real/near_copy.jpg", copy.getvalue())
+
     # Layout: an unknown label folder, a domain with an empty class folder, one without valid/.
     (train / "unknown").mkdir()
     (train / "unknown" / "x.jpg").write_bytes(_jpeg_bytes(_image(rng)))

@@ -203,5 +203,5 @@ def test_real_sample_is_clean(tmp_path):
     cfg = load_config("demo", [f"data.root={MINI_140K}", f"data.cache_dir={tmp_path / 'cache'}"])
     cfg, layout = resolve_layout(cfg)
     check = scan_and_check(layout, cfg, progress=False)
-    assert check.errors == [] and [p for p in check.leaks if p.kind == "exact"] == []
+    assert check.errors == [] and check.leaks == []  # one chance pHash match, refuted by the fine hash
     assert {r["format"] for r in check.rows} == {"JPEG"} and {r["jpeg_quality"] for r in check.rows} == {75}

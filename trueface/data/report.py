@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trueface.atomic import atomic_write_text
 from trueface.data.check import DataCheck, describe_counts
-from trueface.data.leakage import NEAR_DUPLICATE_BITS, LeakPair, leak_summary
+from trueface.data.leakage import NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_MIN_CORRELATION, LeakPair, leak_summary
 from trueface.data.scan import write_table
 from trueface.data.shortcuts import METADATA_FIELDS, WARN_AUC, plot_shortcuts
 
@@ -94,7 +94,8 @@ def _table(header: list[str], rows: list[list], full_file: str) -> list[str]:
 def _leak_section(leaks: list[LeakPair]) -> list[str]:
     md = ["", "## Leakage", "",
           f"Exact duplicates share a sha1; near duplicates have perceptual hashes (64-bit DCT pHash) at most "
-          f"{NEAR_DUPLICATE_BITS} bits apart (trueface.data.leakage states how that threshold was measured). "
+          f"{NEAR_DUPLICATE_BITS} bits apart, confirmed by a 16x16 thumbnail correlation of at least {NEAR_DUPLICATE_MIN_CORRELATION} "
+          "(trueface.data.leakage states how both thresholds were measured, and what they miss). "
           "Pairs inside one domain, split and label are not leakage and are not listed."]
     counts = leak_summary(leaks)
     md += ["", "```", "\n".join(f"{k}: {v}" for k, v in counts.items()), "```", ""]

@@ -31,13 +31,14 @@ from PIL import Image
 from trueface.atomic import atomic_write_bytes
 from trueface.data.decode import ImageReadError, load_rgb
 from trueface.data.layout import DataLayout, Sample, display_path
-from trueface.data.leakage import perceptual_hash
+from trueface.data.leakage import perceptual_hash, thumbnail
 
 #: Bump when a row's meaning changes: cached rows of another version are scanned again.
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: thumb
 
 COLUMNS = ("path", "relpath", "domain", "split", "label", "format", "width", "height", "mode", "jpeg_quality",
-           "exif", "exif_orientation", "file_size", "mtime_ns", "sha1", "phash", "error", "warning")
+           "exif", "exif_orientation", "file_size", "mtime_ns", "sha1", "phash", "thumb",
+           "error", "warning")
 
 # The IJG standard luminance quantisation table (JPEG Annex K), in zigzag-independent raster order:
 # PIL's ``quantization`` gives tables in the same order libjpeg stores them.
@@ -71,7 +72,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     row = {c: None for c in COLUMNS} | {
         "path": display_path(path), "relpath": display_path(relpath), "format": "", "width": -1, "height": -1,
         "mode": "", "jpeg_quality": -1, "exif": False, "exif_orientation": 1, "file_size": -1, "mtime_ns": -1,
-        "sha1": "", "phash": "", "error": "", "warning": "",
+        "sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
     }
     try:
         st = os.stat(path)
@@ -93,7 +94,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
         pass
     try:
         rgb = load_rgb(path)  # the training decoder: same checks, same conversion of oddities
-        row["phash"] = perceptual_hash(rgb)
+        row["phash"], row["thumb"] = perceptual_hash(rgb), thumbnail(rgb)
     except ImageReadError as exc:
         row["error"] = _without_path(str(exc), path)
     row["warning"] = _oddity(row)
@@ -128,7 +129,7 @@ _SCHEMA = pa.schema([
     ("label", pa.int8()), ("format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("mode", pa.string()), ("jpeg_quality", pa.int16()), ("exif", pa.bool_()), ("exif_orientation", pa.int16()),
     ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("sha1", pa.string()), ("phash", pa.string()),
-    ("error", pa.string()), ("warning", pa.string()),
+    ("thumb", pa.binary()), ("error", pa.string()), ("warning", pa.string()),
 ], metadata={b"scan_version": str(SCAN_VERSION).encode()})
 
 
