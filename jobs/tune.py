@@ -121,7 +121,8 @@ def _refuse_settings_with_resume(parser: argparse.ArgumentParser, args: argparse
 
 
 def _space_names() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    # ablation*.yaml are jobs.ablate's specs, kept beside the spaces they ablate
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if not p.stem.startswith("ablation"))
 
 
 def _space_path(name: str) -> Path:

@@ -1,0 +1,126 @@
+"""Ablation specs and plans (trueface.ablation): what is trained and scored for each row, and why
+a row is dropped. No training: plans are pure functions of the spec and the config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from jobs.ablate import ablation_manifest, trial_config
+from trueface.ablation import (AblationSpecError, load_ablation_spec, parse_ablation_spec, plan_ablation,
+                               plan_leave_one_domain_out)
+from trueface.config import load_config
+from tests.conftest import REPO
+
+SHIPPED = REPO / "search_spaces" / "ablation.yaml"
+DOMAINS = ["140k-real-vs-fake", "tpdne", "dalle"]
+
+
+def demo(*overrides: str):
+    cfg = load_config("demo", list(overrides))
+    return replace(cfg, stage1=replace(cfg.stage1, domains=("140k-real-vs-fake",)),
+                   stage2=replace(cfg.stage2, domains=tuple(DOMAINS)))
+
+
+def spec(components: dict, **extra):
+    return parse_ablation_spec({"components": components, **extra}, "test.yaml")
+
+
+def evaluation_of(plan, row: str):
+    variant = next(v for v in plan.variants if v.name == row)
+    group, ev = plan.evaluation(variant.evaluation)
+    return group, ev, variant.weights
+
+
+def test_shipped_spec_on_both_stages_trains_only_what_changes_training():
+    plan = plan_ablation(load_ablation_spec(SHIPPED), demo("eval.hflip_tta=true"), (1, 2))
+    assert [v.name for v in plan.variants] == ["full", "no-ema", "no-strong-augmentation", "no-light-warmup", "no-mixup",
+                                               "no-domain-balance", "no-stage2", "no-flip-tta", "plain"]
+    assert plan.dropped == []
+    stage1 = {g.name: g for g in plan.phase(1)}
+    stage2 = {g.name: g for g in plan.phase(2)}
+    # Stage I is trained once per distinct Stage I config: MixUp and balancing act in Stage II only.
+    assert set(stage1) == {"full", "no-strong-augmentation", "no-light-warmup", "plain"}
+    assert set(stage2) == {"full", "no-strong-augmentation", "no-light-warmup", "no-mixup", "no-domain-balance"}
+    assert stage2["no-mixup"].init_group == "full" and stage2["no-domain-balance"].init_group == "full"
+    assert stage2["no-light-warmup"].init_group == "no-light-warmup"
+    assert stage2["no-mixup"].values == {"stage2.mixup_alpha": 0}
+    # Rows that only change the scoring are evaluations of the full recipe's trials.
+    group, ev, weights = evaluation_of(plan, "no-ema")
+    assert (group.name, group.stage, ev.variant, weights) == ("full", 2, "full", "raw")
+    group, ev, weights = evaluation_of(plan, "no-stage2")
+    assert (group.name, group.stage, ev.stage, weights) == ("full", 1, 1, "ema")
+    group, ev, weights = evaluation_of(plan, "no-flip-tta")
+    assert (group.name, group.stage, ev.eval_values, weights) == ("full", 2, {"eval.hflip_tta": False}, "ema")
+    # plain: every component off at once; Stage II off, so it trains Stage I only, scored raw, no flip
+    group, ev, weights = evaluation_of(plan, "plain")
+    assert (group.name, group.stage, weights) == ("plain", 1, "raw")
+    assert group.values == {"stage1.augment.strength": 0, "stage1.light_epochs": 0}
+    assert ev.eval_values == {"eval.hflip_tta": False}
+    assert {k: v for k, v in group.config(demo(), 1).stage1.augment.__dict__.items() if k == "strength"} == {"strength": 0}
+
+
+def test_components_that_change_nothing_here_are_dropped_with_the_reason():
+    plan = plan_ablation(load_ablation_spec(SHIPPED), demo(), (1,))
+    dropped = dict(plan.dropped)
+    assert set(dropped) == {"no-mixup", "no-domain-balance", "no-stage2", "no-flip-tta"}
+    assert "stage2.balance (Stage II is not trained)" in dropped["no-domain-balance"]
+    assert "stage1.mixup_alpha (already 0.0)" in dropped["no-mixup"]
+    assert "eval.hflip_tta (already False)" in dropped["no-flip-tta"]
+    assert [g.name for g in plan.groups] == ["full", "no-strong-augmentation", "no-light-warmup", "plain"]
+    assert all(g.stage == 1 and g.init_group is None for g in plan.groups)
+    # with a single component acting, "plain" would repeat it
+    one = plan_ablation(spec({"mixup": {"when_off": {"set": {"stage1.mixup_alpha": 0}}},
+                              "ema": {"when_off": {"weights": "raw"}}}), demo(), (1,))
+    assert [v.name for v in one.variants] == ["full", "no-ema"] and dict(one.dropped)["plain"].startswith("fewer than two")
+
+
+def test_stage2_only_plans_start_every_trial_from_the_given_checkpoint():
+    plan = plan_ablation(load_ablation_spec(SHIPPED), demo(), (2,))
+    assert all(g.stage == 2 and g.init_group is None for g in plan.groups)
+    assert "no-light-warmup" in dict(plan.dropped) and "no-stage2" in dict(plan.dropped)
+
+
+@pytest.mark.parametrize("components, words", [
+    ({"ema": {"when_off": {"set": {"stage1.ema_decai": 0.5}}}}, "stage1.ema_decai is not a config key (did you mean 'stage1.ema_decay'?)"),
+    ({"aug": {"when_off": {"set": {"stage1.augment.strength": 2}}}}, "stage1.augment.strength=2 is rejected by the config"),
+    ({"ema": {"off": {"weights": "raw"}}}, "write 'when_off:' where it says 'off:'"),
+    ({"ema": {"when_off": {"weights": "swa"}}}, "when_off.weights: 'swa' is not one of ema, raw"),
+    ({"ema": {"when_off": {"stages": [3]}}}, "when_off.stages: expected a list of stages"),
+    ({"ema": {"when_off": {"set": {}}, "wat": 1}}, "components.ema: unknown key 'wat' (did you mean 'what'?)"),
+    ({}, "'components' must map names"),
+])
+def test_bad_specs_are_refused_naming_the_file_component_and_key(components, words):
+    with pytest.raises(AblationSpecError) as err:
+        plan_ablation(spec(components), demo(), (1,))
+    assert words in str(err.value) and "test.yaml" in str(err.value)
+
+
+def test_leave_one_domain_out_plans_one_fine_tuning_per_domain_from_one_stage1():
+    plan = plan_leave_one_domain_out(demo(), (1, 2))
+    assert [v.name for v in plan.variants] == ["full"] + [f"without-{d}" for d in DOMAINS]
+    assert [g.name for g in plan.phase(1)] == ["full"]
+    stage2 = {g.name: g for g in plan.phase(2)}
+    assert stage2["without-dalle"].values == {"stage2.domains": ["140k-real-vs-fake", "tpdne"]}
+    assert {g.init_group for g in stage2.values()} == {"full"}
+    with pytest.raises(AblationSpecError, match=r"needs at least 2 Stage II domains; this data has 1 \(mini\)"):
+        plan_leave_one_domain_out(replace(demo(), stage2=replace(demo().stage2, domains=("mini",))), (1, 2))
+    with pytest.raises(AblationSpecError, match="leaves a domain out of Stage II"):
+        plan_leave_one_domain_out(demo(), (1,))
+
+
+def test_trials_get_their_seed_values_and_folder_and_the_manifest_lists_every_seed():
+    base = demo("seed=5")
+    plan = plan_ablation(load_ablation_spec(SHIPPED), base, (1,))
+    job = {"config": __import__("trueface.config", fromlist=["to_dict"]).to_dict(base), "storage": "/tmp/abl",
+           "name": "abl-x", "seeds": 3, "kind": "ablation", "command": "python -m jobs.ablate"}
+    group = next(g for g in plan.groups if g.name == "plain")
+    cfg = trial_config(job, group, 2)
+    assert cfg.seed == 7 and cfg.run_name == "plain-seed2" and cfg.stage1.light_epochs == 0
+    assert cfg.output.runs_dir == "/tmp/abl/abl-x/trials"
+    manifest = ablation_manifest(job, plan)
+    rows = {r["name"]: r for r in manifest["variants"]}
+    assert manifest["reference"] == "full"
+    assert rows["no-ema"]["evaluations"] == [{"seed": 5 + k, "dir": f"evals/full/seed{k}", "weights": "raw"} for k in range(3)]
+    assert rows["plain"]["evaluations"][1] == {"seed": 6, "dir": "evals/plain/seed1", "weights": "raw"}
