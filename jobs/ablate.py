@@ -1,0 +1,374 @@
+"""Ablations on Ray Tune: each recipe component switched off in turn, over seeds, with intervals.
+
+Usage::
+
+    python -m jobs.ablate                                    # demo: Stage I of tune-demo, 2 seeds
+    python -m jobs.ablate --config demo --stage both --seeds 3
+    python -m jobs.ablate --components ema,strong-augmentation --seeds 2
+    python -m jobs.ablate --stage 2 --init runs/demo/stage1/best.pt
+    python -m jobs.ablate --leave-one-domain-out --config demo --stage both
+    python -m jobs.ablate --resume NAME                      # finish an interrupted ablation
+    python -m jobs.ablate --dry-run                          # the plan only
+
+The components and their "off" values come from ``--spec`` (default search_spaces/ablation.yaml;
+trueface/ablation.py documents the format). Every (trained config, seed) is one Tune trial of a
+grid search, without early stopping: Stage I trials first, then the Stage II trials that start
+from them, so configs that differ only in Stage II share one Stage I per seed. Rows that change
+only how a checkpoint is scored (EMA off, flip TTA off, Stage II off) are evaluations of the full
+recipe's trials. Each trial scores its checkpoint on the test splits (thresholds chosen on the
+validation splits) on its own Ray Train workers; ``results/<name>/`` gets the comparison table
+(trueface.compare: mean AUC per row and domain with a 95% interval, the difference to the full
+recipe with its interval) and its plots.
+
+Layout: ``<storage>/<name>/trials/<config>-seed<k>/`` are run folders (config.yaml, stageN/,
+tensorboard/), ``<storage>/<name>/tune-stageN/`` Tune's state, ``results/<name>/evals/<row>/seed<k>/``
+the evaluation reports the table is built from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from jobs import ray_tune
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
+                         warn_if_outputs_vanish)
+from jobs.tune import STAGE_CHOICES, _check_init, _refuse_settings_with_resume
+from trueface.ablation import (AblationPlan, AblationSpecError, Evaluation, TrainingGroup, load_ablation_spec,
+                               parse_ablation_spec, plan_ablation, plan_leave_one_domain_out)
+from trueface.atomic import atomic_write_text
+from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
+from trueface.config.loading import is_run_name
+from trueface.data.check import DataCheckError
+from trueface.data.layout import DataLayoutError
+from trueface.run import RunPaths, prepare_run
+from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, join
+
+SPEC_FILE = "trueface-ablate.json"  # how the ablation was started: what --resume reads
+SPEC_VERSION = 1
+DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "search_spaces" / "ablation.yaml"
+ABLATION_FILE = "ablation.json"  # the rows and their evaluation folders: what trueface.compare reads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        check_location(args.storage, "--storage")
+    except StorageError as exc:
+        sys.exit(f"error: {exc}")
+    storage = absolute(args.storage)
+    if args.resume:
+        _refuse_settings_with_resume(parser, args)
+        job = _load_job(storage, args.resume)
+        print(f"resuming ablation {args.resume} with the settings it was started with", flush=True)
+    else:
+        job = _new_job(args, storage, command="python -m jobs.ablate " + shlex.join(argv))
+    plan = job_plan(job)
+    print(describe(job, plan), flush=True)
+    if args.dry_run:
+        return 0
+    check_model_weights(from_dict(job["config"]))
+    exp = experiment_mirror(job)
+    try:
+        check_writable(exp.location, "--storage")
+        check_writable(job["results_dir"], "output.results_dir")
+    except StorageError as exc:
+        sys.exit(f"error: {exc}")
+    if not args.resume:
+        atomic_write_text(exp.local / SPEC_FILE, json.dumps(job, indent=2))
+        exp.push(SPEC_FILE)
+    return _run(job, plan, exp, args.address or job.get("address"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.ablate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, default="tune-demo")
+    add_ray_arguments(p)
+    p.add_argument("--spec", default=str(DEFAULT_SPEC), help="ablation spec YAML (default: search_spaces/ablation.yaml)")
+    p.add_argument("--components", help="comma-separated component names of the spec to ablate (default: all)")
+    p.add_argument("--leave-one-domain-out", action="store_true",
+                   help="instead of components: fine-tune Stage II without each of its domains and test on it")
+    p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
+                   help="what the recipe trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
+    p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: 2; 1 gives bootstrap intervals)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the resources hold)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
+    p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
+    p.add_argument("--name", help="ablation name: <storage>/<name>/ and results/<name>/ (default: abl-<date>-<time>)")
+    p.add_argument("--storage", default="runs/ablate",
+                   help="where ablations live: a local path, or on a cluster a filesystem every node mounts or a URI "
+                        "(default: runs/ablate)")
+    p.add_argument("--resume", metavar="NAME", help="finish the interrupted ablation NAME (in --storage)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
+    return p
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
+    """Everything the ablation needs, checked before Ray starts; exits with a message on any error."""
+    base = config_from_args(args)
+    warn_if_outputs_vanish(base, (("--storage", args.storage),))
+    resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
+                 "scaling.gpus_per_worker": args.gpus_per_worker}
+    stages = STAGE_CHOICES[args.stage]
+    if args.seeds < 1:
+        sys.exit(f"error: --seeds must be >= 1, got {args.seeds}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        sys.exit(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}")
+    try:
+        base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
+        prepared = prepare_run(base)
+        spec_data = None if args.leave_one_domain_out else _spec_data(args.spec, args.components)
+    except (ConfigError, DataLayoutError) as exc:
+        sys.exit(f"error: {exc}")
+    except DataCheckError as exc:
+        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
+    if prepared.check.findings:
+        print(prepared.check.summary(), flush=True)
+    cfg = prepared.cfg
+    init = _check_init(args, stages, cfg.data.cache_dir)
+    name = args.name or f"{'lodo' if args.leave_one_domain_out else 'abl'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_run_name(name):
+        sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
+    job = {
+        "version": SPEC_VERSION, "name": name, "storage": storage, "command": command.strip(),
+        "kind": "leave-one-domain-out" if args.leave_one_domain_out else "ablation",
+        "config": to_dict(cfg), "spec": spec_data, "spec_source": None if args.leave_one_domain_out else args.spec,
+        "stages": stages, "init": init, "seeds": args.seeds, "max_concurrent": args.max_concurrent,
+        "results_dir": join(cfg.output.results_dir, name), "address": args.address,
+    }
+    try:
+        job_plan(job)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    exp = experiment_mirror(job)
+    if exp.local.exists() or (exp.remote and exp.exists(SPEC_FILE)):
+        sys.exit(f"error: an ablation named {name!r} already exists at {exp.location}.\n"
+                 f"  Resume it:       python -m jobs.ablate --resume {name}"
+                 + ("" if args.storage == "runs/ablate" else f" --storage {args.storage}")
+                 + "\n  or start anew:   add --name <another name>")
+    return job
+
+
+def _spec_data(path: str, components: str | None) -> dict:
+    """The spec file's content, restricted to ``components`` (checked against the file's names)."""
+    spec = load_ablation_spec(path)
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if components:
+        wanted = [c.strip() for c in components.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in data["components"]]
+        if unknown:
+            raise AblationSpecError(f"--components: {', '.join(unknown)} not in {spec.source} "
+                                    f"(components: {', '.join(c.name for c in spec.components)})")
+        data["components"] = {k: v for k, v in data["components"].items() if k in wanted}
+    return data
+
+
+def job_plan(job: dict) -> AblationPlan:
+    cfg, stages = from_dict(job["config"]), tuple(job["stages"])
+    if job["kind"] == "leave-one-domain-out":
+        return plan_leave_one_domain_out(cfg, stages)
+    return plan_ablation(parse_ablation_spec(job["spec"], job["spec_source"]), cfg, stages)
+
+
+def experiment_location(job: dict) -> str:
+    return join(job["storage"], job["name"])
+
+
+def experiment_mirror(job: dict) -> Mirror:
+    return Mirror.of(experiment_location(job), from_dict(job["config"]).data.cache_dir)
+
+
+def _load_job(storage: str, name: str) -> dict:
+    exp = Mirror.of(join(storage, name), Config().data.cache_dir)
+    exp.pull(SPEC_FILE)
+    path = exp.local / SPEC_FILE
+    if not path.is_file():
+        sys.exit(f"error: no ablation named {name!r} in {storage} (--storage chooses the folder)")
+    job = json.loads(path.read_text())
+    if job.get("version") != SPEC_VERSION:
+        sys.exit(f"error: ablation {name!r} was started by another TrueFace version ({job.get('version')}); start a new one")
+    return job
+
+
+def describe(job: dict, plan: AblationPlan) -> str:
+    cfg = from_dict(job["config"])
+    sc = cfg.scaling
+    what = {(1,): "Stage I", (2,): f"Stage II from {job['init']}", (1, 2): "Stage I then Stage II"}[tuple(job["stages"])]
+    title = "leave-one-domain-out" if job["kind"] == "leave-one-domain-out" else f"ablation of {job['spec_source']}"
+    return "\n".join([
+        f"{job['name']}: {title}; the recipe trains {what}; {job['seeds']} seed(s) "
+        f"({', '.join(str(cfg.seed + k) for k in range(job['seeds']))}); grid search, no early stopping",
+        plan.describe(job["seeds"]),
+        f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
+        f"trials at once: {job['max_concurrent'] or 'as many as the resources hold'}",
+        f"trials:  {experiment_location(job)}/trials/<config>-seed<k>/",
+        f"results: {job['results_dir']}/",
+    ])
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def trial_config(job: dict, group: TrainingGroup, seed: int) -> Config:
+    """A trial's config: the job's, the group's values, seed + k, its run folder under trials/."""
+    cfg = group.config(from_dict(job["config"]), seed)
+    return replace(cfg, run_name=f"{group.folder}-seed{seed}",
+                   output=replace(cfg.output, runs_dir=join(experiment_location(job), "trials")))
+
+
+def evaluation_location(job: dict, evaluation: Evaluation, seed: int) -> str:
+    return join(job["results_dir"], evaluation.folder, f"seed{seed}")
+
+
+def init_location(job: dict, group: TrainingGroup, seed: int) -> str | None:
+    if group.stage == 1:
+        return None
+    if group.init_group is None:
+        return job["init"]
+    return join(experiment_location(job), "trials", f"{group.init_group}-seed{seed}", "stage1", "best.pt")
+
+
+def run_ablation_trial(params: dict, job: dict) -> None:
+    """Tune function trainable: train one stage of one (config, seed), then score its evaluations,
+    all on one Ray Train worker group; what an earlier attempt finished is skipped."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs import ray_train
+    from trueface.checkpoint import finished_stage
+
+    plan = job_plan(job)
+    stage, seed = int(params["stage"]), int(params["seed"])
+    group = next(g for g in plan.phase(stage) if g.name == params["group"])
+    cfg = trial_config(job, group, seed)
+    paths = RunPaths.of(cfg)
+    run = paths.run_mirror()
+    run.pull(f"stage{stage}/stage.json")
+    evaluations = [{"variant": e.variant, "eval_values": e.eval_values, "out": evaluation_location(job, e, seed)}
+                   for e in group.evaluations]
+    cache = cfg.data.cache_dir
+    pending = [e for e in evaluations if not Mirror.of(e["out"], cache).exists("summary.md")]
+    if finished_stage(paths.stage_dir(stage)) is not None and not pending:
+        tune.report({"stage": stage, "done": 1})
+        return
+    from trueface.config import to_yaml
+
+    atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
+    run.push("config.yaml")
+    ray_train.fit(ablation_worker, cfg, f"{cfg.run_name}-stage{stage}",
+                  {"stage": stage, "init_from": init_location(job, group, seed), "attach_checkpoint": False,
+                   "evaluations": pending},
+                  fresh=not run.exists(f"stage{stage}/last.pt"), callbacks=[TuneReportCallback()])
+    run.delete(f"stage{stage}/last.pt")  # the stage is over: last.pt only ever resumed it
+
+
+def ablation_worker(config: dict) -> None:
+    """Ray Train worker: the stage (jobs.ray_train.stage_worker, skipped when finished), then
+    every pending evaluation of its best.pt (scored on all workers, written by rank 0)."""
+    import ray.train
+
+    from jobs import ray_train
+    from trueface.checkpoint import finished_stage
+    from trueface.data.layout import discover_layout
+    from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
+    from trueface.storage import fetch
+
+    cfg, stage = from_dict(config["cfg"]), int(config["stage"])
+    paths = RunPaths.of(cfg)
+    paths.run_mirror().pull(f"stage{stage}/stage.json")
+    if finished_stage(paths.stage_dir(stage)) is None:
+        ray_train.stage_worker(config)
+    di = ray_train._worker_setup(cfg)
+    checkpoint = fetch(paths.location(f"stage{stage}/best.pt"), cfg.data.cache_dir)
+    layout = discover_layout(cfg.data.root, cfg.data.exclude)
+    for ev in config.get("evaluations", []):
+        out = Mirror.of(ev["out"], cfg.data.cache_dir)
+        evaluate_checkpoint(checkpoint, layout, out.local, test_domains=tuple(cfg.data.test_domains),
+                            thresholds=ThresholdRequest("valid", chosen_by=f"jobs.ablate ({ev['variant']})"),
+                            dist_info=di, config_values=ev["eval_values"])
+        if di.rank == 0:
+            out.push()
+    ray.train.report({"stage": stage, "done": 1})
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run(job: dict, plan: AblationPlan, exp: Mirror, address: str | None) -> int:
+    cfg = from_dict(job["config"])
+    started = time.time()
+    trials = {s: len(plan.phase(s)) * job["seeds"] for s in plan.stages}
+    init_ray(address, cfg, num_cpus=None if address else ray_tune.local_cpus(cfg, job["max_concurrent"], max(trials.values())))
+    import ray
+    from ray import tune
+
+    from jobs import ray_train
+
+    per_trial = ray_tune.per_trial_resources(cfg, ray_train.scaling_config(cfg).use_gpu)
+    ray_tune.disable_default_loggers()
+    trainable = tune.with_resources(tune.with_parameters(run_ablation_trial, job=job), {"CPU": ray_tune.TRIAL_DRIVER_CPUS})
+    for stage in plan.stages:
+        groups = plan.phase(stage)
+        concurrent = job["max_concurrent"] or ray_tune.derive_max_concurrent(ray.cluster_resources(), per_trial, trials[stage])
+        print(f"Stage {'I' * stage}: {trials[stage]} trial(s), {concurrent} at once, each holding {per_trial}", flush=True)
+        name = f"tune-stage{stage}"
+        if exp.exists(f"{name}/tuner.pkl"):
+            tuner = tune.Tuner.restore(join(exp.location, name), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"stage": stage, "group": tune.grid_search([g.name for g in groups]),
+                             "seed": tune.grid_search(list(range(job["seeds"])))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
+                                            trial_dirname_creator=lambda t: f"{t.config['group']}-seed{t.config['seed']}"),
+                run_config=tune.RunConfig(name=name, storage_path=exp.location, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        grid = tuner.fit()
+        failed = [r for r in grid if r.error]
+        if failed:
+            print(f"\n{len(failed)} Stage {'I' * stage} trial(s) failed:\n  " + "\n  ".join(
+                f"{r.path}: {str(r.error).splitlines()[0][:300]}" for r in failed), flush=True)
+            print(f"fix the cause, then python -m jobs.ablate --resume {job['name']} reruns them", flush=True)
+            return 1
+    from jobs.ablate_report import write_ablation_report
+
+    report = write_ablation_report(job, plan)
+    print(f"\nablation finished in {(time.time() - started) / 60:.1f} min")
+    print(report.text)
+    print(f"\nreport: {job['results_dir']}/summary.md (+ comparison.csv, comparison.parquet, heatmap.png, forest.png)")
+    return 0
+
+
+def ablation_manifest(job: dict, plan: AblationPlan) -> dict:
+    """``ablation.json``: the rows and, per seed, the evaluation folder (relative) and weights."""
+    rows = []
+    for v in plan.variants:
+        _, ev = plan.evaluation(v.evaluation)
+        rows.append({"name": v.name, "description": v.description,
+                     "evaluations": [{"seed": from_dict(job["config"]).seed + k, "dir": f"{ev.folder}/seed{k}",
+                                      "weights": v.weights} for k in range(job["seeds"])]})
+    return {"name": job["name"], "kind": job["kind"], "reference": plan.reference, "variants": rows,
+            "dropped": [{"name": n, "why": why} for n, why in plan.dropped], "command": job["command"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
