@@ -29,27 +29,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from jobs import ray_tune
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
                          warn_if_outputs_vanish)
-from jobs.tune import STAGE_CHOICES, _check_init, _refuse_settings_with_resume
+from jobs.tune import (STAGE_CHOICES, _check_init, _refuse_settings_with_resume, add_trial_arguments, parse_with_storage,
+                       trial_resources)
 from trueface.ablation import (AblationPlan, AblationSpecError, Evaluation, TrainingGroup, load_ablation_spec,
-                               parse_ablation_spec, plan_ablation, plan_leave_one_domain_out)
+                               parse_ablation_spec, plan_ablation, plan_leave_one_domain_out, read_ablation_yaml)
 from trueface.atomic import atomic_write_text
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
 from trueface.data.check import DataCheckError
 from trueface.data.layout import DataLayoutError
 from trueface.run import RunPaths, prepare_run
-from trueface.storage import Mirror, StorageError, absolute, check_location, check_writable, join
+from trueface.storage import Mirror, StorageError, check_writable, join
 
 SPEC_FILE = "trueface-ablate.json"  # how the ablation was started: what --resume reads
 SPEC_VERSION = 1
@@ -59,13 +59,7 @@ ABLATION_FILE = "ablation.json"  # the rows and their evaluation folders: what t
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    try:
-        check_location(args.storage, "--storage")
-    except StorageError as exc:
-        sys.exit(f"error: {exc}")
-    storage = absolute(args.storage)
+    args, argv, storage = parse_with_storage(parser, argv)
     if args.resume:
         _refuse_settings_with_resume(parser, args)
         job = _load_job(storage, args.resume)
@@ -102,10 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the recipe trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
     p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI")
     p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: 2; 1 gives bootstrap intervals)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the resources hold)")
-    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
-    p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
+    add_trial_arguments(p)
     p.add_argument("--name", help="ablation name: <storage>/<name>/ and results/<name>/ (default: abl-<date>-<time>)")
     p.add_argument("--storage", default="runs/ablate",
                    help="where ablations live: a local path, or on a cluster a filesystem every node mounts or a URI "
@@ -122,15 +113,13 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
     """Everything the ablation needs, checked before Ray starts; exits with a message on any error."""
     base = config_from_args(args)
     warn_if_outputs_vanish(base, (("--storage", args.storage),))
-    resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
-                 "scaling.gpus_per_worker": args.gpus_per_worker}
     stages = STAGE_CHOICES[args.stage]
     if args.seeds < 1:
         sys.exit(f"error: --seeds must be >= 1, got {args.seeds}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         sys.exit(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}")
     try:
-        base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
+        base = apply_values(base, trial_resources(args))
         prepared = prepare_run(base)
         spec_data = None if args.leave_one_domain_out else _spec_data(args.spec, args.components)
     except (ConfigError, DataLayoutError) as exc:
@@ -167,9 +156,7 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
 def _spec_data(path: str, components: str | None) -> dict:
     """The spec file's content, restricted to ``components`` (checked against the file's names)."""
     spec = load_ablation_spec(path)
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text())
+    data = read_ablation_yaml(path)
     if components:
         wanted = [c.strip() for c in components.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in data["components"]]

@@ -47,13 +47,7 @@ STAGE_CHOICES = {"1": [1], "2": [2], "both": [1, 2]}
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    try:
-        check_location(args.storage, "--storage")
-    except StorageError as exc:
-        sys.exit(f"error: {exc}")
-    storage = absolute(args.storage)
+    args, argv, storage = parse_with_storage(parser, argv)
     if args.resume:
         _refuse_settings_with_resume(parser, args)
         spec = _load_spec(storage, args.resume)
@@ -80,6 +74,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(spec, exp, args)
 
 
+def parse_with_storage(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                       ) -> tuple[argparse.Namespace, list[str], str]:
+    """Parsed arguments, the argument list (for the record), and ``--storage`` checked and absolute."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        check_location(args.storage, "--storage")
+    except StorageError as exc:
+        sys.exit(f"error: {exc}")
+    return args, argv, absolute(args.storage)
+
+
+def add_trial_arguments(p: argparse.ArgumentParser) -> None:
+    """Resources of each trial (jobs.tune and jobs.ablate)."""
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
+    p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
+
+
+def trial_resources(args: argparse.Namespace) -> dict:
+    """The config values of add_trial_arguments' flags that were given."""
+    given = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
+             "scaling.gpus_per_worker": args.gpus_per_worker}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,10 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI "
                                   "(e.g. runs/demo/stage1/best.pt)")
     p.add_argument("--num-samples", type=int, default=8, help="trials to run (default: 8)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
-    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (scaling.num_workers)")
-    p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (scaling.cpus_per_worker)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")
+    add_trial_arguments(p)
     p.add_argument("--grace-period", type=int,
                    help="epochs of the final stage every trial trains before ASHA may stop it (default: the space's "
                         "grace_period, else 1); must not come before a searched key first acts")
@@ -141,11 +159,9 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     """Everything a search needs, checked before Ray starts; exits with a message on any error."""
     base = config_from_args(args)
     warn_if_outputs_vanish(base, (("--storage", args.storage),))
-    resources = {"scaling.num_workers": args.workers_per_trial, "scaling.cpus_per_worker": args.cpus_per_worker,
-                 "scaling.gpus_per_worker": args.gpus_per_worker}
     stages = STAGE_CHOICES[args.stage]
     try:
-        base = apply_values(base, {k: v for k, v in resources.items() if v is not None})
+        base = apply_values(base, trial_resources(args))
         space = load_search_space(_space_path(args.space))
         prepared = prepare_run(base)
         cfg, layout = prepared.cfg, prepared.layout

@@ -45,9 +45,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from trueface.config import Config, ConfigError, apply_values, flatten, to_dict
+from trueface.config.loading import read_yaml_file
 
 REFERENCE = "full"
 PLAIN = "plain"
@@ -163,14 +162,11 @@ class AblationPlan:
 
 
 def load_ablation_spec(path: str | Path) -> AblationSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise AblationSpecError(f"ablation spec {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AblationSpecError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_ablation_spec(data, str(path))
+    return parse_ablation_spec(read_ablation_yaml(path), str(path))
+
+
+def read_ablation_yaml(path: str | Path) -> Any:
+    return read_yaml_file(path, AblationSpecError, "ablation spec")
 
 
 def parse_ablation_spec(data: Any, source: str = "ablation spec") -> AblationSpec:

@@ -28,6 +28,18 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key (or file) and the problem."""
 
 
+def read_yaml_file(path: str | Path, error: type[ConfigError], what: str) -> typing.Any:
+    """The content of the YAML file ``path`` (a search space, an ablation spec, ...); ``error``
+    names the file and what is wrong when it is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 

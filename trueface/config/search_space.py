@@ -36,9 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from trueface.config.loading import ConfigError, apply_values, flatten, to_dict
+from trueface.config.loading import ConfigError, apply_values, flatten, read_yaml_file, to_dict
 from trueface.config.schema import Config
 
 FORMS = {
@@ -292,14 +291,7 @@ def _param_spec(p: Param) -> dict:
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
-        raise SearchSpaceError(f"search space {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SearchSpaceError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_search_space(data, str(path))
+    return parse_search_space(read_yaml_file(path, SearchSpaceError, "search space"), str(path))
 
 
 def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
