@@ -1,10 +1,20 @@
-"""Aggregate a search into ``results/<name>/``: the ranked trials, the best config, its test table.
+"""Aggregate a search into ``results/<name>/``: the ranked trials, the best config, its test table;
+or compare any set of runs, searches and ablations in one cross-domain table.
 
 Usage::
 
     python -m jobs.aggregate runs/tune/<name>              # also run by jobs.tune at the end
     python -m jobs.aggregate runs/tune/<name> --out /tmp/report --no-test
     python -m jobs.aggregate s3://bucket/tune/<name>       # a search kept in S3
+    python -m jobs.aggregate runs/a runs/b results/abl-x --reference full   # a comparison
+    python -m jobs.aggregate results/abl-x --out results/abl-x-raw --weights raw
+
+One path that holds a search (``trueface-tune.json``) aggregates that search, as below. Anything
+else (several paths; a run, an evaluation report or an ablation) is compared: trueface.compare
+builds the table (rows: runs or ablation variants; columns: each test domain and combined; cells:
+mean AUC with its 95% interval, over seeds where there are several, else a bootstrap over the test
+images) and writes comparison.md, comparison.csv, comparison.parquet, heatmap.png and, with a
+reference, forest.png into ``--out`` (default ``results/compare-<date>-<time>``).
 
 Writes ``summary.md`` (trials best first, the best trial's test table), ``trials.csv`` and
 ``trials.parquet`` (one row per trial), ``best_config.yaml`` (which ``python -m jobs.pipeline
@@ -20,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +40,7 @@ from pathlib import Path
 from jobs import ray_tune
 from jobs.common import metrics_table
 from trueface.atomic import atomic_write_text
+from trueface.compare import WEIGHTS, CompareError, compare, units_from_paths
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
 from trueface.search_report import format_trials, param_importances, rank_trials, write_search_report
@@ -231,16 +244,54 @@ def print_summary(report: Mirror, experiment: Mirror) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.aggregate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", help="the search's folder, <storage>/<name> (e.g. runs/tune/demo-... or "
-                                           "s3://bucket/tune/demo-...)")
-    parser.add_argument("--out", help="report folder, a path or a URI (default: the search's results/<name>)")
-    parser.add_argument("--no-test", action="store_true", help="leave out the best trial's test table")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="one search's folder, <storage>/<name> (e.g. runs/tune/demo-... or s3://bucket/tune/demo-...); "
+                             "or runs, evaluation reports, searches and ablations to compare (paths or URIs)")
+    parser.add_argument("--out", help="report folder, a path or a URI (default: the search's results/<name>; "
+                                      "for a comparison results/compare-<date>-<time>)")
+    parser.add_argument("--no-test", action="store_true", help="search only: leave out the best trial's test table")
+    parser.add_argument("--reference", metavar="LABEL",
+                        help="comparison only: the row every other is compared with (default: an ablation's own)")
+    parser.add_argument("--weights", choices=WEIGHTS,
+                        help="comparison only: weights read where a path does not say which (default: ema)")
     args = parser.parse_args(argv)
     try:
-        report = aggregate(args.experiment, args.out, evaluate=None if args.no_test else local_evaluator)
+        if len(args.paths) == 1 and _is_search(args.paths[0]):
+            if args.reference or args.weights:
+                parser.error("--reference and --weights apply to comparisons; to compare a search with others, "
+                             "give them too")
+            return _aggregate_search(args.paths[0], args.out, args.no_test)
+        if args.no_test:
+            parser.error("--no-test applies to one search; it has no meaning for a comparison")
+        command = "python -m jobs.aggregate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+        return _compare(args.paths, args.out, args.reference, args.weights or "ema", command)
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
-    print_summary(report, ray_tune.experiment_mirror(absolute(args.experiment)))
+
+
+def _is_search(path: str) -> bool:
+    return Mirror.of(absolute(path), Config().data.cache_dir).exists(ray_tune.SPEC_FILE)
+
+
+def _aggregate_search(experiment: str, out: str | None, no_test: bool) -> int:
+    report = aggregate(experiment, out, evaluate=None if no_test else local_evaluator)
+    print_summary(report, ray_tune.experiment_mirror(absolute(experiment)))
+    return 0
+
+
+def _compare(paths: list[str], out: str | None, reference: str | None, weights: str, command: str) -> int:
+    """Compare the units found at ``paths``; write the report to ``out``, print the table and files."""
+    cache = Config().data.cache_dir
+    report = Mirror.of(absolute(out or f"results/compare-{time.strftime('%Y%m%d-%H%M%S')}"), cache)
+    try:
+        found = units_from_paths(paths, weights, cache)
+        result = compare(found.units, report.local, reference or found.reference,
+                         header={"command": command})
+    except CompareError as exc:
+        sys.exit(f"error: {exc}")
+    report.push()
+    print(result.markdown)
+    print(f"report: {report.location}/ (" + ", ".join(result.files) + ")")
     return 0
 
 

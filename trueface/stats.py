@@ -12,7 +12,7 @@ Usage::
 
 Which to use: seeds measure what a reader cares about (would the recipe do as well if trained
 again?); with one seed only, the bootstrap over test images still says how much the number owes
-to the particular test images, but nothing about training noise, so it is the narrower of the two.
+to the particular test images, but nothing about training noise: another seed may land outside it.
 
 The bootstrap resamples real and fake images separately (stratified by label), so every resample
 has both classes and the same class counts as the test set. Its AUCs are computed for all
