@@ -18,8 +18,8 @@ from scipy.stats import t as student_t
 
 from jobs import aggregate
 from tests.conftest import s3_keys
-from trueface.compare import (CompareError, SeedReport, Unit, compare, comparison_rows, units_from_ablation,
-                              units_from_paths)
+from trueface.compare import (CompareError, SeedReport, Unit, compare, comparison_markdown, comparison_rows,
+                              units_from_ablation, units_from_paths)
 from trueface.config import Config, to_yaml
 from trueface.metrics import roc_auc
 from trueface.results import Predictions, evaluation_rows, write_report
@@ -198,6 +198,7 @@ def test_an_ablation_folder_gives_one_unit_per_variant(ablation_folder):
     found = units_from_ablation(str(folder))
     assert found.reference == "full" and [u.label for u in found.units] == ["full", "no-ema", "no-mixup"]
     assert found.units[1].description == "EMA off: the raw weights"
+    assert "- no-ema: EMA off: the raw weights" in comparison_markdown(comparison_rows(found.units, n_boot=100))
     rows = {(r["unit"], r["domain"]): r for r in comparison_rows(found.units, found.reference, n_boot=200)}
     for s in (0, 1):  # no-ema reads the raw weights of full's reports
         assert rows[("no-ema", "combined")][f"auc_seed{s}"] == pytest.approx(
@@ -289,6 +290,12 @@ def test_bad_units_are_refused(units, tmp_path):
     stale = Unit("stale", (SeedReport(units[0].evaluations[0].dir, 0, "swa"),))
     with pytest.raises(CompareError, match="weights 'swa' must be one of ema, raw"):
         comparison_rows([stale])
+    with pytest.raises(CompareError, match="no units to compare"):
+        comparison_rows([])
+    # the reference alone: a table, but no differences to plot
+    alone = compare(units[:1], tmp_path / "alone", reference="full", n_boot=100)
+    assert "forest.png" not in alone.files and not (tmp_path / "alone" / "forest.png").exists()
+    assert len(alone.rows) == 3 and {r["diff_words"] for r in alone.rows} == {"the reference"}
 
 
 def test_one_search_path_still_aggregates_that_search(tmp_path, monkeypatch):

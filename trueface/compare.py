@@ -297,6 +297,8 @@ def _interval_columns(prefix: str, interval: Interval | None) -> dict:
 
 
 def _check_labels(units: list[Unit], reference: str | None) -> None:
+    if not units:
+        raise CompareError("no units to compare")
     labels = [u.label for u in units]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
@@ -383,6 +385,9 @@ def comparison_markdown(rows: list[dict], reference: str | None = None, *, confi
     body = [[u, _unit_method([cell[(u, d)] for d in domains]), *(_cell(cell[(u, d)], "auc", confidence) for d in domains)]
             for u in units]
     out += [markdown_table(["unit", "interval", *domains], body), ""]
+    described = {r["unit"]: r["description"] for r in rows if r.get("description")}
+    if described:
+        out += ["Rows:", "", *(f"- {u}: {text}" for u, text in described.items()), ""]
     out += _roles_markdown(units, domains, cell)
     if reference is not None:
         out += [f"## Difference to {reference}: AUC(unit) - AUC({reference})", ""]
@@ -465,7 +470,8 @@ def forest_png(rows: list[dict], reference: str) -> bytes:
 
 
 def write_comparison(out_dir: Path, rows: list[dict], markdown: str, reference: str | None = None) -> dict[str, Path]:
-    """Write comparison.csv/.parquet, heatmap.png, forest.png (with a reference) and, last, comparison.md."""
+    """Write comparison.csv/.parquet, heatmap.png, forest.png (with a reference and another unit)
+    and, last, comparison.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -473,7 +479,7 @@ def write_comparison(out_dir: Path, rows: list[dict], markdown: str, reference: 
         "comparison.parquet": atomic_write_bytes(out_dir / "comparison.parquet", parquet_bytes(pa.Table.from_pylist(rows))),
         "heatmap.png": atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(rows)),
     }
-    if reference is not None:
+    if reference is not None and any(r["unit"] != reference for r in rows):
         files["forest.png"] = atomic_write_bytes(out_dir / "forest.png", forest_png(rows, reference))
     files["comparison.md"] = atomic_write_text(out_dir / "comparison.md", markdown)
     return files
