@@ -6,6 +6,7 @@ Usage::
     python -m jobs.evaluate --checkpoint CKPT --data-root PATH --threshold-from valid --no-ray
     python -m jobs.evaluate --checkpoint s3://bucket/trueface/runs/demo/stage2/best.pt \
         --data-root /data/other-faces --out s3://bucket/trueface/results/demo-on-other
+    python -m jobs.evaluate --checkpoint CKPT --data-root PATH --robustness     # + <out>/robustness/
 
 Domain names come from the folders found under the root. Thresholds: ``auto`` uses the ones the
 pipeline saved beside the checkpoint (``thresholds.json``, chosen on the run's validation data)
@@ -20,6 +21,11 @@ unless ``--on-bad-image`` says otherwise) and its images the checkpoint's ``data
 image whose bytes are also in the checkpoint's training or validation data (its run's manifest, see
 trueface.data.overlap) makes the evaluation refuse, unless ``--allow-overlap``: then every row of
 the table counts them (``train_overlap``).
+
+``--robustness`` also scores the test splits JPEG re-encoded, blurred, downscaled and cropped
+(trueface.robustness: deterministic, built by Ray tasks, cached under ``<data.cache_dir>/robustness/``)
+at the thresholds of the clean evaluation, in the same Ray Train worker run, into ``<out>/robustness/``
+(trueface.robustness_report). The perturbed copies get the checkpoint's ``data.normalize`` too.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from trueface.data.check import scan_and_check
 from trueface.data.layout import DataLayout, DataLayoutError, discover_layout
 from trueface.data.normalize import normalized_root
 from trueface.data.overlap import overlap_counts, training_hashes
+from trueface.data.decode import ImageReadError
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
+from trueface.robustness import PERTURBATIONS, SweepPlan, build_sweep, output_relpath, run_here
+from trueface.robustness_report import FOLDER, run_sweep, sweep_table
 from trueface.storage import Mirror, StorageError, check_writable, fetch, join
 from trueface.thresholds import SCOPES, ThresholdsError, pull_beside, push_beside
 
@@ -62,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="evaluate even when test images are also in the checkpoint's training data (counted in the table)")
     parser.add_argument("--on-bad-image", choices=("error", "skip"),
                         help="what the data check does with bad files of this root (default: the checkpoint's data.on_bad_image)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="also score the test splits JPEG re-encoded (q95-30), blurred (sigma 0.5-2), downscaled "
+                             "(x0.5, x0.25) and cropped (90%%, 75%%), at the clean thresholds, into <out>/robustness/")
     parser.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of a Ray Train worker")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
@@ -80,29 +92,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or join(cfg.output.results_dir, f"{cfg.run_name}-on-{layout.root.resolve().name}")
         check_writable(out, "--out")
         layout, exclude, overlap = checked_test_root(layout, cfg, args)
-    except (CheckpointError, DataLayoutError, StorageError, ThresholdsError) as exc:
+        if not args.no_ray:
+            init_ray(args.address, cfg)  # before the sweep: its perturbations are Ray tasks
+        sweep = perturbed_test_roots(args.data_root, exclude, cfg, on_ray=not args.no_ray) if args.robustness else None
+    except (CheckpointError, DataLayoutError, StorageError, ThresholdsError, ImageReadError) as exc:
         sys.exit(f"error: {exc}")
     results = Mirror.of(out, cfg.data.cache_dir)
     domains = tuple(d for d in args.test_domains.split(",") if d)
     if args.no_ray:
-        evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, thresholds=ThresholdRequest(
+        report = evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, thresholds=ThresholdRequest(
             args.threshold_from, scope=cfg.eval.threshold_scope, save=args.save_thresholds, chosen_by="jobs.evaluate"),
             train_overlap=overlap)
+        if sweep:
+            run_sweep(checkpoint, report, sweep, results.local / FOLDER)
         results.push()
         if args.save_thresholds:
             push_beside(args.checkpoint, Config().data.cache_dir)
     else:
-        init_ray(args.address, cfg)
         from jobs import ray_train
 
         ray_train.evaluate(cfg, f"{cfg.run_name}-evaluate-{layout.root.resolve().name}", args.checkpoint,
                            layout.root, out, test_domains=domains, thresholds=ThresholdRequest(
                                args.threshold_from, save=args.save_thresholds, chosen_by="jobs.evaluate"),
-                           exclude=exclude, train_overlap=overlap)
+                           exclude=exclude, train_overlap=overlap, robustness=sweep)
         results.pull()
     print_metrics_table(results.local)
     print(f"results: {results.location}/summary.md")
+    if sweep:
+        print_sweep_table(results.local / FOLDER)
+        print(f"robustness: {join(str(results.location), FOLDER)}/robustness.md")
     return 0
+
+
+def perturbed_test_roots(data_root: Path, exclude: tuple[str, ...], cfg: Config,
+                         on_ray: bool) -> list[tuple[str, float, str]]:
+    """(kind, value, data root) of each perturbed copy of the root's test files (those the data check
+    kept), built where the cache lacks them (Ray tasks, or this process), normalised as the checkpoint
+    was trained."""
+    source = discover_layout(data_root, exclude)
+    relpaths = [source.relpath(s.path) for s in source.gather(source.domains_with("test"), "test")]
+    plan = SweepPlan.of(source.root, relpaths, cfg.seed, Path(cfg.data.cache_dir))
+    roots = build_sweep(plan, run_chunks_on_ray if on_ray else run_here)
+    out = []
+    for p in PERTURBATIONS:
+        root = roots[p.name]
+        if parse_normalize(cfg.data.normalize) is not None:
+            root = normalized_root(root, [output_relpath(r, p) for r in relpaths], cfg.data.normalize,
+                                   Path(cfg.data.cache_dir))
+        out.append((p.kind, p.value, str(root)))
+    return out
+
+
+def run_chunks_on_ray(fn, chunks: list):
+    """``fn`` on each chunk as a Ray task (1 CPU each, in parallel); yields each result as its task ends.
+    A task's error is raised as itself (e.g. ImageReadError naming the file), not as Ray's wrapper."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(fn)
+    pending = [task.remote(chunk) for chunk in chunks]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                yield ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                raise exc.cause from None
+    finally:
+        for ref in pending:  # interrupted or failed: stop the rest
+            ray.cancel(ref)
+
+
+def print_sweep_table(folder: Path) -> None:
+    import pyarrow.parquet as pq
+
+    print("\nrobustness (AUC of the ema weights; in brackets its change from clean):\n"
+          + sweep_table(pq.read_table(Path(folder) / "robustness.parquet").to_pylist(), "ema"))
 
 
 def checked_test_root(layout: DataLayout, cfg: Config,

@@ -26,6 +26,8 @@ from trueface.config import Config, from_dict, to_dict
 from trueface.data.layout import discover_layout
 from trueface.distributed import DistInfo
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
+from trueface.robustness_report import FOLDER as ROBUSTNESS_FOLDER
+from trueface.robustness_report import run_sweep
 from trueface.run import RunPaths
 from trueface.storage import Mirror, absolute, fetch
 from trueface.thresholds import pull_beside, push_beside
@@ -114,23 +116,28 @@ def stage_worker(config: dict) -> None:
 
 def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Path, out: str | Path, *,
              test_domains: tuple[str, ...] | list[str] = (), thresholds: ThresholdRequest = ThresholdRequest(),
-             exclude: tuple[str, ...] = (), train_overlap: dict[str, int] | None = None):
+             exclude: tuple[str, ...] = (), train_overlap: dict[str, int] | None = None,
+             robustness: list[tuple[str, float, str]] | None = None):
     """Score ``checkpoint`` (a path or URI) on ``data_root``'s test splits on one Ray Train worker
     (a GPU one where the cluster has GPUs); the tables go to ``out`` (a path or URI; see
     trueface.evaluation). ``thresholds`` (trueface.evaluation.ThresholdRequest) says where the
     thresholds come from, by ``cfg.eval``'s policy and scope unless it names others, and whether
     they are saved beside the checkpoint (``thresholds.json``; the checkpoint is never rewritten).
     ``exclude``: files of ``data_root`` the data check left out; ``train_overlap``: see
-    trueface.evaluation.evaluate_checkpoint."""
+    trueface.evaluation.evaluate_checkpoint. ``robustness``: (kind, value, data root) of perturbed copies of
+    the test splits (jobs.evaluate --robustness), scored in the same worker run at the clean thresholds
+    into ``out``/robustness/ (trueface.robustness_report), so the sweep pays for one worker start."""
     return fit(evaluate_worker, cfg, name, {
         "checkpoint": absolute(checkpoint), "data_root": str(Path(data_root).absolute()),
         "out": absolute(out), "test_domains": list(test_domains), "thresholds": asdict(thresholds),
         "exclude": list(exclude), "train_overlap": train_overlap,
+        "robustness": [list(r) for r in robustness or ()],
     }, num_workers=1, fresh=True)
 
 
 def evaluate_worker(config: dict) -> None:
-    """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation)."""
+    """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation), then
+    the robustness sweep's perturbed copies, if any, at the same thresholds."""
     cfg = from_dict(config["cfg"])
     di = _worker_setup(cfg)
     checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
@@ -141,9 +148,11 @@ def evaluate_worker(config: dict) -> None:
     # with eval.threshold_scope=per_domain evaluates per domain.
     request = replace(request, policy=request.policy or cfg.eval.threshold_policy,
                       scope=request.scope or cfg.eval.threshold_scope)
-    evaluate_checkpoint(checkpoint, discover_layout(config["data_root"], config.get("exclude", ())), out.local,
-                        test_domains=tuple(config.get("test_domains", ())), thresholds=request, dist_info=di,
-                        train_overlap=config.get("train_overlap"))
+    report = evaluate_checkpoint(checkpoint, discover_layout(config["data_root"], config.get("exclude", ())), out.local,
+                                 test_domains=tuple(config.get("test_domains", ())), thresholds=request, dist_info=di,
+                                 train_overlap=config.get("train_overlap"))
+    if config.get("robustness"):
+        run_sweep(checkpoint, report, [tuple(r) for r in config["robustness"]], out.local / ROBUSTNESS_FOLDER, di)
     out.push()
     if request.save:
         push_beside(config["checkpoint"], cfg.data.cache_dir)  # written beside fetch()'s staged copy

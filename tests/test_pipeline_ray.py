@@ -14,6 +14,8 @@ from jobs import pipeline
 from jobs import predict as predict_job
 from tests.conftest import tiny_overrides, write_tiny_root
 from trueface.checkpoint import load_checkpoint
+from trueface.robustness import PERTURBATIONS, SPEC_FILE
+from trueface.robustness_report import sweep_table
 from trueface.thresholds import read_thresholds
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -78,13 +80,28 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
         evaluate_job.main(eval_args)
     overlapping = int(str(refused.value).split("error: ")[1].split()[0])
     assert overlapping == 2 and not (tmp_path / "eval-other" / "metrics.parquet").exists()
-    assert evaluate_job.main(eval_args + ["--allow-overlap"]) == 0
+    assert evaluate_job.main(eval_args + ["--allow-overlap", "--robustness"]) == 0
+    printed = capsys.readouterr().out
     rows = pq.read_table(tmp_path / "eval-other" / "metrics.parquet").to_pylist()
     assert {(r["domain"], r["train_overlap"]) for r in rows} == {("midjourney", 2), ("combined", 2)}
     assert f"test images also in the training data**: {overlapping}" in (tmp_path / "eval-other" / "summary.md").read_text()
     assert {r["domain"] for r in rows} == {"midjourney", "combined"}
     assert {r["role"] for r in rows if r["domain"] == "midjourney"} == {"held out (never trained on)"}
     assert hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest() == best2_sha
+
+    # --robustness, in the same Train worker run: the test split perturbed by Ray tasks into the cache, each
+    # copy scored at the clean thresholds. No AUC direction is asserted here: this 3-epoch checkpoint is at
+    # chance on its own test split; tests/test_robustness.py checks JPEG-30 on a detector that works.
+    sweep = pq.read_table(tmp_path / "eval-other" / "robustness" / "robustness.parquet").to_pylist()
+    severities = {("clean", "clean")} | {(p.kind, p.label) for p in PERTURBATIONS}
+    assert {(r["perturbation"], r["severity"], r["weights"], r["domain"]) for r in sweep} == {
+        (k, s, w, d) for k, s in severities for w in ("raw", "ema") for d in ("midjourney", "combined")}
+    clean = {(r["weights"], r["domain"]): r for r in rows}
+    assert all((r["threshold"], r["n"]) == (clean[(r["weights"], r["domain"])]["threshold"],
+                                             clean[(r["weights"], r["domain"])]["n"]) for r in sweep)
+    cache = Path(best2["config"]["data"]["cache_dir"])
+    assert len(glob.glob(str(cache / "robustness" / "other-*" / "*" / SPEC_FILE))) == len(PERTURBATIONS)
+    assert sweep_table(sweep, "ema") in printed and (tmp_path / "eval-other" / "robustness" / "robustness.md").is_file()
 
     # jobs.predict: a folder with one broken file; the others are still scored, into a CSV
     images = other / "midjourney" / "test" / "fake"
