@@ -41,10 +41,10 @@ from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, from_dict
 from trueface.config.choices import parse_normalize
 from trueface.data.check import scan_and_check
+from trueface.data.decode import ImageReadError
 from trueface.data.layout import DataLayout, DataLayoutError, discover_layout
 from trueface.data.normalize import normalized_root
 from trueface.data.overlap import overlap_counts, training_hashes
-from trueface.data.decode import ImageReadError
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
 from trueface.robustness import PERTURBATIONS, SweepPlan, build_sweep, output_relpath, run_here
 from trueface.robustness_report import FOLDER, run_sweep, sweep_table

@@ -38,7 +38,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,7 +53,7 @@ from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.checkpoint import load_checkpoint
 from trueface.config import from_dict
 from trueface.data.decode import ImageReadError, load_rgb
-from trueface.data.layout import DataLayout, Sample
+from trueface.data.layout import DataLayout, DataLayoutError, Sample
 from trueface.data.normalize import JPEG_SETTINGS
 from trueface.distributed import DistInfo
 from trueface.evaluation import EvaluationReport, load_models
@@ -181,7 +180,7 @@ class SweepPlan:
         root = Path(root).resolve()
         relpaths = tuple(sorted(relpaths))
         if not relpaths:
-            raise ValueError(f"robustness sweep: no test images under {root} to perturb")
+            raise DataLayoutError(f"robustness sweep: no test images under {root} to perturb")
         key = sweep_key(root, relpaths, seed)
         return cls(root, relpaths, seed, Path(cache_dir).absolute() / "robustness" / f"{root.name}-{key}",
                    tuple(perturbations))
@@ -267,13 +266,10 @@ def _finish(plan: SweepPlan, p: Perturbation, temp: Path) -> None:
     os.replace(temp, final)
 
 
-_LEFTOVER = re.compile(r"^\.tmp-")
-
-
 def _remove_leftovers(folder: Path) -> None:
     """Delete temporary folders a killed build left (not safe while another build of this root runs)."""
     for child in folder.iterdir():
-        if child.is_dir() and _LEFTOVER.match(child.name):
+        if child.is_dir() and child.name.startswith(".tmp-"):
             shutil.rmtree(child, ignore_errors=True)
 
 
