@@ -1,4 +1,4 @@
-"""Probability that each image is generated, and its label at the checkpoint's chosen threshold.
+"""Probability that each image is generated, calibrated, and its label at the checkpoint's chosen threshold.
 
 Usage::
 
@@ -9,6 +9,12 @@ Usage::
 The threshold comes from ``thresholds.json`` beside the checkpoint (written by the pipeline's
 evaluation): the pooled one, or with ``--domain`` the one chosen on that domain's validation split
 (``eval.threshold_scope: per_domain``). The console and the CSV's ``threshold_source`` say which.
+
+``p_calibrated`` is ``p_generated`` after temperature scaling with the temperature fitted beside the
+threshold (the same file, the same domain), ``temperature`` and ``temperature_source`` say which.
+Without one (no file, or a file written before calibration) ``p_calibrated`` equals ``p_generated``
+and ``temperature_source`` reads "uncalibrated (temperature 1)". The label is the same either way:
+the threshold applies to ``p_generated``, and calibration is monotone.
 
 An unreadable image is reported by name (stderr, and an ``error`` row in the CSV); the others
 are still scored. Exit status 1 when any image could not be read.
@@ -47,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ThresholdsError) as exc:
         sys.exit(f"error: {exc}")
     print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(args.weights), file=sys.stderr)
+    print(predictor.describe_calibration(args.weights), file=sys.stderr)
     paths = expand_inputs(args.inputs)
     if not paths:
         sys.exit(f"error: no images found in {' '.join(args.inputs)}")
@@ -56,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if p.error:
             failed += 1
             print(f"error: {p.error}", file=sys.stderr)
-    text = _csv(rows, predictor.threshold, predictor.threshold_source)
+    text = _csv(rows, predictor)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"{len(rows) - failed} scored, {failed} unreadable -> {args.out}", file=sys.stderr)
@@ -65,13 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _csv(rows, threshold: float, source: str) -> str:
+def _csv(rows, predictor: Predictor) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "p_generated", "label", "threshold", "threshold_source", "error"])
+    writer.writerow(["path", "p_generated", "p_calibrated", "label", "threshold", "threshold_source", "temperature",
+                     "temperature_source", "error"])
     for r in rows:
-        p = "" if r.probability is None else f"{r.probability:.6f}"
-        writer.writerow([r.path, p, r.label, f"{threshold:.6f}", source, r.error])
+        p, c = ("", "") if r.probability is None else (f"{r.probability:.6f}", f"{r.calibrated:.6f}")
+        writer.writerow([r.path, p, c, r.label, f"{predictor.threshold:.6f}", predictor.threshold_source,
+                         f"{predictor.temperature:.6g}", predictor.temperature_source, r.error])
     return buf.getvalue()
 
 

@@ -87,6 +87,7 @@ def test_binary_metrics_by_hand():
     assert m["threshold"] == 0.5
     # ECE does not depend on the threshold (hand checks are in the ECE tests below).
     assert m["ece"] == expected_calibration_error(labels, scores)
+    assert m["brier"] == pytest.approx((0.1**2 + 0.8**2 + 0.6**2 + 0.25**2 + 0.1**2) / 5)
     assert all(type(m[k]) is int for k in ("n", "n_real", "n_fake", "tn", "fp", "fn", "tp"))
 
 

@@ -109,7 +109,8 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     csv_path = tmp_path / "pred.csv"
     assert predict_job.main(["--checkpoint", str(run / "stage2" / "best.pt"), str(images), "--out", str(csv_path)]) == 1
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,p_generated,label,threshold,threshold_source,error"
+    assert lines[0] == ("path,p_generated,p_calibrated,label,threshold,threshold_source,temperature,"
+                        "temperature_source,error")
     assert len(lines) == 1 + 6 and sum(",error," in ln for ln in lines) == 1
     assert "broken.png" in capsys.readouterr().err
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import trueface.results as results
-from trueface.metrics import METRIC_KEYS, binary_metrics
+from trueface.calibration import UNCALIBRATED, Temperatures, apply_temperature
+from trueface.metrics import METRIC_KEYS, binary_metrics, brier_score, expected_calibration_error
 from trueface.results import (
     COMBINED,
     Predictions,
@@ -146,6 +147,26 @@ def test_format_table(rows):
     assert "0.4200" in lines[-1]
 
 
+def test_calibrated_rows_and_table(test_preds, rows):
+    temps = Temperatures({"raw": 2.0, "ema": 0.5})
+    calibrated = evaluation_rows(test_preds, {"raw": 0.5, "ema": 0.42}, "youden", ROLES, calibration=temps)
+    assert list(calibrated[0])[-4:] == ["ece_calibrated", "brier_calibrated", "temperature", "temperature_source"]
+    for row, plain in zip(calibrated, rows):
+        preds = test_preds[row["weights"]]
+        part = preds if row["domain"] == COMBINED else preds.subset(row["domain"])
+        after = apply_temperature(part.scores, temps.pooled[row["weights"]])
+        assert row["ece_calibrated"] == expected_calibration_error(part.labels, after)
+        assert row["brier_calibrated"] == brier_score(part.labels, after) != row["brier"]
+        assert (row["temperature"], row["temperature_source"]) == (temps.pooled[row["weights"]], "pooled validation")
+        assert {k: row[k] for k in plain} == plain  # AUC, threshold, decisions: those of the raw scores
+    header = format_table(calibrated).splitlines()[0].split()
+    assert header[header.index("ece"):] == ["ece", "ece_calibrated", "temperature", "threshold", "threshold_source"]
+    identity = evaluation_rows(test_preds, {"raw": 0.5, "ema": 0.42}, "youden", ROLES,
+                               calibration=Temperatures.identity(["raw", "ema"]))
+    assert all((r["ece_calibrated"], r["temperature"], r["temperature_source"]) == (r["ece"], 1.0, UNCALIBRATED)
+               for r in identity)
+
+
 def test_format_table_nan_auc():
     preds = Predictions(["a", "b"], ["d", "d"], np.array([1, 1]), np.array([0.2, 0.8]))
     rows = evaluation_rows({"raw": preds}, {"raw": 0.5}, "fixed:0.5", {"d": "held out"})
@@ -159,7 +180,8 @@ def test_write_report_files(report):
     out, paths, rows, _ = report
     expected = {
         "summary.md", "metrics.csv", "metrics.parquet", "predictions.parquet", "config.yaml",
-        "roc_raw.png", "roc_ema.png", "confusion_raw.png", "confusion_ema.png",
+        "roc_raw.png", "roc_ema.png", "confusion_raw.png", "confusion_ema.png", "reliability_raw.png",
+        "reliability_ema.png",
     }
     assert set(paths) == expected
     assert {p.name for p in out.iterdir()} == expected  # and no temporary files left
@@ -174,7 +196,7 @@ def test_write_report_files(report):
     assert "- **checkpoint**: ckpt/best.pt" in summary
     assert "- **threshold chosen on**: validation split" in summary
     assert "| weights | domain | role |" in summary
-    assert "(roc_ema.png)" in summary and "(confusion_raw.png)" in summary
+    assert "(roc_ema.png)" in summary and "(confusion_raw.png)" in summary and "(reliability_ema.png)" in summary
     # One confusion table per row; the first is raw/stylegan.
     assert summary.count("| true \\ predicted | real | fake |") == len(rows)
     r = rows[0]

@@ -226,8 +226,10 @@ def test_per_domain_scope_end_to_end_and_predict_picks_a_domain(run, tmp_path, c
     csv_path = tmp_path / "pred.csv"
     assert predict_job.main(["--checkpoint", str(ckpt), str(images), "--domain", "dalle", "--out", str(csv_path)]) == 0
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,p_generated,label,threshold,threshold_source,error"
+    assert lines[0] == ("path,p_generated,p_calibrated,label,threshold,threshold_source,temperature,"
+                        "temperature_source,error")
     assert all(f",{chosen.per_domain['ema']['dalle']:.6f},dalle validation," in ln for ln in lines[1:])
+    assert all(f",{chosen.calibration.per_domain['ema']['dalle']:.6g},dalle validation," in ln for ln in lines[1:])
     assert "the ema weights' dalle validation threshold" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"no threshold for 'tpdne'.*domains with their own: 140k-real-vs-fake, dalle"):
         predict_job.main(["--checkpoint", str(ckpt), str(images), "--domain", "tpdne"])

@@ -13,6 +13,16 @@ which it used. The thresholds go to ``thresholds.json`` in the results folder an
 pipeline, beside the checkpoint (see trueface.thresholds): the checkpoint itself is never
 rewritten. Each test domain is labelled with its honest role: trained on in Stage I and/or II,
 or held out (flaw 4: the original called held-out splits of its training domains "unseen domains").
+
+Calibration: with the thresholds comes a temperature per weights (and per validation domain under
+``per_domain``), fitted on the same validation images (trueface.calibration); every row reports
+ECE and Brier before (``ece``, ``brier``) and after (``ece_calibrated``, ``brier_calibrated``)
+temperature scaling and the ``temperature`` used, and ``reliability_<weights>.png`` shows both.
+AUC and thresholds come from the raw scores, as before: dividing logits by T > 0 keeps every
+image's rank (AUC) and maps the threshold t to sigmoid(logit(t) / T), labelling every image the
+same, so choosing thresholds on calibrated scores would change nothing but their printed value.
+Saved thresholds without temperatures (files written before calibration) evaluate as
+uncalibrated (temperature 1), and the header says so.
 """
 
 from __future__ import annotations
@@ -137,7 +147,7 @@ def evaluate_checkpoint(
     test = {name: _predictions(test_samples, s) for name, s in score(test_samples).items()}
     rows = evaluation_rows(test, chosen.pooled, source, domain_roles(cfg, domains, stage),
                            per_domain=chosen.per_domain if chosen.scope == "per_domain" else None,
-                           threshold_file=str(threshold_file))
+                           threshold_file=str(threshold_file), calibration=chosen.temperatures)
     if train_overlap is not None:
         for row in rows:
             row["train_overlap"] = train_overlap.get(row["domain"], sum(train_overlap.get(d, 0) for d in domains))
@@ -153,12 +163,13 @@ def evaluate_checkpoint(
             "checkpoint": str(checkpoint), "stage": str(stage), "data root": str(layout.root),
             "test domains": ", ".join(domains), "image size": str(image_size),
             "threshold": source, "threshold scope": SCOPE_TEXT[chosen.scope], "threshold file": str(threshold_file),
+            "calibration": chosen.describe_calibration(),
             "flip test-time augmentation": str(cfg.eval.hflip_tta),
         }
         if train_overlap is not None:
             header["test images also in the training data"] = (
                 f"{sum(train_overlap.get(d, 0) for d in domains)} (per domain: column train_overlap)")
-        files = write_report(out_dir, rows, test, to_yaml(cfg), header)
+        files = write_report(out_dir, rows, test, to_yaml(cfg), header, calibration=chosen.temperatures)
         files[FILE_NAME] = Path(out_dir) / FILE_NAME
     return EvaluationReport(rows, chosen.pooled, source, files, chosen, threshold_file)
 

@@ -8,7 +8,8 @@ Usage::
     from trueface.metrics import binary_metrics, choose_threshold
     t = choose_threshold(val_labels, val_scores, "youden")   # pick on validation data
     m = binary_metrics(test_labels, test_scores, t)          # report on test data
-    print(m["auc"], m["f1"], m["ece"])
+    print(m["auc"], m["f1"], m["ece"], m["brier"])
+    bins = reliability_bins(test_labels, test_scores)        # the reliability diagram behind ECE
 
 Every function accepts lists or 1-D numpy arrays and raises ``ValueError`` with a
 message naming the problem (length mismatch, labels outside {0, 1}, non-finite
@@ -18,6 +19,7 @@ scores, empty input).  Nothing here warns: undefined ratios have documented valu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,14 @@ from trueface.config.choices import parse_fixed_threshold as _parse_fixed
 
 __all__ = [
     "THRESHOLD_POLICIES",
+    "ReliabilityBins",
     "binary_metrics",
+    "brier_score",
     "choose_threshold",
     "confusion_matrix",
     "expected_calibration_error",
+    "labelled_probabilities",
+    "reliability_bins",
     "roc_auc",
     "roc_curve",
     "validate_threshold_policy",
@@ -40,7 +46,7 @@ __all__ = [
 
 #: Keys of the dict returned by :func:`binary_metrics`, in order.
 METRIC_KEYS = (
-    "n", "n_real", "n_fake", "auc", "accuracy", "precision", "recall", "f1", "ece",
+    "n", "n_real", "n_fake", "auc", "accuracy", "precision", "recall", "f1", "ece", "brier",
     "threshold", "tn", "fp", "fn", "tp",
 )
 
@@ -99,6 +105,13 @@ def _check_unit_interval(values: np.ndarray, name: str) -> None:
         raise ValueError(
             f"{name} must be probabilities in [0, 1]; got range [{values.min():g}, {values.max():g}]"
         )
+
+
+def labelled_probabilities(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` (0/1) and matching ``probs`` (in [0, 1]) as int64 / float64 arrays, checked."""
+    y, p = _check_pair(labels, probs, "probs")
+    _check_unit_interval(p, "probs")
+    return y, p
 
 
 def _one_class(y: np.ndarray) -> bool:
@@ -172,6 +185,41 @@ def confusion_matrix(labels: Any, preds: Any) -> np.ndarray:
     return np.bincount(2 * y + p, minlength=4).reshape(2, 2).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Top-label reliability bins: bin m covers confidences ``(edges[m], edges[m + 1]]``.
+
+    ``confidence`` and ``accuracy`` are the bin means (NaN for an empty bin); ``count`` the images."""
+
+    edges: np.ndarray
+    count: np.ndarray  # int64
+    confidence: np.ndarray
+    accuracy: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """The ECE these bins give (equal to :func:`expected_calibration_error` on the same data)."""
+        full = self.count > 0
+        return float((self.count[full] * np.abs(self.accuracy[full] - self.confidence[full])).sum() / self.count.sum())
+
+
+def _top_label_sums(labels: Any, probs: Any, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(edges, count, sum of confidences, sum of correct) per bin; see :func:`expected_calibration_error`."""
+    y, p = labelled_probabilities(labels, probs)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    pred = (p >= 0.5).astype(np.int64)
+    confidence = np.where(pred == 1, p, 1.0 - p)
+    correct = (pred == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right=True gives edges[i-1] < c <= edges[i]; subtract 1 for a 0-based bin index.
+    bins = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins).astype(np.int64)
+    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
+    return edges, count, conf_sum, acc_sum
+
+
 def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> float:
     """Expected calibration error (ECE) of P(fake), top-label definition (Guo et al., 2017).
 
@@ -184,20 +232,25 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> flo
 
     It does not depend on the decision threshold used elsewhere.
     """
-    y, p = _check_pair(labels, probs, "probs")
-    _check_unit_interval(p, "probs")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    pred = (p >= 0.5).astype(np.int64)
-    confidence = np.where(pred == 1, p, 1.0 - p)
-    correct = (pred == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # right=True gives edges[i-1] < c <= edges[i]; subtract 1 for a 0-based bin index.
-    bins = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, n_bins - 1)
-    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
-    acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
+    _, count, conf_sum, acc_sum = _top_label_sums(labels, probs, n_bins)
     # |sum acc - sum conf| / n per bin equals |b|/n * |acc(b) - conf(b)| and needs no division by |b|.
-    return float(np.abs(acc_sum - conf_sum).sum() / len(y))
+    return float(np.abs(acc_sum - conf_sum).sum() / count.sum())
+
+
+def reliability_bins(labels: Any, probs: Any, n_bins: int = 15) -> ReliabilityBins:
+    """The bins of :func:`expected_calibration_error`, for a reliability diagram: per bin the
+    image count, mean confidence and accuracy (NaN where a bin is empty)."""
+    edges, count, conf_sum, acc_sum = _top_label_sums(labels, probs, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins: 0/0 is the documented NaN
+        return ReliabilityBins(edges, count, conf_sum / count, acc_sum / count)
+
+
+def brier_score(labels: Any, probs: Any) -> float:
+    """Brier score of P(fake): the mean of ``(p - label)**2`` (0 is perfect; 0.25 is a constant 0.5).
+
+    Unlike ECE it has no bins, and it rewards sharpness as well as calibration."""
+    y, p = labelled_probabilities(labels, probs)
+    return float(np.mean((p - y) ** 2))
 
 
 def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict:
@@ -206,8 +259,8 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict:
     An image is predicted fake when ``score >= threshold``.  ``precision``, ``recall``
     and ``f1`` are for the fake class, with 0/0 defined as 0.0 (e.g. precision when
     nothing is predicted fake).  ``auc`` is NaN with one class only; ``ece`` uses the
-    0.5 top-label definition of :func:`expected_calibration_error`, so scores must
-    lie in [0, 1].  Values are plain Python ints/floats.
+    0.5 top-label definition of :func:`expected_calibration_error` and ``brier`` is
+    :func:`brier_score`, so scores must lie in [0, 1].  Values are plain Python ints/floats.
     """
     y, s = _check_pair(labels, scores)
     _check_unit_interval(s, "scores")
@@ -225,6 +278,7 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict:
         # 2tp / (2tp + fp + fn) equals the harmonic mean of precision and recall and is 0 when tp = 0.
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "ece": expected_calibration_error(y, s),
+        "brier": brier_score(y, s),
         "threshold": t,
         "tn": int(tn),
         "fp": int(fp),

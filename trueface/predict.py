@@ -3,10 +3,15 @@
 Usage::
 
     predictor = Predictor.from_checkpoint(Path("runs/demo/stage2/best.pt"), weights="ema")
-    for row in predictor.score(paths): print(row.path, row.probability, row.label, row.error)
+    for row in predictor.score(paths): print(row.path, row.probability, row.calibrated, row.label, row.error)
 
 Labels use the threshold kept beside the checkpoint (``thresholds.json``, see trueface.thresholds):
 the pooled one, or with ``domain=`` that domain's own (per_domain scope); 0.5 when there is no file.
+``calibrated`` is the probability after temperature scaling with the temperature kept in the same
+file (the domain's own with ``domain=``, as for the threshold). Without one (no file, or a file
+written before calibration) it equals ``probability`` and ``temperature_source`` says "uncalibrated".
+The label comes from the raw probability and the raw threshold: calibration is monotone and would
+give the same label at the calibrated threshold (see trueface.calibration).
 
 Images are prepared as the checkpoint was trained: decoded by ``load_rgb`` with the config's
 ``data.decode_draft`` reduce, and under ``data.normalize: jpeg:<q>@<size>`` re-encoded in memory by
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 
 from trueface.augment import eval_transform
+from trueface.calibration import UNCALIBRATED, apply_temperature
 from trueface.checkpoint import load_checkpoint
 from trueface.config import from_dict
 from trueface.config.choices import parse_normalize
@@ -40,10 +46,17 @@ class Prediction:
     probability: float | None  # P(generated); None when the image could not be read
     label: str  # real | fake | error
     error: str = ""
+    calibrated: float | None = None  # P(generated) after temperature scaling; None when unreadable
 
 
 #: ``threshold_source`` when the checkpoint has no thresholds file.
 UNCHOSEN = "none chosen (0.5)"
+
+
+def pick_temperature(saved: Thresholds | None, weights: str, domain: str | None) -> tuple[float, str]:
+    """(temperature, where it came from), as ``pick_threshold`` picks the threshold; (1.0,
+    UNCALIBRATED) without a thresholds file or with one written before calibration."""
+    return (1.0, UNCALIBRATED) if saved is None else saved.temperature(weights, domain)
 
 
 def pick_threshold(saved: Thresholds | None, checkpoint: Path, weights: str, domain: str | None) -> tuple[float, str]:
@@ -75,10 +88,11 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, image_size: int, threshold: float, runtime: Runtime,
                  hflip: bool, batch_size: int = 32, saved: Thresholds | None = None,
                  threshold_source: str = UNCHOSEN, threshold_file: Path | None = None,
-                 decode_size: int | None = None, normalize: tuple[int, int] | None = None) -> None:
+                 decode_size: int | None = None, normalize: tuple[int, int] | None = None,
+                 temperature: tuple[float, str] = (1.0, UNCALIBRATED)) -> None:
         """``decode_size``: ``load_rgb``'s reduce target (None: full decode); ``normalize``: (JPEG
-        quality, short side) of ``data.normalize``, None for none. ``from_checkpoint`` sets both
-        from the checkpoint's config."""
+        quality, short side) of ``data.normalize``, None for none; ``temperature``: (T, its source)
+        for ``calibrated``. ``from_checkpoint`` sets them from the checkpoint and its thresholds file."""
         self.model, self.image_size, self.threshold = model, image_size, threshold
         self.saved = saved  # None: 0.5 stands in for a threshold never chosen
         self.threshold_source = threshold_source  # e.g. "pooled validation", "dalle validation"
@@ -86,6 +100,7 @@ class Predictor:
         self.runtime, self.hflip, self.batch_size = runtime, hflip, batch_size
         self.transform = eval_transform(image_size)
         self.decode_size, self.normalize = decode_size, normalize
+        self.temperature, self.temperature_source = temperature
 
     @property
     def threshold_saved(self) -> bool:
@@ -105,7 +120,8 @@ class Predictor:
         image_size = cfg.stage(int(state["stage"])).image_size
         return cls(model, image_size, threshold, runtime, cfg.eval.hflip_tta,
                    saved=saved, threshold_source=source, threshold_file=thresholds_path(Path(path)),
-                   decode_size=decode_size(cfg, image_size), normalize=parse_normalize(cfg.data.normalize))
+                   decode_size=decode_size(cfg, image_size), normalize=parse_normalize(cfg.data.normalize),
+                   temperature=pick_temperature(saved, weights, domain))
 
     def describe_threshold(self, weights: str) -> str:
         """One line for the console: the threshold, where it came from, and what else there is."""
@@ -118,6 +134,15 @@ class Predictor:
         if s.domains() and self.threshold_source == "pooled validation":
             text += f"; domains with their own: {', '.join(s.domains())} (pick one with --domain)"
         return text
+
+    def describe_calibration(self, weights: str) -> str:
+        """One line for the console: the temperature behind ``calibrated``, or why there is none."""
+        if self.temperature_source == UNCALIBRATED:
+            why = ("no thresholds file" if self.saved is None else
+                   f"{self.threshold_file} was written before calibration; choose its thresholds again to fit one")
+            return f"p_calibrated: {UNCALIBRATED}, equal to p_generated ({why})"
+        return (f"p_calibrated: temperature {self.temperature:.4g}, the {weights} weights' {self.temperature_source} "
+                f"temperature from {self.threshold_file}")
 
     def score(self, paths: Iterable[Path]) -> Iterator[Prediction]:
         """Predictions in input order; an unreadable file yields an error row and the rest go on."""
@@ -145,5 +170,6 @@ class Predictor:
         if not batch:
             return
         probs = score_batch(self.model, torch.stack([x for _, x in batch]), self.runtime, self.hflip)
-        for (path, _), p in zip(batch, probs.tolist()):
-            yield Prediction(str(path), p, LABEL_NAMES[int(p >= self.threshold)])
+        calibrated = apply_temperature(probs.double().numpy(), self.temperature).tolist()
+        for (path, _), p, c in zip(batch, probs.tolist(), calibrated):
+            yield Prediction(str(path), p, LABEL_NAMES[int(p >= self.threshold)], calibrated=c)

@@ -5,8 +5,10 @@ Usage::
     from trueface.results import Predictions, evaluation_rows, format_table, write_report
     rows = evaluation_rows({"raw": raw_preds, "ema": ema_preds}, thresholds, "youden", roles)
     rows = evaluation_rows(preds, pooled, "youden", roles, per_domain={"ema": {"dalle": 0.31}, ...})
+    rows = evaluation_rows(preds, pooled, "youden", roles, calibration=chosen.temperatures)  # + calibrated ECE/Brier
     print(format_table(rows))
-    write_report(Path("results/my_run"), rows, {"raw": raw_preds, "ema": ema_preds}, cfg_yaml, header)
+    write_report(Path("results/my_run"), rows, {"raw": raw_preds, "ema": ema_preds}, cfg_yaml, header,
+                 calibration=chosen.temperatures)   # + reliability_<weights>.png before/after
 
 Every output file is written atomically (temporary file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a truncated file where a good one was.
@@ -18,7 +20,7 @@ import csv
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -32,13 +34,16 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from trueface.metrics import binary_metrics, roc_auc, roc_curve  # noqa: E402
+from trueface.calibration import UNCALIBRATED, Temperatures  # noqa: E402
+from trueface.metrics import binary_metrics, brier_score, expected_calibration_error, reliability_bins  # noqa: E402
+from trueface.metrics import roc_auc, roc_curve  # noqa: E402
 
 __all__ = [
     "COMBINED",
     "COMBINED_ROLE",
     "Predictions",
     "atomic_write_bytes",
+    "calibrated",
     "atomic_write_text",
     "evaluation_rows",
     "format_table",
@@ -56,7 +61,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Columns of the console table and their float format.
 _TABLE_COLUMNS = ("weights", "domain", "role", "n", "auc", "accuracy", "precision", "recall", "f1", "ece", "threshold",
                   "threshold_source")
-_FLOAT_DECIMALS = {"auc": 4, "accuracy": 4, "precision": 4, "recall": 4, "f1": 4, "ece": 4, "threshold": 4}
+# Added after "ece" when the rows are calibrated: the calibrated ECE and the temperature that gave it.
+_CALIBRATION_COLUMNS = ("ece_calibrated", "temperature")
+_FLOAT_DECIMALS = {"auc": 4, "accuracy": 4, "precision": 4, "recall": 4, "f1": 4, "ece": 4, "threshold": 4,
+                   "temperature": 3}
 
 
 # --------------------------------------------------------------------------- predictions
@@ -150,6 +158,31 @@ def _per_image_metrics(preds: Predictions, thresholds: np.ndarray) -> dict:
     return {**on_scores, **{k: on_decisions[k] for k in _DECISION_KEYS}, "threshold": math.nan}
 
 
+#: ``temperature_source`` of the per_domain scope's combined row.
+PER_IMAGE_TEMPERATURE = "each image at its own domain's temperature"
+
+
+def calibrated(preds: Predictions, weights: str, calibration: Temperatures) -> Predictions:
+    """``preds`` with each score at its domain's temperature (``calibration`` of ``weights``)."""
+    scores = calibration.calibrate(weights, preds.scores, preds.domains)
+    return Predictions(preds.paths, preds.domains, preds.labels, scores)
+
+
+def _calibration_row(weights: str, domain: str | None, after: Predictions, calibration: Temperatures,
+                     per_domain_scope: bool) -> dict:
+    """The calibration columns of ``domain``'s row (None: combined); ``after``: the calibrated
+    predictions. The temperature is sourced as the row's threshold is."""
+    if domain is None and per_domain_scope and calibration.fitted:
+        t, source = math.nan, PER_IMAGE_TEMPERATURE
+    else:
+        t, source = calibration.temperature(weights, domain if per_domain_scope else None)
+        if domain is not None and per_domain_scope and source == POOLED_SOURCE:
+            source = FALLBACK_SOURCE
+    part = after if domain is None else after.subset(domain)
+    return {"ece_calibrated": expected_calibration_error(part.labels, part.scores),
+            "brier_calibrated": brier_score(part.labels, part.scores), "temperature": t, "temperature_source": source}
+
+
 def _head(weights: str, domain: str, role: str, policy: str, scope: str, source: str, threshold_file: str) -> dict:
     return {"weights": weights, "domain": domain, "role": role, "threshold_policy": policy,
             "threshold_scope": scope, "threshold_source": source, "threshold_file": threshold_file}
@@ -163,6 +196,7 @@ def evaluation_rows(
     *,
     per_domain: dict[str, dict[str, float]] | None = None,
     threshold_file: str = "",
+    calibration: Temperatures | None = None,
 ) -> list[dict]:
     """One row per (weights, domain) plus one per weights for all domains together (domain 'combined').
 
@@ -176,8 +210,15 @@ def evaluation_rows(
     says which), and the combined row labels each image at its own domain's threshold (its
     ``threshold`` is NaN: there is no single one). Without it every row uses the pooled one.
 
+    ``calibration`` (fitted temperatures, or Temperatures.identity: uncalibrated) adds to every row
+    ``temperature``, ``temperature_source``, ``ece_calibrated`` and ``brier_calibrated``: ECE and
+    Brier of the scores after temperature scaling, each domain at its own temperature where it has
+    one (per_domain scope), as for thresholds. AUC, thresholds and decisions stay those of the raw
+    scores: temperature scaling is monotone and changes none of them (see trueface.calibration).
+
     Each row: weights, domain, role, threshold_policy, threshold_scope, threshold_source,
-    threshold_file, then the binary_metrics keys. Domains appear in order of first appearance.
+    threshold_file, then the binary_metrics keys, then the calibration columns if asked for.
+    Domains appear in order of first appearance.
     """
     missing = [w for w in test if w not in thresholds]
     if missing:
@@ -203,7 +244,17 @@ def evaluation_rows(
             head, metrics = (_head(weights, COMBINED, COMBINED_ROLE, policy, scope, PER_IMAGE_SOURCE, threshold_file),
                              _per_image_metrics(preds, per_image))
         rows.append({**head, **metrics})
-    return rows
+    return rows if calibration is None else _with_calibration(rows, test, calibration, per_domain is not None)
+
+
+def _with_calibration(rows: list[dict], test: dict[str, Predictions], calibration: Temperatures,
+                      per_domain_scope: bool) -> list[dict]:
+    """``rows`` plus their calibration columns; the pooled scope uses the pooled temperatures only."""
+    if not per_domain_scope:
+        calibration = replace(calibration, per_domain={})
+    after = {w: calibrated(preds, w, calibration) for w, preds in test.items()}
+    return [{**r, **_calibration_row(r["weights"], None if r["domain"] == COMBINED else r["domain"],
+                                     after[r["weights"]], calibration, per_domain_scope)} for r in rows]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -220,6 +271,9 @@ def format_table(rows: list[dict]) -> str:
     """Aligned plain-text table for the console (text left-aligned, numbers right-aligned)."""
     # train_overlap: only in tables of test roots compared with the checkpoint's training data
     columns = _TABLE_COLUMNS + (("train_overlap",) if any("train_overlap" in r for r in rows) else ())
+    if any("ece_calibrated" in r for r in rows):
+        at = columns.index("ece") + 1
+        columns = columns[:at] + _CALIBRATION_COLUMNS + columns[at:]
     cells = [[_fmt(k, row.get(k, "")) for k in columns] for row in rows]
     widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(columns)]
     numeric = [k not in ("weights", "domain", "role", "threshold_source") for k in columns]
@@ -327,6 +381,58 @@ def _confusion_png(weights: str, rows: list[dict]) -> bytes:
     return figure_png(fig)
 
 
+def _temperature_text(row: dict) -> str:
+    """What a reliability panel's calibrated curve used, from its row's calibration columns."""
+    t = row.get("temperature")
+    if t is None or row.get("temperature_source") == UNCALIBRATED:
+        return UNCALIBRATED
+    return "per-domain temperatures" if math.isnan(t) else f"temperature {t:.3g}"
+
+
+def _reliability_panel(top, bottom, parts: list[tuple[str, Predictions, str]]) -> None:
+    """One domain's reliability curves (``top``) and images per bin (``bottom``), one series per part."""
+    width = 0.8 / 15 / len(parts)  # the bars of a bin side by side, in 80% of its width
+    tallest = 1
+    for i, (label, part, color) in enumerate(parts):
+        bins = reliability_bins(part.labels, part.scores)
+        full = bins.count > 0
+        top.plot(bins.confidence[full], bins.accuracy[full], marker="o", color=color,
+                 label=f"{label} (ECE {bins.ece:.3f})")
+        x = (bins.edges[:-1] + bins.edges[1:]) / 2 + (i - (len(parts) - 1) / 2) * width
+        bottom.bar(x[full], bins.count[full], width=width, color=color)
+        for xi, count in zip(x[full], bins.count[full]):
+            bottom.text(xi, count, str(count), ha="center", va="bottom", fontsize=6, rotation=90)
+        tallest = max(tallest, int(bins.count.max()))
+    top.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    top.legend(loc="best", fontsize="x-small")
+    bottom.set_ylim(0, tallest * 1.45)  # room for the counts above the bars
+
+
+def _part(preds: Predictions, domain: str) -> Predictions:
+    """The images of ``domain``, or all of them for COMBINED."""
+    return preds if domain == COMBINED else preds.subset(domain)
+
+
+def _reliability_png(weights: str, preds: Predictions, after: Predictions | None, rows: list[dict]) -> bytes:
+    """Reliability diagrams (the top-label bins of ECE), one column per domain + combined: accuracy
+    against confidence before temperature scaling and, when ``after`` is given, after it; below
+    each, the images per bin."""
+    names = preds.domain_names() + [COMBINED]
+    by_domain = {r["domain"]: r for r in rows}
+    # A fixed grid, not constrained layout: it halves the drawing time of a figure made in every report.
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 5.6), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": (3, 1.3), "hspace": 0.12, "wspace": 0.25, "top": 0.84})
+    for col, name in enumerate(names):
+        parts = [("before", _part(preds, name), "tab:red")]
+        parts += [("after", _part(after, name), "tab:blue")] if after is not None else []
+        _reliability_panel(axes[0, col], axes[1, col], parts)
+        axes[0, col].set(xlim=(0.45, 1.0), ylim=(0.0, 1.02), ylabel="accuracy" if col == 0 else None,
+                         title=f"{name}\n{_temperature_text(by_domain.get(name, {}))}")
+        axes[1, col].set(xlabel="confidence (P of the predicted class)", ylabel="images per bin" if col == 0 else None)
+    fig.suptitle(f"Reliability before / after temperature scaling, weights '{weights}'")
+    return figure_png(fig)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -356,12 +462,15 @@ def write_report(
     test: dict[str, Predictions],
     config_yaml: str,
     header: dict[str, str],
+    *,
+    calibration: Temperatures | None = None,
 ) -> dict[str, Path]:
     """Write the evaluation report into ``out_dir`` (created if missing).
 
     Files: ``metrics.csv``, ``metrics.parquet`` (same rows), ``predictions.parquet`` (all
     weights' predictions), ``roc_<weights>.png``, ``confusion_<weights>.png``,
-    ``config.yaml`` and, written last so its presence marks a complete report,
+    ``reliability_<weights>.png`` (before and, with fitted ``calibration``, after temperature
+    scaling), ``config.yaml`` and, written last so its presence marks a complete report,
     ``summary.md``.  Every file is written atomically.  Returns file name -> path.
     """
     out_dir = Path(out_dir)
@@ -380,13 +489,15 @@ def write_report(
     put("config.yaml", config_yaml.encode("utf-8"))
     pngs: dict[str, list[str]] = {}
     for weights, preds in test.items():
-        roc, conf = f"roc_{weights}.png", f"confusion_{weights}.png"
+        roc, conf, rel = f"roc_{weights}.png", f"confusion_{weights}.png", f"reliability_{weights}.png"
         put(roc, _roc_png(weights, preds))
         weights_rows = [r for r in rows if r["weights"] == weights]
         names = [roc]
         if weights_rows:
             put(conf, _confusion_png(weights, weights_rows))
             names.append(conf)
-        pngs[weights] = names
+        after = calibrated(preds, weights, calibration) if calibration is not None and calibration.fitted else None
+        put(rel, _reliability_png(weights, preds, after, weights_rows))
+        pngs[weights] = names + [rel]
     put("summary.md", _summary_markdown(rows, header, pngs).encode("utf-8"))
     return written

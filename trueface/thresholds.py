@@ -7,6 +7,7 @@ Usage::
     write_thresholds(Path("runs/demo/stage2/best.pt"), chosen)   # -> runs/demo/stage2/thresholds.json
     saved = read_thresholds(Path("runs/demo/stage2/best.pt"))     # None if there is no file
     value, source = saved.threshold("ema", domain="dalle")
+    temperature, source = saved.temperature("ema", domain="dalle")   # (1.0, "uncalibrated ...") in old files
 
 A trained checkpoint is never rewritten after its stage: its bytes are what early stopping chose,
 and a report or a sha256 that names it stays true. The thresholds, chosen later, go to
@@ -17,12 +18,20 @@ an earlier training of the same run are refused rather than silently applied to 
 Scopes: ``pooled`` chooses one threshold per weights on all validation domains together;
 ``per_domain`` also chooses one per validation domain on that domain's images alone (the pooled
 one still stands in for any domain without a validation split of its own, e.g. a held-out domain).
+
+Calibration: ``choose_thresholds`` also fits a temperature (trueface.calibration) per weights on
+the same validation images, and under ``per_domain`` one per validation domain with both classes;
+the file keeps them under ``calibration``. A file written before calibration existed has no such
+key: it still loads, as uncalibrated (temperature 1), and ``describe_calibration`` says so. The
+thresholds are chosen on the raw scores: temperature scaling is monotone, so it would move a
+threshold but not change a single decision (see trueface.calibration).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from trueface.atomic import atomic_write_text
+from trueface.calibration import Temperatures, domain_or_pooled, fit_temperature
 from trueface.config.choices import THRESHOLD_SCOPES
 from trueface.metrics import choose_threshold
 from trueface.storage import Mirror, is_uri, split_file
@@ -59,16 +69,33 @@ class Thresholds:
     chosen_at: str = ""  # UTC, ISO 8601
     data_root: str = ""  # where the validation images were
     checkpoint: dict = field(default_factory=dict)  # file, sha256, bytes of the checkpoint they belong to
+    calibration: Temperatures | None = None  # fitted on the same validation images; None in files written before
+
+    @property
+    def temperatures(self) -> Temperatures:
+        """The fitted temperatures, or temperature 1 for every weights (uncalibrated) when there are none."""
+        return self.calibration or Temperatures.identity(list(self.pooled))
+
+    def temperature(self, weights: str, domain: str | None = None) -> tuple[float, str]:
+        """(temperature, where it comes from) for ``weights``, like :meth:`threshold`; (1.0,
+        UNCALIBRATED) when none was fitted."""
+        if weights not in self.pooled:
+            raise ThresholdsError(f"no temperature for weights {weights!r}; have {sorted(self.pooled)}")
+        return self.temperatures.temperature(weights, domain)
+
+    def describe_calibration(self) -> str:
+        """One line for reports: the temperatures and what they were fitted on, or why there are none."""
+        if self.calibration is not None:
+            return f"temperature scaling fitted on the validation images above: {self.calibration.describe()}"
+        why = ("no validation split to fit one on" if not self.validation else
+               "these thresholds were chosen before temperatures were fitted; choose them again "
+               "(python -m jobs.evaluate ... --threshold-from valid --save-thresholds) to calibrate")
+        return f"{self.temperatures.describe()}: {why}"
 
     def threshold(self, weights: str, domain: str | None = None) -> tuple[float, str]:
         """(threshold, where it comes from) for ``weights``; ``domain``'s own under the per_domain
         scope when it has one, else the pooled one."""
-        if weights not in self.pooled:
-            raise ThresholdsError(f"no threshold for weights {weights!r}; have {sorted(self.pooled)}")
-        own = self.per_domain.get(weights, {}).get(domain) if domain else None
-        if own is not None:
-            return own, f"{domain} validation"
-        return self.pooled[weights], "pooled validation"
+        return domain_or_pooled(self.pooled, self.per_domain, weights, domain, "threshold", ThresholdsError)
 
     def domains(self) -> list[str]:
         """Domains with a threshold of their own (none under the pooled scope)."""
@@ -90,7 +117,14 @@ class Thresholds:
             "thresholds": weights,
             "validation": {"data_root": self.data_root, "domains": self.validation},
             "chosen": {"by": self.chosen_by, "at": self.chosen_at},
+            **({"calibration": self._calibration_json()} if self.calibration is not None else {}),
         }, indent=2) + "\n"
+
+    def _calibration_json(self) -> dict:
+        per = self.calibration.per_domain
+        return {"method": "temperature scaling: sigmoid(logit(p) / T), T minimising the validation NLL",
+                "temperatures": {w: {"pooled": t, **({"domains": per[w]} if w in per else {})}
+                                 for w, t in self.calibration.pooled.items()}}
 
     @classmethod
     def from_json(cls, text: str, source: str) -> "Thresholds":
@@ -105,6 +139,7 @@ class Thresholds:
                 validation={d: {k: int(n) for k, n in c.items()} for d, c in data["validation"]["domains"].items()},
                 chosen_by=str(data["chosen"]["by"]), chosen_at=str(data["chosen"]["at"]),
                 data_root=str(data["validation"]["data_root"]), checkpoint=dict(data["checkpoint"]),
+                calibration=_calibration_from_json(data.get("calibration")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ThresholdsError(f"{source} is not a TrueFace thresholds file ({type(exc).__name__}: {exc}); "
@@ -115,11 +150,25 @@ class Thresholds:
         return out
 
 
+def _calibration_from_json(data: dict | None) -> Temperatures | None:
+    """The ``calibration`` entry of a thresholds file; None where there is none (an older file)."""
+    if data is None:
+        return None
+    temps = data["temperatures"]
+    pooled = {w: float(v["pooled"]) for w, v in temps.items()}
+    per_domain = {w: {d: float(t) for d, t in v["domains"].items()} for w, v in temps.items() if "domains" in v}
+    if not all(0 < t < math.inf for t in [*pooled.values(), *(t for per in per_domain.values() for t in per.values())]):
+        raise ValueError(f"temperatures must be finite and > 0, got {temps}")
+    return Temperatures(pooled, per_domain)
+
+
 def choose_thresholds(labels: np.ndarray, domains: list[str], scores: dict[str, np.ndarray], policy: str,
                       scope: str) -> Thresholds:
     """Choose on validation ``labels`` / per-weights ``scores`` of images from ``domains`` (one
-    name per image). A domain gets its own threshold (per_domain scope) only when its images hold
-    both classes: every policy but ``fixed`` is undefined on one class."""
+    name per image), and fit a temperature on the same images. A domain gets its own threshold
+    and temperature (per_domain scope) only when its images hold both classes: every policy but
+    ``fixed`` is undefined on one class, and a temperature fitted on one class only pushes every
+    score towards it."""
     if scope not in SCOPES:
         raise ValueError(f"threshold scope {scope!r} must be one of {', '.join(SCOPES)}")
     labels = np.asarray(labels, dtype=np.int64)
@@ -127,14 +176,17 @@ def choose_thresholds(labels: np.ndarray, domains: list[str], scores: dict[str, 
     order = list(dict.fromkeys(domains))
     validation = {d: {"real": int(((names == d) & (labels == 0)).sum()), "fake": int(((names == d) & (labels == 1)).sum())}
                   for d in order}
-    pooled, per_domain = {}, {}
+    own = [d for d in order if min(validation[d].values()) > 0]
+    pooled, per_domain, temperature, domain_temperature = {}, {}, {}, {}
     for weights, s in scores.items():
         s = np.asarray(s, dtype=np.float64)
         pooled[weights] = float(choose_threshold(labels, s, policy))
+        temperature[weights] = fit_temperature(labels, s)
         if scope == "per_domain":
-            per_domain[weights] = {d: float(choose_threshold(labels[names == d], s[names == d], policy))
-                                   for d in order if min(validation[d].values()) > 0}
-    return Thresholds(policy, scope, pooled, per_domain, validation)
+            per_domain[weights] = {d: float(choose_threshold(labels[names == d], s[names == d], policy)) for d in own}
+            domain_temperature[weights] = {d: fit_temperature(labels[names == d], s[names == d]) for d in own}
+    calibration = Temperatures(temperature, domain_temperature)
+    return Thresholds(policy, scope, pooled, per_domain, validation, calibration=calibration)
 
 
 def thresholds_path(checkpoint: Path | str) -> Path:
