@@ -54,7 +54,6 @@ from trueface.storage import Mirror, StorageError, check_writable, join
 SPEC_FILE = "trueface-ablate.json"  # how the ablation was started: what --resume reads
 SPEC_VERSION = 1
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "search_spaces" / "ablation.yaml"
-ABLATION_FILE = "ablation.json"  # the rows and their evaluation folders: what trueface.compare reads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,7 +308,6 @@ def _run(job: dict, plan: AblationPlan, exp: Mirror, address: str | None) -> int
     from jobs import ray_train
 
     per_trial = ray_tune.per_trial_resources(cfg, ray_train.scaling_config(cfg).use_gpu)
-    ray_tune.disable_default_loggers()
     trainable = tune.with_resources(tune.with_parameters(run_ablation_trial, job=job), {"CPU": ray_tune.TRIAL_DRIVER_CPUS})
     for stage in plan.stages:
         groups = plan.phase(stage)
@@ -338,23 +336,12 @@ def _run(job: dict, plan: AblationPlan, exp: Mirror, address: str | None) -> int
             return 1
     from jobs.ablate_report import write_ablation_report
 
-    report = write_ablation_report(job, plan)
-    print(f"\nablation finished in {(time.time() - started) / 60:.1f} min")
+    minutes = (time.time() - started) / 60
+    report = write_ablation_report(job, plan, minutes)
+    print(f"\n{job['kind']} finished in {minutes:.1f} min")
     print(report.text)
     print(f"\nreport: {job['results_dir']}/summary.md (+ comparison.csv, comparison.parquet, heatmap.png, forest.png)")
     return 0
-
-
-def ablation_manifest(job: dict, plan: AblationPlan) -> dict:
-    """``ablation.json``: the rows and, per seed, the evaluation folder (relative) and weights."""
-    rows = []
-    for v in plan.variants:
-        _, ev = plan.evaluation(v.evaluation)
-        rows.append({"name": v.name, "description": v.description,
-                     "evaluations": [{"seed": from_dict(job["config"]).seed + k, "dir": f"{ev.folder}/seed{k}",
-                                      "weights": v.weights} for k in range(job["seeds"])]})
-    return {"name": job["name"], "kind": job["kind"], "reference": plan.reference, "variants": rows,
-            "dropped": [{"name": n, "why": why} for n, why in plan.dropped], "command": job["command"]}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from jobs.ablate import ablation_manifest, trial_config
+from jobs.ablate import trial_config
+from jobs.ablate_report import ablation_manifest
 from trueface.ablation import (AblationSpecError, load_ablation_spec, parse_ablation_spec, plan_ablation,
                                plan_leave_one_domain_out)
 from trueface.config import load_config
@@ -74,6 +75,22 @@ def test_components_that_change_nothing_here_are_dropped_with_the_reason():
     one = plan_ablation(spec({"mixup": {"when_off": {"set": {"stage1.mixup_alpha": 0}}},
                               "ema": {"when_off": {"weights": "raw"}}}), demo(), (1,))
     assert [v.name for v in one.variants] == ["full", "no-ema"] and dict(one.dropped)["plain"].startswith("fewer than two")
+
+
+def test_knobs_that_could_never_act_on_this_config_are_dropped():
+    """A single Stage II domain (the mini 140K set): balancing by domain is balancing by class.
+    No strong epochs (light_epochs >= epochs): strength 0 trains the same. Strength 0 already:
+    the light warm-up is the strong phase. Each would train a copy of the full recipe."""
+    single = replace(demo(), stage2=replace(demo().stage2, domains=("140k-real-vs-fake",)))
+    dropped = dict(plan_ablation(load_ablation_spec(SHIPPED), single, (1, 2)).dropped)
+    assert "one Stage II domain" in dropped["no-domain-balance"]
+    never_strong = plan_ablation(load_ablation_spec(SHIPPED), demo("stage1.light_epochs=4", "stage1.epochs=4"), (1,))
+    assert "strong augmentation never starts: light_epochs 4 >= epochs 4" in dict(never_strong.dropped)["no-strong-augmentation"]
+    flat = plan_ablation(load_ablation_spec(SHIPPED), demo("stage1.augment.strength=0"), (1,))
+    assert "light and strong augmentation are the same" in dict(flat.dropped)["no-light-warmup"]
+    # With two Stage II domains and strong epochs, the same components are kept.
+    kept = {v.name for v in plan_ablation(load_ablation_spec(SHIPPED), demo(), (1, 2)).variants}
+    assert {"no-domain-balance", "no-strong-augmentation", "no-light-warmup"} <= kept
 
 
 def test_stage2_only_plans_start_every_trial_from_the_given_checkpoint():

@@ -272,6 +272,8 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
             idle.append(f"{key} (Stage {'I' * stage} is not trained)")
         elif _same(flat[key], value):
             idle.append(f"{key} (already {flat[key]!r})")
+        elif _cannot_act(key, base):
+            idle.append(f"{key} ({_cannot_act(key, base)})")
         else:
             values[key] = value
     kept = tuple(s for s in (c.stages or stages) if s in stages) or stages
@@ -281,6 +283,21 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
     if not values and c.weights == "ema" and kept == stages:
         return off, "changes nothing here: " + "; ".join(idle)
     return off, ""
+
+
+def _cannot_act(key: str, base: Config) -> str:
+    """Why changing ``key`` cannot change training on ``base`` (a knob that never acts), else ''."""
+    stage = _stage_of(key)
+    if stage is None:
+        return ""
+    sc = base.stage(stage)
+    if key.endswith(".balance") and len(sc.domains) == 1:
+        return f"one Stage {'I' * stage} domain: balancing domains and classes is balancing classes"
+    if key.endswith(".augment.strength") and sc.light_epochs >= sc.epochs:
+        return f"strong augmentation never starts: light_epochs {sc.light_epochs} >= epochs {sc.epochs}"
+    if key.endswith(".light_epochs") and sc.augment.strength == 0:
+        return "at augment.strength 0 the light and strong augmentation are the same"
+    return ""
 
 
 class _Builder:

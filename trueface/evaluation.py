@@ -35,7 +35,7 @@ import torch
 
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import load_checkpoint
-from trueface.config import Config, from_dict, to_yaml
+from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import DataLayout, Sample, pick_domains
 from trueface.distributed import DistInfo
 from trueface.inference import predict_scores
@@ -116,6 +116,7 @@ def evaluate_checkpoint(
     thresholds: ThresholdRequest = ThresholdRequest(),
     dist_info: DistInfo | None = None,
     train_overlap: dict[str, int] | None = None,
+    config_values: dict | None = None,
 ) -> EvaluationReport:
     """Score the test splits of ``layout`` and write the tables into ``out_dir`` (rank 0), at the
     thresholds ``thresholds`` asks for (see ThresholdRequest). ``train_overlap`` (test domain ->
@@ -123,7 +124,7 @@ def evaluate_checkpoint(
     every row, so a table computed on overlapping data says so."""
     di = dist_info or DistInfo.current()
     state = load_checkpoint(checkpoint)
-    cfg = from_dict(state["config"])
+    cfg = apply_values(from_dict(state["config"]), config_values or {})
     request = thresholds
     policy, scope = request.policy or cfg.eval.threshold_policy, request.scope or cfg.eval.threshold_scope
     stage = int(state["stage"])

@@ -1,0 +1,127 @@
+"""The report of an ablation or a leave-one-domain-out run (jobs.ablate), in ``results/<name>/``.
+
+- ``ablation.json``: the rows and, per seed, the evaluation folder and weights (what
+  trueface.compare reads; ``python -m jobs.aggregate results/<name>`` rebuilds the table from it);
+- ``comparison.md/.csv/.parquet``, ``heatmap.png``, ``forest.png``: trueface.compare's table (mean
+  AUC per row and test domain with a 95% interval, the difference to the reference with its
+  interval, in plain words);
+- ``summary.md``: what was run (command, seeds, stages, rows dropped and why), for
+  leave-one-domain-out the held-out table, then the comparison.
+
+Everything here is rebuilt from the evaluation reports, so it can be re-run without training
+(``jobs.ablate --resume NAME`` of a finished ablation does exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from trueface.ablation import AblationPlan, held_out_domain
+from trueface.atomic import atomic_write_text
+from trueface.compare import ABLATION_FILE, Comparison, compare, units_from_ablation
+from trueface.config import from_dict
+from trueface.results import COMBINED, markdown_table
+from trueface.storage import Mirror
+
+SUMMARY_FILE = "summary.md"
+
+
+@dataclass(frozen=True)
+class AblationReport:
+    text: str  # summary.md
+    comparison: Comparison
+    location: str  # the results folder (path or URI)
+
+
+def ablation_manifest(job: dict, plan: AblationPlan) -> dict:
+    """``ablation.json``: the rows and, per seed, the evaluation folder (relative) and weights."""
+    first_seed = from_dict(job["config"]).seed
+    rows = []
+    for v in plan.variants:
+        _, ev = plan.evaluation(v.evaluation)
+        rows.append({"name": v.name, "description": v.description,
+                     "evaluations": [{"seed": first_seed + k, "dir": f"{ev.folder}/seed{k}", "weights": v.weights}
+                                     for k in range(job["seeds"])]})
+    return {"name": job["name"], "kind": job["kind"], "reference": plan.reference, "variants": rows,
+            "dropped": [{"name": n, "why": why} for n, why in plan.dropped], "command": job["command"]}
+
+
+def write_ablation_report(job: dict, plan: AblationPlan, minutes: float | None = None) -> AblationReport:
+    """Write ``ablation.json``, the comparison and ``summary.md`` into the job's results folder
+    (pushed when it is a URI). ``minutes``: the wall time to state, when known."""
+    cfg = from_dict(job["config"])
+    results = Mirror.of(job["results_dir"], cfg.data.cache_dir)
+    results.local.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results.local / ABLATION_FILE, json.dumps(ablation_manifest(job, plan), indent=2) + "\n")
+    results.push(ABLATION_FILE)
+    units = units_from_ablation(job["results_dir"], cfg.data.cache_dir)
+    comparison = compare(units.units, results.local, reference=plan.reference, header=_header(job, plan, minutes))
+    parts = [f"# {job['name']}: {'leave-one-domain-out' if job['kind'] == 'leave-one-domain-out' else 'ablation'}", ""]
+    if job["kind"] == "leave-one-domain-out":
+        parts += [held_out_markdown(comparison.rows, plan.reference), ""]
+    parts.append(comparison.markdown.replace("# Cross-domain comparison", "## Every row and domain", 1))
+    text = "\n".join(parts)
+    atomic_write_text(results.local / SUMMARY_FILE, text)
+    results.push()
+    return AblationReport(text, comparison, job["results_dir"])
+
+
+def _header(job: dict, plan: AblationPlan, minutes: float | None) -> dict[str, str]:
+    cfg = from_dict(job["config"])
+    stages = {(1,): "Stage I", (2,): f"Stage II from {job['init']}", (1, 2): "Stage I then Stage II"}[tuple(job["stages"])]
+    header = {
+        "command": f"`{job['command']}`",
+        "data root": str(cfg.data.root),
+        "trained": stages + f"; image size {', '.join(str(cfg.stage(s).image_size) for s in job['stages'])}; "
+                   f"epochs {', '.join(str(cfg.stage(s).epochs) for s in job['stages'])}",
+        "seeds": ", ".join(str(cfg.seed + k) for k in range(job["seeds"])),
+        "reference": f"{plan.reference} (every difference is AUC(row) - AUC({plan.reference}))",
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if minutes is not None:
+        header["wall time"] = f"{minutes:.1f} min"
+    for name, why in plan.dropped:
+        header[f"not run: {name}"] = why
+    return header
+
+
+def _auc_text(row: dict | None) -> str:
+    if row is None or not row.get("auc_method") or math.isnan(row["auc_mean"]):
+        return "-"
+    if math.isnan(row["auc_low"]):
+        return f"{row['auc_mean']:.3f}"
+    return f"{row['auc_mean']:.3f} [{row['auc_low']:.3f}, {row['auc_high']:.3f}]"
+
+
+def _diff_text(row: dict) -> str:
+    if not row.get("diff_method") or math.isnan(row["diff_mean"]):
+        return "-"
+    if math.isnan(row["diff_low"]):
+        return f"{row['diff_mean']:+.3f}"
+    return f"{row['diff_mean']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]"
+
+
+def held_out_markdown(rows: list[dict], reference: str) -> str:
+    """Per held-out domain: its AUC when Stage II never saw it, the same run's AUC on the domains
+    it did train on, the reference's AUC on it (trained on it), and the difference."""
+    cell = {(r["unit"], r["domain"]): r for r in rows}
+    body = []
+    for unit in dict.fromkeys(r["unit"] for r in rows):
+        domain = held_out_domain(unit)
+        if domain is None:
+            continue
+        held = cell.get((unit, domain))
+        trained = [r for r in rows if r["unit"] == unit and r["domain"] not in (domain, COMBINED)]
+        in_domain = "; ".join(f"{r['domain']} ({r['role'] or 'role unknown'}) {_auc_text(r)}" for r in trained) or "-"
+        body.append([domain, held["role"] if held else "-", _auc_text(held), in_domain,
+                     _auc_text(cell.get((reference, domain))), _diff_text(held) if held else "-",
+                     held["diff_words"] if held else f"{domain} has no test split"])
+    table = markdown_table(["held-out domain", "its role in that run", "AUC on it (held out)",
+                            "same run, other test domains", f"{reference}: AUC on it (trained on it)",
+                            "difference", "in plain words"], body)
+    return "\n".join(["## Held-out domains", "",
+                      "Each row fine-tuned Stage II without one domain and tested on it; the roles are the "
+                      "evaluation's (trained on / held out). Intervals as in the table below.", "", table])
