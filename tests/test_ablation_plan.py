@@ -41,8 +41,9 @@ def test_shipped_spec_on_both_stages_trains_only_what_changes_training():
     assert plan.dropped == []
     stage1 = {g.name: g for g in plan.phase(1)}
     stage2 = {g.name: g for g in plan.phase(2)}
-    # Stage I is trained once per distinct Stage I config: MixUp and balancing act in Stage II only.
-    assert set(stage1) == {"full", "no-strong-augmentation", "no-light-warmup", "plain"}
+    # Stage I is trained once per distinct Stage I config: MixUp and balancing act in Stage II only,
+    # and plain's Stage I is no-strong-augmentation's (at strength 0 the light warm-up changes nothing).
+    assert set(stage1) == {"full", "no-strong-augmentation", "no-light-warmup"}
     assert set(stage2) == {"full", "no-strong-augmentation", "no-light-warmup", "no-mixup", "no-domain-balance"}
     assert stage2["no-mixup"].init_group == "full" and stage2["no-domain-balance"].init_group == "full"
     assert stage2["no-light-warmup"].init_group == "no-light-warmup"
@@ -54,11 +55,12 @@ def test_shipped_spec_on_both_stages_trains_only_what_changes_training():
     assert (group.name, group.stage, ev.stage, weights) == ("full", 1, 1, "ema")
     group, ev, weights = evaluation_of(plan, "no-flip-tta")
     assert (group.name, group.stage, ev.eval_values, weights) == ("full", 2, {"eval.hflip_tta": False}, "ema")
-    # plain: every component off at once; Stage II off, so it trains Stage I only, scored raw, no flip
+    # plain: every component off at once; Stage II off, so it is a Stage I checkpoint scored raw,
+    # without flip: the Stage I trials of no-strong-augmentation (the idle light_epochs 0 left out)
     group, ev, weights = evaluation_of(plan, "plain")
-    assert (group.name, group.stage, weights) == ("plain", 1, "raw")
-    assert group.values == {"stage1.augment.strength": 0, "stage1.light_epochs": 0}
-    assert ev.eval_values == {"eval.hflip_tta": False}
+    assert (group.name, group.stage, ev.stage, weights) == ("no-strong-augmentation", 1, 1, "raw")
+    assert group.values == {"stage1.augment.strength": 0}
+    assert ev.eval_values == {"eval.hflip_tta": False} and ev.folder == "evals/plain"
     assert {k: v for k, v in group.config(demo(), 1).stage1.augment.__dict__.items() if k == "strength"} == {"strength": 0}
 
 
@@ -69,7 +71,9 @@ def test_components_that_change_nothing_here_are_dropped_with_the_reason():
     assert "stage2.balance (Stage II is not trained)" in dropped["no-domain-balance"]
     assert "stage1.mixup_alpha (already 0.0)" in dropped["no-mixup"]
     assert "eval.hflip_tta (already False)" in dropped["no-flip-tta"]
-    assert [g.name for g in plan.groups] == ["full", "no-strong-augmentation", "no-light-warmup", "plain"]
+    assert [g.name for g in plan.groups] == ["full", "no-strong-augmentation", "no-light-warmup"]
+    # plain = no-strong-augmentation's trials, raw weights: one evaluation serves both rows
+    assert evaluation_of(plan, "plain")[1] == evaluation_of(plan, "no-strong-augmentation")[1]
     assert all(g.stage == 1 and g.init_group is None for g in plan.groups)
     # with a single component acting, "plain" would repeat it
     one = plan_ablation(spec({"mixup": {"when_off": {"set": {"stage1.mixup_alpha": 0}}},
@@ -132,12 +136,12 @@ def test_trials_get_their_seed_values_and_folder_and_the_manifest_lists_every_se
     plan = plan_ablation(load_ablation_spec(SHIPPED), base, (1,))
     job = {"config": __import__("trueface.config", fromlist=["to_dict"]).to_dict(base), "storage": "/tmp/abl",
            "name": "abl-x", "seeds": 3, "kind": "ablation", "command": "python -m jobs.ablate"}
-    group = next(g for g in plan.groups if g.name == "plain")
+    group = next(g for g in plan.groups if g.name == "no-light-warmup")
     cfg = trial_config(job, group, 2)
-    assert cfg.seed == 7 and cfg.run_name == "plain-seed2" and cfg.stage1.light_epochs == 0
+    assert cfg.seed == 7 and cfg.run_name == "no-light-warmup-seed2" and cfg.stage1.light_epochs == 0
     assert cfg.output.runs_dir == "/tmp/abl/abl-x/trials"
     manifest = ablation_manifest(job, plan)
     rows = {r["name"]: r for r in manifest["variants"]}
     assert manifest["reference"] == "full"
     assert rows["no-ema"]["evaluations"] == [{"seed": 5 + k, "dir": f"evals/full/seed{k}", "weights": "raw"} for k in range(3)]
-    assert rows["plain"]["evaluations"][1] == {"seed": 6, "dir": "evals/plain/seed1", "weights": "raw"}
+    assert rows["plain"]["evaluations"][1] == {"seed": 6, "dir": "evals/no-strong-augmentation/seed1", "weights": "raw"}

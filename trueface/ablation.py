@@ -239,7 +239,11 @@ def plan_ablation(spec: AblationSpec, base: Config, stages: tuple[int, ...]) -> 
         offs.append(off)
         builder.add(f"no-{c.name}", f"without {c.what}", off)
     if spec.plain and len(offs) > 1:
-        plain = _Off({k: v for o in offs for k, v in o.values.items()},
+        values = {k: v for o in offs for k, v in o.values.items()}
+        # Off together, one knob can idle another (at strength 0 the light warm-up changes nothing):
+        # without it, plain shares its trials with the row that differs only by that idle knob.
+        everything_off = apply_values(base, values)
+        plain = _Off({k: v for k, v in values.items() if not _cannot_act(k, everything_off)},
                      "raw" if any(o.weights == "raw" for o in offs) else "ema",
                      min((o.stages for o in offs), key=len))
         builder.add(PLAIN, "every component above off at once", plain)
