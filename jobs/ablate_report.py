@@ -15,13 +15,12 @@ Everything here is rebuilt from the evaluation reports, so it can be re-run with
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 
 from trueface.ablation import AblationPlan, held_out_domain
 from trueface.atomic import atomic_write_text
-from trueface.compare import ABLATION_FILE, Comparison, compare, units_from_ablation
+from trueface.compare import ABLATION_FILE, Comparison, cell_text, compare, units_from_ablation
 from trueface.config import from_dict
 from trueface.results import COMBINED, markdown_table
 from trueface.storage import Mirror
@@ -88,22 +87,6 @@ def _header(job: dict, plan: AblationPlan, minutes: float | None) -> dict[str, s
     return header
 
 
-def _auc_text(row: dict | None) -> str:
-    if row is None or not row.get("auc_method") or math.isnan(row["auc_mean"]):
-        return "-"
-    if math.isnan(row["auc_low"]):
-        return f"{row['auc_mean']:.3f}"
-    return f"{row['auc_mean']:.3f} [{row['auc_low']:.3f}, {row['auc_high']:.3f}]"
-
-
-def _diff_text(row: dict) -> str:
-    if not row.get("diff_method") or math.isnan(row["diff_mean"]):
-        return "-"
-    if math.isnan(row["diff_low"]):
-        return f"{row['diff_mean']:+.3f}"
-    return f"{row['diff_mean']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]"
-
-
 def held_out_markdown(rows: list[dict], reference: str) -> str:
     """Per held-out domain: its AUC when Stage II never saw it, the same run's AUC on the domains
     it did train on, the reference's AUC on it (trained on it), and the difference."""
@@ -115,9 +98,11 @@ def held_out_markdown(rows: list[dict], reference: str) -> str:
             continue
         held = cell.get((unit, domain))
         trained = [r for r in rows if r["unit"] == unit and r["domain"] not in (domain, COMBINED)]
-        in_domain = "; ".join(f"{r['domain']} ({r['role'] or 'role unknown'}) {_auc_text(r)}" for r in trained) or "-"
-        body.append([domain, held["role"] if held else "-", _auc_text(held), in_domain,
-                     _auc_text(cell.get((reference, domain))), _diff_text(held) if held else "-",
+        in_domain = "; ".join(f"{r['domain']} ({r['role'] or 'role unknown'}) {cell_text(r, 'auc')}"
+                              for r in trained) or "-"
+        ref = cell.get((reference, domain))
+        body.append([domain, held["role"] if held else "-", cell_text(held, "auc") if held else "-", in_domain,
+                     cell_text(ref, "auc") if ref else "-", cell_text(held, "diff", signed=True) if held else "-",
                      held["diff_words"] if held else f"{domain} has no test split"])
     table = markdown_table(["held-out domain", "its role in that run", "AUC on it (held out)",
                             "same run, other test domains", f"{reference}: AUC on it (trained on it)",

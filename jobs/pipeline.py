@@ -108,7 +108,7 @@ def print_results(paths: RunPaths, seconds: float | None = None) -> None:
     print_metrics_table(paths.results_dir)
     if seconds is not None:
         print(f"\nfinished in {seconds / 60:.1f} min")
-    print(f"results:     {paths.results_location}/summary.md (+ metrics.csv, metrics.parquet, ROC and confusion PNGs)")
+    print(f"results:     {paths.results_location}/summary.md (+ metrics.csv, metrics.parquet, ROC, confusion and reliability PNGs)")
     print(f"checkpoints: {paths.run_location}/stage{{1,2}}/best.pt")
     print(f"thresholds:  {paths.run_location}/stage2/{THRESHOLDS_FILE} (jobs.predict labels with them)")
     print(f"tensorboard: tensorboard --logdir {paths.tensorboard_dir}")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from jobs.ablate import trial_config
-from jobs.ablate_report import ablation_manifest
+from jobs.ablate_report import ablation_manifest, held_out_markdown
 from trueface.ablation import (AblationSpecError, load_ablation_spec, parse_ablation_spec, plan_ablation,
                                plan_leave_one_domain_out)
 from trueface.config import load_config
@@ -129,6 +129,30 @@ def test_leave_one_domain_out_plans_one_fine_tuning_per_domain_from_one_stage1()
         plan_leave_one_domain_out(replace(demo(), stage2=replace(demo().stage2, domains=("mini",))), (1, 2))
     with pytest.raises(AblationSpecError, match="leaves a domain out of Stage II"):
         plan_leave_one_domain_out(demo(), (1,))
+
+
+def _row(unit: str, domain: str, role: str, auc: tuple, diff: tuple | None, words: str = "") -> dict:
+    row = {"unit": unit, "domain": domain, "role": role, "auc_mean": auc[0], "auc_low": auc[1], "auc_high": auc[2],
+           "auc_method": "t over seeds", "auc_n": 3}
+    d = diff or (float("nan"),) * 3
+    return {**row, "diff_mean": d[0], "diff_low": d[1], "diff_high": d[2], "diff_method": "paired t over seeds" if diff else "",
+            "diff_n": 3 if diff else 0, "diff_words": words or "the reference"}
+
+
+def test_leave_one_domain_out_table_puts_each_held_out_domain_beside_the_same_runs_trained_domains():
+    held, trained = "held out (never trained on)", "trained (Stage I + Stage II), held-out test split"
+    rows = [_row("full", "tpdne", trained, (0.9, 0.85, 0.95), None),
+            _row("full", "dalle", trained, (0.8, 0.7, 0.9), None),
+            _row("full", "combined", "", (0.85, 0.8, 0.9), None),
+            _row("without-dalle", "tpdne", trained, (0.91, 0.86, 0.96), (0.01, -0.02, 0.04), "no evidence"),
+            _row("without-dalle", "dalle", held, (0.55, 0.45, 0.65), (-0.25, -0.35, -0.15), "lower than full"),
+            _row("without-dalle", "combined", "", (0.7, 0.6, 0.8), (-0.15, -0.2, -0.1), "lower than full")]
+    text = held_out_markdown(rows, "full")
+    line = next(x for x in text.splitlines() if x.startswith("| dalle"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells == ["dalle", held, "0.550 [0.450, 0.650]", f"tpdne ({trained}) 0.910 [0.860, 0.960]",
+                     "0.800 [0.700, 0.900]", "-0.250 [-0.350, -0.150]", "lower than full"]
+    assert not any(x.startswith("| tpdne") for x in text.splitlines())  # no row held tpdne out
 
 
 def test_trials_get_their_seed_values_and_folder_and_the_manifest_lists_every_seed():

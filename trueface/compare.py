@@ -71,7 +71,7 @@ from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_
                             bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff, t_interval)
 from trueface.storage import Mirror, absolute, join
 
-__all__ = ["ABLATION_FILE", "Comparison", "CompareError", "SeedReport", "Unit", "Units", "compare",
+__all__ = ["ABLATION_FILE", "Comparison", "CompareError", "SeedReport", "Unit", "Units", "cell_text", "compare",
            "comparison_markdown", "comparison_rows", "plain_words", "units_from_ablation", "units_from_paths",
            "write_comparison"]
 
@@ -357,7 +357,8 @@ def _interval_of(row: dict, prefix: str, confidence: float) -> Interval:
                     row[f"{prefix}_method"], confidence)
 
 
-def _cell(row: dict, prefix: str, confidence: float, signed: bool = False) -> str:
+def cell_text(row: dict, prefix: str, confidence: float = 0.95, signed: bool = False) -> str:
+    """A row's ``auc`` or ``diff`` interval as the tables print it (``-`` where there is none)."""
     if not row.get(f"{prefix}_method"):
         return "-"
     text = _interval_of(row, prefix, confidence).text()
@@ -382,7 +383,7 @@ def comparison_markdown(rows: list[dict], reference: str | None = None, *, confi
     out += [f"- **{k}**: {v}" for k, v in (header or {}).items()]
     out += [f"- **confidence**: {pct} intervals", ""]
     out += [f"## Test AUC [{pct} interval]", ""]
-    body = [[u, _unit_method([cell[(u, d)] for d in domains]), *(_cell(cell[(u, d)], "auc", confidence) for d in domains)]
+    body = [[u, _unit_method([cell[(u, d)] for d in domains]), *(cell_text(cell[(u, d)], "auc", confidence) for d in domains)]
             for u in units]
     out += [markdown_table(["unit", "interval", *domains], body), ""]
     described = {r["unit"]: r["description"] for r in rows if r.get("description")}
@@ -391,7 +392,7 @@ def comparison_markdown(rows: list[dict], reference: str | None = None, *, confi
     out += _roles_markdown(units, domains, cell)
     if reference is not None:
         out += [f"## Difference to {reference}: AUC(unit) - AUC({reference})", ""]
-        diff_body = [[r["unit"], r["domain"], _cell(r, "diff", confidence, signed=True), r["diff_method"] or "-",
+        diff_body = [[r["unit"], r["domain"], cell_text(r, "diff", confidence, signed=True), r["diff_method"] or "-",
                       r["diff_pairing"] or "-", r["diff_words"]] for r in rows if r["unit"] != reference]
         out += [markdown_table(["unit", "domain", f"difference [{pct} interval]", "method", "paired on",
                                 "in plain words"], diff_body), ""]
