@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import ON_BAD_IMAGE, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
+from trueface.config.choices import AUGMENT_DEVICES, ON_BAD_IMAGE, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -256,6 +256,7 @@ def flatten(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "balance": ("none", "class", "domain_class"),
+    "augment_device": AUGMENT_DEVICES,
 }
 
 
@@ -343,6 +344,7 @@ def _validate_augment(aug, key: str, check) -> None:
     check(aug.blur_sigma_max > 0.1, f"{key}.blur_sigma_max", "must be > 0.1 (sigma is drawn from [0.1, max])")
     check(aug.noise_std >= 0, f"{key}.noise_std", "must be >= 0")
     check(0.02 < aug.erasing_scale_max <= 1, f"{key}.erasing_scale_max", "must be in (0.02, 1]")
+    check(aug.device in _CHOICES["augment_device"], f"{key}.device", f"must be one of {_CHOICES['augment_device']}")
 
 
 def is_run_name(name: str) -> bool:

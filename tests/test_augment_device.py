@@ -1,0 +1,312 @@
+"""The batched device augmentation against the per-sample path of trueface.augment, on the CPU.
+
+Rates: each op's mask rate is within 4 binomial standard deviations of its probability at the
+strength, the samples whose pixels changed are exactly the masked ones, and the changed fraction
+is within 4 standard deviations (two samples) of the per-sample path's on the same images.
+Magnitudes: a per-op statistic's distribution matches the per-sample path's on the same images by
+a two-sample Kolmogorov-Smirnov test (p > 1e-3; with 400 + 400 samples that rejects a shift of
+about a sixth of the statistic's spread, while uint8 rounding in the per-sample path moves each
+statistic by under 1 % of it). Seeds are fixed, so every run sees the same draws.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import ks_2samp
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv
+
+from trueface.augment import (
+    IMAGENET_MEAN,
+    denormalize,
+    light_transform,
+    mixup,
+    normalize,
+    soft_targets,
+    strong_params,
+    strong_transform,
+    to_normalized_tensor,
+)
+from trueface.augment_device import (
+    DeviceAugment,
+    Uint8TrainTransform,
+    blur_kernels,
+    colour_jitter,
+    runs_on_device,
+)
+from trueface.config import ConfigError, load_config
+from trueface.config.schema import AugmentConfig
+
+N = 400
+STRENGTH = 0.5  # every knob below is halved: a path that ignored strength fails the rates
+ALL_OFF = dict(crop_scale_min=1.0, randaugment_p=0, color_jitter_p=0, grayscale_p=0, jpeg_p=0, blur_p=0,
+               noise_p=0, erasing_p=0, strength=STRENGTH)
+
+
+def _only(**on) -> AugmentConfig:
+    """Every op off except ``on``; crop scale 1 makes the crop the whole image."""
+    return AugmentConfig(**{**ALL_OFF, **on})
+
+
+def _images(n=N, size=16, lo=48, hi=160, seed=0) -> torch.Tensor:
+    """uint8 (n, 3, size, size) random images, mirror-symmetric so the per-sample flip is a no-op;
+    values in [lo, hi] so brightness and contrast up to 1.4 do not clip."""
+    half = np.random.default_rng(seed).integers(lo, hi + 1, (n, 3, size, size // 2), dtype=np.uint8)
+    return torch.from_numpy(np.concatenate([half, half[..., ::-1]], axis=-1))
+
+
+def _per_sample(cfg: AugmentConfig, images: torch.Tensor, seed=1) -> torch.Tensor:
+    """trueface.augment.strong_transform on each image as a PIL image."""
+    tf = strong_transform(images.shape[-1], cfg)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.stack([tf(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images])
+
+
+def _batched(cfg: AugmentConfig, images: torch.Tensor, seed=2):
+    """(output, draws) of DeviceAugment, drawing and applying with one seeded generator."""
+    aug, g = DeviceAugment(cfg), torch.Generator().manual_seed(seed)
+    d = aug.draw(len(images), *images.shape[-2:], g)
+    return aug.apply(images, d, g), d
+
+
+def _light(images: torch.Tensor) -> torch.Tensor:
+    """The per-sample light path's float conversion and normalisation, image by image."""
+    return torch.stack([normalize()(to_normalized_tensor()(im)) for im in images])
+
+
+def _changed(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Samples whose pixels moved by more than 1.5 grey levels anywhere (the per-sample path
+    rounds to whole levels, so both paths are judged at the same visibility)."""
+    return (denormalize(out) - denormalize(_light(images))).abs().amax(dim=(1, 2, 3)) > 1.5 / 255
+
+
+def test_all_ops_off_the_per_sample_path_is_the_light_path_on_these_images():
+    # guards the comparisons below: crop (scale 1) and flip (symmetric images) change nothing
+    images = _images(n=20)
+    assert torch.equal(_per_sample(_only(), images), _light(images))
+
+
+RATE_CASES = {  # the op's probability field, and its mask in Draws
+    "colour_jitter": ("color_jitter_p", "jitter_on"),
+    "grayscale": ("grayscale_p", "gray_on"),
+    "jpeg": ("jpeg_p", "jpeg_on"),
+    "blur": ("blur_p", "blur_on"),
+    "noise": ("noise_p", "noise_on"),
+    "erasing": ("erasing_p", "erase_on"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RATE_CASES))
+def test_each_op_is_applied_at_its_rate(op):
+    field, mask_name = RATE_CASES[op]
+    cfg = _only(**{field: 0.8})
+    p = getattr(strong_params(cfg), field)
+    assert p == pytest.approx(0.4)
+    images = _images()
+    out, d = _batched(cfg, images)
+    mask = getattr(d, mask_name)
+    assert abs(mask.float().mean().item() - p) <= 4 * np.sqrt(p * (1 - p) / N)
+    changed = _changed(out, images)
+    assert not (changed & ~mask).any()  # nothing outside the mask moved
+    if op != "blur":  # a blur at sigma near 0.1 is invisible, in both paths
+        assert torch.equal(changed, mask)
+    reference = _changed(_per_sample(cfg, images), images).float().mean().item()
+    f = changed.float().mean().item()
+    assert abs(f - reference) <= 4 * np.sqrt(2 * reference * (1 - reference) / N)
+
+
+def _gray(x):
+    return F.rgb_to_grayscale(x)
+
+
+def _brightness_stat(out, src):
+    return out.mean(dim=(1, 2, 3)) / src.mean(dim=(1, 2, 3))
+
+
+def _contrast_stat(out, src):
+    return _gray(out).std(dim=(1, 2, 3)) / _gray(src).std(dim=(1, 2, 3))
+
+
+def _saturation_stat(out, src):
+    return (out - _gray(out)).abs().mean(dim=(1, 2, 3)) / (src - _gray(src)).abs().mean(dim=(1, 2, 3))
+
+
+def _hue_stat(out, src):
+    """Circular mean of the per-pixel hue shift, in turns."""
+    shift = 2 * np.pi * (_rgb_to_hsv(out)[:, 0] - _rgb_to_hsv(src)[:, 0])
+    return torch.atan2(shift.sin().mean(dim=(1, 2)), shift.cos().mean(dim=(1, 2))) / (2 * np.pi)
+
+
+def _noise_stat(out, src):
+    return (out - src).std(dim=(1, 2, 3))
+
+
+def _jpeg_stat(out, src):
+    return ((out - src) ** 2).mean(dim=(1, 2, 3))
+
+
+def _erased_stat(out, src):
+    """Erased area fraction: value 0 after normalisation is the mean colour in pixels."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    return ((out - mean).abs() < 1e-6).all(dim=1).float().mean(dim=(1, 2))
+
+
+def _line_spread_stat(out, src):
+    """Standard deviation of the horizontal profile of a vertical line: sqrt(sigma^2 + 1/4)."""
+    profile = out.mean(dim=(1, 2))
+    w = profile / profile.sum(dim=1, keepdim=True)
+    x = torch.arange(profile.shape[1], dtype=torch.float32)
+    centre = (w * x).sum(dim=1, keepdim=True)
+    return (w * (x - centre) ** 2).sum(dim=1).sqrt()
+
+
+def _line_images(n=N, size=32) -> torch.Tensor:
+    """A two-pixel white line on black, centred, so horizontally symmetric."""
+    images = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    images[..., size // 2 - 1: size // 2 + 1] = 255
+    return images
+
+
+MAGNITUDE_CASES = {  # config (op always on, at STRENGTH), statistic, images
+    "brightness": (dict(color_jitter_p=1.0, color_jitter=(0.8, 0, 0, 0)), _brightness_stat, _images),
+    "contrast": (dict(color_jitter_p=1.0, color_jitter=(0, 0.8, 0, 0)), _contrast_stat, _images),
+    "saturation": (dict(color_jitter_p=1.0, color_jitter=(0, 0, 0.8, 0)), _saturation_stat, _images),
+    "hue": (dict(color_jitter_p=1.0, color_jitter=(0, 0, 0, 0.4)), _hue_stat, lambda: _images(lo=0, hi=255)),
+    "jpeg": (dict(jpeg_p=1.0, jpeg_quality_min=20, jpeg_quality_max=90), _jpeg_stat, _images),
+    "blur": (dict(blur_p=1.0, blur_sigma_max=4.0), _line_spread_stat, _line_images),
+    "noise": (dict(noise_p=1.0, noise_std=0.06), _noise_stat, _images),
+    "erasing": (dict(erasing_p=1.0, erasing_scale_max=0.6), _erased_stat, _images),
+}
+
+
+@pytest.mark.parametrize("op", sorted(MAGNITUDE_CASES))
+def test_each_op_has_the_per_sample_paths_magnitude_distribution(op):
+    # p is 0.5 at STRENGTH (magnitudes scaled too), so both sides are compared on the samples
+    # they visibly changed, the same criterion as in the rate test
+    on, stat, make = MAGNITUDE_CASES[op]
+    cfg = _only(**on)
+    images = make()
+    src = images.float() / 255
+    out, ref = _batched(cfg, images)[0], _per_sample(cfg, images)
+    batched = stat(denormalize(out), src)[_changed(out, images)]
+    reference = stat(denormalize(ref), src)[_changed(ref, images)]
+    assert min(len(batched), len(reference)) > N // 3
+    assert ks_2samp(batched.numpy(), reference.numpy()).pvalue > 1e-3
+    # and the statistic really moved (a no-op on both sides would pass the test above)
+    assert ks_2samp(batched.numpy(), stat(src, src).numpy()).pvalue < 1e-6
+
+
+def test_grayscale_is_the_per_sample_grayscale_to_a_grey_level():
+    cfg = _only(grayscale_p=1.0)  # 0.5 at STRENGTH
+    images = _images(lo=0, hi=255)
+    out, d = _batched(cfg, images)
+    reference = _per_sample(cfg, images)
+    both = d.gray_on & (denormalize(reference).std(dim=1) < 1e-6).all(dim=(1, 2))
+    assert both.sum() > N // 8
+    assert (denormalize(out[both]) - denormalize(reference[both])).abs().max() <= 1.01 / 255
+    assert (denormalize(out[both]).std(dim=1) < 1e-6).all()  # three equal channels
+
+
+def test_jpeg_on_cpu_is_bit_identical_to_the_per_sample_pil_jpeg_at_one_quality():
+    cfg = _only(jpeg_p=1.0, jpeg_quality_min=55, jpeg_quality_max=55, strength=1.0)
+    images = _images(n=40, lo=0, hi=255)
+    assert torch.equal(denormalize(_batched(cfg, images)[0]).mul(255).round(),
+                       denormalize(_per_sample(cfg, images)).mul(255).round())
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.3, 1.0, 2.5])
+def test_blur_kernel_variance_is_sigma_squared(sigma):
+    # PIL's radius is the standard deviation for every sigma; a bare sampled Gaussian is too
+    # narrow below 0.5 (variance 0.0000 at 0.1) and truncated at 3 sigma
+    kernel = blur_kernels(torch.tensor([sigma]), radius=int(np.ceil(3 * 2.5)))[0]
+    taps = torch.arange(len(kernel)) - len(kernel) // 2
+    assert kernel.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert (kernel * taps**2).sum().item() == pytest.approx(sigma**2, rel=2e-3)
+
+
+def test_colour_jitter_is_torchvisions_functionals_in_the_drawn_order():
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    factors = torch.tensor([[0.7, 1.3, 0.6, 0.1], [1.2, 0.8, 1.4, -0.2]] * 3)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [3, 1, 2, 0], [0, 2, 3, 1]])
+    fns = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    out = colour_jitter(x, factors, order, active=(True, True, True, True))
+    for i in range(len(x)):
+        expected = x[i]
+        for op in order[i].tolist():
+            expected = fns[op](expected, factors[i, op].item())
+        assert torch.allclose(out[i], expected, atol=1e-5), i
+    # an inactive op is skipped, as ColorJitter skips a zero magnitude
+    only_hue = colour_jitter(x, factors, order, active=(False, False, False, True))
+    assert torch.allclose(only_hue[1], F.adjust_hue(x[1], -0.2), atol=1e-5)
+
+
+def _uint8_batch(tf, pils, seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return torch.stack([tf(p) for p in pils])
+
+
+def test_light_epochs_and_strength_zero_are_exactly_the_per_sample_light_path():
+    rng = np.random.default_rng(3)
+    pils = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(12)]
+    torch.manual_seed(7)
+    random.seed(7)
+    reference = torch.stack([light_transform(24)(p) for p in pils])
+    g = torch.Generator().manual_seed(0)
+    light_epoch = Uint8TrainTransform(24, light_epochs=2, cfg=AugmentConfig())  # epoch 0: light
+    u8 = _uint8_batch(light_epoch, pils, 7)
+    assert u8.dtype == torch.uint8 and u8.shape == (12, 3, 24, 24)
+    assert torch.allclose(DeviceAugment(AugmentConfig())(u8, g, strong=False), reference, atol=1e-6, rtol=0)
+    zero = AugmentConfig(strength=0.0)
+    strong_zero = Uint8TrainTransform(24, light_epochs=0, cfg=zero)
+    assert strong_zero.is_strong
+    u8 = _uint8_batch(strong_zero, pils, 7)
+    out = DeviceAugment(zero)(u8, g, strong=True)
+    assert torch.allclose(out, reference, atol=1e-6, rtol=0)
+    assert torch.allclose(out, _light(u8), atol=1e-6, rtol=0)
+
+
+def test_cpu_side_keeps_only_crop_flip_and_randaugment_with_the_per_sample_parameters():
+    cfg = AugmentConfig(crop_scale_min=0.5, strength=0.7)
+    tf = Uint8TrainTransform(32, light_epochs=0, cfg=cfg)
+    ops = tf.strong.transforms
+    assert [type(op) for op in ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomApply, v2.PILToTensor]
+    p = strong_params(cfg)
+    assert tuple(ops[0].scale) == p.crop_scale and ops[2].p == p.randaugment_p
+    assert isinstance(ops[2].transforms[0], v2.RandAugment)
+    x = tf(Image.fromarray(np.zeros((50, 40, 3), np.uint8)))
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+
+
+def test_output_type_shape_device_seed_and_mixup():
+    images = _images(n=16)
+    aug = DeviceAugment(AugmentConfig())
+    a = aug(images, torch.Generator().manual_seed(5))
+    assert a.dtype == torch.float32 and a.shape == images.shape and a.device == images.device
+    assert torch.equal(a, aug(images, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, aug(images, torch.Generator().manual_seed(6)))
+    targets = soft_targets(torch.arange(16) % 2, 2, 0.1)
+    mixed, mixed_targets, lam = mixup(a, targets, 0.4, np.random.default_rng(0))
+    assert mixed.shape == a.shape and 0 < lam < 1 and not torch.equal(mixed, a)
+    assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(16))
+    with pytest.raises(ValueError, match="uint8"):
+        aug(images.float(), torch.Generator())
+    with pytest.raises(ValueError, match="generator is on cpu, the images on meta"):
+        aug(images.to("meta"), torch.Generator())
+
+
+def test_augment_device_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [runs_on_device(s, cpu) for s in ("cpu", "auto")] == [False, False]
+    assert [runs_on_device(s, cuda) for s in ("cpu", "gpu", "auto")] == [False, True, True]
+    with pytest.raises(ValueError, match=r"stage1\.augment\.device: gpu needs training on CUDA"):
+        runs_on_device("gpu", cpu, "stage1.augment.device")
+    assert load_config(None).stage1.augment.device == "cpu"
+    assert load_config(None, ["stage2.augment.device=auto"]).stage2.augment.device == "auto"
+    with pytest.raises(ConfigError, match=r"stage2\.augment\.device: must be one of"):
+        load_config(None, ["stage2.augment.device=tpu"])

@@ -1,0 +1,328 @@
+"""Batched strong augmentation on the training device (issue 11, part 2).
+
+Usage::
+
+    cpu_tf = Uint8TrainTransform(image_size=224, light_epochs=5, cfg=stage.augment)  # in the Dataset
+    cpu_tf.set_epoch(epoch); u8 = cpu_tf(pil_image)        # uint8 CHW: crop, flip, RandAugment only
+    aug = DeviceAugment(stage.augment)
+    g = torch.Generator(device=device); g.manual_seed(seed)
+    x = aug(u8_batch.to(device, non_blocking=True), g, strong=cpu_tf.is_strong)  # float NCHW, normalised
+    x, targets, _ = mixup(x, targets, alpha, rng)          # trueface.augment.mixup, unchanged
+
+What stays on the CPU side (``Uint8TrainTransform``, per sample, in the DataLoader workers):
+decode, the crop (RandomResizedCrop when strong, Resize + CenterCrop when light), the horizontal
+flip and RandAugment, ending in a uint8 tensor (no float, no normalisation). The crop must run
+there because images only share a size after it, so nothing before it can be batched. RandAugment
+stays there too: every sample draws its own 2 of 14 ops (rotations, shears, posterize, equalize,
+...), so batching it would mean 14 masked kernels, while PIL runs two of them on a 224-px uint8
+image in about 0.5-0.7 ms; and it comes first in the per-sample order, so the order of all ops is
+unchanged.
+
+What ``DeviceAugment`` does, batched, in the per-sample path's order, on float [0, 1] pixels:
+colour jitter (brightness, contrast, saturation, hue in a per-sample random order, like
+torchvision's ColorJitter), grayscale, JPEG re-encoding, Gaussian blur, Gaussian noise, then
+normalisation (ImageNet mean/std), then random erasing with value 0 (after normalisation, as
+``v2.RandomErasing(value=0)`` in the per-sample path). Every op has its own per-sample boolean
+mask and per-sample magnitudes, drawn from the ranges ``trueface.augment.strong_params`` gives at
+the configured strength, so the distributions are the per-sample path's. ``strong=False`` (the
+light epochs) or strength 0 only normalises: the output equals the per-sample light path's.
+
+Vectorised over the batch, except: colour jitter loops over its 4 positions x 4 ops (16 masked
+sub-batches, not samples); JPEG loops over the distinct qualities drawn (at most q_max - q_min + 1
+groups, in practice about one sample each), because both codecs take one quality per call.
+
+JPEG: on CPU, torchvision.io.encode_jpeg / decode_jpeg, one image at a time (libjpeg with PIL's
+defaults, 4:2:0 chroma: bit-identical to the per-sample path's PIL JPEG at the same quality, as a
+test checks). On CUDA the same calls take lists of CUDA tensors (torchvision 0.29): nvJPEG
+encodes on the GPU, the bytes come back to the host (decode_jpeg reads host bytes), nvJPEG
+decodes the whole batch onto the GPU. nvJPEG encodes with 4:4:4 chroma (torchvision sets it), so
+at one quality it loses less colour than libjpeg's 4:2:0; that difference is not measured here
+(the machine this was written on has no GPU).
+
+Given the same draws, pixels differ from the per-sample path by rounding (PIL rounds to uint8
+after every op, this path stays in float32; JPEG rounds as it must) and by the blur's shape: PIL
+approximates a Gaussian by box blurs, this path uses a sampled Gaussian of the same variance
+(``blur_kernels``); on a one-pixel line at sigma 0.1 to 3 the two profiles differ by at most
+0.018 (4.5 grey levels), measured with the PIL filter and ``gaussian_blur`` side by side.
+
+Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core machine shared
+with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
+split 1.2 ms an image on the CPU side plus 7.9 ms for ``DeviceAugment`` on the CPU, so on a CPU it
+saves nothing (``augment.device: cpu`` keeps the per-sample path); the gain is moving the 7.9 ms
+to the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# torchvision's own HSV conversions (the ones its adjust_hue uses), so the hue shift is the same
+# arithmetic; torchvision is pinned (pyproject), and tests compare against F.adjust_hue.
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+from trueface.augment import StrongParams, TrainTransform, normalize, strong_params
+from trueface.config.choices import AUGMENT_DEVICES
+from trueface.config.schema import AugmentConfig
+
+ERASE_RATIO = (0.3, 3.3)  # torchvision RandomErasing's aspect-ratio range, as the per-sample path
+ERASE_ATTEMPTS = 10  # RandomErasing's tries before it gives up and leaves the image unchanged
+
+
+def runs_on_device(setting: str, device: torch.device, key: str = "augment.device") -> bool:
+    """Whether the strong ops run batched here (True) or per sample in the workers (False).
+
+    ``gpu`` on a non-CUDA training device is a ValueError naming ``key``: silently falling back
+    would change what a run measures.
+    """
+    if setting not in AUGMENT_DEVICES:
+        raise ValueError(f"{key}: {setting!r} is not one of {', '.join(AUGMENT_DEVICES)}")
+    if setting == "gpu" and device.type != "cuda":
+        raise ValueError(f"{key}: gpu needs training on CUDA, but the device is {device}; use cpu or auto")
+    return setting == "gpu" or (setting == "auto" and device.type == "cuda")
+
+
+def _stays_on_cpu(op: object) -> bool:
+    """The per-sample ops ``Uint8TrainTransform`` keeps: crops, flip, RandAugment."""
+    if isinstance(op, v2.RandomApply):
+        return isinstance(op.transforms[0], v2.RandAugment)
+    return isinstance(op, (v2.Resize, v2.CenterCrop, v2.RandomResizedCrop, v2.RandomHorizontalFlip))
+
+
+def _uint8_part(per_sample: v2.Compose) -> v2.Compose:
+    return v2.Compose([op for op in per_sample.transforms if _stays_on_cpu(op)] + [v2.PILToTensor()])
+
+
+class Uint8TrainTransform(TrainTransform):
+    """The CPU side: ``TrainTransform``'s crop, flip and RandAugment (the very same op objects and
+    parameters), ending in a uint8 CHW tensor; ``DeviceAugment`` does the rest on the batch."""
+
+    def __init__(self, image_size: int, light_epochs: int, cfg: AugmentConfig) -> None:
+        super().__init__(image_size, light_epochs, cfg)
+        self.light, self.strong = _uint8_part(self.light), _uint8_part(self.strong)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One batch's per-sample random choices, tensors of length N on the batch's device.
+
+    Each ``*_on`` is the op's boolean mask; ``erase_on`` is False where RandomErasing would have
+    found no rectangle in its 10 tries (it then leaves the image unchanged).
+    """
+
+    jitter_on: torch.Tensor
+    jitter_factors: torch.Tensor  # (N, 4): brightness, contrast, saturation factors; hue shift
+    jitter_order: torch.Tensor  # (N, 4): a permutation of 0..3 per sample
+    gray_on: torch.Tensor
+    jpeg_on: torch.Tensor
+    jpeg_quality: torch.Tensor  # int64, in [q_min, q_max]
+    blur_on: torch.Tensor
+    blur_sigma: torch.Tensor
+    noise_on: torch.Tensor
+    erase_on: torch.Tensor
+    erase_box: torch.Tensor  # (N, 4) int64: top, left, height, width
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+
+def _coin(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def _jitter_ranges(p: StrongParams) -> list[tuple[float, float]]:
+    """ColorJitter's factor ranges for (b, c, s, h): [max(0, 1 - v), 1 + v] and [-h, h]."""
+    b, c, s, h = p.color_jitter
+    return [(max(0.0, 1 - v), 1 + v) for v in (b, c, s)] + [(-h, h)]
+
+
+def _erase_boxes(n: int, height: int, width: int, p: StrongParams, g: torch.Generator, device: torch.device):
+    """RandomErasing's rectangle search, all samples and all 10 tries at once: area fraction
+    U(scale), log aspect U(log 0.3, log 3.3), rounded sides, the first try that fits wins."""
+    tries = (n, ERASE_ATTEMPTS)
+    (s_lo, s_hi), (r_lo, r_hi) = p.erasing_scale, (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
+    area = height * width * (s_lo + (s_hi - s_lo) * torch.rand(tries, generator=g, device=device))
+    aspect = torch.exp(r_lo + (r_hi - r_lo) * torch.rand(tries, generator=g, device=device))
+    h = torch.round(torch.sqrt(area * aspect)).long()
+    w = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (h < height) & (w < width)
+    first = fits.long().argmax(dim=1, keepdim=True)  # index of the first True (0 if none)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    top = (torch.rand(n, generator=g, device=device) * (height - h + 1)).long()
+    left = (torch.rand(n, generator=g, device=device) * (width - w + 1)).long()
+    return fits.any(dim=1), torch.stack([top, left, h, w], dim=1)
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f).clamp_(0, 1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's blend, ``f * x + (1 - f) * other``, clamped to [0, 1], f per sample."""
+    return (x * f + other * (1 - f)).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = F.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, f)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, F.rgb_to_grayscale(x), f)
+
+
+def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    h, s, v = _rgb_to_hsv(x).unbind(dim=-3)
+    h = (h + shift.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: tuple[bool, ...]) -> torch.Tensor:
+    """ColorJitter on float [0, 1] images with per-sample ``factors`` (N, 4) applied in per-sample
+    ``order`` (N, 4); ops whose ``active`` is False are skipped, as ColorJitter skips a zero."""
+    x = x.clone()
+    for position in range(4):
+        for op, fn in enumerate(_JITTER_OPS):
+            if not active[op]:
+                continue
+            idx = (order[:, position] == op).nonzero().squeeze(1)
+            if idx.numel():
+                f = factors[idx, op]
+                x[idx] = fn(x[idx], f if op == 3 else f.view(-1, 1, 1, 1))
+    return x
+
+
+def blur_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(N, 2 radius + 1) 1-D kernels whose variance is exactly sigma^2, like PIL's GaussianBlur
+    (radius = standard deviation, for every sigma). A sampled Gaussian falls short for sigma below
+    about 0.5 (at 0.2 its side taps are 4e-6: no blur, where PIL gives them 0.02) and where the
+    radius truncates it, so the missing variance d is added by a [d/2, 1 - d, d/2] step."""
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    kernel = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1).float() ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    deficit = (sigma.view(-1, 1).float() ** 2 - (kernel * taps**2).sum(dim=1, keepdim=True)).clamp_(0, 0.5)
+    padded = nnf.pad(kernel, (1, 1))
+    kernel = (1 - deficit) * kernel + deficit / 2 * (padded[:, :-2] + padded[:, 2:])
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (``blur_kernels``, radius >= 3 sigma for
+    every sample), edges replicated like PIL's; one grouped conv per direction."""
+    n, c, height, width = x.shape
+    kernel = blur_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, dim=0)  # (N*C, K)
+    flat = x.reshape(1, n * c, height, width)
+    flat = nnf.conv2d(nnf.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = nnf.conv2d(nnf.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, height, width)
+
+
+def jpeg_roundtrip(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Re-encode float [0, 1] images as JPEG at per-sample ``quality``, on x's device (see the
+    module docstring for CPU vs CUDA): one encode call per distinct quality (the encoder takes
+    one), then one decode call for the whole batch (the decoder reads bytes from the host)."""
+    u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+    order, encoded = [], []
+    with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (-> TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for q in quality.unique().tolist():
+            idx = (quality == q).nonzero().squeeze(1).tolist()
+            order += idx
+            encoded += [e.cpu() for e in encode_jpeg([u8[i].contiguous() for i in idx], quality=int(q))]
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=x.device)
+    out = torch.empty_like(x)
+    out[torch.tensor(order, device=x.device)] = torch.stack(decoded).to(x.dtype) / 255
+    return out
+
+
+def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """``trueface.augment.AddGaussianNoise`` with a generator: on [0, 1] pixels, clamped."""
+    return (x + torch.randn(x.shape, generator=generator, device=x.device) * std).clamp_(0, 1)
+
+
+class DeviceAugment:
+    """The strong ops of ``trueface.augment.strong_transform`` after its crop/flip/RandAugment,
+    batched on the batch's device; built from ``strong_params(cfg)``."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.params = strong_params(cfg)
+        self.light_only = cfg.strength <= 0
+        self.normalize = normalize()
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
+        self.blur_radius = math.ceil(3 * self.params.blur_sigma[1])
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, strong: bool = True) -> torch.Tensor:
+        """uint8 (N, 3, H, W) on any device -> normalised float32 (N, 3, H, W) on that device.
+
+        ``strong=False`` (light epochs) and strength 0 only normalise. ``generator`` must live on
+        the images' device; a seeded one reproduces the batch exactly.
+        """
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"DeviceAugment takes a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
+        if generator.device.type != images.device.type:
+            raise ValueError(f"DeviceAugment: the generator is on {generator.device}, the images on {images.device}; "
+                             "create it with torch.Generator(device=images.device)")
+        if not strong or self.light_only:
+            return self.normalize(self.to_float(images))
+        n, _, height, width = images.shape
+        return self.apply(images, self.draw(n, height, width, generator), generator)
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> Draws:
+        """Every op's per-sample mask and magnitudes for a batch of n images of height x width."""
+        p, g, dev = self.params, generator, generator.device
+        ranges = _jitter_ranges(p)
+        on, box = _erase_boxes(n, height, width, p, g, dev)
+        return Draws(
+            jitter_on=_coin(n, p.color_jitter_p, g, dev),
+            jitter_factors=torch.stack([_uniform(n, lo, hi, g, dev) for lo, hi in ranges], dim=1),
+            jitter_order=torch.rand(n, 4, generator=g, device=dev).argsort(dim=1),
+            gray_on=_coin(n, p.grayscale_p, g, dev),
+            jpeg_on=_coin(n, p.jpeg_p, g, dev),
+            jpeg_quality=torch.randint(p.jpeg_quality[0], p.jpeg_quality[1] + 1, (n,), generator=g, device=dev),
+            blur_on=_coin(n, p.blur_p, g, dev),
+            blur_sigma=_uniform(n, *p.blur_sigma, g, dev),
+            noise_on=_coin(n, p.noise_p, g, dev),
+            erase_on=_coin(n, p.erasing_p, g, dev) & on,
+            erase_box=box,
+        )
+
+    def apply(self, images: torch.Tensor, d: Draws, generator: torch.Generator) -> torch.Tensor:
+        """The ops of ``d`` on a uint8 batch, each only on its masked samples (noise values come
+        from ``generator``); returns the normalised float batch."""
+        x = self.to_float(images).contiguous()
+        active = tuple(v > 0 for v in self.params.color_jitter)
+        self._on(x, d.jitter_on, lambda s, i: colour_jitter(s, d.jitter_factors[i], d.jitter_order[i], active))
+        self._on(x, d.gray_on, lambda s, i: F.rgb_to_grayscale(s, num_output_channels=3))
+        self._on(x, d.jpeg_on, lambda s, i: jpeg_roundtrip(s, d.jpeg_quality[i]))
+        self._on(x, d.blur_on, lambda s, i: gaussian_blur(s, d.blur_sigma[i], self.blur_radius))
+        self._on(x, d.noise_on, lambda s, i: add_noise(s, self.params.noise_std, generator))
+        x = self.normalize(x)
+        return x.masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
+
+    @staticmethod
+    def _on(x: torch.Tensor, mask: torch.Tensor, op) -> None:
+        """x[mask] = op(x[mask], indices), in place; nothing runs when no sample is masked."""
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = op(x[idx], idx)
+
+
+def _erase_mask(d: Draws, height: int, width: int) -> torch.Tensor:
+    """(N, H, W) True inside each erased sample's rectangle."""
+    top, left, h, w = d.erase_box.unbind(dim=1)
+    rows = torch.arange(height, device=top.device)
+    cols = torch.arange(width, device=top.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    return in_rows[:, :, None] & in_cols[:, None, :] & d.erase_on[:, None, None]
