@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs import ray_tune
+from jobs.ablate_report import job_seeds, trained_text, write_ablation_report
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
                          warn_if_outputs_vanish)
 from jobs.tune import (STAGE_CHOICES, _check_init, _refuse_settings_with_resume, add_trial_arguments, parse_with_storage,
@@ -196,11 +197,10 @@ def _load_job(storage: str, name: str) -> dict:
 def describe(job: dict, plan: AblationPlan) -> str:
     cfg = from_dict(job["config"])
     sc = cfg.scaling
-    what = {(1,): "Stage I", (2,): f"Stage II from {job['init']}", (1, 2): "Stage I then Stage II"}[tuple(job["stages"])]
     title = "leave-one-domain-out" if job["kind"] == "leave-one-domain-out" else f"ablation of {job['spec_source']}"
     return "\n".join([
-        f"{job['name']}: {title}; the recipe trains {what}; {job['seeds']} seed(s) "
-        f"({', '.join(str(cfg.seed + k) for k in range(job['seeds']))}); grid search, no early stopping",
+        f"{job['name']}: {title}; the recipe trains {trained_text(job)}; {job['seeds']} seed(s) "
+        f"({', '.join(map(str, job_seeds(job)))}); grid search, no early stopping",
         plan.describe(job["seeds"]),
         f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
         f"trials at once: {job['max_concurrent'] or 'as many as the resources hold'}",
@@ -334,12 +334,10 @@ def _run(job: dict, plan: AblationPlan, exp: Mirror, address: str | None) -> int
                 f"{r.path}: {str(r.error).splitlines()[0][:300]}" for r in failed), flush=True)
             print(f"fix the cause, then python -m jobs.ablate --resume {job['name']} reruns them", flush=True)
             return 1
-    from jobs.ablate_report import write_ablation_report
-
     minutes = (time.time() - started) / 60
-    report = write_ablation_report(job, plan, minutes)
+    summary = write_ablation_report(job, plan, minutes)
     print(f"\n{job['kind']} finished in {minutes:.1f} min")
-    print(report.text)
+    print(summary)
     print(f"\nreport: {job['results_dir']}/summary.md (+ comparison.csv, comparison.parquet, heatmap.png, forest.png)")
     return 0
 

@@ -16,48 +16,50 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 from trueface.ablation import AblationPlan, held_out_domain
 from trueface.atomic import atomic_write_text
-from trueface.compare import ABLATION_FILE, Comparison, cell_text, compare, units_from_ablation
-from trueface.config import from_dict
+from trueface.compare import ABLATION_FILE, cell_text, compare, units_from_ablation
+from trueface.config import Config, from_dict
 from trueface.results import COMBINED, markdown_table
 from trueface.storage import Mirror
 
 SUMMARY_FILE = "summary.md"
 
 
-@dataclass(frozen=True)
-class AblationReport:
-    text: str  # summary.md
-    comparison: Comparison
-    location: str  # the results folder (path or URI)
+def job_seeds(job: dict) -> list[int]:
+    """The seeds of the job's ``--seeds N`` trials: the config's seed, seed + 1, ..."""
+    first = from_dict(job["config"]).seed
+    return [first + k for k in range(job["seeds"])]
+
+
+def trained_text(job: dict) -> str:
+    """What the recipe trains, in words."""
+    return {(1,): "Stage I", (2,): f"Stage II from {job['init']}", (1, 2): "Stage I then Stage II"}[tuple(job["stages"])]
 
 
 def ablation_manifest(job: dict, plan: AblationPlan) -> dict:
     """``ablation.json``: the rows and, per seed, the evaluation folder (relative) and weights."""
-    first_seed = from_dict(job["config"]).seed
     rows = []
     for v in plan.variants:
         _, ev = plan.evaluation(v.evaluation)
         rows.append({"name": v.name, "description": v.description,
-                     "evaluations": [{"seed": first_seed + k, "dir": f"{ev.folder}/seed{k}", "weights": v.weights}
-                                     for k in range(job["seeds"])]})
+                     "evaluations": [{"seed": seed, "dir": f"{ev.folder}/seed{k}", "weights": v.weights}
+                                     for k, seed in enumerate(job_seeds(job))]})
     return {"name": job["name"], "kind": job["kind"], "reference": plan.reference, "variants": rows,
             "dropped": [{"name": n, "why": why} for n, why in plan.dropped], "command": job["command"]}
 
 
-def write_ablation_report(job: dict, plan: AblationPlan, minutes: float | None = None) -> AblationReport:
+def write_ablation_report(job: dict, plan: AblationPlan, minutes: float | None = None) -> str:
     """Write ``ablation.json``, the comparison and ``summary.md`` into the job's results folder
-    (pushed when it is a URI). ``minutes``: the wall time to state, when known."""
+    (pushed when it is a URI) and return summary.md's text. ``minutes``: the wall time to state."""
     cfg = from_dict(job["config"])
     results = Mirror.of(job["results_dir"], cfg.data.cache_dir)
     results.local.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results.local / ABLATION_FILE, json.dumps(ablation_manifest(job, plan), indent=2) + "\n")
     results.push(ABLATION_FILE)
     units = units_from_ablation(job["results_dir"], cfg.data.cache_dir)
-    comparison = compare(units.units, results.local, reference=plan.reference, header=_header(job, plan, minutes))
+    comparison = compare(units.units, results.local, reference=plan.reference, header=_header(job, cfg, plan, minutes))
     parts = [f"# {job['name']}: {'leave-one-domain-out' if job['kind'] == 'leave-one-domain-out' else 'ablation'}", ""]
     if job["kind"] == "leave-one-domain-out":
         parts += [held_out_markdown(comparison.rows, plan.reference), ""]
@@ -65,18 +67,16 @@ def write_ablation_report(job: dict, plan: AblationPlan, minutes: float | None =
     text = "\n".join(parts)
     atomic_write_text(results.local / SUMMARY_FILE, text)
     results.push()
-    return AblationReport(text, comparison, job["results_dir"])
+    return text
 
 
-def _header(job: dict, plan: AblationPlan, minutes: float | None) -> dict[str, str]:
-    cfg = from_dict(job["config"])
-    stages = {(1,): "Stage I", (2,): f"Stage II from {job['init']}", (1, 2): "Stage I then Stage II"}[tuple(job["stages"])]
+def _header(job: dict, cfg: Config, plan: AblationPlan, minutes: float | None) -> dict[str, str]:
     header = {
         "command": f"`{job['command']}`",
         "data root": str(cfg.data.root),
-        "trained": stages + f"; image size {', '.join(str(cfg.stage(s).image_size) for s in job['stages'])}; "
+        "trained": trained_text(job) + f"; image size {', '.join(str(cfg.stage(s).image_size) for s in job['stages'])}; "
                    f"epochs {', '.join(str(cfg.stage(s).epochs) for s in job['stages'])}",
-        "seeds": ", ".join(str(cfg.seed + k) for k in range(job["seeds"])),
+        "seeds": ", ".join(map(str, job_seeds(job))),
         "reference": f"{plan.reference} (every difference is AUC(row) - AUC({plan.reference}))",
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -276,8 +276,8 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
             idle.append(f"{key} (Stage {'I' * stage} is not trained)")
         elif _same(flat[key], value):
             idle.append(f"{key} (already {flat[key]!r})")
-        elif _cannot_act(key, base):
-            idle.append(f"{key} ({_cannot_act(key, base)})")
+        elif why := _cannot_act(key, base):
+            idle.append(f"{key} ({why})")
         else:
             values[key] = value
     kept = tuple(s for s in (c.stages or stages) if s in stages) or stages
