@@ -1,78 +1,66 @@
-"""Throughput of the engine itself (no Ray): one Stage I epoch, images per second.
+"""Speed, side by side with a naive reference in the same run: ``python -m jobs.benchmark PART...``
 
 Usage::
 
-    python -m jobs.benchmark                                   # 224 px, batch 64, on cuda if present
-    python -m jobs.benchmark --image-size 224 --batch-size 128 --images 4096 stage1.augment.strength=0
+    python -m jobs.benchmark input train                 # the CPU pair (default)
+    python -m jobs.benchmark input --data-root ../shared/data/faces140k-mini
+    python -m jobs.benchmark infer --checkpoint runs/demo/stage2/best.pt
+    python -m jobs.benchmark gpu                          # the one-command GPU check (no Ray)
+    python -m jobs.benchmark input train --quick          # small sizes: seconds, for CI
 
-Runs ``trueface.train.run_stage`` on the embedded synthetic data (generated at the size asked
-for), so it needs neither Ray nor real data: this is the GPU check of the pipeline issue, and the
-baseline later speed work compares against. Prints train images/s (excluding validation) and
-the device, precision and peak GPU memory.
+Parts (each prints its table and writes results/bench-<part>/bench.json and bench.md):
+
+- ``input``: ms per image per core of the input path (decode, crop, augmentation) against the
+  naive one (full-size PIL decode, every strong op always on, per sample);
+- ``train``: the engine's training img/s against a plain torchvision loop on the same model,
+  batch and tensors, and against the engine under Ray Train with one worker;
+- ``infer``: ``jobs.predict`` img/s;
+- ``gpu``: Stage I and Stage II training img/s on real-size JPEGs, GPU busy share and peak
+  memory (on a CPU it runs at small sizes and says so).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import shutil
+import importlib
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+PARTS = {
+    "input": "trueface.bench.input",
+    "train": "trueface.bench.train",
+    "infer": "trueface.bench.infer",
+    "gpu": "trueface.bench.gpu",
+}
 
-from trueface.config import ConfigError, load_config
-from trueface.train import run_stage
-from trueface.run import resolve_run
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", metavar="PART",
+                        help=f"one or more of {', '.join(PARTS)} (default: input train)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few images: seconds, for CI")
+    parser.add_argument("--data-root", type=Path, help="real images to read (input, infer); generated when absent")
+    parser.add_argument("--checkpoint", type=Path, help="infer: the checkpoint to score with (default: a fresh model)")
+    parser.add_argument("--images", type=int, help="images per measurement (each part has its default)")
+    parser.add_argument("--batch-size", type=int, help="train/gpu: batch size (each part has its default)")
+    parser.add_argument("--image-size", type=int, help="train: image size (each part has its default)")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where bench-<part>/ goes")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part {', '.join(map(repr, unknown))}: choose from {', '.join(PARTS)}")
+    args.parts = list(dict.fromkeys(args.parts or ["input", "train"]))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--images", type=int, default=2048, help="training images in the epoch")
-    parser.add_argument("--loader-workers", type=int, default=8)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="trueface-bench-"))
-    source = max(args.image_size, 64)
-    try:
-        cfg = load_config("paper", [
-            "model.weights=none", f"data.cache_dir={work}/cache", f"data.loader_workers={args.loader_workers}",
-            f"data.synthetic.image_size={source}", f"data.synthetic.train_per_class={args.images // 2}",
-            "data.synthetic.valid_per_class=2", "data.synthetic.test_per_class=1",
-            f"stage1.image_size={args.image_size}", f"stage1.batch_size={args.batch_size}", "stage1.epochs=1",
-            "stage1.light_epochs=0", f"runtime.log_every={max(1, args.images // args.batch_size // 5)}",
-            *args.overrides,
-        ])
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
-    print(f"generating {args.images} synthetic images at {source} px in {work} ...", flush=True)
-    try:
-        cfg, layout = resolve_run(cfg, data_check=False)  # generated images: nothing to check, time it alone
-        train = layout.gather(cfg.stage1.domains, "train")
-        val = layout.gather(cfg.stage1.domains, "valid")
-        start = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = run_stage(cfg, 1, train, val, work / "stage1")
-        wall = time.time() - start
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # images and a 377 MB checkpoint: not worth keeping
-    epoch = result.history[0]
-    train_s = epoch["time/epoch_s"]
-    steps = int(epoch["step"])
-    images = steps * cfg.stage1.batch_size
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device {device}, torch {torch.__version__}, {args.image_size} px, batch {args.batch_size}, "
-          f"strong augmentation strength {cfg.stage1.augment.strength}")
-    print(f"stage I epoch: {images} images in {train_s:.1f} s (incl. validation of {len(val)}) "
-          f"= {images / train_s:.1f} images/s; whole call {wall:.1f} s")
-    if torch.cuda.is_available():
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    args = parse_args(argv)
+    for part in args.parts:
+        bench = importlib.import_module(PARTS[part]).run(args)
+        out = bench.write(args.results_dir)
+        print("\n" + bench.markdown() + f"written to {out}/bench.json and bench.md\n", flush=True)
     return 0
 
 

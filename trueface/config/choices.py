@@ -51,6 +51,9 @@ def validate_threshold_policy(policy: str) -> None:
 #: Valid values of ``stageN.augment.device``: where the strong ops run (see trueface.augment_device).
 AUGMENT_DEVICES = ("cpu", "gpu", "auto")
 
+#: Valid values of ``data.prepared`` (see trueface.data.prepared).
+PREPARED_FORMATS = ("none", "uint8")
+
 #: Valid values of ``data.on_bad_image`` (see trueface.data.check).
 ON_BAD_IMAGE = ("error", "skip")
 

@@ -145,6 +145,10 @@ class DataConfig:
     # none | jpeg:<quality>@<size>: re-encode every image once (cached), short side resized to
     # <size>, as JPEG at <quality>, before training and evaluation: removes a format shortcut.
     normalize: str = "none"
+    # none | uint8: decode and resize every image once to its stage's decode size into
+    # memory-mappable uint8 shards (built in parallel on Ray, keyed by the manifest), so an
+    # epoch reads pixels instead of decoding JPEGs (trueface.data.prepared)
+    prepared: str = "none"
     # Files left out, relative to root: set by the data check under on_bad_image=skip, so the saved
     # config says exactly what was trained on.
     exclude: tuple[str, ...] = ()
@@ -190,6 +194,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
     log_every: int = 50  # optimizer steps between progress lines and TensorBoard points
+    # torch.compile the training model (off by default: on a CPU its compile time outweighs the
+    # gain for runs of minutes; on GPUs it fuses the BatchNorm/ReLU chains)
+    compile: bool = False
 
 
 @dataclass(frozen=True)

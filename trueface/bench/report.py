@@ -1,0 +1,115 @@
+"""One benchmark part's figures beside its reference, printed and written as JSON + markdown.
+
+Usage::
+
+    bench = Bench("input", context={"cpu": "2 cores", "images": 64})
+    bench.add(Row("Stage I 256->224 strong", project=2.1, reference=9.8, unit="ms/img", target=3.0))
+    print(bench.markdown()); bench.write(Path("results"))   # results/bench-input/bench.{json,md}
+
+Every row holds the project's figure and, where there is one, its reference measured in the same
+process run, so the ratio holds on a noisy machine. ``ratio`` is always "how many times better the
+project is": reference / project for times (``ms/...``, lower is better), project / reference for
+rates (``img/s``). ``target`` is the least acceptable ratio (3.0: three times the reference; 0.95:
+at most 5% slower); a row without a reference (an absolute GPU figure) compares ``project`` itself
+with ``target`` in the row's unit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trueface.atomic import atomic_write_text
+from trueface.results import markdown_table
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    project: float
+    reference: float | None
+    unit: str  # "ms/img" and other times: lower is better; "img/s": higher is better
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.unit.startswith(("ms", "s/", "s "))
+
+    @property
+    def ratio(self) -> float | None:
+        if self.reference is None or not self.project or not self.reference:
+            return None
+        return self.reference / self.project if self.lower_is_better else self.project / self.reference
+
+    @property
+    def met(self) -> bool | None:
+        """None where no target is set."""
+        if self.target is None:
+            return None
+        if self.reference is not None:
+            return self.ratio is not None and self.ratio >= self.target
+        return self.project <= self.target if self.lower_is_better else self.project >= self.target
+
+
+@dataclass
+class Bench:
+    name: str
+    context: dict = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def markdown(self) -> str:
+        header = ["measured", "project", "reference", "unit", "ratio", "target", "met"]
+        body = [[r.what, _num(r.project), _num(r.reference), r.unit, _ratio(r.ratio), _target(r),
+                 {None: "", True: "yes", False: "**no**"}[r.met]] for r in self.rows]
+        notes = [f"- {r.what}: {r.note}" for r in self.rows if r.note]
+        lines = [f"## Benchmark `{self.name}`", "", _context_line(self.context), "", markdown_table(header, body)]
+        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+    def write(self, results_dir: Path) -> Path:
+        """results_dir/bench-<name>/bench.json and bench.md (atomically); returns the folder."""
+        out = Path(results_dir) / f"bench-{self.name}"
+        payload = {"name": self.name, "context": self.context,
+                   "rows": [{**asdict(r), "ratio": r.ratio, "met": r.met} for r in self.rows]}
+        atomic_write_text(out / "bench.json", json.dumps(payload, indent=2, default=str))
+        atomic_write_text(out / "bench.md", self.markdown())
+        return out
+
+
+def machine_context() -> dict:
+    """What every part states about where it ran."""
+    import os
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+
+
+def _num(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def _target(r: Row) -> str:
+    if r.target is None:
+        return ""
+    if r.reference is not None:
+        return f">= {r.target:g}x"
+    return f"{'<=' if r.lower_is_better else '>='} {r.target:g} {r.unit}"
+
+
+def _context_line(context: dict) -> str:
+    return "; ".join(f"{k} {v}" for k, v in context.items())
