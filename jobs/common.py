@@ -9,6 +9,7 @@ import argparse
 import ipaddress
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -115,9 +116,17 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
     # then, and a later ray.init(address=...) in this process must find a cluster's node as usual.
     cluster_default = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves. The
+    # cleaner finds that API by RAY_API_SERVER_ADDRESS, else by looking for running Rays, and with a
+    # second local Ray on the machine (a test suite's, another user's job) it finds two, fails, and
+    # an interrupted trial's worker group keeps its CPUs: the next trial then waits until it times
+    # out. So the dashboard gets a known port, named in the environment that the raylet (started
+    # from this process) passes on to every worker and actor.
+    dashboard_port = _free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     try:
-        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
+                 log_to_driver=log_to_driver)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_default
     token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
@@ -129,6 +138,12 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
         guard = "only its token authentication guards it" if token_auth else "and nothing guards it"
         print(f"warning: this local Ray listens on {node_ip}, not loopback, so other machines can reach it "
               f"(a Ray other than 2.60?); {guard}.", file=sys.stderr, flush=True)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def ensure_private_auth_token() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,18 @@ def tiny_overrides(root: Path, out: Path, run_name: str = "t") -> list[str]:
         "stage1.image_size=32", "stage1.epochs=2", "stage1.batch_size=8", "stage1.lr=0.001", "stage1.samples_per_epoch=0", "stage1.light_epochs=1",
         "stage2.image_size=32", "stage2.epochs=1", "stage2.batch_size=8", "stage2.lr=0.001", "stage2.samples_per_epoch=16",
     ]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Path:
+    """A folder for the run a module's tests share, removed after the module unless one of its
+    tests failed. Every run writes ResNet-50 checkpoints (best.pt + last.pt: 0.5 GB a stage): kept
+    to the session's end, they added up to over 16 GB and filled CI's disk."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -113,7 +126,8 @@ class JobProcess:
 
     def __init__(self, module: str, args: list[str], log: Path):
         env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30", "RAY_USAGE_STATS_ENABLED": "0"}
-        env.pop("RAY_ADDRESS", None)
+        for inherited in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the test session's Ray, not the job's
+            env.pop(inherited, None)
         self.log = log  # a file, not a pipe: a pipe nobody reads fills up and blocks the job
         with open(log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,

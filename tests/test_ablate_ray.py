@@ -34,8 +34,8 @@ def _fail_fast_ray_env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ablation(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ablate")
+def ablation(ray_session, module_tmp):
+    tmp = module_tmp
     root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
     storage = tmp / "abl"
     # The default config (tune-demo) shrunk: 2 Stage I epochs of which 1 light, so strong

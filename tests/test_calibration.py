@@ -176,10 +176,10 @@ def _overconfident_head(model, layout, sharpness: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def overconfident(tmp_path_factory):
+def overconfident(module_tmp):
     """A Stage II best.pt (raw = EMA) that is sure of every answer and wrong about a quarter of the
     images, evaluated once on a tiny root (thresholds + temperatures saved beside it)."""
-    tmp = tmp_path_factory.mktemp("overconfident")
+    tmp = module_tmp
     root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
     _hide_stripes(root, ["140k-real-vs-fake", "dalle"])
     cfg, layout = resolve_run(load_config("demo", [*tiny_overrides(root, tmp), "runtime.precision=fp32",

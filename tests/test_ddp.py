@@ -97,9 +97,9 @@ def _worker(rank: int, root: str, out: str, rendezvous: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(module_tmp):
     """The 2-process run and the 1-process accum_steps=2 run, trained once for every test here."""
-    tmp = tmp_path_factory.mktemp("ddp")
+    tmp = module_tmp
     root = _symmetric_root(tmp / "data")
     mp.spawn(_worker, args=(str(root), str(tmp / "two"), str(tmp / "rendezvous")), nprocs=WORLD, join=True)
     import trueface.train as train

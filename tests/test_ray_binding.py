@@ -101,3 +101,37 @@ def test_the_dashboard_refuses_a_request_without_the_auth_token(ray_session):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=10)
     assert refused.value.code == 401
+
+
+def test_an_actor_finds_its_own_ray_state_api_while_another_ray_runs_on_the_machine(ray_session):
+    """Ray Train's placement-group cleaner asks the state API whether the controller lives. With a
+    second Ray on the machine, an actor without RAY_API_SERVER_ADDRESS finds two and fails ("Found
+    multiple active Ray instances"), and an interrupted trial then keeps its CPUs."""
+    import signal
+    import subprocess
+    import sys
+
+    ray = ray_session
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://{ray._private.worker.get_dashboard_url()}"
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(num_cpus=0, include_dashboard=False); "
+                               "print('up', flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_A")})
+    try:
+        assert other.stdout.readline().strip() == "up", "the second Ray did not start"
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def alive(self, actor_id: str) -> bool:
+                from ray.train.v2._internal.state.util import is_actor_alive
+                return is_actor_alive(actor_id, timeout=20)
+
+        probe = Probe.remote()
+        assert ray.get(probe.alive.remote(probe._actor_id.hex()), timeout=60)
+    finally:
+        other.send_signal(signal.SIGINT)  # KeyboardInterrupt -> ray.shutdown() stops its processes
+        try:
+            other.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            other.kill()

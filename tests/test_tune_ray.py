@@ -59,9 +59,9 @@ def interrupted_search(args: list[str], exp: Path, log: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def search(ray_session, tmp_path_factory):
+def search(ray_session, module_tmp):
     """A 3-trial search, interrupted after its first trial finished, then resumed to its end."""
-    tmp = tmp_path_factory.mktemp("tune")
+    tmp = module_tmp
     root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
     (tmp / "space.yaml").write_text(SPACE)
     storage, exp = tmp / "tune", tmp / "tune" / "tiny"
