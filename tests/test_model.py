@@ -75,6 +75,19 @@ def test_weights_file_takes_a_checkpoints_ema(tmp_path):
         build_model(ModelConfig(weights=str(tmp_path / "missing.pt")))
 
 
+def test_resnet18_builds_offline_and_a_resnet50_checkpoint_does_not_fit_it(tmp_path, monkeypatch):
+    small = build_model(ModelConfig(arch="resnet18", weights="none"))
+    assert small.fc[1].in_features == 512 and small(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(p.numel() for p in build_model(ModelConfig(weights="none")).parameters())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"(?s)resnet18-f37072fd\.pth.*resnet18\(weights='IMAGENET1K_V1'\)"):
+        build_model(ModelConfig(arch="resnet18", weights="imagenet"))
+    save_checkpoint(tmp_path / "big.pt", {"model": {}, "ema": build_model(ModelConfig(weights="none")).state_dict(),
+                                          "stage": 1, "config": {}})
+    with pytest.raises(WeightsError, match="big.pt does not fit this model.arch"):
+        build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "big.pt")))
+
+
 def test_fake_probability_keeps_ranking_where_float32_saturates():
     logits = torch.tensor([[0.0, 20.0], [0.0, 25.0]])
     p = fake_probability(logits)

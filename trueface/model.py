@@ -2,6 +2,10 @@
 
 Usage: ``model = build_model(cfg.model)``; ``probs = fake_probability(model(x))``
 
+``model.arch`` is resnet50 (the method) or resnet18: the same network family at a fifth of the
+compute and under half the checkpoint size, for the test suite's many tiny runs and quick
+experiments on a laptop. Every part of the platform works with either.
+
 No download ever happens at run time: ``imagenet`` reads torchvision's weight file from the
 local torch hub cache and says how to put it there when it is missing.
 """
@@ -12,10 +16,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
 
 from trueface.checkpoint import safe_torch_load
 from trueface.config.schema import ModelConfig
+
+
+#: model.arch -> (constructor, its ImageNet weights)
+ARCHS = {"resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2), "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
 
 
 class WeightsError(RuntimeError):
@@ -41,27 +49,27 @@ class Fp32Head(nn.Sequential):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    model = resnet50(weights=None)
+    model = ARCHS[cfg.arch][0](weights=None)
     if cfg.weights == "imagenet":
-        model.load_state_dict(load_imagenet_state_dict())
+        model.load_state_dict(load_imagenet_state_dict(cfg.arch))
     model.fc = Fp32Head(model.fc.in_features, cfg.num_classes, cfg.dropout)
     if cfg.weights not in ("imagenet", "none"):
         load_weights_file(model, Path(cfg.weights))
     return model
 
 
-def imagenet_weights_path() -> Path:
-    weights = ResNet50_Weights.IMAGENET1K_V2
+def imagenet_weights_path(arch: str = "resnet50") -> Path:
+    weights = ARCHS[arch][1]
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def load_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    path = imagenet_weights_path()
+def load_imagenet_state_dict(arch: str = "resnet50") -> dict[str, torch.Tensor]:
+    path = imagenet_weights_path(arch)
     if not path.is_file():
         raise WeightsError(
             f"ImageNet weights not found at {path} and nothing is downloaded at run time.\n"
             f"On a machine with internet: python -c \"import torchvision; "
-            f"torchvision.models.resnet50(weights='IMAGENET1K_V2')\", then copy "
+            f"torchvision.models.{arch}(weights='{ARCHS[arch][1].name}')\", then copy "
             f"{path.name} to {path.parent}/ here (or set TORCH_HOME), "
             f"or run with model.weights=none or model.weights=/path/to/weights.pt"
         )
@@ -81,7 +89,8 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise WeightsError(f"{path} does not fit a ResNet-50 with a 2-class head: {exc}") from exc
+        raise WeightsError(f"{path} does not fit this model.arch's network with a 2-class head "
+                           f"(a checkpoint of another arch?): {exc}") from exc
 
 
 def fake_probability(logits: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,9 @@ def validate_threshold_policy(policy: str) -> None:
 #: Valid values of ``stageN.augment.device``: where the strong ops run (see trueface.augment_device).
 AUGMENT_DEVICES = ("cpu", "gpu", "auto")
 
+#: Valid values of ``model.arch`` (see trueface.model: resnet50 is the method, resnet18 its small kin).
+MODEL_ARCHS = ("resnet50", "resnet18")
+
 #: Valid values of ``data.prepared`` (see trueface.data.prepared).
 PREPARED_FORMATS = ("none", "uint8")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import AUGMENT_DEVICES, ON_BAD_IMAGE, PREPARED_FORMATS, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
+from trueface.config.choices import AUGMENT_DEVICES, MODEL_ARCHS, ON_BAD_IMAGE, PREPARED_FORMATS, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -271,7 +271,7 @@ def validate(cfg: Config) -> None:
     check(is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.', '=', ','")
     for number in (1, 2):
         _validate_stage(cfg.stage(number), f"stage{number}", check)
-    check(cfg.model.arch == "resnet50", "model.arch", f"only resnet50 is supported, got {cfg.model.arch!r}")
+    check(cfg.model.arch in MODEL_ARCHS, "model.arch", f"{cfg.model.arch!r} must be one of {', '.join(MODEL_ARCHS)}")
     check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
     check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")

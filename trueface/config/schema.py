@@ -156,7 +156,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet50"
+    arch: str = "resnet50"  # resnet50 (the method) | resnet18 (a fifth of the compute: tests, quick looks)
     weights: str = "imagenet"  # imagenet | none | path to a state dict or a TrueFace checkpoint
     dropout: float = 0.7
     num_classes: int = 2
