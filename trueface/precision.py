@@ -10,6 +10,7 @@ Usage::
 ``auto`` precision is bf16 autocast wherever the hardware runs it natively: CUDA with bf16, and
 CPUs with AVX512-BF16/AMX (~1.5x faster there). On other CPUs (AVX2 only) bf16 is emulated and
 measured 10x SLOWER than fp32, so auto picks fp32. fp16 gets a GradScaler, the others need none.
+On CUDA, cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Runtime:
             raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=auto or cpu")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda":
+            # Training batches keep one shape, so cuDNN's timed choice of convolution algorithm
+            # (once per shape) pays for itself after a few steps.
+            torch.backends.cudnn.benchmark = True
         if precision == "auto":
             precision = _auto_precision(dev)
         scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None

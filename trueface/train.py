@@ -12,6 +12,12 @@ Schedules (LR, EMA decay, augmentation switch, sampler order, random seeds) are 
 the step and epoch, so a checkpoint's step and epoch are all it takes to resume with the identical
 next step.
 
+Augmentation runs in one of two places, chosen by ``stageN.augment.device`` (see
+``trueface.augment_device.runs_on_device``): per sample in the DataLoader workers (float tensors
+out of the loader), or split, with crop/flip/RandAugment in the workers (uint8 tensors out, pinned
+on CUDA) and the rest batched on the training device (``DeviceAugment``, before MixUp) with a
+generator seeded from (seed, rank, epoch), so a resumed epoch draws the same as the original.
+
 Model selection (best.pt, early stopping, a search's objective) follows ``val/select_auc_ema``,
 the EMA weights' validation AUC by ``eval.select_on``: by default the mean over the stage's
 domains of each domain's AUC, so the largest domain does not decide alone.
@@ -37,8 +43,8 @@ from torchvision.utils import make_grid
 
 from trueface.atomic import atomic_write_text, remove_partial_files
 from trueface.augment import TrainTransform, denormalize, mixup, soft_targets
-from trueface.checkpoint import (CheckpointError, StageResult, load_checkpoint, save_stage_checkpoints, stage_files,
-                                 unwrap)
+from trueface.augment_device import DeviceAugment, Uint8TrainTransform, runs_on_device
+from trueface.checkpoint import CheckpointError, StageResult, load_checkpoint, save_stage_checkpoints, stage_files
 from trueface.config import Config, StageConfig, to_dict
 from trueface.config.choices import SELECT_MODES
 from trueface.data.dataset import ImageDataset
@@ -160,11 +166,14 @@ def run_stage(
     log_dir: Path | None = None,
     init_from: Path | None = None,
     resume_from: Path | None = None,
+    augment_on_device: bool | None = None,
 ) -> StageResult:
     """Train one stage to its end (or early stop); resumes from ``resume_from`` or ``last.pt``.
 
     Stage II must be given Stage I's checkpoint (``init_from``) and starts from its EMA weights:
     the original silently fell back to ImageNet weights when the file was missing (flaw 2).
+    ``augment_on_device``: None follows ``stageN.augment.device``; True/False forces the batched
+    or the per-sample path (tests run the batched one on a CPU, where the setting refuses gpu).
     """
     st, key = cfg.stage(stage), f"stage{stage}"
     di = dist_info or DistInfo.current()
@@ -179,14 +188,14 @@ def run_stage(
         progress = state.restore(resume_path, stage)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
 
-    train_ds = ImageDataset(train_samples, TrainTransform(st.image_size, st.light_epochs, st.augment),
-                            decode_size(cfg, st.image_size))
-    sampler = BalancedSampler(train_ds.labels, train_ds.domains, st.balance, st.samples_per_epoch, di.rank, di.world_size, cfg.seed)
-    plan = _step_plan(st, key, len(sampler), di)
-    _log(di, f"{key}: {len(train_ds)} train images, {len(val_samples)} validation, {plan.steps_per_epoch} steps/epoch "
+    data = training_data(cfg, stage, train_samples, state.runtime, di, augment_on_device)
+    plan = _step_plan(st, key, len(data.sampler), di)
+    _log(di, f"{key}: {len(data.dataset)} train images, {len(val_samples)} validation, {plan.steps_per_epoch} steps/epoch "
              f"of {st.batch_size} ({di.world_size} worker(s) x {st.accum_steps} x {plan.micro}), "
-             f"{state.runtime.device} {state.runtime.precision}; selection on {cfg.eval.select_on} validation AUC (EMA)\n"
-             + sampler.plan().describe())
+             f"{state.runtime.device} {state.runtime.precision}, strong augmentation "
+             f"{'batched on ' + state.runtime.device.type if data.device_augment else 'per sample in the loader'}; "
+             f"selection on {cfg.eval.select_on} validation AUC (EMA)\n"
+             + data.sampler.plan().describe())
 
     logger = make_logger(log_dir, di.rank)
     try:
@@ -194,13 +203,11 @@ def run_stage(
             if progress.should_stop(st.patience):  # resumed after an early stop that was not recorded
                 break
             _seed_epoch(cfg.seed, di.rank, epoch)
-            sampler.set_epoch(epoch)
-            train_ds.transform.set_epoch(epoch)
-            loader = _train_loader(train_ds, sampler, plan.micro, cfg, state.runtime, epoch, di.rank)
+            loader, augment = data.epoch(epoch, plan.micro, cfg, state.runtime, di.rank)
             t0 = time.time()
             window = _ProgressWindow(logger, cfg.runtime.log_every, key, di)
             train_stats = train_one_epoch(state, plan, loader, progress.step, epoch, window,
-                                          np.random.default_rng([cfg.seed, di.rank, epoch, 7]))
+                                          np.random.default_rng([cfg.seed, di.rank, epoch, 7]), augment)
             progress.step = train_stats.pop("step")
             # Every rank must validate, and rank 0 save, the same model: see average_buffers.
             average_buffers(state.model, di)
@@ -243,6 +250,56 @@ def run_stage(
     return result
 
 
+@dataclass(frozen=True)
+class EpochAugment:
+    """The batched strong augmentation of one epoch: ``DeviceAugment`` with a generator on the
+    training device seeded from (seed, rank, epoch), and the dataset transform's light/strong
+    switch for that epoch. uint8 (N, 3, H, W) on the device -> normalised float."""
+
+    augment: DeviceAugment
+    generator: torch.Generator
+    strong: bool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.augment(images, self.generator, strong=self.strong)
+
+
+@dataclass
+class TrainingData:
+    """A stage's training input: the dataset (its transform switches light -> strong by epoch),
+    its sampler, and ``DeviceAugment`` when the strong ops run batched on the training device."""
+
+    dataset: ImageDataset
+    sampler: BalancedSampler
+    device_augment: DeviceAugment | None
+
+    def epoch(self, epoch: int, micro: int, cfg: Config, runtime: Runtime,
+              rank: int) -> tuple[DataLoader, EpochAugment | None]:
+        """The epoch's loader (and its batched augmentation, None on the per-sample path)."""
+        self.sampler.set_epoch(epoch)
+        self.dataset.transform.set_epoch(epoch)
+        loader = _train_loader(self.dataset, self.sampler, micro, cfg, runtime, epoch, rank)
+        if self.device_augment is None:
+            return loader, None
+        generator = torch.Generator(device=runtime.device)
+        generator.manual_seed(_mix_seed(cfg.seed, rank, epoch, 13))
+        return loader, EpochAugment(self.device_augment, generator, self.dataset.transform.is_strong)
+
+
+def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: Runtime, di: DistInfo,
+                  on_device: bool | None = None) -> TrainingData:
+    """The dataset, sampler and (batched path) ``DeviceAugment`` of a stage. ``on_device``: None
+    asks ``runs_on_device`` (``stageN.augment.device`` and the runtime's device)."""
+    st, key = cfg.stage(stage), f"stage{stage}"
+    if on_device is None:
+        on_device = runs_on_device(st.augment.device, runtime.device, f"{key}.augment.device")
+    transform = (Uint8TrainTransform if on_device else TrainTransform)(st.image_size, st.light_epochs, st.augment)
+    dataset = ImageDataset(samples, transform, decode_size(cfg, st.image_size))
+    sampler = BalancedSampler(dataset.labels, dataset.domains, st.balance, st.samples_per_epoch, di.rank,
+                              di.world_size, cfg.seed)
+    return TrainingData(dataset, sampler, DeviceAugment(st.augment) if on_device else None)
+
+
 def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) -> TrainState:
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
     # The initial weights (random init, the new head) come from cfg.seed alone: the same on every
@@ -253,14 +310,17 @@ def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) 
         model = _initial_model(cfg, stage, init_from)
     model.to(runtime.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.preserve_format)
     ema = ModelEma(model, cfg.stage(stage).ema_decay, cfg.stage(stage).ema_warmup)  # plain BatchNorm, always
-    train_model: nn.Module = model
+    if di.world_size > 1 and cfg.scaling.sync_batchnorm:
+        if runtime.device.type != "cuda":
+            raise StageError("scaling.sync_batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
+                             "set scaling.sync_batchnorm=false to train on CPU workers")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
+    # Only the training forward is compiled: validation, the EMA and checkpoints use the bare
+    # module (its parameters are the compiled wrapper's). DDP wraps the compiled module, as
+    # PyTorch advises (compile the inner module, not the DDP wrapper).
+    train_model: nn.Module = torch.compile(model) if cfg.runtime.compile else model
     if di.world_size > 1:
-        if cfg.scaling.sync_batchnorm:
-            if runtime.device.type != "cuda":
-                raise StageError("scaling.sync_batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
-                                 "set scaling.sync_batchnorm=false to train on CPU workers")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
-        train_model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        train_model = DistributedDataParallel(train_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     return TrainState(model, ema, make_optimizer(model, cfg.stage(stage)), runtime, train_model)
 
 
@@ -287,13 +347,25 @@ def _initial_model(cfg: Config, stage: int, init_from: Path | None) -> nn.Module
 
 
 def make_optimizer(model: nn.Module, st: StageConfig) -> torch.optim.Optimizer:
+    # On CUDA the fused implementation updates every parameter in a few kernels instead of a
+    # launch per tensor; elsewhere torch's default (fused is CUDA-only for these two here).
+    fused = True if next(model.parameters()).is_cuda else None
     if st.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
+                               fused=fused)
+    return torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=fused)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * torch.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+def device_batch(images: torch.Tensor, runtime: Runtime, augment: Callable | None = None) -> torch.Tensor:
+    """The loader's batch on the training device, as the model's input before MixUp: copied
+    asynchronously (pinned on CUDA), then, on the batched path, ``augment`` (an ``EpochAugment``)
+    turns the uint8 batch into the augmented, normalised float one."""
+    images = images.to(runtime.device, non_blocking=True)
+    return images if augment is None else augment(images)
 
 
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st: StageConfig,
@@ -315,9 +387,11 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st
 
 
 def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step: int, epoch: int,
-                    window: "_ProgressWindow", rng: np.random.Generator) -> dict:
+                    window: "_ProgressWindow", rng: np.random.Generator, augment: Callable | None = None) -> dict:
     """``plan.steps_per_epoch`` optimizer steps from global step ``step``; returns the epoch's
-    training metrics and the new ``step``."""
+    training metrics and the new ``step``. ``augment``: the epoch's ``EpochAugment`` on the batched
+    path (the loader then yields uint8), None on the per-sample path. ``window`` is told of every
+    micro-batch (``add``) and step (``step_done``) and holds the ``logger``."""
     st = plan.st
     state.train_model.train()
     loss_sum = torch.zeros((), device=state.runtime.device)
@@ -325,8 +399,9 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
     for i, (images, labels, _) in enumerate(loader):
         if i >= micro_steps:
             break
-        if i == 0:
-            window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]), nrow=8), step)
+        images = device_batch(images, state.runtime, augment)
+        if i == 0:  # what the model is given (before MixUp), on either path
+            window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]).cpu(), nrow=8), step)
         lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
         set_lr(state.optimizer, lr)
         last_micro = (i + 1) % st.accum_steps == 0
