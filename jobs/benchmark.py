@@ -29,7 +29,7 @@ from pathlib import Path
 
 PARTS = {
     "input": "trueface.bench.input",
-    "train": "trueface.bench.train",
+    "train": "jobs.bench_train_ray",  # trueface.bench.train plus its Ray Train row
     "infer": "trueface.bench.infer",
     "gpu": "trueface.bench.gpu",
 }

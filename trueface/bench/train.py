@@ -16,10 +16,8 @@ the engine adds per step and nothing else:
   step by step (A B B A A B ...) and each side's figure is the median of its steps, so a burst
   of load from another process hits both.
 - "engine under Ray Train, 1 worker vs engine": the same engine steps inside a one-worker
-  ``TorchTrainer`` (started through ``jobs.ray_train.fit``, as the pipeline starts it), given
-  every torch thread the driver uses; its img/s comes back in the worker's reported metrics. The
-  driver's steps run half before and half after it. Ray's start-up is left out of the rate and
-  printed in the row's note.
+  ``TorchTrainer``, measured by ``jobs.bench_train_ray`` (the library never imports Ray) and
+  handed in as ``ray_rate``; the driver's steps run half before and half after it.
 """
 
 from __future__ import annotations
@@ -27,15 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
-import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,20 +55,25 @@ SEED = 0
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, sample indices: what the loader yields
 
 
-def run(args: argparse.Namespace) -> Bench:
+#: (config, size, rounds) -> (img/s of the engine's steps inside Ray Train, a note on how measured)
+RayRate = Callable[[Config, dict, int], tuple[float, str]]
+
+
+def run(args: argparse.Namespace, ray_rate: RayRate | None = None, max_threads: int | None = None) -> Bench:
+    """The table; its Ray row only with ``ray_rate``. ``max_threads`` caps the torch threads of
+    both sides (a Ray worker cannot have more CPUs than the cluster)."""
     size = bench_size(args)
-    threads = torch.get_num_threads()
+    threads = min(torch.get_num_threads(), max_threads or torch.get_num_threads())
     work = tempfile.mkdtemp(prefix="trueface-bench-train-")
     try:
         cfg = bench_config(size, threads, work)
-        threads = cfg.scaling.cpus_per_worker  # fewer where an already running Ray has fewer CPUs
         with torch_threads(threads):
-            return _measure(cfg, size, threads)
+            return _measure(cfg, size, threads, ray_rate)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(cfg: Config, size: dict, threads: int) -> Bench:
+def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) -> Bench:
     batches = make_batches(size["image_size"], size["batch_size"])
     engine, plain = EngineLoop(cfg), PlainLoop(cfg)
     rounds = size["steps"]
@@ -86,7 +86,7 @@ def _measure(cfg: Config, size: dict, threads: int) -> Bench:
         loop.run(feed.take(WARMUP_STEPS))
     before = math.ceil(rounds / 2)
     alternate({"engine": engine, "plain": plain}, feed, before, rates)
-    ray_rate, ray_note = ray_engine_rate(cfg, size, rounds)
+    under_ray = ray_rate(cfg, size, rounds) if ray_rate else None
     alternate({"engine": engine, "plain": plain}, feed, rounds - before, rates)
     engine_rate, plain_rate = statistics.median(rates["engine"]), statistics.median(rates["plain"])
 
@@ -99,7 +99,9 @@ def _measure(cfg: Config, size: dict, threads: int) -> Bench:
         f"{spread(rates['plain'])}); the engine also does per step what the plain "
         f"loop does not: LR schedule, label-smoothed soft targets, MixUp (alpha {MIXUP_ALPHA}), soft cross-entropy, "
         f"EMA update of weights and buffers (decay {cfg.stage1.ema_decay}), progress window")))
-    bench.add(Row("engine under Ray Train, 1 worker vs engine", ray_rate, engine_rate, "img/s", TARGET, note=ray_note))
+    if under_ray:
+        bench.add(Row("engine under Ray Train, 1 worker vs engine", under_ray[0], engine_rate, "img/s", TARGET,
+                      note=under_ray[1]))
     return bench
 
 
@@ -119,10 +121,6 @@ def bench_size(args: argparse.Namespace) -> dict:
 def bench_config(size: dict, threads: int, work: str) -> Config:
     """The demo preset's Stage I at the benchmark's size, MixUp on, one Ray worker with
     ``threads`` CPUs; outputs (Ray's own files) under ``work``."""
-    import ray
-
-    if ray.is_initialized():  # e.g. the test session's Ray: a worker cannot ask for more CPUs than it has
-        threads = max(1, min(threads, int(ray.cluster_resources().get("CPU", threads))))
     return load_config("demo", [
         "model.weights=none", f"stage1.image_size={size['image_size']}", f"stage1.batch_size={size['batch_size']}",
         "stage1.accum_steps=1", f"stage1.mixup_alpha={MIXUP_ALPHA}", "scaling.num_workers=1",
@@ -236,58 +234,3 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def ray_engine_rate(cfg: Config, size: dict, rounds: int) -> tuple[float, str]:
-    """The engine's img/s inside a one-worker Ray Train run, and a note on Ray's start-up cost.
-    Starts a local Ray the way the jobs do (and stops it after) unless one is running already."""
-    import ray
-
-    from jobs.common import init_ray  # the jobs' own start-up: loopback only, token auth
-    from jobs.ray_train import fit
-
-    started = not ray.is_initialized()
-    t0 = time.perf_counter()
-    if started:
-        init_ray(None, cfg, num_cpus=max(os.cpu_count() or 1, cfg.scaling.cpus_per_worker))
-    init_s = time.perf_counter() - t0
-    try:
-        t1 = time.perf_counter()
-        result = fit(bench_worker, cfg, "bench-train", {"size": size, "rounds": rounds},
-                     num_workers=1, fresh=True)
-        fit_s = time.perf_counter() - t1
-    finally:
-        if started:
-            ray.shutdown()
-    m = result.metrics
-    startup = fit_s - m["measure_s"]
-    note = (f"median of {rounds} steps in the worker ({spread(m['rates'])}; torch threads {m['threads']}, OMP_NUM_THREADS "
-            f"{m['omp_threads']}; driver {cfg.scaling.cpus_per_worker}); driver steps ran half before, half after; "
-            f"left out of the rate: ray.init {init_s:.1f} s" + ("" if started else " (Ray was running already)")
-            + f", worker group start and stop + model build + warm-up {startup:.1f} s of fit()'s {fit_s:.1f} s")
-    return float(m["img_per_s"]), note
-
-
-def bench_worker(config: dict) -> None:
-    """Ray Train worker: the engine's steps on the same batches (rebuilt from the same seed),
-    reported as the median img/s."""
-    import ray.train
-
-    from jobs.ray_train import _worker_setup  # torch threads = scaling.cpus_per_worker, as in training
-    from trueface.config import from_dict
-
-    cfg, size = from_dict(config["cfg"]), config["size"]
-    _worker_setup(cfg)
-    engine = EngineLoop(cfg)
-    feed = BatchFeed(make_batches(size["image_size"], size["batch_size"]))
-    engine.run(feed.take(WARMUP_STEPS))
-    rates: dict[str, list[float]] = {"engine": []}
-    start = time.perf_counter()
-    alternate({"engine": engine}, feed, int(config["rounds"]), rates)
-    metrics = {"img_per_s": statistics.median(rates["engine"]), "threads": torch.get_num_threads(),
-               "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "measure_s": time.perf_counter() - start,
-               "rates": rates["engine"]}
-    # Train V2's Result.metrics holds the latest report WITH a checkpoint only: attach a tiny one.
-    with tempfile.TemporaryDirectory(prefix="trueface-bench-") as tmp:
-        Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
