@@ -1,0 +1,142 @@
+"""Scoring img/s of ``jobs.predict``'s predictor against a naive per-image one: ``python -m jobs.benchmark infer``.
+
+Usage::
+
+    python -m jobs.benchmark infer                                    # a fresh ResNet-50, 128 px, generated JPEGs
+    python -m jobs.benchmark infer --checkpoint runs/demo/stage2/best.pt --data-root ../shared/data/faces140k-mini
+    python -m jobs.benchmark infer --quick                            # 8 images at 64 px: seconds
+
+Both sides score the same JPEG files with the same model object, threads, precision and test-time
+flip, so the row measures the serving path and nothing else:
+
+- project: ``trueface.predict.Predictor.score`` (what ``jobs.predict`` runs): ``load_rgb`` with the
+  power-of-two reduce, the eval transform, batches of ``--batch-size`` in channels_last, the
+  runtime's autocast, the mirrored pass in the same batch call;
+- reference: the loop a first script writes: full-size PIL decode, torchvision's Resize +
+  CenterCrop + ToTensor + Normalize, one image per forward pass (and one for its mirror).
+
+The two alternate over the repeats (A B, B A, ...) and each side's figure is the median. The
+note gives the largest difference between the two sides' probabilities (the decode reduce makes
+them differ slightly: the project scores the pixels training used). ``--ray`` batch scoring
+(issue 12) will get its own row when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from trueface.augment import normalize
+from trueface.bench.input import _real_files, generated_jpegs, torch_threads
+from trueface.bench.report import Bench, Row, machine_context
+from trueface.config import load_config
+from trueface.inference import decode_size
+from trueface.model import build_model, fake_probability
+from trueface.precision import Runtime
+from trueface.predict import Predictor
+
+FULL = {"images": 48, "image_size": 128, "batch_size": 16, "repeats": 3}
+QUICK = {"images": 8, "image_size": 64, "batch_size": 4, "repeats": 1}
+JPEG_SIDE = 256  # generated files: the 140K set's size
+SEED = 0
+
+
+def run(args: argparse.Namespace) -> Bench:
+    size = bench_size(args)
+    work = Path(tempfile.mkdtemp(prefix="trueface-bench-infer-"))
+    try:
+        if args.data_root is None:
+            paths, source = generated_jpegs(work, JPEG_SIDE, size["images"]), f"{size['images']} generated {JPEG_SIDE} px JPEGs"
+        else:
+            paths, source = _real_files(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
+        predictor, model_text = load_predictor(args.checkpoint, size)
+        with torch_threads(torch.get_num_threads()):
+            return _measure(predictor, paths, size, f"{model_text}; {source}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_size(args: argparse.Namespace) -> dict:
+    size = dict(QUICK if getattr(args, "quick", False) else FULL)
+    for key in ("images", "image_size", "batch_size"):
+        if getattr(args, key, None) is not None:
+            size[key] = getattr(args, key)
+    if size["images"] < 1 or size["batch_size"] < 1 or size["image_size"] < 32:
+        raise SystemExit(f"infer: --images and --batch-size must be >= 1 and --image-size >= 32; got "
+                         f"{size['images']}, {size['batch_size']} and {size['image_size']}")
+    return size
+
+
+def load_predictor(checkpoint: Path | None, size: dict) -> tuple[Predictor, str]:
+    """The checkpoint's predictor (its image size, TTA and decode as trained), else a fresh
+    random-init ResNet-50 behind the demo preset's settings at ``size['image_size']``."""
+    if checkpoint is not None:
+        predictor = Predictor.from_checkpoint(checkpoint)
+        predictor.batch_size = size["batch_size"]
+        return predictor, f"checkpoint {checkpoint} ({predictor.image_size} px)"
+    cfg = load_config("demo", ["model.weights=none"])
+    runtime = Runtime.create("auto", cfg.runtime.precision)
+    model = build_model(cfg.model).to(runtime.device, memory_format=torch.channels_last).eval()
+    image_size = size["image_size"]
+    return (Predictor(model, image_size, 0.5, runtime, cfg.eval.hflip_tta, size["batch_size"],
+                      decode_size=decode_size(cfg, image_size)),
+            f"fresh ResNet-50 (random init) at {image_size} px")
+
+
+class NaivePredictor:
+    """Path -> P(generated), one image per forward pass, full-size decode, same model and TTA."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.model, self.runtime, self.hflip = predictor.model, predictor.runtime, predictor.hflip
+        s = predictor.image_size
+        self.transform = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s), v2.ToImage(),
+                                     v2.ToDtype(torch.float32, scale=True), normalize()])
+
+    @torch.no_grad()
+    def __call__(self, path: Path) -> float:
+        with Image.open(path) as img:
+            x = self.transform(img.convert("RGB"))[None].to(self.runtime.device)
+        with self.runtime.autocast():
+            p = fake_probability(self.model(x))
+            if self.hflip:
+                p = (p + fake_probability(self.model(torch.flip(x, dims=[3])))) / 2
+        return float(p[0])
+
+
+def _measure(predictor: Predictor, paths: Sequence[Path], size: dict, context_text: str) -> Bench:
+    naive = NaivePredictor(predictor)
+    sides: dict[str, Callable[[], list[float]]] = {
+        "project": lambda: [p.probability for p in predictor.score(paths)],
+        "naive": lambda: [naive(p) for p in paths],
+    }
+    print(f"infer: {context_text}; batch {size['batch_size']}, {predictor.runtime.device} "
+          f"{predictor.runtime.precision}, flip TTA {'on' if predictor.hflip else 'off'}, "
+          f"{torch.get_num_threads()} torch threads, {size['repeats']} repeat(s)", flush=True)
+    for fn in sides.values():  # warm-up: kernels, allocator, PIL plugins
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    scores: dict[str, list[float]] = {}
+    for r in range(size["repeats"]):
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            start = time.perf_counter()
+            scores[name] = sides[name]()
+            rates[name].append(len(paths) / (time.perf_counter() - start))
+    diff = max(abs(a - b) for a, b in zip(scores["project"], scores["naive"]))
+    bench = Bench("infer", context={**machine_context(), "model": context_text, "images": len(paths),
+                                    "batch": size["batch_size"], "flip_tta": predictor.hflip,
+                                    "precision": predictor.runtime.precision, "repeats": size["repeats"]})
+    bench.add(Row("jobs.predict vs naive per-image predictor", statistics.median(rates["project"]),
+                  statistics.median(rates["naive"]), "img/s", note=(
+                      f"median of {size['repeats']} alternating passes over the same {len(paths)} files, in one "
+                      f"process; probabilities differ by at most {diff:.2g} (the project reduces large images by "
+                      "a power of two before the resize, as training did); --ray batch scoring: issue 12")))
+    return bench
