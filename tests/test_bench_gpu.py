@@ -1,0 +1,167 @@
+"""``python -m jobs.benchmark gpu`` on the CPU (--quick): the rows it writes come from the real
+engine path (loader, batched augmentation, ``train_one_epoch``), and a CPU run sets no target.
+No speed is asserted (the machine is shared); the helpers' arithmetic is tested on its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+
+import pytest
+import torch
+
+import trueface.train
+from jobs import benchmark
+from trueface.augment_device import DeviceAugment
+from trueface.bench import gpu
+from trueface.bench.report import Bench
+
+# The CLI run at CUDA sizes takes minutes: on a GPU machine run the benchmark itself instead.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+
+ROWS = ["Stage I training (engine)", "Stage I input path vs model alone",
+        "Stage II training (engine)", "Stage II input path vs model alone"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``gpu --quick`` run through the CLI, counting the engine's steps and the batches the
+    batched augmentation got (both run in this process; the decoding runs in the loader worker)."""
+    out = tmp_path_factory.mktemp("results")
+    seen = {"steps": 0, "augment": []}
+    real_step, real_augment = trueface.train.train_step, DeviceAugment.__call__
+
+    def step(*a, **k):
+        seen["steps"] += 1
+        return real_step(*a, **k)
+
+    def augment(self, images, generator, strong=True):
+        seen["augment"].append((images.dtype, tuple(images.shape), strong))
+        return real_augment(self, images, generator, strong)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trueface.train, "train_step", step)
+        mp.setattr(DeviceAugment, "__call__", augment)
+        assert benchmark.main(["gpu", "--quick", "--results-dir", str(out)]) == 0
+    return json.loads((out / "bench-gpu" / "bench.json").read_text()), seen
+
+
+@cpu_only
+def test_every_stage_has_its_rows_with_positive_figures(quick_run):
+    payload, _ = quick_run
+    rows = {r["what"]: r for r in payload["rows"]}
+    assert list(rows) == ROWS  # no nvml row and no GPU memory row without CUDA
+    for r in rows.values():
+        assert r["unit"] == "img/s" and math.isfinite(r["project"]) and r["project"] > 0
+    for stage in ("Stage I", "Stage II"):
+        ratio = rows[f"{stage} input path vs model alone"]
+        assert ratio["project"] == rows[f"{stage} training (engine)"]["project"]
+        assert ratio["reference"] > 0 and ratio["ratio"] == pytest.approx(ratio["project"] / ratio["reference"])
+        assert "nvml not available" in ratio["note"] and "stands in for GPU busy" in ratio["note"]
+
+
+@cpu_only
+def test_a_cpu_run_sets_no_target_and_says_so(quick_run):
+    payload, _ = quick_run
+    assert all(r["target"] is None and r["met"] is None for r in payload["rows"])
+    assert payload["context"]["note"] == gpu.CPU_NOTE
+    assert all(r["note"].startswith(gpu.CPU_NOTE) for r in payload["rows"] if "training" in r["what"])
+    assert all(gpu.CPU_NOTE in r["note"] for r in payload["rows"])
+
+
+@cpu_only
+def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmentation(quick_run):
+    _, seen = quick_run
+    q = gpu.CPU_QUICK
+    engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
+    # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch
+    assert seen["augment"] == [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)
+                               for s in (1, 2) for _ in range(engine_steps[s - 1])]
+    # train_one_epoch's steps: the engine's and as many again for the model alone, nothing more
+    assert seen["steps"] == 2 * sum(engine_steps)
+
+
+def test_plan_sizes_applies_overrides_and_covers_the_prefetch_queue_on_cuda():
+    args = argparse.Namespace(quick=False, images=None, batch_size=None, image_size=None)
+    assert gpu.plan_sizes(args, cuda=False, workers=1) == gpu.CPU_FULL
+    cuda = gpu.plan_sizes(args, cuda=True, workers=31)  # 62 batches queued: 620 timed steps at least
+    assert [(z.image, z.jpeg, z.batch, z.timed) for z in cuda.values()] == [(224, 256, 200, 620), (1024, 1024, 12, 620)]
+    assert gpu.plan_sizes(args, cuda=True, workers=3)[1].timed == gpu.CUDA_FULL[1].timed
+    quick = argparse.Namespace(quick=True, images=None, batch_size=None, image_size=None)
+    assert gpu.plan_sizes(quick, cuda=True, workers=31) == gpu.CUDA_QUICK  # quick stays quick
+    over = argparse.Namespace(quick=True, images=40, batch_size=8, image_size=112)
+    sizes = gpu.plan_sizes(over, cuda=False, workers=1)
+    assert (sizes[1].image, sizes[1].jpeg, sizes[1].batch, sizes[1].timed) == (112, 128, 8, 5)
+    assert (sizes[2].image, sizes[2].batch, sizes[2].timed) == (gpu.CPU_QUICK[2].image, 8, 5)
+    with pytest.raises(SystemExit, match="--batch-size >= 2"):
+        gpu.plan_sizes(argparse.Namespace(quick=True, images=None, batch_size=1, image_size=None), False, 1)
+    with pytest.raises(SystemExit, match="--image-size must be >= 32"):
+        gpu.plan_sizes(argparse.Namespace(quick=True, images=None, batch_size=None, image_size=16), False, 1)
+
+
+def test_workers_and_threads_leave_the_cores_to_each_other():
+    assert gpu.loader_workers(cuda=True, cpus=16) == 15 and gpu.loader_workers(cuda=True, cpus=1) == 1
+    assert gpu.loader_workers(cuda=False, cpus=16) == 1
+    assert gpu.training_threads(cuda=False, cpus=2, workers=1) == 1
+    assert gpu.training_threads(cuda=False, cpus=1, workers=1) == 1
+
+
+def test_the_window_times_only_the_steps_after_the_warm_up():
+    window = gpu.TimedWindow("stage1", 10**6, warmup=2, timed=3, max_s=60, device=torch.device("cpu"))
+    window.add(torch.zeros(()), 4)
+    for step in (1, 2, 3, 4):
+        window.step_done(step, 0, 0.1, 0.9)
+    assert window.started > 0 and window.timed_steps == 0
+    with pytest.raises(gpu.TimeUp):
+        window.step_done(5, 0, 0.1, 0.9)
+    assert window.timed_steps == 3 and window.stopped >= window.started
+    assert window.rate(4) == pytest.approx(12 / (window.stopped - window.started))
+    short = gpu.TimedWindow("stage1", 10**6, warmup=1, timed=5, max_s=60, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="ended after 0 steps, before 1 warm-up"):
+        gpu.run_timed(lambda: None, short)  # an epoch shorter than warm-up + timed is refused
+    assert gpu.img_per_s(10, 0.0) == 0.0 and gpu.img_per_s(0, 1.0) == 0.0 and gpu.img_per_s(10, 2.0) == 5.0
+
+
+def test_the_busy_sampler_averages_its_reads_and_records_a_failure():
+    reads = iter([50.0, 70.0, 90.0])
+    done = threading.Event()
+
+    def read():
+        value = next(reads, None)
+        if value is None:
+            done.set()
+            raise RuntimeError("nvml gone")
+        return value
+
+    sampler = gpu.BusySampler(read, period=0.001)
+    sampler.start()
+    assert done.wait(5)
+    sampler.stop()
+    assert sampler.samples == [50.0, 70.0, 90.0] and sampler.mean() == pytest.approx(70.0)
+    assert sampler.error == "RuntimeError: nvml gone"
+    assert gpu.BusySampler(lambda: 1.0).mean() is None
+    assert gpu.nvml_reader(torch.device("cpu")) == (None, "no CUDA device")
+
+
+def test_on_cuda_the_rows_carry_the_issues_targets():
+    bench = Bench("gpu")
+    figures = gpu.StageFigures(3600.0, 3800.0, 300, 300, 93.0, "", 21.5, 30)
+    for stage in (1, 2):
+        gpu.add_rows(bench, stage, gpu.CUDA_FULL[stage], figures, cuda=True, workers=15)
+    targets = {r.what: r.target for r in bench.rows}
+    assert targets == {"Stage I training (engine)": 3500.0, "Stage I input path vs model alone": 0.90,
+                       "Stage I GPU busy (nvml)": 90.0, "Stage I peak GPU memory": None,
+                       "Stage II training (engine)": 170.0, "Stage II input path vs model alone": None,
+                       "Stage II GPU busy (nvml)": None, "Stage II peak GPU memory": None}
+    assert all(gpu.CPU_NOTE not in r.note for r in bench.rows)
+    assert "10% of the timed steps" in bench.rows[0].note  # 30 queued batches against 300 timed
+    no_nvml = Bench("gpu")
+    gpu.add_rows(no_nvml, 1, gpu.CUDA_FULL[1], gpu.StageFigures(3000.0, 3800.0, 300, 300, None,
+                                                                  "ModuleNotFoundError: pynvml", 21.5, 30),
+                 cuda=True, workers=15)
+    assert [r.what for r in no_nvml.rows] == ["Stage I training (engine)", "Stage I input path vs model alone",
+                                            "Stage I peak GPU memory"]
+    assert "nvml not available (ModuleNotFoundError: pynvml)" in no_nvml.rows[1].note
+    assert no_nvml.rows[0].met is False and no_nvml.rows[1].met is False  # 3000 < 3500; 0.79 < 0.90

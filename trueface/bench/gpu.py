@@ -1,0 +1,434 @@
+"""The one-command GPU check (issue 11 §3): ``python -m jobs.benchmark gpu``.
+
+Usage::
+
+    python -m jobs.benchmark gpu                          # on a GPU: under 6 minutes by design (never run on one yet), no Ray, no download
+    python -m jobs.benchmark gpu --data-root ../shared/data/faces140k-mini   # real JPEGs instead of generated
+    python -m jobs.benchmark gpu --quick                  # fewer steps (CPU: seconds, for CI)
+    bash docker/gpu_check.sh                              # nvidia-smi, then this under a 6-minute timeout
+
+For Stage I (224 px from 256 px JPEGs at q75, as the 140K set) and Stage II (1024 px from 1024 px
+JPEGs) of the ``paper`` preset, with ``model.weights=none`` (nothing downloaded), it times the REAL
+engine path a training run takes: ``_build_state`` (model, EMA, optimizer, ``Runtime``),
+``training_data`` (dataset, balanced sampler, ``DeviceAugment``), the epoch's DataLoader with
+``data.loader_workers`` = cores - 1, and ``train_one_epoch``, in the first strong epoch. A few
+hundred JPEG files are cycled by the sampler (``samples_per_epoch``), so every step decodes from
+disk. Only the steps after the warm-up are timed, between two CUDA synchronisations.
+
+Beside it, the same engine step (``train_one_epoch``, same state) on batches already on the device,
+no loader and no augmentation: the compute ceiling. Rows per stage:
+
+- "training (engine)": img/s; on CUDA Stage I >= 3500 and Stage II >= 170 (issue 11);
+- "input path vs model alone": engine / model alone; Stage I >= 0.90 on CUDA: the input path never
+  the limit, i.e. the GPU busy at least 90% of the time it would be with free input;
+- "GPU busy (nvml)": mean of ``torch.cuda.utilization()`` sampled every 0.2 s over the timed
+  engine steps (Stage I >= 90%), where pynvml answers; otherwise the ratio row stands in;
+- "peak GPU memory": ``torch.cuda.max_memory_allocated`` over the stage, GiB, no target.
+
+On a CPU the same code runs at small sizes (Stage I 64 px from 128 px JPEGs, Stage II 128 px from
+256 px, batch 4, one loader worker, ``DeviceAugment`` forced on through ``training_data(on_device=
+True)`` so the batched path runs) and sets no target: the targets apply on an H100, and a CPU
+shares its cores between the loader, the augmentation and the model, so no ratio there means
+what it means on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trueface.bench.input import bench_images, torch_threads
+from trueface.bench.report import Bench, Row, machine_context
+from trueface.config import Config, load_config, to_dict
+from trueface.data.layout import Sample
+from trueface.distributed import DistInfo
+from trueface.precision import Runtime
+from trueface.tensorboard import NullLogger
+from trueface.train import TrainState, _build_state, _ProgressWindow, _seed_epoch, _step_plan, train_one_epoch, training_data
+
+
+@dataclass(frozen=True)
+class StageSize:
+    jpeg: int  # side of the JPEG files on disk
+    image: int  # the stage's training size
+    batch: int
+    warmup: int  # steps run before the clock starts (cuDNN's algorithm search, loader start-up)
+    timed: int  # steps timed (fewer where MAX_TIMED_S runs out first)
+    files: int  # distinct JPEG files the sampler cycles through
+
+
+# The paper's sizes and batches; timed steps are raised on CUDA to cover the loader's prefetch
+# queue (see plan_sizes). A few hundred files: more than the prefetch queue holds, few enough to
+# write in seconds.
+CUDA_FULL = {1: StageSize(256, 224, 200, 20, 300, 512), 2: StageSize(1024, 1024, 12, 10, 300, 256)}
+CUDA_QUICK = {1: StageSize(256, 224, 200, 10, 60, 256), 2: StageSize(1024, 1024, 12, 5, 60, 128)}
+CPU_FULL = {1: StageSize(128, 64, 4, 1, 3, 16), 2: StageSize(256, 128, 4, 1, 2, 16)}
+CPU_QUICK = {1: StageSize(64, 32, 4, 1, 2, 8), 2: StageSize(128, 64, 4, 1, 2, 8)}
+STAGE_NAMES = {1: "Stage I", 2: "Stage II"}
+
+MAX_TIMED_S = 45.0  # per timed phase: four phases plus set-up stay under the 6-minute promise
+PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
+PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
+BUSY_PERIOD_S = 0.2
+DISTINCT_BATCHES = 4  # model-alone batches cycled (each step a different tensor, little memory)
+SEED = 0
+
+#: issue 11's floors on an H100 (the paper preset's sizes and batches)
+RATE_TARGETS = {1: 3500.0, 2: 170.0}
+RATIO_TARGET = {1: 0.90}  # Stage I: the input path costs at most 10% of the model's own speed
+BUSY_TARGET = {1: 90.0}
+CPU_NOTE = "CPU at small sizes: the targets apply on an H100"
+
+
+def run(args: argparse.Namespace) -> Bench:
+    cuda = torch.cuda.is_available()
+    cpus = available_cpus()
+    workers = loader_workers(cuda, cpus)
+    sizes = plan_sizes(args, cuda, workers)
+    torch.manual_seed(SEED)
+    work = Path(tempfile.mkdtemp(prefix="trueface-bench-gpu-"))
+    try:
+        cfg = bench_config(sizes, workers, work)
+        images, source = stage_images(getattr(args, "data_root", None), sizes, work)
+        with torch_threads(training_threads(cuda, cpus, workers)):
+            return _measure(cfg, sizes, images, source, workers, cuda, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Path]], source: str,
+             workers: int, cuda: bool, work: Path) -> Bench:
+    runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
+    augment = ("batched on cuda (augment.device auto)" if cuda
+               else "batched on the CPU (forced: training_data(on_device=True))")
+    context = {**machine_context(), "images": source, "loader_workers": workers, "precision": runtime.precision,
+               "augment": augment, "config": "paper preset, model.weights=none, first strong epoch",
+               "sizes": {STAGE_NAMES[s]: f"{z.image} px from {z.jpeg} px JPEGs, batch {z.batch}, {z.warmup} warm-up "
+                                         f"+ up to {z.timed} timed steps, {z.files} files" for s, z in sizes.items()}}
+    if not cuda:
+        context["note"] = CPU_NOTE
+    bench = Bench("gpu", context=context)
+    print(f"gpu: {runtime.device} {runtime.precision}, {workers} loader worker(s), {source}; augmentation {augment}",
+          flush=True)
+    init_from = None
+    for stage in (1, 2):
+        result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda)
+        add_rows(bench, stage, sizes[stage], result, cuda, workers)
+        print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
+        if stage == 1:  # Stage II starts from Stage I's EMA weights, as in a run (_initial_model)
+            init_from = save_stage1(result.state, cfg, work / "stage1.pt")
+        result.state = None  # frees the model, optimizer and EMA before the next stage's
+        _free_cuda(cuda)
+    return bench
+
+
+# --- sizes and config -------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (a container's or taskset's CPU set), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(cuda: bool, cpus: int) -> int:
+    """Every core but the one the training loop runs on (CUDA); one worker on a CPU, where the
+    model needs the cores and one worker is enough to run the multi-process loader path."""
+    return max(1, cpus - 1) if cuda else 1
+
+
+def training_threads(cuda: bool, cpus: int, workers: int) -> int:
+    """torch threads of the training process: as it has them on CUDA (the GPU does the work); on a
+    CPU the cores the loader workers leave free, since more threads than free cores make torch's
+    threads wait on each other (a 32 px step measured 0.27 s on one thread, 0.4-2 s on two beside
+    a loader worker on 2 cores)."""
+    return torch.get_num_threads() if cuda else max(1, min(torch.get_num_threads(), cpus - workers))
+
+
+def plan_sizes(args: argparse.Namespace, cuda: bool, workers: int) -> dict[int, StageSize]:
+    """Each stage's sizes; ``--image-size`` sets Stage I's training size (its JPEGs keep the
+    256/224 proportion), ``--batch-size`` both stages' batch, ``--images`` the timed images."""
+    quick = getattr(args, "quick", False)
+    sizes = dict((CUDA_QUICK if quick else CUDA_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL))
+    if cuda and not quick:  # the prefetch queue, filled during the warm-up, must be a small share of the timed steps
+        cover = PREFETCH_COVER * PREFETCH_FACTOR * workers
+        sizes = {s: replace(z, timed=max(z.timed, cover)) for s, z in sizes.items()}
+    if getattr(args, "image_size", None) is not None:
+        sizes[1] = replace(sizes[1], image=args.image_size, jpeg=round(args.image_size * 256 / 224))
+    if getattr(args, "batch_size", None) is not None:
+        sizes = {s: replace(z, batch=args.batch_size) for s, z in sizes.items()}
+    if getattr(args, "images", None) is not None:
+        sizes = {s: replace(z, timed=max(1, args.images // z.batch)) for s, z in sizes.items()}
+    if sizes[1].image < 32 or min(z.batch for z in sizes.values()) < 2:
+        raise SystemExit(f"gpu: --image-size must be >= 32 (ResNet-50 downsamples 32x) and --batch-size >= 2 "
+                         f"(BatchNorm and MixUp need two images); got {sizes[1].image} and {sizes[1].batch}")
+    return sizes
+
+
+def bench_config(sizes: dict[int, StageSize], workers: int, work: Path) -> Config:
+    """The paper preset at the benchmark's sizes: one micro-batch per step, an epoch just long
+    enough for the warm-up and timed steps, augment.device auto (gpu on CUDA), no download."""
+    overrides = ["model.weights=none", f"data.loader_workers={workers}", f"output.runs_dir={work}/runs",
+                 f"data.cache_dir={work}/cache", "run_name=bench-gpu"]
+    for stage, z in sizes.items():
+        key = f"stage{stage}"
+        overrides += [f"{key}.image_size={z.image}", f"{key}.batch_size={z.batch}", f"{key}.accum_steps=1",
+                      f"{key}.samples_per_epoch={(z.warmup + z.timed) * z.batch}", f"{key}.augment.device=auto"]
+    return load_config("paper", overrides)
+
+
+def stage_images(data_root: Path | None, sizes: dict[int, StageSize], work: Path) -> tuple[dict[int, list[Path]], str]:
+    """{stage: JPEG paths}: generated (smooth random, q75, as trueface.bench.input), or the images
+    of ``data_root`` (resized once where their side differs, as the input part does)."""
+    images = {}
+    for stage, z in sizes.items():
+        found, source = bench_images(data_root, {z.jpeg: z.files}, work / f"stage{stage}")
+        images[stage] = found[z.jpeg]
+    return images, source["text"]
+
+
+def samples_of(paths: Sequence[Path]) -> list[Sample]:
+    """Both labels, one domain: the balanced sampler of either stage has cells to draw from."""
+    return [Sample(str(p), i % 2, "bench", "train") for i, p in enumerate(paths)]
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+class TimeUp(Exception):
+    """The timed steps are done: leaves ``train_one_epoch`` at once, so nothing after the clock
+    stopped (further steps, the epoch's closing loss read) runs."""
+
+
+class TimedWindow(_ProgressWindow):
+    """The engine's progress window, also the stopwatch: the clock starts once the warm-up steps
+    are done and stops after ``timed`` steps or ``max_s`` seconds, each time after a device
+    synchronisation (CUDA runs asynchronously: a host clock alone would time the launches)."""
+
+    def __init__(self, key: str, log_every: int, warmup: int, timed: int, max_s: float, device: torch.device,
+                 busy: "BusySampler | None" = None) -> None:
+        super().__init__(NullLogger(), log_every, key, DistInfo(0, 1))
+        self.warmup, self.timed, self.max_s, self.device, self.busy = warmup, timed, max_s, device, busy
+        self.done = 0
+        self.started = self.stopped = 0.0
+        self.timed_steps = 0
+
+    def step_done(self, step: int, epoch: int, lr: float, decay: float) -> None:
+        super().step_done(step, epoch, lr, decay)
+        self.done += 1
+        if self.done == self.warmup:
+            self.started = self._now()
+            if self.busy:
+                self.busy.start()
+        elif self.done > self.warmup:
+            steps = self.done - self.warmup
+            if steps >= self.timed or time.perf_counter() - self.started >= self.max_s:
+                self.stopped, self.timed_steps = self._now(), steps
+                if self.busy:
+                    self.busy.stop()
+                raise TimeUp
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def rate(self, batch: int) -> float:
+        return img_per_s(self.timed_steps * batch, self.stopped - self.started)
+
+
+def img_per_s(images: int, seconds: float) -> float:
+    """img/s; 0 where nothing was timed (a failed phase reads as 0, never as infinitely fast)."""
+    return images / seconds if images > 0 and seconds > 0 else 0.0
+
+
+def run_timed(epoch: Callable[[], object], window: TimedWindow) -> None:
+    """Runs one engine epoch until the window's clock stops it; an epoch that ends first (its
+    plan too short) is an error, not a silently shorter measurement."""
+    try:
+        epoch()
+    except TimeUp:
+        return
+    raise RuntimeError(f"the epoch ended after {window.done} steps, before {window.warmup} warm-up + "
+                       f"{window.timed} timed ones")
+
+
+class BusySampler:
+    """Reads GPU utilisation (%) every ``period`` seconds on a thread between start() and stop()."""
+
+    def __init__(self, read: Callable[[], float], period: float = BUSY_PERIOD_S) -> None:
+        self.read, self.period = read, period
+        self.samples: list[float] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="bench-gpu-busy", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.samples.append(float(self.read()))
+            except Exception as exc:  # nvml can fail mid-run (driver reset); the row then says so
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
+            if self._stop.wait(self.period):
+                return
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def nvml_reader(device: torch.device) -> tuple[Callable[[], float] | None, str]:
+    """``torch.cuda.utilization`` where it answers (it needs pynvml), else None and why not."""
+    if device.type != "cuda":
+        return None, "no CUDA device"
+    try:
+        torch.cuda.utilization(device)
+    except Exception as exc:  # ModuleNotFoundError without pynvml, NVML errors in containers
+        return None, f"{type(exc).__name__}: {exc}"
+    return (lambda: float(torch.cuda.utilization(device))), ""
+
+
+# --- one stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class StageFigures:
+    engine: float  # img/s
+    model_alone: float  # img/s
+    engine_steps: int
+    model_steps: int
+    busy: float | None  # mean GPU utilisation %, None where nvml did not answer
+    busy_why: str  # why there is no busy figure
+    peak_gib: float | None
+    prefetch: int  # batches the loader's queue holds
+    state: TrainState | None = None
+
+
+def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path], init_from: Path | None,
+                  cuda: bool) -> StageFigures:
+    di = DistInfo(0, 1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    state = _build_state(cfg, stage, init_from, di)
+    read, why = nvml_reader(state.runtime.device)
+    busy = BusySampler(read) if read else None
+    engine = engine_window(cfg, stage, state, samples_of(paths), size, busy, on_device=None if cuda else True)
+    peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
+    alone = model_alone_window(cfg, stage, state, size)
+    busy_mean = busy.mean() if busy else None
+    if busy and busy_mean is None:
+        why = busy.error or "no sample taken"
+    return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
+                       busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, state)
+
+
+def engine_window(cfg: Config, stage: int, state: TrainState, samples: Sequence[Sample], size: StageSize,
+                  busy: BusySampler | None, on_device: bool | None) -> TimedWindow:
+    """The engine's epoch as ``run_stage`` runs it (dataset, sampler, loader, batched augmentation,
+    ``train_one_epoch``) in the stage's first strong epoch, timed after the warm-up steps."""
+    di, st, key = DistInfo(0, 1), cfg.stage(stage), f"stage{stage}"
+    data = training_data(cfg, stage, samples, state.runtime, di, on_device)
+    plan = _step_plan(st, key, len(data.sampler), di)
+    epoch = st.light_epochs  # the light epochs skip the strong ops: the first strong one is the costly case
+    _seed_epoch(cfg.seed, di.rank, epoch)
+    loader, augment = data.epoch(epoch, plan.micro, cfg, state.runtime, di.rank)
+    window = TimedWindow(key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device, busy)
+    rng = np.random.default_rng([cfg.seed, di.rank, epoch, 7])
+    run_timed(lambda: train_one_epoch(state, plan, loader, 0, epoch, window, rng, augment), window)
+    return window
+
+
+def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSize) -> TimedWindow:
+    """The same ``train_one_epoch`` on normalised float batches already on the device: no loader,
+    no decode, no augmentation; what the model and optimizer alone allow (the compute ceiling)."""
+    di, st, key = DistInfo(0, 1), cfg.stage(stage), f"stage{stage}"
+    plan = _step_plan(st, key, (size.warmup + size.timed) * size.batch, di)
+    batches = device_batches(size.image, size.batch, state.runtime.device)
+    feed = [batches[i % len(batches)] for i in range(plan.steps_per_epoch)]  # references, not copies
+    window = TimedWindow(key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device)
+    rng = np.random.default_rng([cfg.seed, di.rank, st.light_epochs, 7])
+    run_timed(lambda: train_one_epoch(state, plan, feed, 0, st.light_epochs, window, rng, None), window)
+    return window
+
+
+def device_batches(image: int, batch: int, device: torch.device,
+                   count: int = DISTINCT_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, indices) as the loader yields them, the images already normalised floats
+    on ``device`` (what ``DeviceAugment`` hands the model)."""
+    gen = torch.Generator().manual_seed(SEED)
+    labels = torch.arange(batch) % 2
+    return [(torch.randn(batch, 3, image, image, generator=gen).to(device), labels.clone(),
+             torch.arange(i * batch, (i + 1) * batch)) for i in range(count)]
+
+
+def save_stage1(state: TrainState, cfg: Config, path: Path) -> Path:
+    """A Stage I checkpoint with what ``_initial_model`` reads (its EMA weights), so Stage II's state
+    is built by ``_build_state`` as in a run; the EMA stands in for the raw weights too (one copy)."""
+    ema = state.ema.module.state_dict()
+    torch.save({"format_version": 1, "stage": 1, "config": to_dict(cfg), "model": ema, "ema": ema}, path)
+    return path
+
+
+def _free_cuda(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+# --- rows -------------------------------------------------------------------------------------
+
+
+def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: bool, workers: int) -> None:
+    name = STAGE_NAMES[stage]
+    where = "" if cuda else CPU_NOTE + "; "
+    shape = f"{size.image} px from {size.jpeg} px JPEGs, batch {size.batch}"
+    bench.add(Row(f"{name} training (engine)", r.engine, None, "img/s", RATE_TARGETS[stage] if cuda else None, note=(
+        f"{where}{shape}: {r.engine_steps} timed steps after {size.warmup} warm-up step(s) of the real engine path "
+        f"(_build_state, training_data, the epoch's DataLoader with {workers} worker(s), train_one_epoch) "
+        f"on {size.files} files cycled by the sampler; {prefetch_note(r.prefetch, r.engine_steps)}")))
+    bench.add(Row(f"{name} input path vs model alone", r.engine, r.model_alone, "img/s",
+                  RATIO_TARGET.get(stage) if cuda else None, note=(
+        f"{where}model alone: the same train_one_epoch and state on {DISTINCT_BATCHES} normalised float "
+        f"batches already on the device, {r.model_steps} timed steps; the ratio is the share of the model's "
+        f"speed the input path (decode, crop, RandAugment, DeviceAugment) leaves"
+        + ("" if r.busy is not None else f"; nvml not available ({r.busy_why}): this ratio stands in for GPU busy"))))
+    if r.busy is not None:
+        bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", BUSY_TARGET.get(stage), note=(
+            f"mean of torch.cuda.utilization() every {BUSY_PERIOD_S:g} s over the timed engine steps "
+            "(nvml: the share of time a kernel was running)")))
+    if r.peak_gib is not None:
+        bench.add(Row(f"{name} peak GPU memory", r.peak_gib, None, "GiB", note=(
+            "torch.cuda.max_memory_allocated from the stage's state being built to the end of its engine steps")))
+
+
+def prefetch_note(prefetch: int, timed: int) -> str:
+    """How much the loader's queue, filled during the warm-up, can flatter the timed steps."""
+    share = prefetch / timed if timed else 1.0
+    return (f"the loader's prefetch queue holds {prefetch} batches, decoded before the clock started: "
+            f"at most {share:.0%} of the timed steps")
+
+
+def progress_line(stage: int, size: StageSize, r: StageFigures) -> str:
+    ratio = r.engine / r.model_alone if r.model_alone else float("nan")
+    extra = (f", GPU busy {r.busy:.0f}%" if r.busy is not None else "") + (
+        f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "")
+    return (f"{STAGE_NAMES[stage]} {size.image} px, batch {size.batch}: engine {r.engine:,.1f} img/s, "
+            f"model alone {r.model_alone:,.1f} img/s ({ratio:.2f}){extra}")
