@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import AUGMENT_DEVICES, MODEL_ARCHS, ON_BAD_IMAGE, PREPARED_FORMATS, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
+from trueface.config.choices import AUGMENT_DEVICES, MODEL_ARCHS, ON_BAD_IMAGE, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -278,8 +278,6 @@ def validate(cfg: Config) -> None:
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     check(cfg.data.on_bad_image in ON_BAD_IMAGE, "data.on_bad_image",
           f"{cfg.data.on_bad_image!r} must be error (stop before training) or skip (leave bad files out, listed)")
-    check(cfg.data.prepared in PREPARED_FORMATS, "data.prepared",
-          f"{cfg.data.prepared!r} must be none (decode every epoch) or uint8 (decode once into a prepared cache)")
     check(cfg.data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
     try:
         parse_normalize(cfg.data.normalize)

@@ -145,10 +145,6 @@ class DataConfig:
     # none | jpeg:<quality>@<size>: re-encode every image once (cached), short side resized to
     # <size>, as JPEG at <quality>, before training and evaluation: removes a format shortcut.
     normalize: str = "none"
-    # none | uint8: decode and resize every image once to its stage's decode size into
-    # memory-mappable uint8 shards (built in parallel on Ray, keyed by the manifest), so an
-    # epoch reads pixels instead of decoding JPEGs (trueface.data.prepared)
-    prepared: str = "none"
     # Files left out, relative to root: set by the data check under on_bad_image=skip, so the saved
     # config says exactly what was trained on.
     exclude: tuple[str, ...] = ()
