@@ -306,7 +306,8 @@ def test_augment_device_setting():
     assert [runs_on_device(s, cuda) for s in ("cpu", "gpu", "auto")] == [False, True, True]
     with pytest.raises(ValueError, match=r"stage1\.augment\.device: gpu needs training on CUDA"):
         runs_on_device("gpu", cpu, "stage1.augment.device")
-    assert load_config(None).stage1.augment.device == "cpu"
-    assert load_config(None, ["stage2.augment.device=auto"]).stage2.augment.device == "auto"
+    # auto by default: batched on a GPU run, per sample on a CPU one
+    assert load_config(None).stage1.augment.device == load_config("paper").stage2.augment.device == "auto"
+    assert load_config(None, ["stage2.augment.device=cpu"]).stage2.augment.device == "cpu"
     with pytest.raises(ConfigError, match=r"stage2\.augment\.device: must be one of"):
         load_config(None, ["stage2.augment.device=tpu"])

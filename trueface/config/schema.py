@@ -76,7 +76,7 @@ class AugmentConfig:
     # Where the strong ops after crop/flip/RandAugment run: cpu = per sample in the DataLoader
     # workers (trueface.augment); gpu = batched on the training device (trueface.augment_device);
     # auto = gpu when training on CUDA, else cpu.
-    device: str = "cpu"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
