@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trueface.bench.input import bench_images, torch_threads
-from trueface.bench.report import Bench, Row, machine_context
+from trueface.bench.input import bench_images
+from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config, to_dict
 from trueface.data.layout import Sample
 from trueface.distributed import DistInfo

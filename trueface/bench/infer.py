@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from trueface.augment import normalize
-from trueface.bench.input import _real_files, generated_jpegs, torch_threads
+from trueface.bench.input import _real_files, generated_jpegs
 from trueface.bench.report import Bench, Row, machine_context
 from trueface.config import load_config
 from trueface.inference import decode_size
@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> Bench:
         else:
             paths, source = _real_files(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
         predictor, model_text = load_predictor(args.checkpoint, size)
-        with torch_threads(torch.get_num_threads()):
-            return _measure(predictor, paths, size, f"{model_text}; {source}")
+        return _measure(predictor, paths, size, f"{model_text}; {source}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

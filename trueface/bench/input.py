@@ -52,7 +52,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from trueface.augment import TrainTransform
 from trueface.augment_device import Uint8TrainTransform
 from trueface.bench.naive import NaivePipeline
-from trueface.bench.report import Bench, Row, machine_context
+from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config
 from trueface.config.schema import StageConfig
 from trueface.data.decode import load_rgb, reduce_for
@@ -165,16 +165,6 @@ def _resized_copy(src: Path, side: int, dst: Path) -> Path:
 
 
 # --- timing -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ with ``target`` in the row's unit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,6 +85,17 @@ class Bench:
         atomic_write_text(out / "bench.json", json.dumps(payload, indent=2, default=str))
         atomic_write_text(out / "bench.md", self.markdown())
         return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for a measurement, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine_context() -> dict:

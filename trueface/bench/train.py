@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trueface.bench.report import Bench, Row, machine_context
+from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config
 from trueface.distributed import DistInfo
 from trueface.model import build_model
@@ -224,13 +224,3 @@ def timed_rate(loop: "EngineLoop | PlainLoop", batches: Sequence[Batch]) -> floa
 def spread(rates: Sequence[float]) -> str:
     """The range of the per-step figures: how much another process's load moved them."""
     return f"steps {min(rates):.3g}-{max(rates):.3g} img/s"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
