@@ -339,3 +339,15 @@ def test_an_ablation_kept_in_s3_is_compared_into_s3(s3_server, ablation_folder, 
     local = comparison_rows(units_from_ablation(str(ablation_folder)).units, "full", n_boot=2000)
     remote = pq.read_table(tmp_path / ".cache/trueface/staging/s3/trueface-test/cmp/report/comparison.parquet")
     assert [nan_as_none(r) for r in remote.to_pylist()] == [nan_as_none(r) for r in local]
+
+
+def test_a_difference_without_a_value_says_why():
+    from trueface.compare import plain_words
+    from trueface.stats import Interval
+
+    nan = math.nan
+    assert plain_words(Interval(nan, nan, nan, 0, "paired bootstrap over images"), "full") == (
+        "not comparable (no test images in common: scored on different data)")
+    assert plain_words(Interval(nan, nan, nan, 40, "paired bootstrap over images"), "full") == (
+        "not comparable (AUC undefined: one class only)")
+    assert plain_words(Interval(0.1, 0.05, 0.15, 40, "paired bootstrap over images"), "full") == "higher than full"

@@ -231,6 +231,8 @@ def _load_unit(unit: Unit) -> list[_Seed]:
 def plain_words(diff: Interval, reference: str) -> str:
     """The difference in words: whether its interval shows one, and which way."""
     if math.isnan(diff.mean):
+        if diff.n == 0:  # a pairing over images found none: the two were scored on different test data
+            return "not comparable (no test images in common: scored on different data)"
         return "not comparable (AUC undefined: one class only)"
     if not diff.has_bounds:
         return "one value only: no interval"
