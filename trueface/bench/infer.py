@@ -12,8 +12,8 @@ flip, so the row measures the serving path and nothing else:
 - project: ``trueface.predict.Predictor.score`` (what ``jobs.predict`` runs): ``load_rgb`` with the
   power-of-two reduce, the eval transform, batches of ``--batch-size`` in channels_last, the
   runtime's autocast, the mirrored pass in the same batch call;
-- reference: the loop a first script writes: full-size PIL decode, torchvision's Resize +
-  CenterCrop + ToTensor + Normalize, one image per forward pass (and one for its mirror).
+- reference: the loop a first script writes: full-size PIL decode (no reduce), the same eval
+  transform, one image per forward pass (and one for its mirror).
 
 The two alternate over the repeats (A B, B A, ...) and each side's figure is the median. The
 note gives the largest difference between the two sides' probabilities (the decode reduce makes
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
-from trueface.augment import normalize
-from trueface.bench.input import _real_files, generated_jpegs
+from trueface.augment import eval_transform
+from trueface.bench.input import real_jpegs, generated_jpegs
 from trueface.bench.report import Bench, Row, machine_context
 from trueface.config import load_config
 from trueface.inference import decode_size
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> Bench:
         if args.data_root is None:
             paths, source = generated_jpegs(work, JPEG_SIDE, size["images"]), f"{size['images']} generated {JPEG_SIDE} px JPEGs"
         else:
-            paths, source = _real_files(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
+            paths, source = real_jpegs(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
         predictor, model_text = load_predictor(args.checkpoint, size)
         return _measure(predictor, paths, size, f"{model_text}; {source}")
     finally:
@@ -96,9 +95,7 @@ class NaivePredictor:
 
     def __init__(self, predictor: Predictor) -> None:
         self.model, self.runtime, self.hflip = predictor.model, predictor.runtime, predictor.hflip
-        s = predictor.image_size
-        self.transform = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s), v2.ToImage(),
-                                     v2.ToDtype(torch.float32, scale=True), normalize()])
+        self.transform = eval_transform(predictor.image_size)  # the same resize and crop, on the full image
 
     @torch.no_grad()
     def __call__(self, path: Path) -> float:

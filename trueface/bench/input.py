@@ -112,7 +112,7 @@ def bench_images(data_root: Path | None, counts: dict[int, int], work: Path) -> 
     if data_root is None:
         images = {s: generated_jpegs(work / f"gen{s}", s, n) for s, n in counts.items()}
         return images, {"text": f"generated smooth random JPEGs (q{GENERATED_QUALITY})", "resized": {}}
-    files = _real_files(data_root, max(counts.values()))
+    files = real_jpegs(data_root, max(counts.values()))
     images, resized = {}, {}
     for side, n in counts.items():
         picked = files[:n]
@@ -138,7 +138,7 @@ def generated_jpegs(folder: Path, side: int, count: int, seed: int = SEED) -> li
     return paths
 
 
-def _real_files(data_root: Path, count: int) -> list[Path]:
+def real_jpegs(data_root: Path, count: int) -> list[Path]:
     """``count`` JPEGs spread evenly over the train split (or the whole root), so both classes come in."""
     if not data_root.is_dir():
         raise SystemExit(f"input: --data-root {data_root} is not a folder; give a data set laid out as "
