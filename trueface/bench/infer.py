@@ -46,7 +46,6 @@ from trueface.predict import Predictor
 FULL = {"images": 48, "image_size": 128, "batch_size": 16, "repeats": 3}
 QUICK = {"images": 8, "image_size": 64, "batch_size": 4, "repeats": 1}
 JPEG_SIDE = 256  # generated files: the 140K set's size
-SEED = 0
 
 
 def run(args: argparse.Namespace) -> Bench:
