@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
     run.pull("config.yaml", "stage1/stage.json", "stage2/stage.json")  # a run kept at a URI resumes from there
+    # A driver killed while its workers uploaded (their uploads outlive it by a moment) may leave a
+    # temporary object that no stage worker will clean: a finished stage never starts again.
+    for partial in run.remove_partial_uploads("stage1", "stage2", "tensorboard"):
+        print(f"removed {join(run.location, partial)}, an upload cut off by a killed job", flush=True)
     _warn_if_config_changed(cfg, paths)
     write_run_files(cfg, layout, paths, check)
     run.push("config.yaml", "manifest.parquet")
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs import ray_train  # imports Ray: only once the config is known to be good
 
     started = time.time()
+    if cfg.data.prepared != "none":  # before any worker starts: every CPU of the cluster decodes
+        from jobs.prepare import prepare_with_ray
+
+        prepare_with_ray(cfg, layout)
     init_from = None
     for stage in (1, 2):
         done = finished_stage(paths.stage_dir(stage))

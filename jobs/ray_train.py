@@ -29,7 +29,7 @@ from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.robustness_report import FOLDER as ROBUSTNESS_FOLDER
 from trueface.robustness_report import run_sweep
 from trueface.run import RunPaths
-from trueface.storage import Mirror, absolute, fetch
+from trueface.storage import Mirror, absolute, fetch, join
 from trueface.thresholds import pull_beside, push_beside
 from trueface.train import run_stage
 
@@ -103,6 +103,9 @@ def stage_worker(config: dict) -> None:
         _report(metrics, checkpoint_path, epoch_offset=int(config.get("epoch_offset", 0)),
                 attach_checkpoint=bool(config.get("attach_checkpoint", True)), final_stage=config.get("final_stage"))
 
+    if di.rank == 0:  # the only uploader, and none of its uploads is in flight yet
+        for partial in run.remove_partial_uploads(*uploads):
+            print(f"stage{stage}: removed {join(run.location, partial)}, an upload cut off by a killed worker", flush=True)
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is None:
         run.pull(f"stage{stage}/last.pt")  # another node (or a lost one) may have written it

@@ -53,6 +53,19 @@ def test_project_pipelines_return_what_each_path_hands_the_batch(paper, jpeg_512
     assert gpu_side.dtype == torch.uint8 and gpu_side.shape == (3, 224, 224)  # floats are left to the GPU
 
 
+def test_the_prepared_rows_read_the_cache_and_hand_the_batch_the_same(paper, jpeg_512, tmp_path, monkeypatch):
+    cache = bench_input.prepared_cache(paper, paper.stage1, jpeg_512, tmp_path)
+    decoded = []
+    monkeypatch.setattr("trueface.data.prepared.load_rgb", lambda *a: decoded.append(a) or bench_input.load_rgb(*a))
+    for gpu_side in (False, True):
+        torch.manual_seed(5)
+        want = bench_input.project_pipeline(paper, paper.stage1, strong=False, gpu_side=gpu_side)(jpeg_512[0])
+        torch.manual_seed(5)
+        got = bench_input.project_pipeline(paper, paper.stage1, strong=False, gpu_side=gpu_side, load=cache)(jpeg_512[0])
+        assert torch.equal(want, got)
+    assert decoded == []  # the cache's pixels, not a decode
+
+
 def test_real_images_are_used_as_they_are_where_their_side_fits(tmp_path):
     train = tmp_path / "mini" / "train" / "REAL"
     train.mkdir(parents=True)
@@ -88,6 +101,9 @@ def test_quick_input_benchmark_writes_every_row_with_the_issues_targets(tmp_path
     gpu_side = rows["Stage II JPEG 1024 -> 1024 strong, CPU side with augment.device gpu"]
     assert gpu_side["target"] == 4.0 and gpu_side["reference"] == rows["Stage II JPEG 1024 -> 1024 strong"]["reference"]
     assert rows["Stage I JPEG 256 -> 224 strong"]["target"] == 3.0
+    for stage_row in strong:
+        for path in ("augment.device cpu", "CPU side with augment.device gpu"):
+            assert rows[f"{stage_row}, {path}, data.prepared uint8"]["reference"] == rows[stage_row]["reference"]
     for r in payload["rows"]:
         assert r["project"] > 0 and r["reference"] > 0
         assert r["ratio"] == pytest.approx(r["reference"] / r["project"])  # ms: lower is better

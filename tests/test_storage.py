@@ -84,6 +84,21 @@ def test_an_upload_cut_off_never_replaces_the_good_object(s3_server, tmp_path, m
     assert mirror.push() == ["last.pt"]  # not marked as sent: the next push sends it
 
 
+def test_a_temporary_object_left_by_a_killed_uploader_is_removed_before_the_next_writes(s3_server, tmp_path):
+    """SIGKILL between _upload's copy to the target and its delete of the staged name (no handler
+    runs) leaves the staged object; the stage's next start removes it and nothing else."""
+    mirror = Mirror.of("s3://trueface-test/orphan/run", tmp_path / "cache")
+    write(mirror.local / "stage1" / "best.pt", b"best")
+    mirror.push()
+    client = s3_server["client"]
+    for key in ("orphan/run/stage1/best.pt.1a2b3c4d.tmp", "orphan/run/tensorboard/stage1/events.5e6f7a8b.tmp"):
+        client.put_object(Bucket=s3_server["bucket"], Key=key, Body=b"best")  # what the killed uploader left
+    assert mirror.remove_partial_uploads("stage1", "stage2") == ["stage1/best.pt.1a2b3c4d.tmp"]
+    assert s3_keys(s3_server, "orphan/run/stage1/") == {"orphan/run/stage1/best.pt": 4}
+    assert s3_keys(s3_server, "orphan/run/tensorboard/")  # another folder: not asked, untouched
+    assert Mirror.of(tmp_path / "local", tmp_path / "c").remove_partial_uploads("stage1") == []
+
+
 def test_bad_locations_are_refused_with_the_key_and_what_to_check(s3_server, tmp_path):
     with pytest.raises(StorageError, match="output.runs_dir: cannot write to s3://no-such-bucket/x.*AWS_ACCESS_KEY_ID"):
         storage.check_writable("s3://no-such-bucket/x", "output.runs_dir")

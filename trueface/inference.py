@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from trueface.augment import eval_transform
 from trueface.config import Config
-from trueface.data.dataset import ImageDataset
+from trueface.data.dataset import ImageDataset, load_rgb
 from trueface.data.layout import Sample
+from trueface.data.prepared import PreparedImages
 from trueface.distributed import DistInfo
 from trueface.model import fake_probability
 from trueface.precision import Runtime
@@ -35,6 +36,14 @@ def decode_size(cfg: Config, image_size: int) -> int | None:
     return image_size if cfg.data.decode_draft else None
 
 
+def image_loader(cfg: Config, image_size: int):
+    """How a stage's datasets read an image: ``load_rgb``, or with ``data.prepared: uint8`` the
+    prepared cache at the stage's decode size (the same pixels; files it lacks are decoded)."""
+    if cfg.data.prepared == "none":
+        return load_rgb
+    return PreparedImages.open(cfg.data.cache_dir, decode_size(cfg, image_size))
+
+
 @torch.no_grad()
 def predict_scores(model: nn.Module, samples: Sequence[Sample], image_size: int, runtime: Runtime,
                    cfg: Config, di: DistInfo | None = None) -> np.ndarray:
@@ -43,7 +52,8 @@ def predict_scores(model: nn.Module, samples: Sequence[Sample], image_size: int,
     mine = list(range(di.rank, len(samples), di.world_size))
     scores = np.empty(0, dtype=np.float64)
     if mine:
-        ds = ImageDataset([samples[i] for i in mine], eval_transform(image_size), decode_size(cfg, image_size))
+        ds = ImageDataset([samples[i] for i in mine], eval_transform(image_size), decode_size(cfg, image_size),
+                          image_loader(cfg, image_size))
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.loader_workers,
                             pin_memory=runtime.device.type == "cuda")
         scores = _score_loader(model, loader, runtime, cfg.eval.hflip_tta)

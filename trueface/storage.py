@@ -260,6 +260,25 @@ class Mirror:
         except OSError as exc:
             raise _storage_error(join(self.remote, relpath), exc) from exc
 
+    def remove_partial_uploads(self, *relpaths: str) -> list[str]:
+        """Delete the temporary objects under ``relpaths`` that an uploader killed between its copy
+        and its delete left behind (see ``_upload``): the remote side of
+        trueface.atomic.remove_partial_files, with the same rule: call it only where no upload is
+        in flight, e.g. before a stage starts writing. Returns the relative paths removed."""
+        if self.remote is None:
+            return []
+        fs, root = self._remote_root()
+        removed = []
+        for rel in relpaths:
+            try:
+                for info in self._remote_infos(fs, root, rel):
+                    if info.path.endswith(".tmp"):
+                        fs.delete_file(info.path)
+                        removed.append(info.path[len(root) + 1:])
+            except OSError as exc:
+                raise _storage_error(join(self.remote, rel), exc) from exc
+        return removed
+
     def _local_files(self, relpaths: tuple[str, ...]) -> list[Path]:
         files = []
         for rel in relpaths or ("",):

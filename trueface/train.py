@@ -49,10 +49,11 @@ from trueface.config import Config, StageConfig, to_dict
 from trueface.config.choices import SELECT_MODES
 from trueface.data.dataset import ImageDataset
 from trueface.data.layout import Sample
+from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
 from trueface.distributed import DistInfo, average_buffers, barrier
 from trueface.ema import ModelEma
-from trueface.inference import decode_size, predict_scores
+from trueface.inference import decode_size, image_loader, predict_scores
 from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model
 from trueface.precision import Runtime
@@ -194,7 +195,8 @@ def run_stage(
              f"of {st.batch_size} ({di.world_size} worker(s) x {st.accum_steps} x {plan.micro}), "
              f"{state.runtime.device} {state.runtime.precision}, strong augmentation "
              f"{'batched on ' + state.runtime.device.type if data.device_augment else 'per sample in the loader'}; "
-             f"selection on {cfg.eval.select_on} validation AUC (EMA)\n"
+             f"selection on {cfg.eval.select_on} validation AUC (EMA)"
+             + _describe_prepared(data.dataset) + "\n"
              + data.sampler.plan().describe())
 
     logger = make_logger(log_dir, di.rank)
@@ -294,10 +296,19 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     if on_device is None:
         on_device = runs_on_device(st.augment.device, runtime.device, f"{key}.augment.device")
     transform = (Uint8TrainTransform if on_device else TrainTransform)(st.image_size, st.light_epochs, st.augment)
-    dataset = ImageDataset(samples, transform, decode_size(cfg, st.image_size))
+    dataset = ImageDataset(samples, transform, decode_size(cfg, st.image_size), image_loader(cfg, st.image_size))
     sampler = BalancedSampler(dataset.labels, dataset.domains, st.balance, st.samples_per_epoch, di.rank,
                               di.world_size, cfg.seed)
     return TrainingData(dataset, sampler, DeviceAugment(st.augment) if on_device else None)
+
+
+def _describe_prepared(dataset: ImageDataset) -> str:
+    """"; prepared cache: N of M train images" (data.prepared), so a cache that misses is seen."""
+    if not isinstance(dataset.load, PreparedImages):
+        return ""
+    held = dataset.load.coverage(dataset.samples)
+    note = "" if held == len(dataset) else " (the rest decoded from their files: build it with python -m jobs.prepare)"
+    return f"; prepared cache: {held} of {len(dataset)} train images{note}"
 
 
 def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) -> TrainState:

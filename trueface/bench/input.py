@@ -23,7 +23,8 @@ Rows:
   RandAugment, to uint8: the rest runs batched on the GPU). The reference is
   ``trueface.bench.naive`` (full-size decode, every strong op always on, per sample, float on the
   CPU). Stage I 256 strong must be >= 3x faster; Stage II's CPU side with augment.device gpu
-  >= 4x (issue 11).
+  >= 4x (issue 11). The "data.prepared uint8" rows are the strong paths reading the prepared
+  cache (trueface.data.prepared, built before timing) instead of decoding each JPEG.
 - decode: ``load_rgb`` (PIL) against torchvision.io.decode_jpeg (ending in the same PIL image, as
   ``load_rgb`` would have to return it) on 256 and 1024 px JPEGs, full size and with the reduce to
   Stage I's decode size; and that reduce against ``Image.draft`` (libjpeg's DCT scaling, which
@@ -56,6 +57,8 @@ from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config
 from trueface.config.schema import StageConfig
 from trueface.data.decode import load_rgb, reduce_for
+from trueface.data.layout import Sample
+from trueface.data.prepared import PreparedImages, build_prepared
 from trueface.inference import decode_size
 from trueface.predict import expand_inputs
 
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> Bench:
                                         "config": "paper preset"})
         with torch_threads(1), _quiet_torchvision_io():
             print(f"input: {source['text']}; {size['repeats']} repeat(s), one core", flush=True)
-            add_augment_rows(bench, cfg, images, size["repeats"], source)
+            add_augment_rows(bench, cfg, images, size["repeats"], source, work)
             add_decode_rows(bench, images, size["repeats"], cfg.stage1.image_size)
         return bench
     finally:
@@ -195,16 +198,27 @@ def per_image_ms(pipelines: dict[str, Pipeline], paths: list[Path], repeats: int
 # --- augmentation rows ------------------------------------------------------------------------
 
 
-def project_pipeline(cfg: Config, stage: StageConfig, strong: bool, gpu_side: bool = False) -> Pipeline:
-    """The training path: ``load_rgb`` at the stage's decode size, then ``TrainTransform`` (or, for
-    augment.device gpu, its CPU side ``Uint8TrainTransform``) in its light or strong epochs."""
+def project_pipeline(cfg: Config, stage: StageConfig, strong: bool, gpu_side: bool = False,
+                     load: Callable[[Path, int | None], Image.Image] = load_rgb) -> Pipeline:
+    """The training path: ``load_rgb`` (or ``load``: the prepared cache) at the stage's decode size,
+    then ``TrainTransform`` (or, for augment.device gpu, its CPU side ``Uint8TrainTransform``) in
+    its light or strong epochs."""
     tf = (Uint8TrainTransform if gpu_side else TrainTransform)(stage.image_size, light_epochs=1, cfg=stage.augment)
     tf.set_epoch(1 if strong else 0)
     size = decode_size(cfg, stage.image_size)
-    return lambda path: tf(load_rgb(path, size))
+    return lambda path: tf(load(path, size))
 
 
-def add_augment_rows(bench: Bench, cfg: Config, images: dict[int, list[Path]], repeats: int, source: dict) -> None:
+def prepared_cache(cfg: Config, stage: StageConfig, paths: list[Path], work: Path) -> PreparedImages:
+    """The images prepared as ``data.prepared: uint8`` prepares them (built before timing: a run
+    pays for it once, not per epoch)."""
+    size = decode_size(cfg, stage.image_size)
+    build_prepared([Sample(str(p), 0, "bench", "train") for p in paths], size, work / "prepared", progress=False)
+    return PreparedImages.open(work / "prepared", size)
+
+
+def add_augment_rows(bench: Bench, cfg: Config, images: dict[int, list[Path]], repeats: int, source: dict,
+                     work: Path) -> None:
     cases = [("Stage I", cfg.stage1, 256), ("Stage I", cfg.stage1, 512), ("Stage II", cfg.stage2, 1024)]
     for label, stage, side in cases:
         if side not in images:
@@ -219,8 +233,11 @@ def add_augment_rows(bench: Bench, cfg: Config, images: dict[int, list[Path]], r
                 size_note, "both resize, centre-crop, flip and normalise; the project reduces the decoded image "
                            "by a power of two first where it is at least twice the training size")))
             print(f"  {what} light done", flush=True)
+        cache = prepared_cache(cfg, stage, images[side], work)
         ms = per_image_ms({"cpu": project_pipeline(cfg, stage, strong=True),
                            "gpu_side": project_pipeline(cfg, stage, strong=True, gpu_side=True),
+                           "cpu_prepared": project_pipeline(cfg, stage, strong=True, load=cache),
+                           "gpu_side_prepared": project_pipeline(cfg, stage, strong=True, gpu_side=True, load=cache),
                            "naive": naive_strong}, images[side], repeats)
         # Stage I's 3x holds the path a GPU run takes (augment.device auto = gpu on CUDA) and the
         # per-sample one a CPU run takes alike; Stage II's 4x is the GPU run's CPU side.
@@ -231,6 +248,10 @@ def add_augment_rows(bench: Bench, cfg: Config, images: dict[int, list[Path]], r
         bench.add(Row(f"{what} strong, CPU side with augment.device gpu", ms["gpu_side"], ms["naive"], "ms/img",
                       gpu_target, note=_join(size_note, "decode + crop, flip, RandAugment to uint8; colour, JPEG, "
                                                         "blur, noise, normalisation and erasing run batched on the GPU")))
+        for key, path_name in (("cpu_prepared", "augment.device cpu"), ("gpu_side_prepared", "CPU side with augment.device gpu")):
+            bench.add(Row(f"{what} strong, {path_name}, data.prepared uint8", ms[key], ms["naive"], "ms/img", note=_join(
+                size_note, "the same path reading the decoded pixels from the prepared cache's memory-mapped shard "
+                           "(bit-identical to the decode) instead of decoding the JPEG")))
         print(f"  {what} strong done", flush=True)
 
 

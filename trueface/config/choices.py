@@ -54,6 +54,8 @@ AUGMENT_DEVICES = ("cpu", "gpu", "auto")
 #: Valid values of ``model.arch`` (see trueface.model: resnet50 is the method, resnet18 its small kin).
 MODEL_ARCHS = ("resnet50", "resnet18")
 
+#: Valid values of ``data.prepared`` (see trueface.data.prepared).
+PREPARED = ("none", "uint8")
 #: Valid values of ``data.on_bad_image`` (see trueface.data.check).
 ON_BAD_IMAGE = ("error", "skip")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from trueface.config.choices import AUGMENT_DEVICES, MODEL_ARCHS, ON_BAD_IMAGE, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
+from trueface.config.choices import AUGMENT_DEVICES, MODEL_ARCHS, ON_BAD_IMAGE, PREPARED, SELECT_MODES, THRESHOLD_SCOPES, parse_normalize, validate_threshold_policy
 from trueface.config.schema import Config
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -276,6 +276,9 @@ def validate(cfg: Config) -> None:
     check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
     check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    check(cfg.data.prepared in PREPARED, "data.prepared",
+          f"{cfg.data.prepared!r} must be none (decode the files each epoch) or uint8 (decode once into the "
+          "prepared cache under data.cache_dir)")
     check(cfg.data.on_bad_image in ON_BAD_IMAGE, "data.on_bad_image",
           f"{cfg.data.on_bad_image!r} must be error (stop before training) or skip (leave bad files out, listed)")
     check(cfg.data.min_image_side >= 1, "data.min_image_side", "must be >= 1")

@@ -145,6 +145,11 @@ class DataConfig:
     # none | jpeg:<quality>@<size>: re-encode every image once (cached), short side resized to
     # <size>, as JPEG at <quality>, before training and evaluation: removes a format shortcut.
     normalize: str = "none"
+    # none | uint8: decode every training and validation image once, before training, into
+    # memory-mapped shards under cache_dir (trueface.data.prepared); each epoch then reads pixels
+    # instead of decoding files, with the same result bit for bit. On a cluster cache_dir must be a
+    # file system every node sees, as data.root must be.
+    prepared: str = "none"
     # Files left out, relative to root: set by the data check under on_bad_image=skip, so the saved
     # config says exactly what was trained on.
     exclude: tuple[str, ...] = ()
