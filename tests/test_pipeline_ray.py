@@ -33,10 +33,12 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     monkeypatch.chdir(tmp_path)  # relative output folders, as users give them: Ray workers run elsewhere
     # Two Train workers (1 CPU each): the real TorchTrainer path with DDP, gathered validation
     # scores and rank-0 checkpoints, as on a 2-GPU cluster.
+    # data.prepared: the images decoded once on Ray tasks, then read by both ranks from the shards
     args = ["--data-root", "data", *tiny_overrides(root, Path("."), "e2e")[1:], "scaling.max_failures=0",
-            "scaling.num_workers=2"]
+            "scaling.num_workers=2", "data.prepared=uint8"]
     assert pipeline.main(args) == 0
     out = capsys.readouterr().out
+    assert "prepared cache (decode size 32): 64 images prepared" in out  # train + valid of both domains
     run, results = tmp_path / "runs" / "e2e", tmp_path / "results" / "e2e"
     # the table printed at the end, and the files behind it
     assert "combined" in out and "dalle" in out and str(results) in out and "tensorboard --logdir" in out
