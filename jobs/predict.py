@@ -5,6 +5,7 @@ Usage::
     python -m jobs.predict --checkpoint runs/demo/stage2/best.pt face.jpg more_faces/
     python -m jobs.predict --checkpoint CKPT folder/ --out predictions.csv
     python -m jobs.predict --checkpoint CKPT dalle_faces/ --domain dalle   # that domain's own threshold
+    python -m jobs.predict --checkpoint CKPT faces/ --explain explained/   # + Grad-CAM overlays
 
 The threshold comes from ``thresholds.json`` beside the checkpoint (written by the pipeline's
 evaluation): the pooled one, or with ``--domain`` the one chosen on that domain's validation split
@@ -15,6 +16,11 @@ threshold (the same file, the same domain), ``temperature`` and ``temperature_so
 Without one (no file, or a file written before calibration) ``p_calibrated`` equals ``p_generated``
 and ``temperature_source`` reads "uncalibrated (temperature 1)". The label is the same either way:
 the threshold applies to ``p_generated``, and calibration is monotone.
+
+``--explain OUT_DIR`` writes a Grad-CAM overlay PNG per image (the fake class's map over the image as
+the model saw it, trueface/explain.py) and adds the columns ``explanation`` (the PNG),
+``cam_region`` (the quadrant of the map's peak) and ``cam_peak_x``/``cam_peak_y`` (in the prepared,
+centre-cropped image's pixels).
 
 An unreadable image is reported by name (stderr, and an ``error`` row in the CSV); the others
 are still scored. Exit status 1 when any image could not be read.
@@ -47,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--domain", help="label at this domain's own threshold (eval.threshold_scope per_domain); "
                                          "default: the pooled one")
+    parser.add_argument("--explain", type=Path, metavar="OUT_DIR",
+                        help="write a Grad-CAM overlay PNG per image here, and its peak's region to the CSV")
     args = parser.parse_args(argv)
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device, domain=args.domain)
@@ -63,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if p.error:
             failed += 1
             print(f"error: {p.error}", file=sys.stderr)
-    text = _csv(rows, predictor)
+    explained = None
+    if args.explain:
+        from trueface.explain import explain_files
+
+        explained = explain_files(predictor.model, predictor.load, [r.path for r in rows if not r.error], args.explain)
+        print(f"explanations: {len(explained)} Grad-CAM overlays in {args.explain}", file=sys.stderr)
+    text = _csv(rows, predictor, explained)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"{len(rows) - failed} scored, {failed} unreadable -> {args.out}", file=sys.stderr)
@@ -72,15 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _csv(rows, predictor: Predictor) -> str:
+def _csv(rows, predictor: Predictor, explained: dict | None = None) -> str:
+    """The table; with ``explained`` (--explain) four more columns, empty for an unreadable file."""
     buf = io.StringIO()
     writer = csv.writer(buf)
+    extra = ["explanation", "cam_region", "cam_peak_x", "cam_peak_y"] if explained is not None else []
     writer.writerow(["path", "p_generated", "p_calibrated", "label", "threshold", "threshold_source", "temperature",
-                     "temperature_source", "error"])
+                     "temperature_source", "error", *extra])
     for r in rows:
         p, c = ("", "") if r.probability is None else (f"{r.probability:.6f}", f"{r.calibrated:.6f}")
-        writer.writerow([r.path, p, c, r.label, f"{predictor.threshold:.6f}", predictor.threshold_source,
-                         f"{predictor.temperature:.6g}", predictor.temperature_source, r.error])
+        cells = [r.path, p, c, r.label, f"{predictor.threshold:.6f}", predictor.threshold_source,
+                 f"{predictor.temperature:.6g}", predictor.temperature_source, r.error]
+        if explained is not None:
+            e = explained.get(r.path)
+            cells += [e.overlay, e.region, e.peak[0], e.peak[1]] if e else ["", "", "", ""]
+        writer.writerow(cells)
     return buf.getvalue()
 
 

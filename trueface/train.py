@@ -53,6 +53,7 @@ from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
 from trueface.distributed import DistInfo, average_buffers, barrier
 from trueface.ema import ModelEma
+from trueface.explain import validation_grid
 from trueface.inference import decode_size, image_loader, predict_scores
 from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model
@@ -241,6 +242,9 @@ def run_stage(
             if progress.should_stop(st.patience):
                 _log(di, f"{key}: early stop after {progress.epoch} epochs (patience {st.patience})")
                 break
+        if di.rank == 0 and val_samples:  # where the final EMA weights look, on the same images every stage
+            logger.images("explain/gradcam_ema", validation_grid(state.ema.module, val_samples, st.image_size, cfg),
+                          progress.step)
     finally:
         logger.close()
     result = StageResult(

@@ -1,0 +1,48 @@
+"""Export a trained detector to ONNX or TorchScript, its preprocessing and thresholds beside it.
+
+Usage::
+
+    python -m jobs.export --checkpoint runs/demo/stage2/best.pt --format onnx --out detector.onnx
+    python -m jobs.export --checkpoint runs/demo/stage2/best.pt --format torchscript --out detector.pt
+
+Writes ``--out`` and ``--out``.json. The file maps a batch of prepared images, (N, 3, S, S)
+float32, to P(generated) as ``jobs.predict`` computes it (flip averaging included); the JSON (also
+inside the file) lists the preprocessing, the calibrated temperature and the thresholds.
+trueface/export.py has the details. ONNX needs ``pip install -e '.[export]'`` (onnx, onnxscript;
+onnxruntime to run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trueface.checkpoint import CheckpointError
+from trueface.export import FORMATS, ExportError, export_checkpoint
+from trueface.thresholds import ThresholdsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    args = parser.parse_args(argv)
+    try:
+        meta = export_checkpoint(args.checkpoint, args.format, args.out, args.weights)
+    except (CheckpointError, ThresholdsError, ExportError) as exc:
+        sys.exit(f"error: {exc}")
+    size = meta["input"]["shape"][-1]
+    print(f"exported {args.weights} weights of {args.checkpoint} -> {args.out} ({args.format}; input images "
+          f"[batch, 3, {size}, {size}] float32 normalised, output p_generated)")
+    print(f"metadata: {args.out}.json (threshold {meta['threshold']['value']:.4f} from {meta['threshold']['source']}; "
+          f"temperature {meta['temperature']['value']:.4g}, {meta['temperature']['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""jobs.export: ONNX (run in onnxruntime) and TorchScript files that score as jobs.predict scores,
+at batch sizes 1 and 8, with the preprocessing, temperature and thresholds in their metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from jobs import export as export_job
+from tests.conftest import tiny_overrides, write_tiny_root
+from trueface.checkpoint import save_checkpoint
+from trueface.config import load_config, to_dict
+from trueface.data.decode import load_rgb
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
+from trueface.model import build_model
+from trueface.predict import Predictor
+from trueface.run import resolve_run
+from trueface.thresholds import read_thresholds
+
+TOLERANCE = 1e-4  # issue 12: max |p_export - p_torch|
+
+
+@pytest.fixture(scope="module")
+def detector(module_tmp):
+    """A Stage II best.pt (ResNet-18, 32 px, flip TTA on) evaluated once: thresholds and
+    temperatures saved beside it; 8 test images to score."""
+    tmp = module_tmp
+    root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+    cfg, layout = resolve_run(load_config("demo", [*tiny_overrides(root, tmp), "eval.threshold_scope=per_domain",
+                                                   "eval.hflip_tta=true"]))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    ema = build_model(dataclasses.replace(cfg.model, weights="none"))
+    ckpt = tmp / "runs" / "t" / "stage2" / "best.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "stage": 2, "config": to_dict(cfg)})
+    evaluate_checkpoint(ckpt, layout, tmp / "results", thresholds=ThresholdRequest("valid", save=True))
+    images = sorted(root.glob("*/test/*/*.png"))[::4][:8]
+    assert len(images) == 8
+    return {"ckpt": ckpt, "images": images, "tmp": tmp}
+
+
+def _torch_scores(detector) -> np.ndarray:
+    predictor = Predictor.from_checkpoint(detector["ckpt"], device="cpu")
+    return np.array([r.probability for r in predictor.score(detector["images"])])
+
+
+def _inputs(detector) -> torch.Tensor:
+    predictor = Predictor.from_checkpoint(detector["ckpt"], device="cpu")
+    return torch.stack([predictor.load(p) for p in detector["images"]])
+
+
+def _in_batches(score, x: torch.Tensor, size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(score(x[i:i + size]), dtype=np.float64).reshape(-1) for i in range(0, len(x), size)])
+
+
+def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, capsys):
+    import onnxruntime as ort  # a test dependency (pyproject's export extra)
+
+    out = detector["tmp"] / "detector.onnx"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "onnx", "--out", str(out)]) == 0
+    assert f"-> {out} (onnx" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["p_generated"]
+    want, x = _torch_scores(detector), _inputs(detector)
+    for batch in (1, 8):
+        got = _in_batches(lambda b: session.run(None, {"images": b.numpy()})[0], x, batch)
+        assert np.abs(got - want).max() < TOLERANCE, batch
+    # the metadata: inside the file and beside it, the same
+    embedded = session.get_modelmeta().custom_metadata_map
+    assert json.loads(embedded["trueface"]) == json.loads(Path(f"{out}.json").read_text())
+
+
+def test_torchscript_scores_as_the_predictor_at_batch_1_and_8(detector):
+    out = detector["tmp"] / "detector.pt"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "torchscript", "--out", str(out)]) == 0
+    files = {"trueface.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=files)
+    want, x = _torch_scores(detector), _inputs(detector)
+    with torch.no_grad():
+        for batch in (1, 8):
+            got = _in_batches(loaded, x, batch)
+            assert np.abs(got - want).max() < TOLERANCE, batch
+    assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
+
+
+def test_the_metadata_is_enough_to_prepare_the_input_and_label_it(detector):
+    out = detector["tmp"] / "meta.pt"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "torchscript", "--out", str(out)]) == 0
+    meta = json.loads(Path(f"{out}.json").read_text())
+    saved = read_thresholds(detector["ckpt"])
+    assert meta["threshold"]["value"] == saved.threshold("ema")[0] and meta["threshold"]["source"] == "pooled validation"
+    assert meta["temperature"]["value"] == saved.temperature("ema")[0] != 1.0
+    assert meta["threshold"]["per_domain"] == {d: saved.threshold("ema", d)[0] for d in ("140k-real-vs-fake", "dalle")}
+    assert meta["hflip_tta"] is True and meta["input"]["shape"] == ["batch", 3, 32, 32]
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256(detector["ckpt"].read_bytes()).hexdigest()
+    # the preprocessing, done from the metadata's numbers alone, gives the predictor's input
+    pre = meta["preprocess"]
+    size = meta["input"]["shape"][-1]
+    for path, want in zip(detector["images"], _inputs(detector)):
+        img = F.pil_to_tensor(load_rgb(path))
+        img = F.center_crop(F.resize(img, [size], antialias=True), [size, size]).float() / 255
+        got = F.normalize(img, pre["mean"], pre["std"])
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_bad_input_is_named(detector, tmp_path):
+    with pytest.raises(SystemExit, match="error: .*nowhere.pt"):
+        export_job.main(["--checkpoint", str(tmp_path / "nowhere.pt"), "--format", "torchscript",
+                         "--out", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(SystemExit):
+        export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "tflite", "--out", str(tmp_path / "x")])

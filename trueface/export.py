@@ -1,0 +1,141 @@
+"""Export a checkpoint's scorer to ONNX or TorchScript, with its preprocessing written beside it.
+
+Usage::
+
+    meta = export_checkpoint(Path("runs/demo/stage2/best.pt"), "onnx", Path("detector.onnx"))
+    # detector.onnx + detector.onnx.json (the same metadata is inside the ONNX file's metadata_props
+    # under "trueface", and inside a TorchScript file as its extra file "trueface.json")
+
+What is exported is what ``jobs.predict`` computes from a prepared batch: ``images`` (N, 3, S, S),
+float32, RGB, the eval preprocessing already applied (decode to RGB, resize the shorter side to S
+with antialiasing, centre crop S x S, scale to [0, 1], normalise with the ImageNet mean and std)
+-> ``p_generated`` (N,), float32: the softmax's fake class, averaged with the horizontally
+flipped image's where the checkpoint's ``eval.hflip_tta`` is on, exactly as the predictor
+averages. The batch axis is dynamic. The metadata says all that in numbers, plus the calibrated
+temperature and the thresholds chosen on validation (pooled, and per domain where chosen), so
+a deployment outside Python can compute ``p_calibrated = 1 / (1 + ((1 - p) / p) ** (1 / T))``
+and the label ``p >= threshold`` without this package. Only the preprocessing before the
+tensor stays outside the file, as its steps are named in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trueface.atomic import atomic_open, atomic_write_text
+from trueface.augment import IMAGENET_MEAN, IMAGENET_STD
+from trueface.predict import Predictor
+
+FORMATS = ("onnx", "torchscript")
+INPUT, OUTPUT = "images", "p_generated"
+OPSET = 18
+
+
+class ScoringModule(nn.Module):
+    """Normalised images -> P(generated), with the predictor's flip averaging."""
+
+    def __init__(self, model: nn.Module, hflip: bool) -> None:
+        super().__init__()
+        self.model, self.hflip = model.eval(), hflip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.model(images), dim=1)[:, 1]
+        if self.hflip:
+            p = (p + torch.softmax(self.model(torch.flip(images, dims=[3])), dim=1)[:, 1]) / 2
+        return p
+
+
+class ExportError(RuntimeError):
+    """The export could not be made; the message says why and what to do."""
+
+
+def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema") -> dict:
+    """Write the scorer of ``checkpoint``'s ``weights`` to ``out`` (and ``out``.json); returns the
+    metadata. The file appears complete or not at all (written to a temporary name first)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
+    predictor = Predictor.from_checkpoint(Path(checkpoint), weights, device="cpu")
+    module = ScoringModule(predictor.model.float().to(memory_format=torch.contiguous_format), predictor.hflip)
+    example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
+    meta = export_metadata(predictor, Path(checkpoint), weights, fmt)
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    if fmt == "onnx":
+        data = _onnx_bytes(module, example, text)
+    else:
+        data = _torchscript_bytes(module, example, text)
+    with atomic_open(out) as f:
+        f.write(data)
+    atomic_write_text(Path(f"{out}.json"), text + "\n")
+    return meta
+
+
+def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: str) -> dict:
+    saved = predictor.saved
+    size = predictor.image_size
+    return {
+        "format": fmt,
+        "input": {"name": INPUT, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"},
+        "output": {"name": OUTPUT, "shape": ["batch"], "dtype": "float32",
+                   "meaning": "P(generated), flip-averaged" if predictor.hflip else "P(generated)"},
+        "preprocess": {
+            "decode": "RGB (alpha over black, EXIF orientation applied)",
+            "reduce_before_resize": (f"shrink by the largest power of two keeping the shorter side >= "
+                                     f"{predictor.decode_size} (PIL Image.reduce)") if predictor.decode_size else "none",
+            "normalize_format": (f"re-encode as JPEG quality {predictor.normalize[0]}, shorter side "
+                                 f"{predictor.normalize[1]} px, before everything else") if predictor.normalize else "none",
+            "resize": f"shorter side to {size} px, bilinear with antialiasing",
+            "crop": f"centre {size} x {size}",
+            "scale": "divide by 255",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        },
+        "hflip_tta": predictor.hflip,
+        "weights": weights,
+        "temperature": {"value": predictor.temperature, "source": predictor.temperature_source,
+                        "per_domain": _per_domain(saved, weights, "temperature")},
+        "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
+                      "per_domain": _per_domain(saved, weights, "threshold")},
+        "calibrated": "p_calibrated = 1 / (1 + ((1 - p) / p) ** (1 / T)); label = fake where p >= threshold",
+        "checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
+    }
+
+
+def _per_domain(saved, weights: str, what: str) -> dict[str, float]:
+    if saved is None:
+        return {}
+    return {d: getattr(saved, what)(weights, d)[0] for d in saved.domains()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:  # torch's exporter needs both, and would say so from deep inside
+        raise ExportError(f"ONNX export needs the {' and '.join(missing)} package(s): pip install -e '.[export]'")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                dynamic_shapes=({0: batch},), opset_version=OPSET, verbose=False)
+    model = program.model_proto
+    model.metadata_props.add(key="trueface", value=meta)
+    return model.SerializeToString()
+
+
+def _torchscript_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
+    import io
+
+    with torch.no_grad():
+        traced = torch.jit.trace(module, example)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={"trueface.json": meta})
+    return buf.getvalue()
