@@ -5,6 +5,7 @@ Usage::
     python -m jobs.benchmark input train                 # the CPU pair (default)
     python -m jobs.benchmark input --data-root ../shared/data/faces140k-mini
     python -m jobs.benchmark infer --checkpoint runs/demo/stage2/best.pt
+    python -m jobs.benchmark infer --ray --images 2000 --data-root ../shared/data/faces140k-mini
     python -m jobs.benchmark gpu                          # the one-command GPU check (no Ray)
     python -m jobs.benchmark input train --quick          # small sizes: seconds, for CI
 
@@ -14,7 +15,8 @@ Parts (each prints its table and writes results/bench-<part>/bench.json and benc
   naive one (full-size PIL decode, every strong op always on, per sample);
 - ``train``: the engine's training img/s against a plain torchvision loop on the same model,
   batch and tensors, and against the engine under Ray Train with one worker;
-- ``infer``: ``jobs.predict`` img/s;
+- ``infer``: ``jobs.predict`` img/s against a naive per-image loop; with ``--ray``, also
+  ``jobs.predict --ray`` (Ray Data) against ``jobs.predict``;
 - ``gpu``: Stage I and Stage II training img/s on real-size JPEGs, GPU busy share and peak
   memory (on a CPU it runs at small sizes and says so).
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 PARTS = {
     "input": "trueface.bench.input",
     "train": "jobs.bench_train_ray",  # trueface.bench.train plus its Ray Train row
-    "infer": "trueface.bench.infer",
+    "infer": "jobs.bench_infer_ray",  # trueface.bench.infer plus, with --ray, its Ray Data row
     "gpu": "trueface.bench.gpu",
 }
 
@@ -46,6 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="images per measurement (each part has its default)")
     parser.add_argument("--batch-size", type=int, help="train/gpu: batch size (each part has its default)")
     parser.add_argument("--image-size", type=int, help="train: image size (each part has its default)")
+    parser.add_argument("--ray", action="store_true", help="infer: also time jobs.predict --ray (Ray Data)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where bench-<part>/ goes")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts if p not in PARTS]

@@ -6,6 +6,7 @@ Usage::
     python -m jobs.predict --checkpoint CKPT folder/ --out predictions.csv
     python -m jobs.predict --checkpoint CKPT dalle_faces/ --domain dalle   # that domain's own threshold
     python -m jobs.predict --checkpoint CKPT faces/ --explain explained/   # + Grad-CAM overlays
+    python -m jobs.predict --ray --checkpoint CKPT --input DIR_OR_URI --out preds.parquet   # Ray Data
 
 The threshold comes from ``thresholds.json`` beside the checkpoint (written by the pipeline's
 evaluation): the pooled one, or with ``--domain`` the one chosen on that domain's validation split
@@ -22,6 +23,8 @@ the model saw it, trueface/explain.py) and adds the columns ``explanation`` (the
 ``cam_region`` (the quadrant of the map's peak) and ``cam_peak_x``/``cam_peak_y`` (in the prepared,
 centre-cropped image's pixels).
 
+``--ray`` scores a folder or bucket on Ray Data into one parquet file (jobs/predict_ray.py).
+
 An unreadable image is reported by name (stderr, and an ``error`` row in the CSV); the others
 are still scored. Exit status 1 when any image could not be read.
 """
@@ -37,9 +40,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from jobs.common import add_ray_arguments
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError
 from trueface.predict import Predictor, expand_inputs
+from trueface.storage import StorageError
 from trueface.thresholds import ThresholdsError
 
 
@@ -47,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--device", default="auto")
@@ -55,7 +60,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "default: the pooled one")
     parser.add_argument("--explain", type=Path, metavar="OUT_DIR",
                         help="write a Grad-CAM overlay PNG per image here, and its peak's region to the CSV")
+    parser.add_argument("--ray", action="store_true",
+                        help="score --input on Ray Data actors into the parquet file --out (jobs/predict_ray.py)")
+    parser.add_argument("--input", help="with --ray: a folder or an s3:// / gs:// URI of images")
+    add_ray_arguments(parser)
     args = parser.parse_args(argv)
+    if args.ray:
+        if not args.input or args.inputs or not args.out or args.explain:
+            parser.error("--ray takes --input DIR_OR_URI and --out FILE.parquet (no positional inputs, no --explain)")
+        from jobs import predict_ray
+
+        try:
+            return predict_ray.run(str(args.checkpoint), args.input, args.out, args.weights, args.domain, args.address)
+        except (CheckpointError, ThresholdsError, StorageError) as exc:
+            sys.exit(f"error: {exc}")
+    if not args.inputs:
+        parser.error("give image files or folders to score (or --ray --input DIR_OR_URI)")
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device, domain=args.domain)
     except (CheckpointError, ThresholdsError) as exc:

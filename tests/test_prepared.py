@@ -70,6 +70,11 @@ def test_a_changed_file_is_prepared_again_and_never_served_stale(tmp_path):
     jobs = plan_shards(samples, 224, tmp_path / "cache")
     assert [j.paths for j in jobs] == [(str(Path(changed).absolute()),)]
     assert build_prepared(samples, 224, tmp_path / "cache", progress=False) == (3, 1)
+    # the stale version stays in its shard: whichever order the shards are read in, it is never served
+    folder = prepared_folder(tmp_path / "cache", 224)
+    first = min(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    for suffix in (".json", ".u8"):
+        (folder / f"zzzz{suffix}").write_bytes(first.with_suffix(suffix).read_bytes())
     again = PreparedImages.open(tmp_path / "cache", 224)
     assert again.coverage(samples) == 4 and again.load(changed, 224).getpixel((0, 0)) == (7, 7, 7)
     # another decode size is another cache: nothing of it is there yet

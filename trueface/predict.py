@@ -31,9 +31,9 @@ from trueface.calibration import UNCALIBRATED, apply_temperature
 from trueface.checkpoint import load_checkpoint
 from trueface.config import from_dict
 from trueface.config.choices import parse_normalize
-from trueface.data.decode import ImageReadError, load_rgb
+from trueface.data.decode import ImageReadError, decode_bytes, load_rgb, prepare_rgb
 from trueface.data.layout import IMAGE_SUFFIXES, LABEL_NAMES
-from trueface.data.normalize import load_normalized
+from trueface.data.normalize import load_normalized, normalize_image
 from trueface.evaluation import load_models
 from trueface.inference import decode_size, score_batch
 from trueface.precision import Runtime
@@ -165,6 +165,16 @@ class Predictor:
         if self.normalize is None:
             return self.transform(load_rgb(path, self.decode_size))
         return self.transform(load_normalized(path, *self.normalize, self.decode_size))
+
+    def load_bytes(self, data: bytes, name: str) -> torch.Tensor:
+        """``load`` for a file's bytes already in memory (Ray Data reads them); ``name`` in errors."""
+        if self.normalize is None:
+            return self.transform(decode_bytes(data, name, self.decode_size))
+        return self.transform(prepare_rgb(normalize_image(decode_bytes(data, name), *self.normalize), self.decode_size))
+
+    def score_loaded(self, batch: list[tuple[str, torch.Tensor]]) -> list[Prediction]:
+        """Predictions of files already loaded, one forward for the whole batch."""
+        return list(self._flush(batch))
 
     def _flush(self, batch: list[tuple[Path, torch.Tensor]]) -> Iterator[Prediction]:
         if not batch:

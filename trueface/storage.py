@@ -110,6 +110,11 @@ def _filesystem(location: str, key: str = "storage"):
         raise StorageError(f"{key}: cannot open {location}: {exc}") from exc
 
 
+def open_filesystem(location: str, key: str = "storage"):
+    """(pyarrow filesystem, path in it) of a URI; StorageError naming ``key`` when it cannot be opened."""
+    return _filesystem(location, key)
+
+
 def _storage_error(location: str, exc: Exception) -> StorageError:
     hint = ""
     if location.startswith("s3://"):

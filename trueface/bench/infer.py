@@ -17,8 +17,12 @@ flip, so the row measures the serving path and nothing else:
 
 The two alternate over the repeats (A B, B A, ...) and each side's figure is the median. The
 note gives the largest difference between the two sides' probabilities (the decode reduce makes
-them differ slightly: the project scores the pixels training used). ``--ray`` batch scoring
-(issue 12) will get its own row when it exists.
+them differ slightly: the project scores the pixels training used).
+
+With ``--ray`` (``jobs.bench_infer_ray`` hands in ``ray_rate``; the library never imports Ray) a
+second row times ``jobs.predict --ray`` on the same files and checkpoint (a fresh model is saved
+as one first) against the plain predictor: the whole Ray Data run, actor start-up (each loads
+the model) included, ``ray.init`` left out and printed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from PIL import Image
 from trueface.augment import eval_transform
 from trueface.bench.input import real_jpegs, generated_jpegs
 from trueface.bench.report import Bench, Row, machine_context
-from trueface.config import load_config
+from trueface.checkpoint import save_checkpoint
+from trueface.config import load_config, to_dict
 from trueface.inference import decode_size
 from trueface.model import build_model, fake_probability
 from trueface.precision import Runtime
@@ -48,7 +53,11 @@ QUICK = {"images": 8, "image_size": 64, "batch_size": 4, "repeats": 1}
 JPEG_SIDE = 256  # generated files: the 140K set's size
 
 
-def run(args: argparse.Namespace) -> Bench:
+#: (checkpoint file, image paths) -> (img/s of jobs.predict --ray over them, a note on how measured)
+RayRate = Callable[[Path, Sequence[Path]], tuple[float, str]]
+
+
+def run(args: argparse.Namespace, ray_rate: RayRate | None = None) -> Bench:
     size = bench_size(args)
     work = Path(tempfile.mkdtemp(prefix="trueface-bench-infer-"))
     try:
@@ -57,7 +66,13 @@ def run(args: argparse.Namespace) -> Bench:
         else:
             paths, source = real_jpegs(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
         predictor, model_text = load_predictor(args.checkpoint, size)
-        return _measure(predictor, paths, size, f"{model_text}; {source}")
+        bench = _measure(predictor, paths, size, f"{model_text}; {source}")
+        if ray_rate is not None:
+            checkpoint = args.checkpoint or save_fresh_checkpoint(predictor, work / "fresh.pt")
+            rate, note = ray_rate(checkpoint, paths)
+            bench.add(Row("jobs.predict --ray (Ray Data) vs jobs.predict", rate, bench.rows[0].project, "img/s",
+                          note=note))
+        return bench
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -82,11 +97,23 @@ def load_predictor(checkpoint: Path | None, size: dict) -> tuple[Predictor, str]
         return predictor, f"checkpoint {checkpoint} ({predictor.image_size} px)"
     cfg = load_config("demo", ["model.weights=none"])
     runtime = Runtime.create("auto", cfg.runtime.precision)
-    model = build_model(cfg.model).to(runtime.device, memory_format=torch.channels_last).eval()
+    with torch.random.fork_rng(devices=[]):  # the same weights in every run, whatever ran before
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+    model = model.to(runtime.device, memory_format=torch.channels_last).eval()
     image_size = size["image_size"]
     return (Predictor(model, image_size, 0.5, runtime, cfg.eval.hflip_tta, size["batch_size"],
                       decode_size=decode_size(cfg, image_size)),
             f"fresh ResNet-50 (random init) at {image_size} px")
+
+
+def save_fresh_checkpoint(predictor: Predictor, path: Path) -> Path:
+    """The fresh model as a Stage I checkpoint that Predictor.from_checkpoint reads back as it is."""
+    cfg = load_config("demo", ["model.weights=none", f"stage1.image_size={predictor.image_size}",
+                               f"eval.hflip_tta={str(predictor.hflip).lower()}"])
+    state = predictor.model.state_dict()
+    save_checkpoint(path, {"model": state, "ema": state, "stage": 1, "config": to_dict(cfg)})
+    return path
 
 
 class NaivePredictor:

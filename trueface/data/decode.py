@@ -21,6 +21,7 @@ puts that reason in its report's ``error`` column.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -66,22 +67,36 @@ def load_rgb(path: str | os.PathLike, decode_size: int | None = None) -> Image.I
     cause.
     """
     _check_file(path)
+    return _decode(path, path, decode_size, lambda: _file_head(path))
+
+
+def decode_bytes(data: bytes, name: str, decode_size: int | None = None) -> Image.Image:
+    """``load_rgb`` of a file's bytes already in memory (read from an object store, say); ``name``
+    stands for the path in errors."""
+    if not data:
+        raise ImageReadError(name, "zero-byte file")
+    return _decode(io.BytesIO(data), name, decode_size, lambda: bytes(data[:16]))
+
+
+def _decode(source, name, decode_size: int | None, head) -> Image.Image:
+    """Open ``source`` (a path or a file object) and run ``prepare_rgb``; every failure becomes an
+    ImageReadError naming ``name``. ``head()`` gives the first bytes, to tell damaged from foreign."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return prepare_rgb(img, decode_size)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, _bomb_reason(exc)) from exc
+        raise ImageReadError(name, _bomb_reason(exc)) from exc
     except PermissionError as exc:
-        raise ImageReadError(path, "permission denied") from exc
+        raise ImageReadError(name, "permission denied") from exc
     except UnidentifiedImageError as exc:
-        raise ImageReadError(path, _unidentified_reason(path)) from exc
+        raise ImageReadError(name, _unidentified_reason(head())) from exc
     # PIL's decoders raise many types on damaged data (OSError, SyntaxError, EOFError, ValueError,
     # struct.error, zlib.error...): the file is untrusted input, so all of them mean "corrupt".
     except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
+        raise ImageReadError(name, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
 
 
 def prepare_rgb(img: Image.Image, decode_size: int | None = None) -> Image.Image:
@@ -179,12 +194,18 @@ def _bomb_reason(exc: Exception) -> str:
     return f"decompression bomb: {pixels} pixels, over PIL's limit of {limit}"
 
 
-def _unidentified_reason(path: str | os.PathLike) -> str:
+def _file_head(path: str | os.PathLike) -> bytes | str:
+    """The file's first 16 bytes, or why they cannot be read."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
+            return fh.read(16)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+
+
+def _unidentified_reason(head: bytes | str) -> str:
+    if isinstance(head, str):  # the reason it could not be read
+        return head
     for magic, fmt in SIGNATURES.items():
         if head.startswith(magic):
             return f"truncated or corrupt image data ({fmt} header present, but PIL cannot read the file)"

@@ -78,9 +78,10 @@ def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def read_index(folder: str | os.PathLike) -> dict[str, Entry]:
-    """path -> Entry of every complete shard in ``folder`` (none when it does not exist)."""
-    index: dict[str, Entry] = {}
+def read_index(folder: str | os.PathLike) -> dict[str, list[Entry]]:
+    """path -> its Entries in the complete shards of ``folder`` (none when it does not exist). A file
+    prepared again after it changed has one per version: ``current`` picks the one it matches."""
+    index: dict[str, list[Entry]] = {}
     folder = Path(folder)
     if not folder.is_dir():
         return index
@@ -90,8 +91,15 @@ def read_index(folder: str | os.PathLike) -> dict[str, Entry]:
         except (OSError, ValueError, KeyError) as exc:
             raise ImageReadError(sidecar, f"prepared cache index unreadable ({exc}); delete {folder} to rebuild it") from exc
         for r in rows:
-            index[r["path"]] = Entry(sidecar.stem, r["offset"], r["height"], r["width"], tuple(r["stamp"]))
+            index.setdefault(r["path"], []).append(Entry(sidecar.stem, r["offset"], r["height"], r["width"],
+                                                         tuple(r["stamp"])))
     return index
+
+
+def current(index: dict[str, list[Entry]], path: str) -> Entry | None:
+    """The entry prepared from ``path`` as the file is now (same size and mtime), if any."""
+    stamp = file_stamp(path)
+    return next((e for e in index.get(path, ()) if e.stamp == stamp), None)
 
 
 def plan_shards(samples: Sequence[Sample], decode_size: int | None, cache_dir: str | os.PathLike) -> list[ShardJob]:
@@ -104,8 +112,7 @@ def plan_shards(samples: Sequence[Sample], decode_size: int | None, cache_dir: s
         if path in seen:
             continue
         seen.add(path)
-        entry = index.get(path)
-        if entry is None or entry.stamp != file_stamp(path):
+        if current(index, path) is None:
             todo.append(path)
     jobs = []
     for start in range(0, len(todo), SHARD_IMAGES):
@@ -170,7 +177,7 @@ class PreparedImages:
     """Images served from the cache, the file decoded where the cache has no current copy.
     Picklable (DataLoader workers): the memory maps are opened in each process on first use."""
 
-    def __init__(self, folder: str | os.PathLike, decode_size: int | None, index: dict[str, Entry]) -> None:
+    def __init__(self, folder: str | os.PathLike, decode_size: int | None, index: dict[str, list[Entry]]) -> None:
         self.folder, self.decode_size, self.index = Path(folder), decode_size, index
         self._maps: dict[str, np.memmap] = {}
 
@@ -181,12 +188,12 @@ class PreparedImages:
 
     def coverage(self, samples: Sequence[Sample]) -> int:
         """How many of ``samples`` the cache holds a current copy of."""
-        return sum(1 for s in samples if self._current(str(Path(s.path).absolute())) is not None)
+        return sum(1 for s in samples if current(self.index, str(Path(s.path).absolute())) is not None)
 
     def load(self, path: str | os.PathLike, decode_size: int | None) -> Image.Image:
         """``load_rgb(path, decode_size)``, from the cache where it holds the file as it is now."""
         path = str(Path(path).absolute())
-        entry = self._current(path) if decode_size == self.decode_size else None
+        entry = current(self.index, path) if decode_size == self.decode_size else None
         if entry is None:
             return load_rgb(path, decode_size)
         data = self._map(entry.shard)
@@ -195,10 +202,6 @@ class PreparedImages:
 
     def __call__(self, path: str | os.PathLike, decode_size: int | None) -> Image.Image:  # an ImageDataset's ``load``
         return self.load(path, decode_size)
-
-    def _current(self, path: str) -> Entry | None:
-        entry = self.index.get(path)
-        return entry if entry is not None and entry.stamp == file_stamp(path) else None
 
     def _map(self, shard: str) -> np.memmap:
         if shard not in self._maps:

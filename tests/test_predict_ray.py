@@ -1,0 +1,114 @@
+"""jobs.predict --ray: Ray Data actors give the plain predictor's probabilities, a broken file is a
+row with its error (never a failed job), and a bucket is read through pyarrow (moto's S3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import predict as predict_job
+from tests.conftest import JobProcess, tiny_overrides, write_tiny_root
+from trueface.checkpoint import save_checkpoint
+from trueface.config import load_config, to_dict
+from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
+from trueface.model import build_model
+from trueface.predict import Predictor, expand_inputs
+from trueface.run import resolve_run
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def scored(module_tmp):
+    """A checkpoint with thresholds and temperatures beside it, a folder of 32 test images plus one
+    broken file, and the plain predictor's scores of them."""
+    tmp = module_tmp
+    root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
+    cfg, layout = resolve_run(load_config("demo", [*tiny_overrides(root, tmp), "eval.hflip_tta=true"]))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    ckpt = tmp / "runs" / "t" / "stage2" / "best.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "ema": model.state_dict(), "stage": 2, "config": to_dict(cfg)})
+    evaluate_checkpoint(ckpt, layout, tmp / "results", thresholds=ThresholdRequest("valid", save=True))
+    folder = tmp / "to-score"
+    for p in sorted(root.glob("*/test/*/*.png")):
+        target = folder / p.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    plain = {r.path: r for r in predictor.score(expand_inputs([folder]))}
+    return {"ckpt": ckpt, "folder": folder, "plain": plain, "tmp": tmp, "threshold": predictor.threshold}
+
+
+def _check_rows(rows, scored, prefix: str = "") -> None:
+    plain = scored["plain"]
+    assert len(rows) == len(plain) == 33
+    by_path = {r["path"]: r for r in rows}
+    for path, want in plain.items():
+        got = by_path[prefix + Path(path).relative_to(scored["folder"]).as_posix() if prefix else path]
+        assert got["label"] == want.label and got["threshold"] == scored["threshold"]
+        if want.error:
+            assert got["p_generated"] is None and "broken.png" in got["error"] and "not an image" in got["error"]
+            assert got["error"].split(": ", 1)[1] == want.error.split(": ", 1)[1]  # the predictor's reason
+            continue
+        assert got["error"] == "" and abs(got["p_generated"] - want.probability) < 1e-6
+        assert abs(got["p_calibrated"] - want.calibrated) < 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_ray_data_scores_a_folder_as_the_plain_predictor_does(ray_session, scored, capsys):
+    out = scored["tmp"] / "preds.parquet"
+    assert predict_job.main(["--ray", "--checkpoint", str(scored["ckpt"]), "--input", str(scored["folder"]),
+                             "--out", str(out)]) == 1  # one unreadable file: reported, not a failed job
+    rows = pq.read_table(out).to_pylist()
+    _check_rows(rows, scored)
+    err = capsys.readouterr().err
+    assert "32 scored, 1 unreadable" in err and "img/s" in err
+
+
+@pytest.mark.timeout(300)
+def test_ray_data_reads_a_bucket(s3_server, scored):
+    client = s3_server["client"]
+    for path in expand_inputs([scored["folder"]]):
+        key = f"faces/{path.relative_to(scored['folder']).as_posix()}"
+        client.put_object(Bucket=s3_server["bucket"], Key=key, Body=path.read_bytes())
+    out = scored["tmp"] / "bucket.parquet"
+    # a process of its own, with its own Ray: its workers inherit the credentials, as a cluster's do
+    rc, log = JobProcess("jobs.predict", ["--ray", "--checkpoint", str(scored["ckpt"]), "--input",
+                                          "s3://trueface-test/faces/", "--out", str(out)],
+                         scored["tmp"] / "bucket.log").finish(timeout=240)
+    assert rc == 1, log[-3000:]
+    _check_rows(pq.read_table(out).to_pylist(), scored, prefix="s3://trueface-test/faces/")
+
+
+def test_ray_arguments_are_checked(scored):
+    with pytest.raises(SystemExit):
+        predict_job.main(["--ray", "--checkpoint", str(scored["ckpt"]), str(scored["folder"])])
+    with pytest.raises(SystemExit, match="not a folder"):
+        predict_job.main(["--ray", "--checkpoint", str(scored["ckpt"]), "--input", str(scored["tmp"] / "nowhere"),
+                          "--out", str(scored["tmp"] / "x.parquet")])
+    assert not (scored["tmp"] / "x.parquet").exists()
+
+
+@pytest.mark.timeout(300)
+def test_infer_benchmark_ray_row_times_ray_data_beside_the_predictor(ray_session, tmp_path, monkeypatch):
+    import json
+
+    from jobs import bench_infer_ray, benchmark
+
+    scored_paths, real = [], bench_infer_ray.score_paths
+    monkeypatch.setattr(bench_infer_ray, "score_paths", lambda ckpt, paths, *a: scored_paths.append(
+        (ckpt, list(paths))) or real(ckpt, paths, *a))
+    assert benchmark.main(["infer", "--quick", "--images", "3", "--ray", "--results-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench-infer" / "bench.json").read_text())["rows"]
+    assert [r["what"] for r in rows] == ["jobs.predict vs naive per-image predictor",
+                                         "jobs.predict --ray (Ray Data) vs jobs.predict"]
+    assert rows[1]["reference"] == rows[0]["project"] and rows[1]["project"] > 0
+    assert "(0 unreadable)" in rows[1]["note"] and "Ray was running already" in rows[1]["note"]
+    (ckpt, paths), = scored_paths
+    assert Path(ckpt).name == "fresh.pt" and len(paths) == 3  # the same files, the fresh model saved as a checkpoint
