@@ -38,7 +38,8 @@ def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert {"train/loss", "train/lr", "train/ema_decay", "val/auc", "val/auc_ema"} <= set(events.Tags()["scalars"])
-    assert events.Tags()["images"] == ["train/augmented_samples"]
+    assert sorted(events.Tags()["images"]) == ["explain/gradcam_ema", "train/augmented_samples"]
+    assert len(events.Images("explain/gradcam_ema")) == 1  # once, after the stage
     assert len(events.Scalars("val/auc_ema")) == 2  # one point per epoch
 
 

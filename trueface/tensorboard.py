@@ -13,6 +13,12 @@ import torch
 
 
 class NullLogger:
+    @property
+    def keeps_images(self) -> bool:
+        """False where ``images`` drops them, so callers skip building a grid nobody keeps (every
+        rank but 0 would otherwise build one each epoch, as would a benchmark's every step)."""
+        return type(self).images is not NullLogger.images
+
     def scalar(self, name: str, value: float, step: int) -> None:
         pass
 

@@ -242,7 +242,7 @@ def run_stage(
             if progress.should_stop(st.patience):
                 _log(di, f"{key}: early stop after {progress.epoch} epochs (patience {st.patience})")
                 break
-        if di.rank == 0 and val_samples:  # where the final EMA weights look, on the same images every stage
+        if logger.keeps_images and val_samples:  # where the final EMA weights look, the same images every stage
             logger.images("explain/gradcam_ema", validation_grid(state.ema.module, val_samples, st.image_size, cfg),
                           progress.step)
     finally:
@@ -415,7 +415,7 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
         if i >= micro_steps:
             break
         images = device_batch(images, state.runtime, augment)
-        if i == 0:  # what the model is given (before MixUp), on either path
+        if i == 0 and window.logger.keeps_images:  # what the model is given (before MixUp), on either path
             window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]).cpu(), nrow=8), step)
         lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
         set_lr(state.optimizer, lr)
