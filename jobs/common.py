@@ -176,3 +176,21 @@ def metrics_table(results_dir: Path) -> str:
 
 def print_metrics_table(results_dir: Path) -> None:
     print("\n" + metrics_table(results_dir))
+
+
+def prepared_run_or_exit(cfg: Config):
+    """``trueface.run.prepare_run`` (data check, exclusions, normalisation), a bad root, a failed
+    data check or an unusable storage ending the job with its message and what to run next."""
+    from trueface.data.check import DataCheckError
+    from trueface.data.layout import DataLayoutError
+    from trueface.run import prepare_run
+    from trueface.storage import StorageError
+
+    try:
+        return prepare_run(cfg)
+    except DataLayoutError as exc:
+        sys.exit(f"data error: {exc}")
+    except DataCheckError as exc:
+        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {cfg.data.root or '<root>'} for the full report.")
+    except StorageError as exc:
+        sys.exit(f"storage error: {exc}")

@@ -20,13 +20,11 @@ import time
 from collections.abc import Sequence
 
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
-                         print_metrics_table, warn_if_outputs_vanish)
+                         prepared_run_or_exit, print_metrics_table, warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
-from trueface.data.layout import DataLayoutError
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
-from trueface.data.check import DataCheckError
-from trueface.run import RunPaths, describe_plan, prepare_run, write_data_check, write_run_files
+from trueface.run import RunPaths, describe_plan, write_data_check, write_run_files
 from trueface.storage import StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
@@ -44,14 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += [f"output.runs_dir={join(args.storage, 'runs')}", f"output.results_dir={join(args.storage, 'results')}"]
     cfg = config_from_args(args)
     warn_if_outputs_vanish(cfg)
-    try:
-        prepared = prepare_run(cfg)
-    except DataLayoutError as exc:
-        sys.exit(f"data error: {exc}")
-    except DataCheckError as exc:
-        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {cfg.data.root or '<root>'} for the full report.")
-    except StorageError as exc:
-        sys.exit(f"storage error: {exc}")
+    prepared = prepared_run_or_exit(cfg)
     cfg, layout, check = prepared.cfg, prepared.layout, prepared.check
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()

@@ -23,13 +23,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray
+from jobs.common import add_config_arguments, add_ray_arguments, config_from_args, init_ray, prepared_run_or_exit
 from trueface.config import Config
-from trueface.data.check import DataCheckError
-from trueface.data.layout import DataLayout, DataLayoutError, Sample
+from trueface.data.layout import DataLayout, Sample
 from trueface.data.prepared import ShardJob, build_prepared, prepared_folder
 from trueface.inference import decode_size
-from trueface.run import prepare_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,12 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    try:
-        prepared = prepare_run(cfg)
-    except DataLayoutError as exc:
-        sys.exit(f"data error: {exc}")
-    except DataCheckError as exc:
-        sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {cfg.data.root or '<root>'} for the full report.")
+    prepared = prepared_run_or_exit(cfg)
     init_ray(args.address, prepared.cfg)
     prepare_with_ray(prepared.cfg, prepared.layout)
     return 0
