@@ -76,7 +76,14 @@ def test_real_images_are_used_as_they_are_where_their_side_fits(tmp_path):
     assert all(p.parent == train for p in images[256]) and len(images[256]) == 3
     assert [Image.open(p).size for p in images[1024]] == [(1024, 1024)] * 2
     assert set(source["resized"]) == {1024} and "resized once to 1024 px" in source["resized"][1024]
-    with pytest.raises(SystemExit, match="holds 4 JPEG files, the benchmark needs 9"):
+    test = tmp_path / "mini" / "test" / "FAKE"
+    test.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(test / f"{i}.jpg", quality=75)
+    # more than the train split holds: the whole root (7 files), not an error
+    wider, _ = bench_input.bench_images(tmp_path / "mini", {256: 6}, tmp_path / "work1")
+    assert len(wider[256]) == 6 and {p.parent for p in wider[256]} == {train, test}
+    with pytest.raises(SystemExit, match="holds 7 JPEG files, the benchmark needs 9"):
         bench_input.bench_images(tmp_path / "mini", {256: 9}, tmp_path / "work2")
     with pytest.raises(SystemExit, match="is not a folder"):
         bench_input.bench_images(tmp_path / "absent", {256: 1}, tmp_path / "work3")

@@ -142,12 +142,19 @@ def generated_jpegs(folder: Path, side: int, count: int, seed: int = SEED) -> li
 
 
 def real_jpegs(data_root: Path, count: int) -> list[Path]:
-    """``count`` JPEGs spread evenly over the train split (or the whole root), so both classes come in."""
+    """``count`` JPEGs spread evenly over the train split (the whole root where the train split holds
+    fewer, or has no folder of its own), so both classes come in."""
     if not data_root.is_dir():
         raise SystemExit(f"input: --data-root {data_root} is not a folder; give a data set laid out as "
                          "{train,valid,test}/{REAL,FAKE}/ or leave it out to use generated images")
-    base = data_root / "train" if (data_root / "train").is_dir() else data_root
-    files = [p for p in expand_inputs([base]) if p.suffix.lower() in (".jpg", ".jpeg")]
+
+    def jpegs(folder: Path) -> list[Path]:
+        return [p for p in expand_inputs([folder]) if p.suffix.lower() in (".jpg", ".jpeg")]
+
+    base = data_root / "train"
+    files = jpegs(base) if base.is_dir() else []
+    if len(files) < count:
+        base, files = data_root, jpegs(data_root)
     if len(files) < count:
         raise SystemExit(f"input: {base} holds {len(files)} JPEG files, the benchmark needs {count}; "
                          "lower --images or point --data-root at a bigger set")
