@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from jobs.common import init_ray
-from jobs.predict_ray import score_paths
+from jobs.predict_ray import actor_pool, local_cpus, score_paths
 from trueface.bench.infer import run as run_table
 from trueface.bench.report import Bench
 from trueface.checkpoint import load_checkpoint
@@ -34,18 +34,18 @@ def ray_predict_rate(checkpoint: Path, paths: Sequence[Path]) -> tuple[float, st
     started = not ray.is_initialized()
     t0 = time.perf_counter()
     if started:
-        init_ray(None, from_dict(load_checkpoint(checkpoint)["config"]))
+        init_ray(None, from_dict(load_checkpoint(checkpoint)["config"]), num_cpus=local_cpus())
     init_s = time.perf_counter() - t0
     try:
         with tempfile.TemporaryDirectory(prefix="trueface-bench-ray-") as tmp:
             t1 = time.perf_counter()
             failed = score_paths(Path(checkpoint), [str(p) for p in paths], None, Path(tmp) / "scores.parquet")
             elapsed = time.perf_counter() - t1
-        actors = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+        actors, gpus = actor_pool()
     finally:
         if started:
             ray.shutdown()
     note = (f"the whole Ray Data run over the same {len(paths)} files ({failed} unreadable), {elapsed:.1f} s: reading, "
-            f"{actors} CPU actor(s) starting and loading the model once each, scoring; left out: ray.init {init_s:.1f} s"
+            f"{actors} {'GPU' if gpus else 'CPU'} actor(s) starting and loading the model once each, scoring; left out: ray.init {init_s:.1f} s"
             + ("" if started else " (Ray was running already)"))
     return len(paths) / elapsed, note

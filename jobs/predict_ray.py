@@ -18,6 +18,7 @@ threshold, error (rows in the order they finish, not the input order).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,9 +94,25 @@ def run(checkpoint: str, location: str, out: Path, weights: str = "ema", domain:
     paths, fs = list_images(location)
     if not paths:
         raise SystemExit(f"error: no images found under {location}")
-    init_ray(address, cfg)
+    init_ray(address, cfg, num_cpus=local_cpus())
     failed = score_paths(local_ckpt, paths, fs, out, weights, domain, location)
     return 1 if failed else 0
+
+
+def local_cpus() -> int:
+    """A local Ray's logical CPUs: one per core for the actors, plus one for the reading tasks
+    and the driver (actor_pool leaves one free), as a local search adds one for its trials."""
+    return (os.cpu_count() or 1) + 1
+
+
+def actor_pool() -> tuple[int, int]:
+    """(actors, the cluster's GPUs): one actor per GPU; on CPUs one per core but one, left to the
+    reading tasks and the driver."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return gpus or max(1, int(resources.get("CPU", 1)) - 1), gpus
 
 
 def score_paths(checkpoint: Path, paths: list[str], fs, out: Path, weights: str = "ema", domain: str | None = None,
@@ -105,10 +122,7 @@ def score_paths(checkpoint: Path, paths: list[str], fs, out: Path, weights: str 
     import ray
 
     scheme = source.split("://")[0] + "://" if fs is not None else ""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    # One actor per GPU; on CPUs one per core but one, left to the reading tasks and the driver.
-    actors = gpus or max(1, int(resources.get("CPU", 1)) - 1)
+    actors, gpus = actor_pool()
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).absolute()),
                                                        "weights": weights, "domain": domain, "threads": 1,
