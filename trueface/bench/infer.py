@@ -160,5 +160,5 @@ def _measure(predictor: Predictor, paths: Sequence[Path], size: dict, context_te
                   statistics.median(rates["naive"]), "img/s", note=(
                       f"median of {size['repeats']} alternating passes over the same {len(paths)} files, in one "
                       f"process; probabilities differ by at most {diff:.2g} (the project reduces large images by "
-                      "a power of two before the resize, as training did); --ray batch scoring: issue 12")))
+                      "a power of two before the resize, as training did)")))
     return bench
