@@ -32,6 +32,7 @@ from trueface.atomic import atomic_open
 from trueface.data.decode import ImageReadError
 from trueface.data.layout import IMAGE_SUFFIXES
 from trueface.config.schema import DataConfig
+from trueface.predict import expand_inputs
 from trueface.storage import fetch, is_uri, open_filesystem
 
 SCHEMA = pa.schema([("path", pa.string()), ("p_generated", pa.float64()), ("p_calibrated", pa.float64()),
@@ -75,7 +76,7 @@ def list_images(location: str) -> tuple[list[str], object | None]:
         root = Path(location)
         if not root.is_dir():
             raise SystemExit(f"error: --input {location}: not a folder")
-        return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), None
+        return [str(p) for p in expand_inputs([root])], None
     fs, base = open_filesystem(location, "--input")
     infos = fs.get_file_info(pafs.FileSelector(base.rstrip("/"), recursive=True, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES), fs
@@ -84,7 +85,6 @@ def list_images(location: str) -> tuple[list[str], object | None]:
 def run(checkpoint: str, location: str, out: Path, weights: str = "ema", domain: str | None = None,
         address: str | None = None) -> int:
     """Score every image under ``location`` into ``out``; 1 when any could not be read."""
-
     from jobs.common import init_ray
     from trueface.checkpoint import load_checkpoint
     from trueface.config import from_dict

@@ -20,7 +20,6 @@ tensor stays outside the file, as its steps are named in the metadata.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from trueface.atomic import atomic_open, atomic_write_text
 from trueface.augment import IMAGENET_MEAN, IMAGENET_STD
 from trueface.predict import Predictor
+from trueface.thresholds import file_sha256
 
 FORMATS = ("onnx", "torchscript")
 INPUT, OUTPUT = "images", "p_generated"
@@ -101,7 +101,7 @@ def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: s
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       "per_domain": _per_domain(saved, weights, "threshold")},
         "calibrated": "p_calibrated = 1 / (1 + ((1 - p) / p) ** (1 / T)); label = fake where p >= threshold",
-        "checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
     }
 
 
@@ -109,14 +109,6 @@ def _per_domain(saved, weights: str, what: str) -> dict[str, float]:
     if saved is None:
         return {}
     return {d: getattr(saved, what)(weights, d)[0] for d in saved.domains()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
