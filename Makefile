@@ -21,8 +21,12 @@ demo: setup
 tune: setup
 	$(PY) -m jobs.tune
 
+# Two pytest processes, each test file whole in one of them (its module fixtures run once); the
+# whole-process runs go first (tests/conftest.py) so the quick files fill in beside them.
+# make test TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest --durations=10
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 clean-runs:
 	rm -rf runs results/demo results/demo-*
