@@ -23,9 +23,24 @@ def _stage1(cfg, tmp_path: Path, **kw):
 
 
 def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
-    reports = []
-    cfg, _, result = _stage1(tiny_cfg, tmp_path, log_dir=tmp_path / "tb", report=lambda m, p: reports.append((m, p)))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reports, on_disk = [], []
+
+    def report(metrics, path):
+        # What a report's upload would find: a scheduler may end the trial right after the report
+        # that says the stage is done, so the stage's summary and TensorBoard must be complete then.
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        summary = finished_stage(tmp_path / "stage1")
+        on_disk.append((summary and summary.epochs_run, len(events.Scalars("val/auc_ema")), events.Tags()["images"]))
+        reports.append((metrics, path))
+
+    cfg, _, result = _stage1(tiny_cfg, tmp_path, log_dir=tmp_path / "tb", report=report)
     assert result.epochs_run == 2 and len(reports) == 2
+    assert [m["stage_done"] for m, _ in reports] == [0.0, 1.0]
+    assert on_disk[0][:2] == (None, 1) and "explain/gradcam_ema" not in on_disk[0][2]
+    assert on_disk[1][:2] == (2, 2) and "explain/gradcam_ema" in on_disk[1][2]
     metrics, path = reports[-1]
     assert {"train/loss", "val/auc", "val/auc_ema", "train/lr", "train/ema_decay"} <= set(metrics)
     assert path == tmp_path / "stage1" / "last.pt"
@@ -33,8 +48,6 @@ def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
     assert state["stage"] == 1 and state["epoch"] == 2 and state["step"] == 4  # 8 images / batch 4, 2 epochs
     assert state["config"]["stage1"]["domains"] == ["140k-real-vs-fake"]
     assert finished_stage(tmp_path / "stage1").epochs_run == 2
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert {"train/loss", "train/lr", "train/ema_decay", "val/auc", "val/auc_ema"} <= set(events.Tags()["scalars"])

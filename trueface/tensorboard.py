@@ -25,6 +25,9 @@ class NullLogger:
     def images(self, name: str, grid: torch.Tensor, step: int) -> None:
         pass
 
+    def flush(self) -> None:
+        """Write what is queued to the event file (before the file is uploaded)."""
+
     def close(self) -> None:
         pass
 
@@ -40,6 +43,9 @@ class TensorBoardLogger(NullLogger):
 
     def images(self, name: str, grid: torch.Tensor, step: int) -> None:
         self.writer.add_image(name, grid, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.flush()

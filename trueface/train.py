@@ -201,6 +201,22 @@ def run_stage(
              + data.sampler.plan().describe())
 
     logger = make_logger(log_dir, di.rank)
+
+    def finish() -> StageResult:
+        """What the stage leaves once its training is over: the Grad-CAM grid of the final EMA
+        weights (the same validation images every stage) and, on rank 0, ``stage.json``."""
+        if logger.keeps_images and val_samples:
+            logger.images("explain/gradcam_ema", validation_grid(state.ema.module, val_samples, st.image_size, cfg),
+                          progress.step)
+        done = StageResult(
+            stage, progress.best_auc, progress.best_epoch, progress.epoch, progress.epoch < st.epochs,
+            str(files["best"]), str(files["last"]), cfg.eval.select_on, progress.history,
+        )
+        if di.rank == 0:
+            atomic_write_text(files["summary"], json.dumps(asdict(done), indent=2))
+        return done
+
+    result: StageResult | None = None
     try:
         for epoch in range(progress.epoch, st.epochs):
             if progress.should_stop(st.patience):  # resumed after an early stop that was not recorded
@@ -237,23 +253,20 @@ def run_stage(
                      f"val AUC raw {val['val/auc']:.4f} EMA {val['val/auc_ema']:.4f}, "
                      f"{cfg.eval.select_on} EMA {val['val/select_auc_ema']:.4f}"
                      + (" (best)" if improved else f" ({progress.bad_epochs} without improvement)"))
+            if metrics["stage_done"]:
+                # A scheduler may end the trial at this report (ASHA does at max_t), and a report
+                # uploads the stage's files first: so the summary and the last TensorBoard entries
+                # are written before it, not after (a search in S3 lost a trial's stage.json so).
+                result = finish()
+            logger.flush()
             if report is not None:
                 report(metrics, ckpt)
             if progress.should_stop(st.patience):
                 _log(di, f"{key}: early stop after {progress.epoch} epochs (patience {st.patience})")
                 break
-        if logger.keeps_images and val_samples:  # where the final EMA weights look, the same images every stage
-            logger.images("explain/gradcam_ema", validation_grid(state.ema.module, val_samples, st.image_size, cfg),
-                          progress.step)
+        return result or finish()  # None: resumed with no epoch left, or no epoch reported done
     finally:
         logger.close()
-    result = StageResult(
-        stage, progress.best_auc, progress.best_epoch, progress.epoch, progress.epoch < st.epochs,
-        str(files["best"]), str(files["last"]), cfg.eval.select_on, progress.history,
-    )
-    if di.rank == 0:
-        atomic_write_text(files["summary"], json.dumps(asdict(result), indent=2))
-    return result
 
 
 @dataclass(frozen=True)
