@@ -264,7 +264,8 @@ def run_stage(
             if progress.should_stop(st.patience):
                 _log(di, f"{key}: early stop after {progress.epoch} epochs (patience {st.patience})")
                 break
-        return result or finish()  # None: resumed with no epoch left, or no epoch reported done
+        # None only when no epoch ran: resumed after the last one, or after an unrecorded early stop
+        return result or finish()
     finally:
         logger.close()
 
