@@ -105,7 +105,7 @@ def _built(tf):
     ops = tf.transforms
     assert [type(op) for op in ops] == [
         v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomApply, v2.RandomApply, v2.RandomGrayscale,
-        v2.RandomApply, v2.RandomApply, v2.Compose, v2.RandomApply, v2.Normalize, v2.RandomErasing,
+        v2.RandomApply, v2.RandomApply, augment.ToFloatImage, v2.RandomApply, v2.Normalize, v2.RandomErasing,
     ]
     crop, _, ra, cj, gray, jpeg, blur, _, noise, _, erase = ops
     inner = [type(a.transforms[0]) for a in (ra, cj, jpeg, blur, noise)]
@@ -202,3 +202,42 @@ def test_mixup_targets_are_the_same_mix_as_the_images():
     assert torch.allclose(my, lam * y + (1 - lam) * y[partner], atol=1e-5)
     same, ysame, lam1 = mixup(x, y, 0.0, np.random.default_rng(0))
     assert lam1 == 1.0 and torch.equal(same, x) and torch.equal(ysame, y)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_to_float_image_is_torchvisions_conversion_bit_for_bit_and_contiguous(mode):
+    img = _image(4, size=20).convert(mode)
+    reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])(img)
+    out = augment.ToFloatImage()(img)
+    assert out.shape == reference.shape and torch.equal(out, reference)
+    assert out.is_contiguous() and type(out) is torch.Tensor
+    as_tensor = torch.from_numpy(np.array(_image(4, size=20))).permute(2, 0, 1)
+    assert torch.equal(augment.ToFloatImage()(as_tensor), v2.ToDtype(torch.float32, scale=True)(as_tensor))
+    with pytest.raises(TypeError, match="uint8"):
+        augment.ToFloatImage()(as_tensor.float())
+
+
+def test_gaussian_noise_is_normal_with_the_configured_std_fresh_each_call_and_seeded():
+    from scipy.stats import kstest
+
+    x = torch.full((3, 64, 64), 0.5)
+    noise = AddGaussianNoise(0.03)
+    torch.manual_seed(0)
+    first, second = noise(x) - x, noise(x) - x
+    assert first.mean().abs() < 0.03 * 4 / 110  # 4 standard errors over 12,288 values
+    assert first.std().item() == pytest.approx(0.03, rel=0.03)
+    assert kstest((first / 0.03).flatten().numpy(), "norm").pvalue > 1e-3
+    assert not torch.equal(first, second)  # a new draw per image
+    assert abs(np.corrcoef(first.flatten(), second.flatten())[0, 1]) < 0.05
+    torch.manual_seed(0)
+    assert torch.equal(noise(x) - x, first)  # torch's seed fixes it (DataLoader workers seed torch)
+    # clamped to [0, 1] where the noise would leave it
+    edge = noise(torch.ones(3, 8, 8))
+    assert edge.max() == 1.0 and edge.min() < 1.0
+
+
+def test_noise_table_is_unit_normal_quantiles():
+    table = AddGaussianNoise.table
+    assert table.dtype == np.float32 and len(table) == 2**16
+    assert float(table.std()) == pytest.approx(1.0, abs=1e-6) and abs(float(table.mean())) < 1e-6
+    assert np.all(np.diff(table) > 0) and 4.2 < table.max() < 4.4  # sorted; truncated at about 4.3 sigma
