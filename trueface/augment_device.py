@@ -49,7 +49,8 @@ Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core m
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
 split 1.2 ms an image on the CPU side plus 7.9 ms for ``DeviceAugment`` on the CPU, so on a CPU it
 saves nothing (``augment.device: cpu`` keeps the per-sample path); the gain is moving the 7.9 ms
-to the GPU.
+to the GPU. (Measured before the per-sample noise became a table look-up; since then
+``python -m jobs.benchmark input`` puts the per-sample path at about 5.5 ms an image.)
 """
 
 from __future__ import annotations
