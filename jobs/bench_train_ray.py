@@ -25,7 +25,7 @@ import torch
 
 from jobs.common import init_ray  # the jobs' own start-up: loopback only, token auth
 from jobs.ray_train import _worker_setup, fit
-from trueface.bench.report import Bench
+from trueface.bench.report import Bench, OtherLoad, share_text
 from trueface.bench.train import WARMUP_STEPS, BatchFeed, EngineLoop, alternate, make_batches, run as run_table, spread
 from trueface.config import Config, from_dict
 
@@ -57,7 +57,9 @@ def ray_engine_rate(cfg: Config, size: dict, rounds: int) -> tuple[float, str]:
     note = (f"median of {rounds} steps in the worker ({spread(m['rates'])}; torch threads {m['threads']}, OMP_NUM_THREADS "
             f"{m['omp_threads']}; driver {cfg.scaling.cpus_per_worker}); driver steps ran half before, half after; "
             f"left out of the rate: ray.init {init_s:.1f} s" + ("" if started else " (Ray was running already)")
-            + f", worker group start and stop + model build + warm-up {startup:.1f} s of fit()'s {fit_s:.1f} s")
+            + f", worker group start and stop + model build + warm-up {startup:.1f} s of fit()'s {fit_s:.1f} s; "
+            f"other processes (Ray's GCS, raylet, dashboard and agents, Train controller, the driver) kept "
+            f"{share_text(m.get('other_load'))} of the machine's CPUs busy during the worker's steps")
     return float(m["img_per_s"]), note
 
 
@@ -71,10 +73,11 @@ def bench_worker(config: dict) -> None:
     engine.run(feed.take(WARMUP_STEPS))
     rates: dict[str, list[float]] = {"engine": []}
     start = time.perf_counter()
-    alternate({"engine": engine}, feed, int(config["rounds"]), rates)
+    with OtherLoad() as load:  # Ray's own processes, working beside this one
+        alternate({"engine": engine}, feed, int(config["rounds"]), rates)
     metrics = {"img_per_s": statistics.median(rates["engine"]), "threads": torch.get_num_threads(),
                "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "measure_s": time.perf_counter() - start,
-               "rates": rates["engine"]}
+               "rates": rates["engine"], "other_load": load.share}
     # Train V2's Result.metrics holds the latest report WITH a checkpoint only: attach a tiny one.
     with tempfile.TemporaryDirectory(prefix="trueface-bench-") as tmp:
         Path(tmp, "metrics.json").write_text(json.dumps(metrics))

@@ -8,12 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import trueface.train
 from jobs import benchmark
+from trueface.bench import report as bench_report
 from trueface.bench import train as bench_train
 
 
@@ -82,6 +88,35 @@ def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
     # Both rows compare against the same driver-side engine figure.
     assert rows["engine vs plain loop"]["project"] == rows["engine under Ray Train, 1 worker vs engine"]["reference"]
     assert "EMA" in rows["engine vs plain loop"]["note"] and "ray.init" in rows["engine under Ray Train, 1 worker vs engine"]["note"]
+    # the load beside each side's steps, measured in the worker and in the driver (Linux: /proc/stat)
+    shares = re.findall(r"kept (\d+\.\d)% of the machine's CPUs busy during the (worker's|driver's) steps",
+                        rows["engine under Ray Train, 1 worker vs engine"]["note"])
+    assert sorted(side for _, side in shares) == ["driver's", "worker's"]
+    assert all(0 <= float(share) <= 100 for share, _ in shares)
     ctx = bench["context"]
     assert (ctx["model"], ctx["image_size"], ctx["batch"], ctx["steps"]) == ("resnet50", 32, 4, 2)
     assert ctx["precision"] in ("fp32", "bf16", "fp16") and ctx["threads"] >= 1
+
+
+def test_other_load_counts_other_processes_and_not_this_one(monkeypatch):
+    # The arithmetic, on made-up clocks: 4 CPUs over 2 s = 8 CPU-s; the machine was busy 5 CPU-s,
+    # 3 of them this process's own: the others kept 2 / 8 = 25% busy.
+    clocks = {"busy": iter([100.0, 105.0]), "own": iter([10.0, 13.0]), "wall": iter([50.0, 52.0])}
+    monkeypatch.setattr(bench_report, "_machine_busy_s", lambda: next(clocks["busy"]))
+    monkeypatch.setattr(bench_report.time, "process_time", lambda: next(clocks["own"]))
+    monkeypatch.setattr(bench_report.time, "perf_counter", lambda: next(clocks["wall"]))
+    monkeypatch.setattr(bench_report.os, "cpu_count", lambda: 4)
+    with bench_report.OtherLoad() as load:
+        pass
+    monkeypatch.undo()  # the real clocks back before anything else reads them
+    assert load.share == pytest.approx(0.25)
+    assert bench_report.share_text(load.share) == "25.0%" and "unknown" in bench_report.share_text(None)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_other_load_sees_a_busy_child_process():
+    with bench_report.OtherLoad() as load:
+        child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+        child.wait()
+    # one core of os.cpu_count() spun for most of the block (more if another test ran beside it)
+    assert load.share >= 0.6 / (os.cpu_count() or 1)

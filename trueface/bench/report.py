@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,9 +100,45 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class OtherLoad:
+    """How much of the machine's CPUs every OTHER process kept busy during a ``with`` block: the
+    machine's busy time (Linux ``/proc/stat``) less this process's own CPU time, over the block's
+    wall time x the CPU count. A side-by-side figure is only as fair as the load beside it: on a
+    2-core machine, a local Ray's own processes (GCS, raylet, dashboard and its agents, the Train
+    controller) take a measurable share from the worker they serve. ``share`` is None where
+    ``/proc/stat`` is missing (macOS, Windows)."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.share: float | None = None
+        self._start = (_machine_busy_s(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, wall = _machine_busy_s(), time.perf_counter() - wall0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            others = (busy1 - busy0) - (time.process_time() - own0)
+            self.share = min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds the machine's processes have spent busy since boot: user, nice, system and
+    interrupts; not idle, I/O wait, or steal (time the hypervisor gave to other machines)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, _steal = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def share_text(share: float | None) -> str:
+    return "unknown (no /proc/stat)" if share is None else f"{share:.1%}"
+
+
 def machine_context() -> dict:
     """What every part states about where it ran."""
-    import os
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"device": device, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}

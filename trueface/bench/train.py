@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trueface.bench.report import Bench, Row, machine_context, torch_threads
+from trueface.bench.report import Bench, OtherLoad, Row, machine_context, share_text, torch_threads
 from trueface.config import Config, load_config
 from trueface.distributed import DistInfo
 from trueface.model import build_model
@@ -85,9 +85,13 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     for loop in (engine, plain):
         loop.run(feed.take(WARMUP_STEPS))
     before = math.ceil(rounds / 2)
-    alternate({"engine": engine, "plain": plain}, feed, before, rates)
+    with OtherLoad() as load_before:
+        alternate({"engine": engine, "plain": plain}, feed, before, rates)
     under_ray = ray_rate(cfg, size, rounds) if ray_rate else None
-    alternate({"engine": engine, "plain": plain}, feed, rounds - before, rates)
+    with OtherLoad() as load_after:
+        alternate({"engine": engine, "plain": plain}, feed, rounds - before, rates)
+    shares = [x.share for x in (load_before, load_after) if x.share is not None]
+    driver_load = sum(shares) / len(shares) if shares else None
     engine_rate, plain_rate = statistics.median(rates["engine"]), statistics.median(rates["plain"])
 
     bench = Bench("train", context={**machine_context(), "model": "resnet50", "image_size": size["image_size"],
@@ -101,7 +105,8 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
         f"EMA update of weights and buffers (decay {cfg.stage1.ema_decay}), progress window")))
     if under_ray:
         bench.add(Row("engine under Ray Train, 1 worker vs engine", under_ray[0], engine_rate, "img/s", TARGET,
-                      note=under_ray[1]))
+                      note=f"{under_ray[1]}; other processes kept {share_text(driver_load)} of the machine's CPUs "
+                           f"busy during the driver's steps"))
     return bench
 
 
