@@ -42,6 +42,21 @@ def write_tiny_root(root: Path, domains: dict[str, str], per_class: int = 4, siz
     return root
 
 
+def pytest_configure(config) -> None:
+    """Under ``make test`` (pytest-xdist), each pytest process gets its share of the cores for
+    torch's threads, and so do the jobs it starts (OMP_NUM_THREADS is inherited): two processes
+    each running two OpenMP threads on two cores spin-wait on one another, and the same test files
+    took 104 s that way against 75 s with one thread each. Ray Train workers set their own threads
+    from scaling.cpus_per_worker either way."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with a whole job's run (marked ``slow``) first, then files that start a local Ray,
     then the rest; the order within a file is kept. ``make test`` hands whole files to two
