@@ -10,11 +10,12 @@
 # augmentation on the GPU, train_one_epoch): Stage I >= 3500 img/s and Stage II >= 170 img/s on an
 # H100; the input path never the limit (engine >= 0.90 of the model alone on batches already on the
 # GPU; GPU busy >= 90% by nvml where pynvml is installed); peak GPU memory per stage.
-# Exits with the benchmark's status (124: it ran past 6 minutes). PYTHON picks the interpreter.
+# Exits with the benchmark's status (124: it ran past 6 minutes). PYTHON picks the interpreter
+# (default: python, else python3, as on images that ship only python3).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python || command -v python3)}"
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi

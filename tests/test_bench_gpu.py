@@ -21,8 +21,9 @@ from trueface.bench.report import Bench
 # The CLI run at CUDA sizes takes minutes: on a GPU machine run the benchmark itself instead.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 
-ROWS = ["Stage I training (engine)", "Stage I input path vs model alone",
-        "Stage II training (engine)", "Stage II input path vs model alone"]
+ROWS = ["Stage I training (engine)", "Stage I input path vs model alone", "Stage I loader alone",
+        "Stage I augmentation alone", "Stage II training (engine)", "Stage II input path vs model alone",
+        "Stage II loader alone", "Stage II augmentation alone"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,10 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
         assert ratio["project"] == rows[f"{stage} training (engine)"]["project"]
         assert ratio["reference"] > 0 and ratio["ratio"] == pytest.approx(ratio["project"] / ratio["reference"])
         assert "nvml not available" in ratio["note"] and "stands in for GPU busy" in ratio["note"]
+        for part in ("loader alone", "augmentation alone"):  # each part of the input path against the engine
+            row = rows[f"{stage} {part}"]
+            assert row["reference"] == rows[f"{stage} training (engine)"]["project"]
+            assert row["ratio"] == pytest.approx(row["project"] / row["reference"])
 
 
 @cpu_only
@@ -76,9 +81,11 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     _, seen = quick_run
     q = gpu.CPU_QUICK
     engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
-    # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch
+    # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
+    # on one of those batches alone (warm-up and timed calls)
+    alone = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS
     assert seen["augment"] == [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)
-                               for s in (1, 2) for _ in range(engine_steps[s - 1])]
+                               for s in (1, 2) for _ in range(engine_steps[s - 1] + alone)]
     # train_one_epoch's steps: the engine's and as many again for the model alone, nothing more
     assert seen["steps"] == 2 * sum(engine_steps)
 
@@ -147,21 +154,24 @@ def test_the_busy_sampler_averages_its_reads_and_records_a_failure():
 
 def test_on_cuda_the_rows_carry_the_issues_targets():
     bench = Bench("gpu")
-    figures = gpu.StageFigures(3600.0, 3800.0, 300, 300, 93.0, "", 21.5, 30)
+    figures = gpu.StageFigures(3600.0, 3800.0, 300, 300, 93.0, "", 21.5, 30, 9000.0, 12000.0)
     for stage in (1, 2):
         gpu.add_rows(bench, stage, gpu.CUDA_FULL[stage], figures, cuda=True, workers=15)
     targets = {r.what: r.target for r in bench.rows}
     assert targets == {"Stage I training (engine)": 3500.0, "Stage I input path vs model alone": 0.90,
                        "Stage I GPU busy (nvml)": 90.0, "Stage I peak GPU memory": None,
+                       "Stage I loader alone": None, "Stage I augmentation alone": None,
                        "Stage II training (engine)": 170.0, "Stage II input path vs model alone": None,
-                       "Stage II GPU busy (nvml)": None, "Stage II peak GPU memory": None}
+                       "Stage II GPU busy (nvml)": None, "Stage II peak GPU memory": None,
+                       "Stage II loader alone": None, "Stage II augmentation alone": None}
+    assert bench.rows[4].ratio == pytest.approx(2.5)  # loader alone 9000 against the engine's 3600
     assert all(gpu.CPU_NOTE not in r.note for r in bench.rows)
     assert "10% of the timed steps" in bench.rows[0].note  # 30 queued batches against 300 timed
     no_nvml = Bench("gpu")
     gpu.add_rows(no_nvml, 1, gpu.CUDA_FULL[1], gpu.StageFigures(3000.0, 3800.0, 300, 300, None,
-                                                                  "ModuleNotFoundError: pynvml", 21.5, 30),
+                                                                  "ModuleNotFoundError: pynvml", 21.5, 30, 4000.0),
                  cuda=True, workers=15)
     assert [r.what for r in no_nvml.rows] == ["Stage I training (engine)", "Stage I input path vs model alone",
-                                            "Stage I peak GPU memory"]
+                                            "Stage I peak GPU memory", "Stage I loader alone"]
     assert "nvml not available (ModuleNotFoundError: pynvml)" in no_nvml.rows[1].note
     assert no_nvml.rows[0].met is False and no_nvml.rows[1].met is False  # 3000 < 3500; 0.79 < 0.90

@@ -43,6 +43,7 @@ from torchvision.utils import make_grid
 
 from trueface.atomic import atomic_write_text, remove_partial_files
 from trueface.augment import TrainTransform, denormalize, mixup, soft_targets
+from trueface.augment_ahead import training_batches
 from trueface.augment_device import DeviceAugment, Uint8TrainTransform, runs_on_device
 from trueface.checkpoint import CheckpointError, StageResult, load_checkpoint, save_stage_checkpoints, stage_files
 from trueface.config import Config, StageConfig, to_dict
@@ -389,14 +390,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * torch.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
-def device_batch(images: torch.Tensor, runtime: Runtime, augment: Callable | None = None) -> torch.Tensor:
-    """The loader's batch on the training device, as the model's input before MixUp: copied
-    asynchronously (pinned on CUDA), then, on the batched path, ``augment`` (an ``EpochAugment``)
-    turns the uint8 batch into the augmented, normalised float one."""
-    images = images.to(runtime.device, non_blocking=True)
-    return images if augment is None else augment(images)
-
-
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st: StageConfig,
                rng: np.random.Generator, sync_grads: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch (MixUp, label smoothing); returns its share of the
@@ -419,30 +412,29 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
                     window: "_ProgressWindow", rng: np.random.Generator, augment: Callable | None = None) -> dict:
     """``plan.steps_per_epoch`` optimizer steps from global step ``step``; returns the epoch's
     training metrics and the new ``step``. ``augment``: the epoch's ``EpochAugment`` on the batched
-    path (the loader then yields uint8), None on the per-sample path. ``window`` is told of every
+    path (the loader then yields uint8; on CUDA it runs a batch ahead, ``training_batches``), None
+    on the per-sample path. ``window`` is told of every
     micro-batch (``add``) and step (``step_done``) and holds the ``logger``."""
     st = plan.st
     state.train_model.train()
     loss_sum = torch.zeros((), device=state.runtime.device)
     micro_steps, decay, lr = plan.steps_per_epoch * st.accum_steps, 0.0, 0.0
-    for i, (images, labels, _) in enumerate(loader):
-        if i >= micro_steps:
-            break
-        images = device_batch(images, state.runtime, augment)
-        if i == 0 and window.logger.keeps_images:  # what the model is given (before MixUp), on either path
-            window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]).cpu(), nrow=8), step)
-        lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
-        set_lr(state.optimizer, lr)
-        last_micro = (i + 1) % st.accum_steps == 0
-        loss = train_step(state, images, labels, st, rng, sync_grads=last_micro)
-        loss_sum += loss
-        window.add(loss, len(images))
-        if not last_micro:
-            continue
-        state.runtime.step(state.optimizer)
-        step += 1
-        decay = state.ema.update(state.model, step)
-        window.step_done(step, epoch, lr, decay)
+    with training_batches(loader, state.runtime, augment, micro_steps) as batches:
+        for i, (images, labels, _) in enumerate(batches):
+            if i == 0 and window.logger.keeps_images:  # what the model is given (before MixUp), on either path
+                window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]).cpu(), nrow=8), step)
+            lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
+            set_lr(state.optimizer, lr)
+            last_micro = (i + 1) % st.accum_steps == 0
+            loss = train_step(state, images, labels, st, rng, sync_grads=last_micro)
+            loss_sum += loss
+            window.add(loss, len(images))
+            if not last_micro:
+                continue
+            state.runtime.step(state.optimizer)
+            step += 1
+            decay = state.ema.update(state.model, step)
+            window.step_done(step, epoch, lr, decay)
     mean_loss = loss_sum.item() / plan.steps_per_epoch
     if not math.isfinite(mean_loss):
         raise StageError(f"{plan.key}: training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; "

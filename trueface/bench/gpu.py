@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m jobs.benchmark gpu                          # on a GPU: under 6 minutes by design (never run on one yet), no Ray, no download
+    python -m jobs.benchmark gpu                          # on a GPU: 142 s on an H200 (README), no Ray, no download
     python -m jobs.benchmark gpu --data-root ../shared/data/faces140k-mini   # real JPEGs instead of generated
     python -m jobs.benchmark gpu --quick                  # fewer steps (CPU: seconds, for CI)
     bash docker/gpu_check.sh                              # nvidia-smi, then this under a 6-minute timeout
@@ -23,7 +23,11 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
   the limit, i.e. the GPU busy at least 90% of the time it would be with free input;
 - "GPU busy (nvml)": mean of ``torch.cuda.utilization()`` sampled every 0.2 s over the timed
   engine steps (Stage I >= 90%), where pynvml answers; otherwise the ratio row stands in;
-- "peak GPU memory": ``torch.cuda.max_memory_allocated`` over the stage, GiB, no target.
+- "peak GPU memory": ``torch.cuda.max_memory_allocated`` over the stage, GiB, no target;
+- "loader alone" and "augmentation alone": what each part of the input path delivers by itself
+  (the epoch's DataLoader drained with nothing else running; ``DeviceAugment`` on one of its
+  batches already on the device), img/s, no target: where the engine falls short of the model
+  alone, these say which part is the limit.
 
 On a CPU the same code runs at small sizes (Stage I 64 px from 128 px JPEGs, Stage II 128 px from
 256 px, batch 4, one loader worker, ``DeviceAugment`` forced on through ``training_data(on_device=
@@ -54,7 +58,8 @@ from trueface.data.layout import Sample
 from trueface.distributed import DistInfo
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
-from trueface.train import TrainState, _build_state, _ProgressWindow, _seed_epoch, _step_plan, train_one_epoch, training_data
+from trueface.train import (TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch, _step_plan,
+                            train_one_epoch, training_data)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ CPU_QUICK = {1: StageSize(64, 32, 4, 1, 2, 8), 2: StageSize(128, 64, 4, 1, 2, 8)
 STAGE_NAMES = {1: "Stage I", 2: "Stage II"}
 
 MAX_TIMED_S = 45.0  # per timed phase: four phases plus set-up stay under the 6-minute promise
+MAX_PART_S = 10.0  # per input-path part (loader alone, augmentation alone): diagnostics, not targets
+AUGMENT_REPEATS = 20  # DeviceAugment calls timed on one batch (after AUGMENT_WARMUP)
+AUGMENT_WARMUP = 3
 PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
 PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
 BUSY_PERIOD_S = 0.2
@@ -320,6 +328,8 @@ class StageFigures:
     busy_why: str  # why there is no busy figure
     peak_gib: float | None
     prefetch: int  # batches the loader's queue holds
+    loader: float = 0.0  # img/s of the epoch's DataLoader drained alone
+    augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     state: TrainState | None = None
 
 
@@ -331,30 +341,76 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     state = _build_state(cfg, stage, init_from, di)
     read, why = nvml_reader(state.runtime.device)
     busy = BusySampler(read) if read else None
-    engine = engine_window(cfg, stage, state, samples_of(paths), size, busy, on_device=None if cuda else True)
+    data = training_data(cfg, stage, samples_of(paths), state.runtime, di, on_device=None if cuda else True)
+    engine = engine_window(cfg, stage, state, data, size, busy)
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
+    loader, batch = loader_alone(cfg, stage, state, data, size)
+    augment = augment_alone(cfg, stage, state, data, batch) if data.device_augment else None
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
-                       busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, state)
+                        busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, state)
 
 
-def engine_window(cfg: Config, stage: int, state: TrainState, samples: Sequence[Sample], size: StageSize,
-                  busy: BusySampler | None, on_device: bool | None) -> TimedWindow:
-    """The engine's epoch as ``run_stage`` runs it (dataset, sampler, loader, batched augmentation,
-    ``train_one_epoch``) in the stage's first strong epoch, timed after the warm-up steps."""
-    di, st, key = DistInfo(0, 1), cfg.stage(stage), f"stage{stage}"
-    data = training_data(cfg, stage, samples, state.runtime, di, on_device)
-    plan = _step_plan(st, key, len(data.sampler), di)
-    epoch = st.light_epochs  # the light epochs skip the strong ops: the first strong one is the costly case
+def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
+    """(plan, loader, augment, epoch) of the stage's first strong epoch, seeded as ``run_stage``
+    seeds it: the light epochs skip the strong ops, so the first strong one is the costly case."""
+    di, st = DistInfo(0, 1), cfg.stage(stage)
+    plan = _step_plan(st, f"stage{stage}", len(data.sampler), di)
+    epoch = st.light_epochs
     _seed_epoch(cfg.seed, di.rank, epoch)
     loader, augment = data.epoch(epoch, plan.micro, cfg, state.runtime, di.rank)
-    window = TimedWindow(key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device, busy)
-    rng = np.random.default_rng([cfg.seed, di.rank, epoch, 7])
+    return plan, loader, augment, epoch
+
+
+def engine_window(cfg: Config, stage: int, state: TrainState, data: TrainingData, size: StageSize,
+                  busy: BusySampler | None) -> TimedWindow:
+    """The engine's epoch as ``run_stage`` runs it (dataset, sampler, loader, batched augmentation,
+    ``train_one_epoch``) in the stage's first strong epoch, timed after the warm-up steps."""
+    plan, loader, augment, epoch = first_strong_epoch(cfg, stage, state, data)
+    window = TimedWindow(plan.key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device,
+                         busy)
+    rng = np.random.default_rng([cfg.seed, 0, epoch, 7])
     run_timed(lambda: train_one_epoch(state, plan, loader, 0, epoch, window, rng, augment), window)
     return window
+
+
+def loader_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
+                 size: StageSize) -> tuple[float, torch.Tensor]:
+    """img/s of a fresh epoch's DataLoader drained by a bare loop (its workers decode, crop and run
+    the per-sample ops; nothing else runs), timed after the warm-up batches; and its last batch."""
+    _, loader, _, _ = first_strong_epoch(cfg, stage, state, data)
+    batches = iter(loader)
+    images = torch.empty(0)
+    for _ in range(size.warmup):
+        images = next(batches)[0]
+    timed, start = 0, time.perf_counter()
+    while timed < size.timed and time.perf_counter() - start < MAX_PART_S:
+        images = next(batches)[0]
+        timed += 1
+    elapsed = time.perf_counter() - start
+    del batches  # stops the workers now, not when the collector gets to it
+    return img_per_s(timed * size.batch, elapsed), images
+
+
+def augment_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData, images: torch.Tensor) -> float:
+    """img/s of the stage's batched augmentation (strong) on one loader batch already on the
+    device: the GPU's share of the input path, timed between synchronisations."""
+    _, _, augment, _ = first_strong_epoch(cfg, stage, state, data)
+    device = state.runtime.device
+    images = images.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(AUGMENT_WARMUP):
+        augment(images)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while calls < AUGMENT_REPEATS and time.perf_counter() - start < MAX_PART_S:
+        augment(images)
+        calls += 1
+    sync()
+    return img_per_s(calls * len(images), time.perf_counter() - start)
 
 
 def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSize) -> TimedWindow:
@@ -417,6 +473,13 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
     if r.peak_gib is not None:
         bench.add(Row(f"{name} peak GPU memory", r.peak_gib, None, "GiB", note=(
             "torch.cuda.max_memory_allocated from the stage's state being built to the end of its engine steps")))
+    bench.add(Row(f"{name} loader alone", r.loader, r.engine, "img/s", note=(
+        f"{where}a fresh epoch's DataLoader ({workers} worker(s): decode, crop, per-sample ops, uint8) drained by a "
+        f"bare loop for up to {MAX_PART_S:g} s after the warm-up; ratio to the engine: above 1 the CPU side keeps up")))
+    if r.augment is not None:
+        bench.add(Row(f"{name} augmentation alone", r.augment, r.engine, "img/s", note=(
+            f"{where}DeviceAugment (strong) on one loader batch already on the device, {AUGMENT_REPEATS} calls "
+            "between synchronisations; ratio to the engine: how much faster than the whole step it runs")))
 
 
 def prefetch_note(prefetch: int, timed: int) -> str:
