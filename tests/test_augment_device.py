@@ -31,6 +31,7 @@ from trueface.augment import (
     strong_transform,
     to_normalized_tensor,
 )
+import trueface.augment_device as augment_device
 from trueface.augment_device import (
     DeviceAugment,
     Uint8TrainTransform,
@@ -39,6 +40,7 @@ from trueface.augment_device import (
     runs_on_device,
 )
 from trueface.config import ConfigError, load_config
+from trueface.jpeg_tensor import jpeg_tensor
 from trueface.config.schema import AugmentConfig
 
 N = 400
@@ -210,6 +212,18 @@ def test_grayscale_is_the_per_sample_grayscale_to_a_grey_level():
     assert both.sum() > N // 8
     assert (denormalize(out[both]) - denormalize(reference[both])).abs().max() <= 1.01 / 255
     assert (denormalize(out[both]).std(dim=1) < 1e-6).all()  # three equal channels
+
+
+def test_jpeg_codec_is_libjpeg_on_the_cpu_and_the_tensor_jpeg_on_a_gpu():
+    assert augment_device.jpeg_codec(torch.device("cpu")) is augment_device.libjpeg_roundtrip
+    assert augment_device.jpeg_codec(torch.device("cuda", 0)) is jpeg_tensor
+
+
+def test_the_gpus_tensor_jpeg_keeps_the_per_sample_rate_and_loss_distribution(monkeypatch):
+    # the codec a GPU run uses, run here on the CPU: against the per-sample path's PIL JPEG
+    monkeypatch.setattr(augment_device, "jpeg_codec", lambda device: jpeg_tensor)
+    test_each_op_is_applied_at_its_rate("jpeg")
+    test_each_op_has_the_per_sample_paths_magnitude_distribution("jpeg")
 
 
 def test_jpeg_on_cpu_is_bit_identical_to_the_per_sample_pil_jpeg_at_one_quality():

@@ -28,18 +28,17 @@ the configured strength, so the distributions are the per-sample path's. ``stron
 light epochs) or strength 0 only normalises: the output equals the per-sample light path's.
 
 Vectorised over the batch, except: colour jitter loops over its 4 positions x 4 ops (16 masked
-sub-batches, not samples); JPEG loops over the distinct qualities drawn (at most q_max - q_min + 1
-groups, in practice about one sample each), because both codecs take one quality per call.
+sub-batches, not samples); JPEG on the CPU loops over the images (libjpeg takes one at a time).
 
-JPEG: on CPU, torchvision.io.encode_jpeg / decode_jpeg, one image at a time (libjpeg with PIL's
-defaults, 4:2:0 chroma: bit-identical to the per-sample path's PIL JPEG at the same quality, as a
-test checks). On CUDA the same calls take lists of CUDA tensors (torchvision 0.29): nvJPEG
-encodes on the GPU, the bytes come back to the host (decode_jpeg reads host bytes), nvJPEG
-decodes the whole batch onto the GPU. nvJPEG encodes with 4:4:4 chroma (torchvision sets it), so
-at one quality it loses less colour than libjpeg's 4:2:0; that difference is not measured.
-On an H200 the JPEG step cost about 25 ms of the 35 ms this class took on a Stage I batch
-(200 images of 224 px), mostly the encoder's per-image synchronisation; ``trueface.augment_ahead``
-runs the whole class a batch ahead so the training step does not wait for it.
+JPEG (``jpeg_codec``): on CPU, torchvision.io.encode_jpeg / decode_jpeg, one image at a time
+(libjpeg with PIL's defaults, 4:2:0 chroma: bit-identical to the per-sample path's PIL JPEG at
+the same quality, as a test checks). On a GPU, ``trueface.jpeg_tensor``: JPEG's lossy steps
+(YCbCr, 4:2:0, 8x8 DCT, libjpeg's quantisation tables, the inverse, fancy upsampling) as batched
+tensor arithmetic; against PIL's JPEG its pixels differ by about half a grey level on average
+and its PSNR to the original matches within 0.05 dB (tests/test_jpeg_tensor.py). nvJPEG
+(torchvision.io on CUDA) was used until an H200 showed it took about 25 ms of the 35 ms this
+class spent on a Stage I batch (200 images of 224 px): it takes one quality per call and
+synchronises twice per image.
 
 Given the same draws, pixels differ from the per-sample path by rounding (PIL rounds to uint8
 after every op, this path stays in float32; JPEG rounds as it must) and by the blur's shape: PIL
@@ -59,6 +58,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +74,7 @@ from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 from trueface.augment import StrongParams, TrainTransform, normalize, strong_params
 from trueface.config.choices import AUGMENT_DEVICES
 from trueface.config.schema import AugmentConfig
+from trueface.jpeg_tensor import jpeg_tensor
 
 ERASE_RATIO = (0.3, 3.3)  # torchvision RandomErasing's aspect-ratio range, as the per-sample path
 ERASE_ATTEMPTS = 10  # RandomErasing's tries before it gives up and leaves the image unchanged
@@ -232,32 +233,29 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
 
 
 def jpeg_roundtrip(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """Re-encode float [0, 1] images as JPEG at per-sample ``quality``, on x's device (see the
-    module docstring for CPU vs CUDA): one encode call per distinct quality (the encoder takes
-    one), then one decode call for the whole batch (the decoder reads bytes from the host)."""
+    """Float [0, 1] images after a JPEG round trip at per-sample ``quality``, on x's device, by
+    the codec ``jpeg_codec`` picks for that device."""
+    return jpeg_codec(x.device)(x, quality)
+
+
+def jpeg_codec(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """libjpeg on the CPU: bit-identical to the per-sample path's PIL JPEG (a test checks it).
+    Elsewhere ``trueface.jpeg_tensor``: the same lossy steps as tensor arithmetic, batched, with
+    per-image quality and no host round trip. nvJPEG (torchvision.io on CUDA) took 25 of the 35 ms
+    this class spent on a Stage I batch on an H200, synchronising twice per image; it also encodes
+    4:4:4 chroma where PIL and ``jpeg_tensor`` use 4:2:0."""
+    return libjpeg_roundtrip if device.type == "cpu" else jpeg_tensor
+
+
+def libjpeg_roundtrip(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """torchvision.io's libjpeg encode and decode, one CPU image at a time, at its own quality."""
     u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
-    order, encoded = [], []
+    out = torch.empty_like(x)
     with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (-> TorchCodec)
         warnings.simplefilter("ignore", DeprecationWarning)
-        for q in quality.unique().tolist():
-            idx = (quality == q).nonzero().squeeze(1).tolist()
-            order += idx
-            batch = encode_jpeg([u8[i].contiguous() for i in idx], quality=int(q))
-            _await_encoded_bytes(x.device)
-            encoded += [e.cpu() for e in batch]
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=x.device)
-    out = torch.empty_like(x)
-    out[torch.tensor(order, device=x.device)] = torch.stack(decoded).to(x.dtype) / 255
+        for i, q in enumerate(quality.tolist()):
+            out[i] = decode_jpeg(encode_jpeg(u8[i].contiguous(), quality=int(q)), mode=ImageReadMode.RGB).to(x.dtype) / 255
     return out
-
-
-def _await_encoded_bytes(device: torch.device) -> None:
-    """torchvision's CUDA encoder copies the bytes out on the legacy default stream and returns
-    without waiting (torchvision 0.26-0.29). On that stream, what follows is ordered after the
-    copy; on any other (``trueface.augment_ahead``'s side stream) the host waits for it here, or
-    the bytes are read, and their memory reused, before the copy lands."""
-    if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
-        torch.cuda.default_stream(device).synchronize()
 
 
 def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
