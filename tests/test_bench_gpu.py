@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 import trueface.train
 from jobs import benchmark
-from trueface.augment_device import DeviceAugment
+from trueface.augment_device import APPLY_STEPS, DeviceAugment
 from trueface.bench import gpu
 from trueface.bench.report import Bench
 
@@ -65,6 +66,9 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
             row = rows[f"{stage} {part}"]
             assert row["reference"] == rows[f"{stage} training (engine)"]["project"]
             assert row["ratio"] == pytest.approx(row["project"] / row["reference"])
+        steps = rows[f"{stage} augmentation alone"]["note"].split("ms a batch by step", 1)[1]
+        timed = re.findall(r"(?:, |: )([a-zA-Z ]+) (\d+\.\d\d)", steps)
+        assert [name for name, _ in timed] == ["draw", *APPLY_STEPS]  # every step, in the order it runs
 
 
 @cpu_only
@@ -175,3 +179,15 @@ def test_on_cuda_the_rows_carry_the_issues_targets():
                                             "Stage I peak GPU memory", "Stage I loader alone"]
     assert "nvml not available (ModuleNotFoundError: pynvml)" in no_nvml.rows[1].note
     assert no_nvml.rows[0].met is False and no_nvml.rows[1].met is False  # 3000 < 3500; 0.79 < 0.90
+
+
+def test_the_step_clock_splits_each_call_between_its_steps(monkeypatch):
+    now = iter([0.0, 0.5, 2.0, 10.0, 10.25, 11.0])
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: next(now))
+    clock = gpu.StepClock(torch.device("cpu"))
+    for _ in range(2):
+        clock.start()
+        clock("draw")
+        clock("JPEG")
+    assert clock.ms() == {"draw": pytest.approx(375.0), "JPEG": pytest.approx(1125.0)}  # (0.5+0.25)/2, (1.5+0.75)/2 s
+    assert gpu.StepClock(torch.device("cpu")).ms() == {}

@@ -263,6 +263,13 @@ def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.
     return (x + torch.randn(x.shape, generator=generator, device=x.device) * std).clamp_(0, 1)
 
 
+APPLY_STEPS = ("to float", "colour jitter", "grayscale", "JPEG", "blur", "noise", "normalise and erase")
+
+
+def _no_tick(step: str) -> None:
+    pass
+
+
 class DeviceAugment:
     """The strong ops of ``trueface.augment.strong_transform`` after its crop/flip/RandAugment,
     batched on the batch's device; built from ``strong_params(cfg)``."""
@@ -309,18 +316,29 @@ class DeviceAugment:
             erase_box=box,
         )
 
-    def apply(self, images: torch.Tensor, d: Draws, generator: torch.Generator) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, d: Draws, generator: torch.Generator,
+              tick: Callable[[str], None] | None = None) -> torch.Tensor:
         """The ops of ``d`` on a uint8 batch, each only on its masked samples (noise values come
-        from ``generator``); returns the normalised float batch."""
+        from ``generator``); returns the normalised float batch. ``tick``, if given, is called
+        with each step's name (``APPLY_STEPS``) as it is queued: ``jobs.benchmark gpu`` times
+        the steps with it."""
+        tick = tick or _no_tick
         x = self.to_float(images).contiguous()
+        tick("to float")
         active = tuple(v > 0 for v in self.params.color_jitter)
         self._on(x, d.jitter_on, lambda s, i: colour_jitter(s, d.jitter_factors[i], d.jitter_order[i], active))
+        tick("colour jitter")
         self._on(x, d.gray_on, lambda s, i: F.rgb_to_grayscale(s, num_output_channels=3))
+        tick("grayscale")
         self._on(x, d.jpeg_on, lambda s, i: jpeg_roundtrip(s, d.jpeg_quality[i]))
+        tick("JPEG")
         self._on(x, d.blur_on, lambda s, i: gaussian_blur(s, d.blur_sigma[i], self.blur_radius))
+        tick("blur")
         self._on(x, d.noise_on, lambda s, i: add_noise(s, self.params.noise_std, generator))
-        x = self.normalize(x)
-        return x.masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
+        tick("noise")
+        x = self.normalize(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
+        tick("normalise and erase")
+        return x
 
     @staticmethod
     def _on(x: torch.Tensor, mask: torch.Tensor, op) -> None:

@@ -85,6 +85,7 @@ MAX_TIMED_S = 45.0  # per timed phase: four phases plus set-up stay under the 6-
 MAX_PART_S = 10.0  # per input-path part (loader alone, augmentation alone): diagnostics, not targets
 AUGMENT_REPEATS = 20  # DeviceAugment calls timed on one batch (after AUGMENT_WARMUP)
 AUGMENT_WARMUP = 3
+STEP_REPEATS = 5  # DeviceAugment calls timed step by step (a synchronisation after each step)
 PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
 PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
 BUSY_PERIOD_S = 0.2
@@ -330,6 +331,7 @@ class StageFigures:
     prefetch: int  # batches the loader's queue holds
     loader: float = 0.0  # img/s of the epoch's DataLoader drained alone
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
+    augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     state: TrainState | None = None
 
 
@@ -346,12 +348,13 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
     loader, batch = loader_alone(cfg, stage, state, data, size)
-    augment = augment_alone(cfg, stage, state, data, batch) if data.device_augment else None
+    augment, steps = augment_alone(cfg, stage, state, data, batch) if data.device_augment else (None, None)
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
-                        busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, state)
+                        busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
+                        state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -395,22 +398,56 @@ def loader_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
     return img_per_s(timed * size.batch, elapsed), images
 
 
-def augment_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData, images: torch.Tensor) -> float:
+def augment_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
+                  images: torch.Tensor) -> tuple[float, dict[str, float]]:
     """img/s of the stage's batched augmentation (strong) on one loader batch already on the
-    device: the GPU's share of the input path, timed between synchronisations."""
+    device, timed between synchronisations: the GPU's share of the input path; and the ms a
+    batch of each of its steps (``StepClock``), so a slow augmentation says which step it is."""
     _, _, augment, _ = first_strong_epoch(cfg, stage, state, data)
     device = state.runtime.device
     images = images.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = StepClock(device)
     for _ in range(AUGMENT_WARMUP):
         augment(images)
-    sync()
+    clock.sync()
     calls, start = 0, time.perf_counter()
     while calls < AUGMENT_REPEATS and time.perf_counter() - start < MAX_PART_S:
         augment(images)
         calls += 1
-    sync()
-    return img_per_s(calls * len(images), time.perf_counter() - start)
+    clock.sync()
+    rate = img_per_s(calls * len(images), time.perf_counter() - start)
+    aug, generator = augment.augment, augment.generator
+    for _ in range(STEP_REPEATS):
+        clock.start()
+        draws = aug.draw(len(images), *images.shape[-2:], generator)
+        clock("draw")
+        aug.apply(images, draws, generator, tick=clock)
+    return rate, clock.ms()
+
+
+class StepClock:
+    """``DeviceAugment.apply``'s tick: the time from one step's end to the next's, each read after
+    a device synchronisation (so a step's GPU work is counted in it), summed over calls."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.totals: dict[str, float] = {}
+        self.calls = 0
+        self.last = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.calls += 1
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[step] = self.totals.get(step, 0.0) + now - self.last
+        self.last = now
+
+    def ms(self) -> dict[str, float]:
+        return {step: total * 1e3 / self.calls for step, total in self.totals.items()} if self.calls else {}
 
 
 def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSize) -> TimedWindow:
@@ -479,7 +516,9 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
     if r.augment is not None:
         bench.add(Row(f"{name} augmentation alone", r.augment, r.engine, "img/s", note=(
             f"{where}DeviceAugment (strong) on one loader batch already on the device, {AUGMENT_REPEATS} calls "
-            "between synchronisations; ratio to the engine: how much faster than the whole step it runs")))
+            "between synchronisations; ratio to the engine: how much faster than the whole step it runs"
+            + (f"; ms a batch by step ({STEP_REPEATS} calls, a synchronisation after each step): "
+               + ", ".join(f"{step} {ms:.2f}" for step, ms in r.augment_steps.items()) if r.augment_steps else ""))))
 
 
 def prefetch_note(prefetch: int, timed: int) -> str:
