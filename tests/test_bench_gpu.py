@@ -191,3 +191,25 @@ def test_the_step_clock_splits_each_call_between_its_steps(monkeypatch):
         clock("JPEG")
     assert clock.ms() == {"draw": pytest.approx(375.0), "JPEG": pytest.approx(1125.0)}  # (0.5+0.25)/2, (1.5+0.75)/2 s
     assert gpu.StepClock(torch.device("cpu")).ms() == {}
+
+
+@cpu_only
+def test_prepared_trains_from_a_cache_built_for_every_stage_first(tmp_path, monkeypatch):
+    from trueface.data.prepared import PreparedImages
+
+    built = []
+
+    def build(samples, size, cache_dir, **kw):
+        result = gpu_build(samples, size, cache_dir, **kw)
+        built.append((size, len(samples), result, PreparedImages.open(cache_dir, size).coverage(samples)))
+        return result
+
+    gpu_build = gpu.build_prepared
+    monkeypatch.setattr(gpu, "build_prepared", build)
+    assert benchmark.main(["gpu", "--quick", "--prepared", "--results-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())
+    assert payload["context"]["data.prepared"] == "uint8"
+    q = gpu.CPU_QUICK
+    # one cache per stage at its decode size, every file prepared now and held afterwards
+    assert [(n, result, held) for _, n, result, held in built] == [(q[s].files, (0, q[s].files), q[s].files) for s in (1, 2)]
+    assert all(r["project"] > 0 for r in payload["rows"])

@@ -5,6 +5,7 @@ Usage::
     python -m jobs.benchmark gpu                          # on a GPU: 142 s on an H200 (README), no Ray, no download
     python -m jobs.benchmark gpu --data-root ../shared/data/faces140k-mini   # real JPEGs instead of generated
     python -m jobs.benchmark gpu --quick                  # fewer steps (CPU: seconds, for CI)
+    python -m jobs.benchmark gpu --prepared               # train from the prepared uint8 cache (data.prepared)
     bash docker/gpu_check.sh                              # nvidia-smi, then this under a 6-minute timeout
 
 For Stage I (224 px from 256 px JPEGs at q75, as the 140K set) and Stage II (1024 px from 1024 px
@@ -55,7 +56,9 @@ from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config, to_dict
 from trueface.data.layout import Sample
+from trueface.data.prepared import build_prepared
 from trueface.distributed import DistInfo
+from trueface.inference import decode_size
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
 from trueface.train import (TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch, _step_plan,
@@ -107,8 +110,10 @@ def run(args: argparse.Namespace) -> Bench:
     torch.manual_seed(SEED)
     work = Path(tempfile.mkdtemp(prefix="trueface-bench-gpu-"))
     try:
-        cfg = bench_config(sizes, workers, work)
+        cfg = bench_config(sizes, workers, work, prepared=getattr(args, "prepared", False))
         images, source = stage_images(getattr(args, "data_root", None), sizes, work)
+        if cfg.data.prepared != "none":
+            prepare_images(cfg, sizes, images)
         with torch_threads(training_threads(cuda, cpus, workers)):
             return _measure(cfg, sizes, images, source, workers, cuda, work)
     finally:
@@ -122,6 +127,7 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
                else "batched on the CPU (forced: training_data(on_device=True))")
     context = {**machine_context(), "images": source, "loader_workers": workers, "precision": runtime.precision,
                "augment": augment, "config": "paper preset, model.weights=none, first strong epoch",
+               "data.prepared": cfg.data.prepared,
                "sizes": {STAGE_NAMES[s]: f"{z.image} px from {z.jpeg} px JPEGs, batch {z.batch}, {z.warmup} warm-up "
                                          f"+ up to {z.timed} timed steps, {z.files} files" for s, z in sizes.items()}}
     if not cuda:
@@ -183,11 +189,12 @@ def plan_sizes(args: argparse.Namespace, cuda: bool, workers: int) -> dict[int, 
     return sizes
 
 
-def bench_config(sizes: dict[int, StageSize], workers: int, work: Path) -> Config:
+def bench_config(sizes: dict[int, StageSize], workers: int, work: Path, prepared: bool = False) -> Config:
     """The paper preset at the benchmark's sizes: one micro-batch per step, an epoch just long
-    enough for the warm-up and timed steps, augment.device auto (gpu on CUDA), no download."""
+    enough for the warm-up and timed steps, augment.device auto (gpu on CUDA), no download;
+    ``prepared``: images read from the prepared uint8 cache in ``work``."""
     overrides = ["model.weights=none", f"data.loader_workers={workers}", f"output.runs_dir={work}/runs",
-                 f"data.cache_dir={work}/cache", "run_name=bench-gpu"]
+                 f"data.cache_dir={work}/cache", "run_name=bench-gpu", f"data.prepared={'uint8' if prepared else 'none'}"]
     for stage, z in sizes.items():
         key = f"stage{stage}"
         overrides += [f"{key}.image_size={z.image}", f"{key}.batch_size={z.batch}", f"{key}.accum_steps=1",
@@ -203,6 +210,13 @@ def stage_images(data_root: Path | None, sizes: dict[int, StageSize], work: Path
         found, source = bench_images(data_root, {z.jpeg: z.files}, work / f"stage{stage}")
         images[stage] = found[z.jpeg]
     return images, source["text"]
+
+
+def prepare_images(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Path]]) -> None:
+    """Each stage's images into the prepared cache at its decode size, before anything is timed
+    (in this process: a few hundred files)."""
+    for stage, z in sizes.items():
+        build_prepared(samples_of(images[stage]), decode_size(cfg, z.image), cfg.data.cache_dir, progress=False)
 
 
 def samples_of(paths: Sequence[Path]) -> list[Sample]:
