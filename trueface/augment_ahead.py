@@ -58,7 +58,7 @@ def runs_ahead(runtime: Runtime, augment: Callable | None) -> bool:
 
 @contextlib.contextmanager
 def training_batches(loader: Iterable, runtime: Runtime, augment: Callable | None, limit: int,
-                   ahead: bool | None = None) -> Iterator[Iterator[tuple]]:
+                     ahead: bool | None = None) -> Iterator[Iterator[tuple]]:
     """(images on the device, labels, indices) for the first ``limit`` batches of ``loader``.
     ``ahead`` None asks ``runs_ahead``; leaving the ``with`` block (a break, an error) stops the
     thread and the loader's iteration."""

@@ -413,8 +413,8 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
     """``plan.steps_per_epoch`` optimizer steps from global step ``step``; returns the epoch's
     training metrics and the new ``step``. ``augment``: the epoch's ``EpochAugment`` on the batched
     path (the loader then yields uint8; on CUDA it runs a batch ahead, ``training_batches``), None
-    on the per-sample path. ``window`` is told of every
-    micro-batch (``add``) and step (``step_done``) and holds the ``logger``."""
+    on the per-sample path. ``window`` is told of every micro-batch (``add``) and step
+    (``step_done``) and holds the ``logger``."""
     st = plan.st
     state.train_model.train()
     loss_sum = torch.zeros((), device=state.runtime.device)
