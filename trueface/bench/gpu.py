@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
@@ -61,8 +62,8 @@ from trueface.distributed import DistInfo
 from trueface.inference import decode_size
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
-from trueface.train import (TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch, _step_plan,
-                            train_one_epoch, training_data)
+from trueface.train import (EpochAugment, TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch,
+                            _step_plan, train_one_epoch, training_data)
 
 
 @dataclass(frozen=True)
@@ -361,8 +362,9 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     engine = engine_window(cfg, stage, state, data, size, busy)
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
-    loader, batch = loader_alone(cfg, stage, state, data, size)
-    augment, steps = augment_alone(cfg, stage, state, data, batch) if data.device_augment else (None, None)
+    _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
+    loader, batch = loader_alone(epoch_loader, size)
+    augment, steps = augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment else (None, None)
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
@@ -394,11 +396,9 @@ def engine_window(cfg: Config, stage: int, state: TrainState, data: TrainingData
     return window
 
 
-def loader_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
-                 size: StageSize) -> tuple[float, torch.Tensor]:
+def loader_alone(loader: DataLoader, size: StageSize) -> tuple[float, torch.Tensor]:
     """img/s of a fresh epoch's DataLoader drained by a bare loop (its workers decode, crop and run
     the per-sample ops; nothing else runs), timed after the warm-up batches; and its last batch."""
-    _, loader, _, _ = first_strong_epoch(cfg, stage, state, data)
     batches = iter(loader)
     images = torch.empty(0)
     for _ in range(size.warmup):
@@ -412,13 +412,10 @@ def loader_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
     return img_per_s(timed * size.batch, elapsed), images
 
 
-def augment_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData,
-                  images: torch.Tensor) -> tuple[float, dict[str, float]]:
-    """img/s of the stage's batched augmentation (strong) on one loader batch already on the
+def augment_alone(augment: EpochAugment, images: torch.Tensor, device: torch.device) -> tuple[float, dict[str, float]]:
+    """img/s of the epoch's batched augmentation (strong) on one loader batch already on the
     device, timed between synchronisations: the GPU's share of the input path; and the ms a
     batch of each of its steps (``StepClock``), so a slow augmentation says which step it is."""
-    _, _, augment, _ = first_strong_epoch(cfg, stage, state, data)
-    device = state.runtime.device
     images = images.to(device)
     clock = StepClock(device)
     for _ in range(AUGMENT_WARMUP):
