@@ -130,7 +130,7 @@ def compress_plane(plane: torch.Tensor, table: torch.Tensor, d: torch.Tensor) ->
 def jpeg_tensor(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """x (N, 3, H, W) float in [0, 1] after a JPEG round trip at ``quality`` (N,) per image,
     4:2:0 chroma as PIL saves by default; float [0, 1] out, on x's device."""
-    n, _, height, width = x.shape
+    height, width = x.shape[-2:]
     pad_h, pad_w = -height % MCU, -width % MCU
     p = (x * 255).round_().clamp_(0, 255)
     p = nnf.pad(p, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else p
