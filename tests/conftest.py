@@ -108,8 +108,11 @@ def tiny_cfg(tiny_root: Path, tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every Ray test (ray.init costs seconds and memory)."""
+def ray_session(s3_server):
+    """One local Ray for every Ray test (ray.init costs seconds and memory). Started after the
+    local S3 (``s3_server``) has put its credentials in the environment, which every Ray worker
+    inherits from the raylet, as a cluster's workers get theirs: a search on this Ray can keep its
+    trials in the bucket (tests/test_tune_ray.py)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray

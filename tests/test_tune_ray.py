@@ -1,10 +1,13 @@
-"""jobs.tune as users run it, on the shared local Ray: a tiny search is interrupted, resumed and
-aggregated; then ``--stage 2 --init`` from a Stage I checkpoint. Every Ray test has a timeout."""
+"""jobs.tune as users run it: a tiny search kept in S3 (moto's server on 127.0.0.1, credentials in
+the environment as users give them) is interrupted, resumed on the shared local Ray, and aggregated
+again from the bucket alone on "another machine"; then ``--stage 2 --init`` from a Stage I
+checkpoint, and a search whose trials all fail. Every Ray test has a timeout."""
 
 from __future__ import annotations
 
 import glob
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from jobs import aggregate as aggregate_job
 from jobs import pipeline
 from jobs import tune as tune_job
-from tests.conftest import JobProcess, tiny_overrides, write_tiny_root
+from tests.conftest import JobProcess, s3_keys, tiny_overrides, write_tiny_root
 from trueface.config import load_config
 from trueface.data.layout import discover_layout
 from trueface.train import run_stage
@@ -38,55 +41,72 @@ def _fail_fast_ray_env(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def finished_trials(exp: Path) -> dict[str, str]:
-    """Trial folder -> result.json text, for trials whose last report ended their training."""
+BUCKET = "s3://trueface-test/tune"
+EXP_KEYS = "tune/tiny/"  # the search's folder in the bucket
+
+
+def _object(s3_server, key: str) -> str:
+    return s3_server["client"].get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read().decode()
+
+
+def finished_trials(s3_server) -> dict[str, str]:
+    """Trial folder -> result.json text in the bucket, for trials whose last report ended their training."""
     out = {}
-    for path in exp.glob("*/result.json"):
-        lines = path.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("stage_done"):
-            out[path.parent.name] = path.read_text()
+    for key in s3_keys(s3_server, EXP_KEYS):
+        if key.endswith("/result.json"):
+            text = _object(s3_server, key)
+            lines = text.splitlines()
+            if lines and json.loads(lines[-1]).get("stage_done"):
+                out[key.split("/")[2]] = text
     return out
 
 
-def interrupted_search(args: list[str], exp: Path, log: Path) -> int:
+def interrupted_search(args: list[str], s3_server, log: Path) -> tuple[int, str]:
     """Run ``python -m jobs.tune`` as users do and press Ctrl-C (SIGINT) once its first trial has
-    finished; returns its exit status. A process of its own, like a user's: what an interrupted
-    search leaves reserved in Ray ends with its driver, not with this test session."""
+    finished; returns its exit status and output. A process of its own with its own Ray, like a
+    user's: its trials reach the bucket with the credentials the environment gives them, and what an
+    interrupted search leaves reserved in Ray ends with its driver, not with this test session."""
     job = JobProcess("jobs.tune", args, log)
-    job.wait_until(lambda: finished_trials(exp), 500, "finished trial")
+    job.wait_until(lambda: finished_trials(s3_server), 500, "finished trial in the bucket")
     job.proc.send_signal(signal.SIGINT)
-    return job.finish(timeout=120)[0]
+    return job.finish(timeout=120)
 
 
 @pytest.fixture(scope="module")
-def search(ray_session, module_tmp):
-    """A 3-trial search, interrupted after its first trial finished, then resumed to its end."""
+def search(s3_server, ray_session, module_tmp):
+    """A 3-trial search kept in the bucket, interrupted after its first trial finished, then resumed to
+    its end. ``exp`` is the working copy of the search on this machine (reports, configs and
+    TensorBoard files; the checkpoints stay in the bucket)."""
     tmp = module_tmp
     root = write_tiny_root(tmp / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=8)
     (tmp / "space.yaml").write_text(SPACE)
-    storage, exp = tmp / "tune", tmp / "tune" / "tiny"
-    args = ["--space", str(tmp / "space.yaml"), "--storage", str(storage), "--name", "tiny", "--num-samples", "3",
-            "--max-concurrent", "1", *tiny_overrides(root, tmp), "scaling.max_failures=0", "stage1.patience=0"]
-    first = interrupted_search(args, exp, tmp / "tune.log")
-    before = finished_trials(exp)
-    resumed = tune_job.main(["--resume", "tiny", "--storage", str(storage)])
-    return {"tmp": tmp, "exp": exp, "results": tmp / "results" / "tiny", "first": first, "resumed": resumed,
+    cache = tmp / "cache"
+    args = ["--space", str(tmp / "space.yaml"), "--storage", BUCKET, "--name", "tiny", "--num-samples", "3",
+            "--max-concurrent", "1", *tiny_overrides(root, tmp), f"data.cache_dir={cache}",
+            "scaling.max_failures=0", "stage1.patience=0"]
+    first, log = interrupted_search(args, s3_server, tmp / "tune.log")
+    before = finished_trials(s3_server)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # --resume reads the search's spec into ./.cache/trueface (the default cache)
+        resumed = tune_job.main(["--resume", "tiny", "--storage", BUCKET])
+    return {"tmp": tmp, "exp": cache / "staging" / "s3" / "trueface-test" / "tune" / "tiny", "cache": cache,
+            "results": tmp / "results" / "tiny", "first": first, "log": log, "resumed": resumed,
             "before": before, "root": root}
 
 
 @pytest.mark.timeout(900)
-def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(search, s3_server):
     assert search["first"] == 130  # interrupted
     assert search["resumed"] == 0
     assert search["before"], "no trial had finished when the search was interrupted"
-    after = {p.parent.name: p.read_text() for p in search["exp"].glob("*/result.json") if p.read_text()}
+    after = {k.split("/")[2]: _object(s3_server, k) for k in s3_keys(s3_server, EXP_KEYS) if k.endswith("/result.json")}
     for trial, results in search["before"].items():
         assert after[trial] == results, f"{trial} was trained again after the resume"
     assert len(after) == 3  # every trial reported (finished, or stopped by ASHA)
 
 
 @pytest.mark.timeout(60)
-def test_trials_table_lists_every_trial_with_its_values_and_scores(search):
+def test_trials_table_lists_every_trial_with_its_values_and_scores(search, s3_server):
     rows = pq.read_table(search["results"] / "trials.parquet").to_pylist()
     assert len(rows) == 3 and [r["rank"] for r in rows] == [1, 2, 3]
     scores = [r["objective"] for r in rows]
@@ -103,9 +123,19 @@ def test_trials_table_lists_every_trial_with_its_values_and_scores(search):
         assert config["stage1"]["lr"] == pytest.approx(r["stage1.lr"])
         assert load_config(search["exp"] / r["trial"] / "config.yaml").run_name == r["trial"]  # rerunnable as is
         assert config["stage1"]["ema_decay"] == pytest.approx(r["stage1.ema_decay"])
-    assert Path(rows[0]["checkpoint"]).is_file()
-    # the resume checkpoints of trials that are over were deleted; best.pt stays
-    assert not glob.glob(str(search["exp"] / "*" / "stage1" / "last.pt"))
+    assert rows[0]["checkpoint"] == f"{BUCKET}/tiny/{rows[0]['trial']}/stage1/best.pt"
+    # in the bucket, each trial's reports (Tune's and ours), TensorBoard curves and best.pt; the resume
+    # checkpoints of trials that are over were deleted
+    keys = s3_keys(s3_server, EXP_KEYS)
+    assert f"{EXP_KEYS}trueface-tune.json" in keys
+    for r in rows:
+        prefix = f"{EXP_KEYS}{r['trial']}/"
+        for name in ("config.yaml", "result.json", "stage1/best.pt"):
+            assert prefix + name in keys, prefix + name
+        assert (prefix + "stage1/stage.json" in keys) == (r["outcome"] == "completed")  # a stage ASHA stopped never ended
+        assert any(k.startswith(prefix + "tensorboard/stage1/events.out.tfevents") for k in keys)
+        assert prefix + "stage1/last.pt" not in keys
+    assert s3_server["env"]["AWS_SECRET_ACCESS_KEY"] not in search["log"]  # credentials never printed
     for name in ("summary.md", "trials.csv", "params.png", "best_config.yaml", "test/summary.md", "test/metrics.parquet"):
         assert (search["results"] / name).is_file(), name
     assert "## Parameter importances" in (search["results"] / "summary.md").read_text()
@@ -144,14 +174,18 @@ def test_best_config_loads_back_and_the_pipeline_accepts_it(search, capsys):
     assert "run tiny-best" in capsys.readouterr().out
 
 
-@pytest.mark.timeout(120)
-def test_aggregate_command_rebuilds_the_report(search, tmp_path, capsys):
-    assert aggregate_job.main([str(search["exp"]), "--out", str(tmp_path / "again")]) == 0
+@pytest.mark.timeout(300)
+def test_aggregate_rebuilds_the_report_from_the_bucket_on_another_machine(search, tmp_path, capsys, monkeypatch):
+    shutil.rmtree(search["cache"])  # another machine: no working copy, only the bucket
+    monkeypatch.chdir(tmp_path)  # the aggregator's working copy goes to ./.cache/trueface
+    assert aggregate_job.main([f"{BUCKET}/tiny", "--out", str(tmp_path / "again")]) == 0
     out = capsys.readouterr().out
     assert "best_config.yaml" in out and "on the test splits" in out
+    assert f"tensorboard --logdir {tmp_path}/.cache/trueface/staging/s3/trueface-test/tune/tiny" in out
     a = pq.read_table(search["results"] / "trials.parquet").to_pylist()
     b = pq.read_table(tmp_path / "again" / "trials.parquet").to_pylist()
     assert [r["trial"] for r in a] == [r["trial"] for r in b]
+    assert (tmp_path / "again" / "test" / "metrics.parquet").is_file()  # the best checkpoint, fetched and scored
 
 
 @pytest.mark.timeout(600)
