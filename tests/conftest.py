@@ -219,6 +219,11 @@ def s3_server():
     server.stop()
 
 
+def s3_object(s3_server, key: str) -> bytes:
+    """The bytes of one object in the test bucket."""
+    return s3_server["client"].get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read()
+
+
 def s3_keys(s3_server, prefix: str) -> dict[str, int]:
     """Key -> size of every object under ``prefix`` in the test bucket, without the empty ``dir/``
     markers pyarrow leaves so that a folder outlives the deletion of its last file."""

@@ -25,7 +25,7 @@ import pytest
 
 from jobs import evaluate as evaluate_job
 from jobs import pipeline
-from tests.conftest import JobProcess, s3_keys, tiny_overrides, write_tiny_root
+from tests.conftest import JobProcess, s3_keys, s3_object, tiny_overrides, write_tiny_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -56,13 +56,9 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def _object(s3_server, key: str) -> bytes:
-    return s3_server["client"].get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read()
-
-
 def _stage_objects(s3_server, stage: int) -> dict[str, bytes]:
     prefix = f"{RUN}stage{stage}/"
-    return {k[len(prefix):]: _object(s3_server, k) for k in s3_keys(s3_server, prefix)}
+    return {k[len(prefix):]: s3_object(s3_server, k) for k in s3_keys(s3_server, prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,7 @@ def killed_run(s3_server, ray_session, module_tmp):
 
     shutil.rmtree(cache)  # a new machine: the run resumes from the bucket alone
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as printed:
-        mp.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        mp.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # as tests/test_pipeline_ray.py's in-process drivers
         rc = pipeline.main(args)
     return {"tmp": tmp, "root": root, "cache": cache, "first": job.output(), "rc": rc,
             "rerun": printed.getvalue(), "stage1_before": stage1_before}
@@ -107,7 +103,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(killed_run, s3_server):
     assert "stage1: resumed from" in out, "the restarted worker did not resume from the checkpoint"
     resumed_at = int(out.split("stage1: resumed from", 1)[1].split("at epoch", 1)[1].split(",")[0])
     assert resumed_at == 1
-    history = json.loads(_object(s3_server, f"{RUN}stage1/stage.json"))["history"]
+    history = json.loads(s3_object(s3_server, f"{RUN}stage1/stage.json"))["history"]
     assert [h["epoch"] for h in history] == [1, 2]  # no epoch trained twice or skipped
     assert [h["step"] for h in history] == [8, 16]  # the global step went on, not from zero
 
@@ -140,20 +136,20 @@ def test_the_bucket_holds_the_run_and_no_partial_file_or_secret(killed_run, s3_s
     for name in ("summary.md", "metrics.parquet", "metrics.csv"):
         assert RESULTS + name in keys, name
     # the thresholds went up beside best.pt, stamped with the bytes best.pt still has (never rewritten)
-    thresholds = json.loads(_object(s3_server, RUN + "stage2/thresholds.json"))
-    best_sha = hashlib.sha256(_object(s3_server, RUN + "stage2/best.pt")).hexdigest()
+    thresholds = json.loads(s3_object(s3_server, RUN + "stage2/thresholds.json"))
+    best_sha = hashlib.sha256(s3_object(s3_server, RUN + "stage2/best.pt")).hexdigest()
     assert thresholds["checkpoint"]["sha256"] == best_sha and set(thresholds["thresholds"]) == {"raw", "ema"}
     # credentials: from the environment only, never written to the bucket or printed
     secret = s3_server["env"]["AWS_SECRET_ACCESS_KEY"]
     assert secret not in killed_run["first"] and secret not in killed_run["rerun"]
     for key in keys:
         if not key.endswith(".pt"):
-            assert secret.encode() not in _object(s3_server, key), key
+            assert secret.encode() not in s3_object(s3_server, key), key
 
 
 @pytest.mark.timeout(300)
 def test_evaluate_reads_the_checkpoint_from_the_bucket_and_writes_there(killed_run, s3_server, capsys):
-    best_sha = hashlib.sha256(_object(s3_server, RUN + "stage2/best.pt")).hexdigest()
+    best_sha = hashlib.sha256(s3_object(s3_server, RUN + "stage2/best.pt")).hexdigest()
     assert evaluate_job.main(["--checkpoint", f"s3://trueface-test/{RUN}stage2/best.pt",
                               "--data-root", str(killed_run["root"]), "--out", "s3://trueface-test/e2e/results/again",
                               "--no-ray"]) == 0
@@ -162,4 +158,4 @@ def test_evaluate_reads_the_checkpoint_from_the_bucket_and_writes_there(killed_r
     again = pq.read_table(killed_run["cache"] / "staging" / "s3" / "trueface-test" / "e2e" / "results" / "again"
                           / "metrics.parquet")
     assert all("read from" in p for p in again.column("threshold_policy").to_pylist())  # the bucket's thresholds.json
-    assert hashlib.sha256(_object(s3_server, RUN + "stage2/best.pt")).hexdigest() == best_sha
+    assert hashlib.sha256(s3_object(s3_server, RUN + "stage2/best.pt")).hexdigest() == best_sha

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import s3_keys
+from tests.conftest import s3_keys, s3_object
 from trueface import storage
 from trueface.storage import Mirror, StorageError
 
@@ -30,7 +30,7 @@ def test_push_uploads_a_folder_then_only_what_changed(s3_server, tmp_path):
     time.sleep(0.01)
     write(mirror.local / "stage1" / "last.pt", b"b" * 1000)  # same size, newer: a checkpoint of the next epoch
     assert mirror.push("stage1") == ["stage1/last.pt"]
-    body = s3_server["client"].get_object(Bucket="trueface-test", Key="push/run/stage1/last.pt")["Body"].read()
+    body = s3_object(s3_server, "push/run/stage1/last.pt")
     assert body == b"b" * 1000
 
 

@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from jobs import aggregate as aggregate_job
 from jobs import pipeline
 from jobs import tune as tune_job
-from tests.conftest import JobProcess, s3_keys, tiny_overrides, write_tiny_root
+from tests.conftest import JobProcess, s3_keys, s3_object, tiny_overrides, write_tiny_root
 from trueface.config import load_config
 from trueface.data.layout import discover_layout
 from trueface.train import run_stage
@@ -45,16 +45,12 @@ BUCKET = "s3://trueface-test/tune"
 EXP_KEYS = "tune/tiny/"  # the search's folder in the bucket
 
 
-def _object(s3_server, key: str) -> str:
-    return s3_server["client"].get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read().decode()
-
-
 def finished_trials(s3_server) -> dict[str, str]:
     """Trial folder -> result.json text in the bucket, for trials whose last report ended their training."""
     out = {}
     for key in s3_keys(s3_server, EXP_KEYS):
         if key.endswith("/result.json"):
-            text = _object(s3_server, key)
+            text = s3_object(s3_server, key).decode()
             lines = text.splitlines()
             if lines and json.loads(lines[-1]).get("stage_done"):
                 out[key.split("/")[2]] = text
@@ -99,7 +95,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search, s3
     assert search["first"] == 130  # interrupted
     assert search["resumed"] == 0
     assert search["before"], "no trial had finished when the search was interrupted"
-    after = {k.split("/")[2]: _object(s3_server, k) for k in s3_keys(s3_server, EXP_KEYS) if k.endswith("/result.json")}
+    after = {k.split("/")[2]: s3_object(s3_server, k).decode() for k in s3_keys(s3_server, EXP_KEYS) if k.endswith("/result.json")}
     for trial, results in search["before"].items():
         assert after[trial] == results, f"{trial} was trained again after the resume"
     assert len(after) == 3  # every trial reported (finished, or stopped by ASHA)
@@ -176,7 +172,8 @@ def test_best_config_loads_back_and_the_pipeline_accepts_it(search, capsys):
 
 @pytest.mark.timeout(300)
 def test_aggregate_rebuilds_the_report_from_the_bucket_on_another_machine(search, tmp_path, capsys, monkeypatch):
-    shutil.rmtree(search["cache"])  # another machine: no working copy, only the bucket
+    # another machine: no working copy, only the bucket (the tests above this one have read the copy)
+    shutil.rmtree(search["cache"])
     monkeypatch.chdir(tmp_path)  # the aggregator's working copy goes to ./.cache/trueface
     assert aggregate_job.main([f"{BUCKET}/tiny", "--out", str(tmp_path / "again")]) == 0
     out = capsys.readouterr().out
