@@ -45,16 +45,16 @@ BUCKET = "s3://trueface-test/tune"
 EXP_KEYS = "tune/tiny/"  # the search's folder in the bucket
 
 
+def trial_results(s3_server) -> dict[str, str]:
+    """Trial folder -> the text of its result.json in the bucket."""
+    return {key.split("/")[2]: s3_object(s3_server, key).decode()
+            for key in s3_keys(s3_server, EXP_KEYS) if key.endswith("/result.json")}
+
+
 def finished_trials(s3_server) -> dict[str, str]:
-    """Trial folder -> result.json text in the bucket, for trials whose last report ended their training."""
-    out = {}
-    for key in s3_keys(s3_server, EXP_KEYS):
-        if key.endswith("/result.json"):
-            text = s3_object(s3_server, key).decode()
-            lines = text.splitlines()
-            if lines and json.loads(lines[-1]).get("stage_done"):
-                out[key.split("/")[2]] = text
-    return out
+    """``trial_results`` of the trials whose last report ended their training."""
+    return {trial: text for trial, text in trial_results(s3_server).items()
+            if text.strip() and json.loads(text.splitlines()[-1]).get("stage_done")}
 
 
 def interrupted_search(args: list[str], s3_server, log: Path) -> tuple[int, str]:
@@ -95,7 +95,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search, s3
     assert search["first"] == 130  # interrupted
     assert search["resumed"] == 0
     assert search["before"], "no trial had finished when the search was interrupted"
-    after = {k.split("/")[2]: s3_object(s3_server, k).decode() for k in s3_keys(s3_server, EXP_KEYS) if k.endswith("/result.json")}
+    after = trial_results(s3_server)
     for trial, results in search["before"].items():
         assert after[trial] == results, f"{trial} was trained again after the resume"
     assert len(after) == 3  # every trial reported (finished, or stopped by ASHA)
