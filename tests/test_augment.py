@@ -8,8 +8,11 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from trueface import augment
+from torchvision.transforms.v2 import functional as F
+
 from trueface.augment import (
     AddGaussianNoise,
+    ColorJitter,
     RandomGaussianBlur,
     RandomJPEG,
     TrainTransform,
@@ -109,7 +112,7 @@ def _built(tf):
     ]
     crop, _, ra, cj, gray, jpeg, blur, _, noise, _, erase = ops
     inner = [type(a.transforms[0]) for a in (ra, cj, jpeg, blur, noise)]
-    assert inner == [v2.RandAugment, v2.ColorJitter, RandomJPEG, RandomGaussianBlur, AddGaussianNoise]
+    assert inner == [v2.RandAugment, ColorJitter, RandomJPEG, RandomGaussianBlur, AddGaussianNoise]
     jitter = cj.transforms[0]
     return dict(
         crop_scale=tuple(crop.scale),
@@ -161,13 +164,13 @@ def test_blur_honours_sigma_max_above_kernel_half(monkeypatch):
     cfg = AugmentConfig(randaugment_p=0, color_jitter_p=0, grayscale_p=0, jpeg_p=0, blur_p=1.0, noise_p=0, erasing_p=0)
     assert cfg.blur_sigma_max > cfg.blur_kernel / 2
     radii = []
-    real_blur = augment.ImageFilter.GaussianBlur
+    real_kernels = augment.blur_kernels
 
-    def recording_blur(radius):
-        radii.append(radius)
-        return real_blur(radius)
+    def recording_kernels(sigma, radius):
+        radii.append(sigma.item())
+        return real_kernels(sigma, radius)
 
-    monkeypatch.setattr(augment.ImageFilter, "GaussianBlur", recording_blur)
+    monkeypatch.setattr(augment, "blur_kernels", recording_kernels)
     tf = strong_transform(16, cfg)
     img = _image(3, size=16)
     for seed in range(200):
@@ -177,10 +180,11 @@ def test_blur_honours_sigma_max_above_kernel_half(monkeypatch):
     assert max(radii) > cfg.blur_kernel / 2 and max(radii) > 0.95 * cfg.blur_sigma_max
 
 
-@pytest.mark.parametrize("sigma", [2.0, 3.0])
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 3.0])
 def test_blur_spreads_a_line_by_the_drawn_sigma(sigma):
-    # PIL's radius is the standard deviation and nothing truncates it: a one-pixel line comes out
-    # with a profile of that standard deviation (kernel 3 would have clipped it near 1.5)
+    # sigma is the standard deviation and nothing truncates it: a one-pixel line comes out with a
+    # profile of that standard deviation (kernel 3 would have clipped it near 1.5; a bare sampled
+    # Gaussian would leave 0.5 near 0.4)
     line = np.zeros((8, 64), np.uint8)
     line[:, 32] = 255
     out = np.asarray(RandomGaussianBlur(sigma, sigma)(Image.fromarray(line)), dtype=float)[4]
@@ -188,6 +192,41 @@ def test_blur_spreads_a_line_by_the_drawn_sigma(sigma):
     x = np.arange(64)
     std = np.sqrt((w * (x - (w * x).sum()) ** 2).sum())
     assert std == pytest.approx(sigma, rel=0.03)
+
+
+def _faces(n=6, size=64):
+    """Smooth colourful images (hue matters on them; random noise would be all edges)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for i in range(n):
+        r, g, b = (np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy) + 2 * i))
+        out.append(Image.fromarray((np.stack([r, g, b], -1) * 110 + 128).astype(np.uint8)))
+    return out
+
+
+@pytest.mark.parametrize("factor", [-0.4, -0.1, -0.05, 0.05, 0.3])
+def test_hue_is_torchvisions_shift_up_to_the_hsv_rounding(factor):
+    # the OpenCV shift turns hue as far as torchvision's PIL one: pixels agree but for the two 8-bit
+    # HSV round trips' rounding (about 1 level on these saturated images, 0.3 on faces; either
+    # round trip alone moves pixels by up to 7), far below what the shift itself moves
+    for img in _faces():
+        ours = np.asarray(augment.adjust_hue(img, factor), dtype=float)
+        theirs = np.asarray(F.adjust_hue(img, factor), dtype=float)
+        moved = np.abs(theirs - np.asarray(img, dtype=float)).mean()
+        assert np.abs(ours - theirs).mean() < 1.5
+        assert np.abs(ours - theirs).max() <= 12
+        assert moved > 5 * np.abs(ours - theirs).mean()
+
+
+def test_colour_jitter_uses_the_fast_hue_on_pil_only_and_torchvisions_draws():
+    img, jitter = _faces(1)[0], ColorJitter(hue=(0.2, 0.2))
+    assert np.array_equal(np.asarray(jitter(img)), np.asarray(augment.adjust_hue(img, 0.2)))
+    tensor = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    assert torch.equal(jitter(tensor), F.adjust_hue(tensor, 0.2))
+    # the same factors and order as v2.ColorJitter from the same seed: only the hue kernel differs
+    ours, theirs = ColorJitter(0.4, 0.4, 0.4, 0.0), v2.ColorJitter(0.4, 0.4, 0.4, 0.0)
+    for seed in range(5):
+        assert np.array_equal(np.asarray(_run(ours, img, seed)), np.asarray(_run(theirs, img, seed)))
 
 
 def test_mixup_targets_are_the_same_mix_as_the_images():

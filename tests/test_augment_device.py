@@ -10,6 +10,9 @@ statistic by under 1 % of it). Seeds are fixed, so every run sees the same draws
 """
 
 import random
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -22,6 +25,8 @@ from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 
 from trueface.augment import (
     IMAGENET_MEAN,
+    RandomGaussianBlur,
+    blur_kernels,
     denormalize,
     light_transform,
     mixup,
@@ -35,8 +40,8 @@ import trueface.augment_device as augment_device
 from trueface.augment_device import (
     DeviceAugment,
     Uint8TrainTransform,
-    blur_kernels,
     colour_jitter,
+    gaussian_blur,
     runs_on_device,
 )
 from trueface.config import ConfigError, load_config
@@ -241,6 +246,45 @@ def test_blur_kernel_variance_is_sigma_squared(sigma):
     taps = torch.arange(len(kernel)) - len(kernel) // 2
     assert kernel.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert (kernel * taps**2).sum().item() == pytest.approx(sigma**2, rel=2e-3)
+
+
+def test_the_gpu_path_runs_without_opencv_and_the_per_sample_path_says_how_to_get_it():
+    # a bare GPU image (docker/gpu_check.sh) may lack OpenCV: only the per-sample blur and hue use it
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["cv2"] = None  # import cv2 raises ImportError, as where it is not installed
+        import numpy as np, torch
+        from PIL import Image
+        from trueface.augment import RandomGaussianBlur
+        from trueface.augment_device import DeviceAugment, Uint8TrainTransform
+        from trueface.config.schema import AugmentConfig
+        cfg = AugmentConfig(strength=1.0, color_jitter_p=1.0, blur_p=1.0)
+        img = Image.fromarray(np.full((40, 40, 3), 90, np.uint8))
+        tf = Uint8TrainTransform(32, light_epochs=0, cfg=cfg)
+        batch = torch.stack([tf(img) for _ in range(4)])
+        out = DeviceAugment(cfg)(batch, torch.Generator().manual_seed(0))
+        print("gpu path", tuple(out.shape))
+        try:
+            RandomGaussianBlur(1.0, 1.0)(img)
+        except ImportError as e:
+            print("per-sample:", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "gpu path (4, 3, 32, 32)" in run.stdout
+    assert "per-sample: " in run.stdout and "pip install opencv-python-headless" in run.stdout
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.8, 2.0])
+def test_blur_is_the_per_sample_blur_up_to_rounding(sigma):
+    # one kernel for both paths: only the per-sample path's uint8 arithmetic tells them apart
+    images = _images(n=4, size=24, lo=0, hi=255)
+    per_sample = torch.stack([torch.from_numpy(np.array(
+        RandomGaussianBlur(sigma, sigma)(Image.fromarray(img.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
+        for img in images]).float()
+    batched = gaussian_blur(images.float(), torch.full((4,), sigma), radius=6)
+    assert (per_sample - batched).abs().max().item() <= 0.75  # rounding, in OpenCV's fixed point too
+    assert (batched - images.float()).abs().mean().item() > 2  # the blur did blur
 
 
 def test_colour_jitter_is_torchvisions_functionals_in_the_drawn_order():

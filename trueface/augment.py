@@ -10,29 +10,56 @@ Strong augmentation follows the paper (RandomResizedCrop, flip, RandAugment, col
 grayscale, JPEG, Gaussian blur, Gaussian noise, random erasing) but every op has its own
 probability (the original blurred every sample, flaw 6), and ``strength`` in [0, 1] scales every
 probability and magnitude together, so Tune can search one number. ``strength == 0`` is exactly
-the light pipeline. Cheap ops run on PIL images (blur and JPEG are several times faster there).
-``strong_params`` states what each config value becomes at a strength.
+the light pipeline. Ops on uint8 pixels run on PIL images or their numpy view, the float ones on
+tensors. ``strong_params`` states what each config value becomes at a strength.
 
-Blur honours ``blur_sigma_max`` exactly: PIL's GaussianBlur radius IS the sigma and its support
-follows the sigma, so ``blur_kernel`` (3 or 7) only records the original's kernel size; capping
-sigma at kernel / 2 silently turned Stage I's 2.0 into 1.5.
+Two ops run in OpenCV, the costliest two of the per-sample path in issue 11's profile (one core,
+224 px): the hue shift (PIL's HSV round trip, 1.8-2.7 ms an image, against 0.2 ms) and the blur
+(PIL's GaussianBlur, 1.9 ms whatever the sigma, against 0.4 ms). Both do what torchvision's do:
+the hue turns by the same 1/255 steps in an 8-bit HSV; the blur is a Gaussian of variance exactly
+sigma^2, the kernel the batched path (``trueface.augment_device``) uses too.
+
+Blur honours ``blur_sigma_max`` exactly: the sigma is the kernel's standard deviation and its
+support follows the sigma, so ``blur_kernel`` (3 or 7) only records the original's kernel size;
+capping sigma at kernel / 2 silently turned Stage I's 2.0 into 1.5.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import random
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+import torch.nn.functional as nnf
+from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from trueface.config.schema import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.cache
+def _opencv() -> ModuleType:
+    """OpenCV, imported on first use, so a GPU machine whose batched path never blurs or shifts hue
+    per sample runs without it (``docker/gpu_check.sh`` on a bare image). One OpenCV thread: each
+    DataLoader worker augments one image at a time, and OpenCV's own pool would compete with the
+    other workers and torch for the same cores."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("the per-sample blur and hue shift need OpenCV, a trueface dependency: "
+                          "pip install opencv-python-headless (or reinstall trueface)") from e
+    cv2.setNumThreads(1)
+    return cv2
 
 
 class ToFloatImage:
@@ -102,15 +129,57 @@ class RandomJPEG:
         return Image.open(buf).convert("RGB")
 
 
+def blur_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(N, 2 radius + 1) 1-D kernels whose variance is exactly sigma^2 (radius = standard deviation,
+    as PIL's GaussianBlur has it, for every sigma). A sampled Gaussian falls short for sigma below
+    about 0.5 (at 0.2 its side taps are 4e-6: no blur, where PIL gives them 0.02) and where the
+    radius truncates it, so the missing variance d is added by a [d/2, 1 - d, d/2] step."""
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    kernel = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1).float() ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    deficit = (sigma.view(-1, 1).float() ** 2 - (kernel * taps**2).sum(dim=1, keepdim=True)).clamp_(0, 0.5)
+    padded = nnf.pad(kernel, (1, 1))
+    kernel = (1 - deficit) * kernel + deficit / 2 * (padded[:, :-2] + padded[:, 2:])
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
 class RandomGaussianBlur:
-    """Gaussian blur with sigma drawn uniformly from [sigma_min, sigma_max], applied exactly:
-    PIL's GaussianBlur radius is the standard deviation and its support grows with it."""
+    """Gaussian blur with sigma drawn uniformly from [sigma_min, sigma_max], applied exactly: the
+    kernel's variance is sigma^2 (``blur_kernels``, radius 3 sigma), edges replicated. OpenCV's
+    separable filter, rounded to uint8 once."""
 
     def __init__(self, sigma_min: float, sigma_max: float) -> None:
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma_min, self.sigma_max)))
+        sigma = random.uniform(self.sigma_min, self.sigma_max)
+        kernel = blur_kernels(torch.tensor([sigma]), radius=max(1, math.ceil(3 * sigma)))[0].numpy()
+        cv2 = _opencv()
+        out = cv2.sepFilter2D(np.asarray(img), -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+        return Image.fromarray(out, img.mode)
+
+
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """torchvision's hue shift on an RGB PIL image, through OpenCV's 8-bit full-range HSV.
+
+    The same arithmetic as ``F.adjust_hue`` on PIL: hue as a byte, moved by
+    ``uint8(hue_factor * 255)`` modulo 256. The HSV conversions round differently from PIL's;
+    either round trip alone moves a pixel by up to 6-7 grey levels (means 0.19 PIL, 0.08 OpenCV, on
+    faces140k-mini). About 10x faster than PIL's (issue 11's profile)."""
+    cv2 = _opencv()
+    hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.array(hue_factor * 255).astype(np.uint8)  # wraps modulo 256, as torchvision's
+    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL), "RGB")
+
+
+class ColorJitter(v2.ColorJitter):
+    """``v2.ColorJitter`` (same draws, same random order) whose hue shift on an RGB PIL image is
+    ``adjust_hue``; every other op and input type is torchvision's own."""
+
+    def _call_kernel(self, functional: Any, inpt: Any, *args: Any, **kwargs: Any) -> Any:
+        if functional is F.adjust_hue and isinstance(inpt, Image.Image) and inpt.mode == "RGB":
+            return adjust_hue(inpt, *args, **kwargs)
+        return super()._call_kernel(functional, inpt, *args, **kwargs)
 
 
 NOISE_BITS = 16
@@ -212,7 +281,7 @@ def strong_transform(image_size: int, cfg: AugmentConfig) -> v2.Compose:
         v2.RandomResizedCrop(image_size, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.RandAugment(p.randaugment_ops, p.randaugment_magnitude)], p=p.randaugment_p),
-        v2.RandomApply([v2.ColorJitter(*p.color_jitter)], p=p.color_jitter_p),
+        v2.RandomApply([ColorJitter(*p.color_jitter)], p=p.color_jitter_p),
         v2.RandomGrayscale(p=p.grayscale_p),
         v2.RandomApply([RandomJPEG(*p.jpeg_quality)], p=p.jpeg_p),
         v2.RandomApply([RandomGaussianBlur(*p.blur_sigma)], p=p.blur_p),

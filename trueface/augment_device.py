@@ -40,11 +40,11 @@ and its PSNR to the original matches within 0.05 dB (tests/test_jpeg_tensor.py).
 class spent on a Stage I batch (200 images of 224 px): it takes one quality per call and
 synchronises twice per image.
 
-Given the same draws, pixels differ from the per-sample path by rounding (PIL rounds to uint8
-after every op, this path stays in float32; JPEG rounds as it must) and by the blur's shape: PIL
-approximates a Gaussian by box blurs, this path uses a sampled Gaussian of the same variance
-(``blur_kernels``); on a one-pixel line at sigma 0.1 to 3 the two profiles differ by at most
-0.018 (4.5 grey levels), measured with the PIL filter and ``gaussian_blur`` side by side.
+Given the same draws, pixels differ from the per-sample path by rounding only: the per-sample
+path rounds to uint8 after every op, this path stays in float32 (JPEG rounds as it must), and its
+hue shift runs through OpenCV's HSV where this one uses torchvision's. Both blur with the same
+kernels (``trueface.augment.blur_kernels``: a Gaussian of variance exactly sigma^2), a test checks
+the two blurs agree within a grey level.
 
 Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core machine shared
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
@@ -71,7 +71,7 @@ from torchvision.transforms.v2 import functional as F
 # arithmetic; torchvision is pinned (pyproject), and tests compare against F.adjust_hue.
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from trueface.augment import StrongParams, TrainTransform, normalize, strong_params
+from trueface.augment import StrongParams, TrainTransform, blur_kernels, normalize, strong_params
 from trueface.config.choices import AUGMENT_DEVICES
 from trueface.config.schema import AugmentConfig
 from trueface.jpeg_tensor import jpeg_tensor
@@ -205,20 +205,6 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, a
                 f = factors[idx, op]
                 x[idx] = fn(x[idx], f if op == 3 else f.view(-1, 1, 1, 1))
     return x
-
-
-def blur_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """(N, 2 radius + 1) 1-D kernels whose variance is exactly sigma^2, like PIL's GaussianBlur
-    (radius = standard deviation, for every sigma). A sampled Gaussian falls short for sigma below
-    about 0.5 (at 0.2 its side taps are 4e-6: no blur, where PIL gives them 0.02) and where the
-    radius truncates it, so the missing variance d is added by a [d/2, 1 - d, d/2] step."""
-    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    kernel = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1).float() ** 2))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    deficit = (sigma.view(-1, 1).float() ** 2 - (kernel * taps**2).sum(dim=1, keepdim=True)).clamp_(0, 0.5)
-    padded = nnf.pad(kernel, (1, 1))
-    kernel = (1 - deficit) * kernel + deficit / 2 * (padded[:, :-2] + padded[:, 2:])
-    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
