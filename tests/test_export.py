@@ -117,3 +117,13 @@ def test_bad_input_is_named(detector, tmp_path):
     assert not (tmp_path / "x.pt").exists()
     with pytest.raises(SystemExit):
         export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "tflite", "--out", str(tmp_path / "x")])
+
+
+def test_the_scoring_module_and_its_model_are_in_inference_mode():
+    # what is traced or exported: BatchNorm's running statistics and no dropout, wrapper included
+    from trueface.export import ScoringModule
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Dropout(0.7))
+    scorer = ScoringModule(model.train(), hflip=False)
+    assert not scorer.training and not any(m.training for m in scorer.modules())
+    x = torch.randn(3, 4)
+    assert torch.equal(scorer(x), scorer(x))  # dropout would differ between calls

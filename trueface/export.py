@@ -42,7 +42,8 @@ class ScoringModule(nn.Module):
 
     def __init__(self, model: nn.Module, hflip: bool) -> None:
         super().__init__()
-        self.model, self.hflip = model.eval(), hflip
+        self.model, self.hflip = model, hflip
+        self.eval()  # the wrapper too: the exporter warns about (and traces) a module in training mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(self.model(images), dim=1)[:, 1]
