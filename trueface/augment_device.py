@@ -50,8 +50,9 @@ Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core m
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
 split 1.2 ms an image on the CPU side plus 7.9 ms for ``DeviceAugment`` on the CPU, so on a CPU it
 saves nothing (``augment.device: cpu`` keeps the per-sample path); the gain is moving the 7.9 ms
-to the GPU. (Measured before the per-sample noise became a table look-up; since then
-``python -m jobs.benchmark input`` puts the per-sample path at about 5.5 ms an image.)
+to the GPU. (Measured before the per-sample noise became a table look-up and its blur and hue
+moved to OpenCV; since then ``python -m jobs.benchmark input`` puts the per-sample path at about
+3.8 ms an image, 2026-12-05.)
 """
 
 from __future__ import annotations
