@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-
-from trueface import augment
 from torchvision.transforms.v2 import functional as F
 
+from trueface import augment
 from trueface.augment import (
     AddGaussianNoise,
     ColorJitter,
@@ -163,11 +162,11 @@ def test_blur_honours_sigma_max_above_kernel_half(monkeypatch):
     # Stage I: kernel 3, sigma_max 2.0; a cap at kernel / 2 made every sigma <= 1.5
     cfg = AugmentConfig(randaugment_p=0, color_jitter_p=0, grayscale_p=0, jpeg_p=0, blur_p=1.0, noise_p=0, erasing_p=0)
     assert cfg.blur_sigma_max > cfg.blur_kernel / 2
-    radii = []
+    sigmas = []
     real_kernels = augment.blur_kernels
 
     def recording_kernels(sigma, radius):
-        radii.append(sigma.item())
+        sigmas.append(sigma.item())
         return real_kernels(sigma, radius)
 
     monkeypatch.setattr(augment, "blur_kernels", recording_kernels)
@@ -175,9 +174,9 @@ def test_blur_honours_sigma_max_above_kernel_half(monkeypatch):
     img = _image(3, size=16)
     for seed in range(200):
         _run(tf, img, seed)
-    assert len(radii) == 200  # blur p 1: every sample blurred
-    assert 0.1 <= min(radii) and max(radii) <= cfg.blur_sigma_max
-    assert max(radii) > cfg.blur_kernel / 2 and max(radii) > 0.95 * cfg.blur_sigma_max
+    assert len(sigmas) == 200  # blur p 1: every sample blurred
+    assert 0.1 <= min(sigmas) and max(sigmas) <= cfg.blur_sigma_max
+    assert max(sigmas) > cfg.blur_kernel / 2 and max(sigmas) > 0.95 * cfg.blur_sigma_max
 
 
 @pytest.mark.parametrize("sigma", [0.5, 2.0, 3.0])

@@ -130,8 +130,8 @@ class RandomJPEG:
 
 
 def blur_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """(N, 2 radius + 1) 1-D kernels whose variance is exactly sigma^2 (radius = standard deviation,
-    as PIL's GaussianBlur has it, for every sigma). A sampled Gaussian falls short for sigma below
+    """(N, 2 radius + 1) 1-D kernels whose variance is exactly sigma^2 for every sigma (sigma is the
+    standard deviation, as PIL's GaussianBlur radius is). A sampled Gaussian falls short for sigma below
     about 0.5 (at 0.2 its side taps are 4e-6: no blur, where PIL gives them 0.02) and where the
     radius truncates it, so the missing variance d is added by a [d/2, 1 - d, d/2] step."""
     taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
