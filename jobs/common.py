@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from trueface.config import Config, ConfigError, load_config, preset_names
+from trueface.host_memory import worker_env
 from trueface.storage import is_uri
 
 LOOPBACK = "127.0.0.1"
@@ -93,14 +94,15 @@ def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> N
     # A local Ray gets at least the CPUs one worker group asks for, so a 2-core laptop can run
     # one worker with 2 threads (measured faster than 2 workers x 1 thread).
     cpus = num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    start_local_ray(cpus)
+    start_local_ray(cpus, worker_env=worker_env() if cfg.runtime.keep_freed_memory else None)
 
 
-def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
+def start_local_ray(num_cpus: int, log_to_driver: bool = True, worker_env: dict[str, str] | None = None) -> None:
     """Start a Ray on this machine that only this machine can reach: GCS, raylet, object manager,
     workers, dashboard and its agents all listen on loopback, and token authentication is on, so
-    another user of this machine needs the token too. The test suite's shared Ray
-    (tests/conftest.py) starts through here as well."""
+    another user of this machine needs the token too. ``worker_env``: environment variables of
+    every worker (the job's runtime environment). The test suite's shared Ray (tests/conftest.py)
+    starts through here as well."""
     import ray
     import ray._private.ray_constants as ray_constants
 
@@ -126,7 +128,7 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, runtime_env={"env_vars": worker_env} if worker_env else None)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_default
     token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"

@@ -55,6 +55,7 @@ from trueface.data.sampler import BalancedSampler
 from trueface.distributed import DistInfo, average_buffers, barrier
 from trueface.ema import ModelEma
 from trueface.explain import validation_grid
+from trueface.host_memory import keep_freed_memory
 from trueface.inference import decode_size, image_loader, predict_scores
 from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model
@@ -332,6 +333,8 @@ def _describe_prepared(dataset: ImageDataset) -> str:
 
 def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) -> TrainState:
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
+    if cfg.runtime.keep_freed_memory:
+        keep_freed_memory()
     # The initial weights (random init, the new head) come from cfg.seed alone: the same on every
     # rank (each rank's EMA copies its own model before DDP broadcasts rank 0's) and in every trial
     # of a search, so trials differ by their parameters only.

@@ -14,7 +14,8 @@ the engine adds per step and nothing else:
   autocast policy of ``Runtime``, channels_last, optimizer step, EMA update, progress window)
   against the ~15-line loop every PyTorch tutorial writes (``PlainLoop``). The two alternate
   step by step (A B B A A B ...) and each side's figure is the median of its steps, so a burst
-  of load from another process hits both.
+  of load from another process hits both. Both run with glibc's freed memory kept
+  (``trueface.host_memory``, set by the engine's state for the whole process, as in training).
 - "engine under Ray Train, 1 worker vs engine": the same engine steps inside a one-worker
   ``TorchTrainer``, measured by ``jobs.bench_train_ray`` (the library never imports Ray) and
   handed in as ``ray_rate``; the driver's steps run half before and half after it.
@@ -39,6 +40,7 @@ from torch import nn
 from trueface.bench.report import Bench, OtherLoad, Row, machine_context, share_text, torch_threads
 from trueface.config import Config, load_config
 from trueface.distributed import DistInfo
+from trueface.host_memory import freed_memory_kept
 from trueface.model import build_model
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace, ray_rate: RayRate | None = None, max_threads: 
 
 def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) -> Bench:
     batches = make_batches(size["image_size"], size["batch_size"])
-    engine, plain = EngineLoop(cfg), PlainLoop(cfg)
+    engine, plain = EngineLoop(cfg), PlainLoop(cfg)  # the engine's state keeps freed memory: for both
+    kept = freed_memory_kept()
     rounds = size["steps"]
     print(f"train: ResNet-50 {size['image_size']} px, batch {size['batch_size']}, {engine.runtime.precision}, "
           f"{threads} torch threads; {rounds} one-step rounds per side after {WARMUP_STEPS} warm-up steps",
@@ -97,12 +100,13 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     bench = Bench("train", context={**machine_context(), "model": "resnet50", "image_size": size["image_size"],
                                     "batch": size["batch_size"], "steps": rounds, "warmup_steps": WARMUP_STEPS,
                                     "precision": engine.runtime.precision, "threads": threads,
-                                    "channels_last": cfg.model.channels_last})
+                                    "channels_last": cfg.model.channels_last, "freed_memory_kept": kept})
     bench.add(Row("engine vs plain loop", engine_rate, plain_rate, "img/s", TARGET, note=(
         f"median of {len(rates['engine'])} alternating steps each (engine {spread(rates['engine'])}, plain "
         f"{spread(rates['plain'])}); the engine also does per step what the plain "
         f"loop does not: LR schedule, label-smoothed soft targets, MixUp (alpha {MIXUP_ALPHA}), soft cross-entropy, "
-        f"EMA update of weights and buffers (decay {cfg.stage1.ema_decay}), progress window")))
+        f"EMA update of weights and buffers (decay {cfg.stage1.ema_decay}), progress window; both with "
+        f"{'freed host memory kept (trueface.host_memory)' if kept else 'glibc malloc defaults'}")))
     if under_ray:
         bench.add(Row("engine under Ray Train, 1 worker vs engine", under_ray[0], engine_rate, "img/s", TARGET,
                       note=f"{under_ray[1]}; other processes kept {share_text(driver_load)} of the machine's CPUs "

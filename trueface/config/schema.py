@@ -198,6 +198,9 @@ class RuntimeConfig:
     # torch.compile the training model (off by default: on a CPU its compile time outweighs the
     # gain for runs of minutes; on GPUs it fuses the BatchNorm/ReLU chains)
     compile: bool = False
+    # glibc's malloc keeps freed memory for the next step instead of returning it to the OS and
+    # faulting it back in (trueface/host_memory.py: ~20% of a CPU step); false keeps its defaults
+    keep_freed_memory: bool = True
 
 
 @dataclass(frozen=True)
