@@ -98,6 +98,52 @@ def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
     assert ctx["precision"] in ("fp32", "bf16", "fp16") and ctx["threads"] >= 1
 
 
+QUICK_ARGS = argparse.Namespace(quick=True, image_size=None, batch_size=None, images=None)
+SPLIT_ROWS = ("of which a resting local Ray: engine beside it vs engine",
+              "of which Ray Train: under Ray Train vs engine beside a resting Ray")
+
+
+@pytest.mark.parametrize("ray_started", [True, False])
+def test_the_ray_row_splits_into_resting_ray_and_ray_train_where_the_bench_started_ray(ray_started):
+    # A stand-in for jobs.bench_train_ray: the worker's rate is made up, the driver's steps beside
+    # the resting Ray are the engine's own (run through the callback, as a Ray it started runs them).
+    rounds_seen = []
+
+    def fake_ray_rate(cfg, size, rounds, while_ray_idles):
+        if ray_started:
+            while_ray_idles()
+        rounds_seen.append(rounds)
+        return 5.0, "made up"
+
+    rows = {r.what: r for r in bench_train.run(QUICK_ARGS, ray_rate=fake_ray_rate).rows}
+    whole = rows["engine under Ray Train, 1 worker vs engine"]
+    assert (whole.project, whole.reference) == (5.0, rows["engine vs plain loop"].project)
+    if not ray_started:  # a running Ray (a test session's) was up for every driver step: no split
+        assert not set(SPLIT_ROWS) & set(rows)
+        return
+    beside, train_part = (rows[w] for w in SPLIT_ROWS)
+    assert beside.reference == whole.reference and beside.project > 0 and beside.project != whole.reference
+    assert (train_part.project, train_part.reference) == (5.0, beside.project)
+    assert whole.ratio == pytest.approx(beside.ratio * train_part.ratio)  # the two parts make the whole
+    assert beside.target is None and train_part.target is None  # the target stays on the whole row
+    assert f"median of {rounds_seen[0]} driver steps" in beside.note and "% of the machine's CPUs" in beside.note
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_the_ray_rate_runs_the_resting_steps_on_a_ray_it_started_before_stopping_it(quick_cfg, monkeypatch, running):
+    from jobs import bench_train_ray
+
+    events = []
+    metrics = {"img_per_s": 3.0, "rates": [3.0], "threads": 1, "omp_threads": "1", "measure_s": 1.0, "other_load": 0.1}
+    monkeypatch.setattr(bench_train_ray.ray, "is_initialized", lambda: running)
+    monkeypatch.setattr(bench_train_ray.ray, "shutdown", lambda: events.append("shutdown"))
+    monkeypatch.setattr(bench_train_ray, "init_ray", lambda *a, **k: events.append("init"))
+    monkeypatch.setattr(bench_train_ray, "fit", lambda *a, **k: events.append("fit") or argparse.Namespace(metrics=metrics))
+    rate, note = bench_train_ray.ray_engine_rate(quick_cfg, dict(bench_train.QUICK), 2, lambda: events.append("rest"))
+    assert rate == 3.0 and "ray.init" in note
+    assert events == (["fit"] if running else ["init", "fit", "rest", "shutdown"])
+
+
 def test_other_load_counts_other_processes_and_not_this_one(monkeypatch):
     # The arithmetic, on made-up clocks: 4 CPUs over 2 s = 8 CPU-s; the machine was busy 5 CPU-s,
     # 3 of them this process's own: the others kept 2 / 8 = 25% busy.

@@ -335,7 +335,7 @@ def test_job_command_passes_the_real_checks_with_dry_run(label, tmp_path, capsys
         assert "image_size: 1024" in out  # the paper's Stage II
         assert str(shared / "runs" / "paper") in out and str(shared / "results" / "paper") in out
     else:
-        assert f"search paper-" in out and f": {flag(argv, '--num-samples')} trials of Stage I then Stage II" in out
+        assert "search paper-" in out and f": {flag(argv, '--num-samples')} trials of Stage I then Stage II" in out
         assert f"trials at once: {flag(argv, '--max-concurrent')}" in out
         assert "(GPU true x 1)" in out
         assert f"tensorboard --logdir {shared / 'tune'}/paper-" in out

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from trueface.checkpoint import finished_stage, load_checkpoint
-from trueface.config import load_config
 from trueface.train import StageError, micro_batch_size, run_stage
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.predict import Predictor

@@ -18,7 +18,12 @@ the engine adds per step and nothing else:
   (``trueface.host_memory``, set by the engine's state for the whole process, as in training).
 - "engine under Ray Train, 1 worker vs engine": the same engine steps inside a one-worker
   ``TorchTrainer``, measured by ``jobs.bench_train_ray`` (the library never imports Ray) and
-  handed in as ``ray_rate``; the driver's steps run half before and half after it.
+  handed in as ``ray_rate``; the driver's steps run half before and half after it. Where the
+  benchmark started that Ray itself, two more rows split it: the driver's engine steps with the
+  Ray still up and resting after the Train run against the driver's own ("a resting local Ray":
+  what Ray's daemons take from a process beside them), and the worker's rate against those
+  ("Ray Train": its worker process, thread, niceness, controller). The two ratios multiply to
+  the whole row's.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ SEED = 0
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, sample indices: what the loader yields
 
 
-#: (config, size, rounds) -> (img/s of the engine's steps inside Ray Train, a note on how measured)
-RayRate = Callable[[Config, dict, int], tuple[float, str]]
+#: (config, size, rounds, while_ray_idles) -> (img/s of the engine's steps inside Ray Train, a
+#: note on how measured). It calls ``while_ray_idles()`` once after the Ray run, with the local Ray
+#: still up and idle, where it started that Ray itself (not where one was running already).
+RayRate = Callable[[Config, dict, int, Callable[[], None]], tuple[float, str]]
 
 
 def run(args: argparse.Namespace, ray_rate: RayRate | None = None, max_threads: int | None = None) -> Bench:
@@ -90,7 +97,14 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     before = math.ceil(rounds / 2)
     with OtherLoad() as load_before:
         alternate({"engine": engine, "plain": plain}, feed, before, rates)
-    under_ray = ray_rate(cfg, size, rounds) if ray_rate else None
+    beside: dict[str, list[float]] = {"engine": []}  # the driver's engine steps beside an idle Ray
+    beside_load = OtherLoad()
+
+    def while_ray_idles() -> None:
+        with beside_load:
+            alternate({"engine": engine}, feed, rounds, beside)
+
+    under_ray = ray_rate(cfg, size, rounds, while_ray_idles) if ray_rate else None
     with OtherLoad() as load_after:
         alternate({"engine": engine, "plain": plain}, feed, rounds - before, rates)
     shares = [x.share for x in (load_before, load_after) if x.share is not None]
@@ -111,7 +125,22 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
         bench.add(Row("engine under Ray Train, 1 worker vs engine", under_ray[0], engine_rate, "img/s", TARGET,
                       note=f"{under_ray[1]}; other processes kept {share_text(driver_load)} of the machine's CPUs "
                            f"busy during the driver's steps"))
+        if beside["engine"]:
+            add_ray_split(bench, under_ray[0], beside["engine"], engine_rate, beside_load.share)
     return bench
+
+
+def add_ray_split(bench: Bench, ray_rate: float, beside: Sequence[float], engine_rate: float,
+                  load: float | None) -> None:
+    """The Ray row in two parts: what a local Ray's resting processes (GCS, raylet, dashboard and
+    its agents, idle workers) cost the engine's process beside them, and what Ray Train adds on
+    top (its worker process, the training function's thread, niceness, controller, reports)."""
+    beside_rate = statistics.median(beside)
+    bench.add(Row("of which a resting local Ray: engine beside it vs engine", beside_rate, engine_rate, "img/s", note=(
+        f"median of {len(beside)} driver steps ({spread(beside)}) with the local Ray still up after the Ray Train "
+        f"run; other processes kept {share_text(load)} of the machine's CPUs busy during them")))
+    bench.add(Row("of which Ray Train: under Ray Train vs engine beside a resting Ray", ray_rate, beside_rate, "img/s",
+                  note="the worker's rate against the driver's beside the same resting Ray: Ray Train's own share"))
 
 
 def bench_size(args: argparse.Namespace) -> dict:
