@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trueface.checkpoint import finished_stage, load_checkpoint
-from trueface.train import StageError, micro_batch_size, run_stage
+from trueface.train import StageError, make_optimizer, micro_batch_size, run_stage
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.predict import Predictor
 from trueface.run import resolve_run
@@ -163,3 +163,26 @@ def test_evaluation_tables_thresholds_and_predict(tiny_cfg, tmp_path):
     assert [r.label == "error" for r in rows] == [False, True, False, False]
     assert "broken.jpg" in rows[1].error
     assert all(0 <= r.probability <= 1 for r in rows if r.probability is not None)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_on_the_cpu_and_steps_like_torchs_default(tiny_cfg, name):
+    """Fused on the CPU (a third of the default's step time for ResNet-50's AdamW); same update
+    as torch's default implementation to float rounding."""
+    st = dataclasses.replace(tiny_cfg.stage1, optimizer=name, lr=0.01, weight_decay=0.05, momentum=0.9)
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], st)
+    default = (torch.optim.AdamW(models[1].parameters(), lr=st.lr, weight_decay=st.weight_decay) if name == "adamw"
+               else torch.optim.SGD(models[1].parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay))
+    assert fused.defaults["fused"] is True and not default.defaults["fused"]
+    x, start = torch.randn(16, 64), [p.detach().clone() for p in models[0].parameters()]
+    for _ in range(5):
+        for model, opt in zip(models, (fused, default)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), start):
+        assert (a - a0).abs().max() > 1e-3  # the steps moved the weights
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

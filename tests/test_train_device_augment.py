@@ -160,7 +160,7 @@ def test_runtime_compile_wraps_only_the_training_model(tiny_cfg, tmp_path, monke
     cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
     on = train._build_state(cfg, 1, None, DistInfo())
     assert compiled == [on.model] and isinstance(on.train_model, _Compiled)
-    assert on.optimizer.defaults["fused"] is None  # fused only for parameters on CUDA
+    assert on.optimizer.defaults["fused"] is True  # fused on the CPU too (make_optimizer)
     _stage1(_with(cfg, epochs=1), tmp_path)
     saved = load_checkpoint(tmp_path / "stage1" / "last.pt")["model"]
     assert saved.keys() == on.model.state_dict().keys()  # no _orig_mod. prefixes

@@ -380,9 +380,11 @@ def _initial_model(cfg: Config, stage: int, init_from: Path | None) -> nn.Module
 
 
 def make_optimizer(model: nn.Module, st: StageConfig) -> torch.optim.Optimizer:
-    # On CUDA the fused implementation updates every parameter in a few kernels instead of a
-    # launch per tensor; elsewhere torch's default (fused is CUDA-only for these two here).
-    fused = True if next(model.parameters()).is_cuda else None
+    # The fused implementation updates every parameter in one pass: on CUDA a few kernels instead
+    # of a launch per tensor, on the CPU one loop over each tensor instead of a dozen foreach ops
+    # (ResNet-50, 2 threads: AdamW's step 53 -> 17 ms, SGD's 30 -> 12 ms; AdamW's weights within
+    # 2.4e-7 of foreach's after 13 steps, SGD's identical). Elsewhere torch's default.
+    fused = True if next(model.parameters()).device.type in ("cuda", "cpu") else None
     if st.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
                                fused=fused)

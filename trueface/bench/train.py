@@ -49,7 +49,7 @@ from trueface.host_memory import freed_memory_kept
 from trueface.model import build_model
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
-from trueface.train import TrainState, _build_state, _ProgressWindow, _step_plan, train_one_epoch
+from trueface.train import TrainState, _build_state, _ProgressWindow, _step_plan, make_optimizer, train_one_epoch
 
 FULL = {"image_size": 64, "batch_size": 16, "steps": 10}
 QUICK = {"image_size": 32, "batch_size": 4, "steps": 2}
@@ -213,15 +213,16 @@ class EngineLoop:
 
 
 class PlainLoop:
-    """The reference: a torchvision-tutorial loop (AdamW, cross-entropy, zero_grad/backward/step)
+    """The reference: a torchvision-tutorial loop (the engine's optimizer, cross-entropy, zero_grad/backward/step)
     on the same model, memory format and autocast precision as the engine."""
 
     def __init__(self, cfg: Config) -> None:
         self.runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model).to(self.runtime.device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.stage1.lr,
-                                           weight_decay=cfg.stage1.weight_decay)
+        # The engine's own optimizer (fused AdamW): the row measures what the engine adds per
+        # step, not which AdamW implementation each side picked.
+        self.optimizer = make_optimizer(self.model, cfg.stage1)
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.precision == "fp16")
 
     def run(self, batches: Sequence[Batch]) -> float:
