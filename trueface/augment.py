@@ -192,8 +192,9 @@ def _normal_quantiles(bits: int = NOISE_BITS) -> np.ndarray:
     # Python's NormalDist, not torch.special.ndtri: this runs at import, and a torch op over 65,536
     # values would start an OpenMP thread pool on the importing thread. A Ray Train worker imports
     # this module on its main thread and trains on another; libgomp then counts both pools'
-    # threads against the cores and throttles its spin-waits: measured 0.66x the engine's step rate
-    # on a 2-core AMX CPU (tests/test_thread_pools.py). 9 ms; agrees with ndtri to 2e-15.
+    # threads against the cores and throttles its spin-waits (measured 0.66x the engine's step rate
+    # on a 2-core AMX CPU; tests/test_thread_pools.py checks no import starts a pool). 9 ms;
+    # agrees with ndtri to 2e-15.
     levels = 2**bits
     inv_cdf = statistics.NormalDist().inv_cdf
     table = np.array([inv_cdf((k + 0.5) / levels) for k in range(levels)])

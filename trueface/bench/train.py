@@ -213,15 +213,15 @@ class EngineLoop:
 
 
 class PlainLoop:
-    """The reference: a torchvision-tutorial loop (the engine's optimizer, cross-entropy, zero_grad/backward/step)
-    on the same model, memory format and autocast precision as the engine."""
+    """The reference: a torchvision-tutorial loop (cross-entropy, zero_grad/backward/step) on the
+    same model, optimizer, memory format and autocast precision as the engine."""
 
     def __init__(self, cfg: Config) -> None:
         self.runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model).to(self.runtime.device, memory_format=self.memory_format)
-        # The engine's own optimizer (fused AdamW): the row measures what the engine adds per
-        # step, not which AdamW implementation each side picked.
+        # The engine's own optimizer (make_optimizer: fused where torch has it): the row measures
+        # what the engine adds per step, not which optimizer implementation each side picked.
         self.optimizer = make_optimizer(self.model, cfg.stage1)
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.precision == "fp16")
 
