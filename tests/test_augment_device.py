@@ -22,6 +22,7 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trueface.augment import (
     IMAGENET_MEAN,
@@ -302,6 +303,56 @@ def test_colour_jitter_is_torchvisions_functionals_in_the_drawn_order():
     only_hue = colour_jitter(x, factors, order, active=(False, False, False, True))
     assert torch.allclose(only_hue[1], F.adjust_hue(x[1], -0.2), atol=1e-5)
 
+
+
+# Ops that read tensor values back to the host: on a GPU each one waits for the device to catch up.
+HOST_READING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "equal", "unique_dim",
+                    "_unique2", "_unique", "unique_consecutive", "_assert_async"}
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every aten op's name, and every indexing op given a boolean mask (it calls nonzero inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.masked_indexing = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.names.append(name)
+        if name.startswith("index") and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                            for a in args for t in (a if isinstance(a, (list, tuple)) else [a])):
+            self.masked_indexing.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
+    # As on a GPU (the tensor JPEG; the CPU's libjpeg reads each image's quality by design), with
+    # every op drawn for some samples and left out for others: draw and apply queue no op that reads
+    # values back, and the masks come to the host in one HostMasks.read.
+    monkeypatch.setattr(augment_device, "jpeg_codec", lambda device: jpeg_tensor)
+    reads = []
+    real_read = augment_device.HostMasks.read.__func__
+    monkeypatch.setattr(augment_device.HostMasks, "read",
+                        classmethod(lambda cls, d: reads.append(1) or real_read(cls, d)))
+    aug, g = DeviceAugment(load_config("demo").stage1.augment), torch.Generator().manual_seed(3)
+    images = _images(n=64, size=32)
+    with _OpLog() as log:
+        d = aug.draw(len(images), 32, 32, g)
+        out = aug.apply(images, d, g)
+    for mask in (d.jitter_on, d.gray_on, d.jpeg_on, d.blur_on, d.noise_on, d.erase_on):
+        assert 0 < int(mask.sum()) < len(images)  # every masked path ran, on a part of the batch
+    assert sorted(set(log.names) & HOST_READING_OPS) == [] and log.masked_indexing == []
+    assert "nonzero_static" in log.names and reads == [1]
+    assert torch.equal(out, _batched(load_config("demo").stage1.augment, images, seed=3)[0])  # as without the log
+
+
+def test_colour_jitter_reads_the_order_itself_when_not_handed_it():
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    factors = torch.tensor([[0.7, 1.3, 0.6, 0.1]] * 8)
+    order = torch.rand(8, 4, generator=torch.Generator().manual_seed(2)).argsort(dim=1)
+    active = (True, True, True, True)
+    assert torch.equal(colour_jitter(x, factors, order, active), colour_jitter(x, factors, order, active, order.numpy()))
 
 def _uint8_batch(tf, pils, seed):
     torch.manual_seed(seed)

@@ -9,13 +9,14 @@ Usage (``train_one_epoch``)::
 Why: on an H200, ``DeviceAugment`` on a Stage I batch (200 images of 224 px) took 54 ms, more
 than the model's own step (45 ms), and most of it is host work the GPU waits on, not GPU work:
 torchvision's CUDA JPEG encoder synchronises its stream twice per image, its decoder parses the
-bytes on the host, and the masked ops read their masks with ``nonzero``. Run inline, the model
+bytes on the host, and the masked ops then read their masks with ``nonzero``. Run inline, the model
 waited for all of it every step (engine 1,961 img/s against 4,431 for the model alone,
 ``python -m jobs.benchmark gpu``). Here a background thread copies the next batch to the device
 and augments it on a high-priority side stream while the main thread runs the current step, so
 the two overlap; the step's stream waits on an event, never on the host. (With it, Stage I went
 from 1,961 to 2,850 img/s and Stage II from 154 to 202 on the H200, when ``DeviceAugment`` still
-used nvJPEG; ``trueface.jpeg_tensor`` has since taken most of the host work away.)
+used nvJPEG; ``trueface.jpeg_tensor`` has since taken most of the host work away, and
+``DeviceAugment`` reads its masks back once a batch instead of 21 times.)
 
 On a CPU, or without batched augmentation, batches are prepared inline: a thread there would
 only take cores from the model. The augmented batches are the same either way: one thread calls

@@ -30,6 +30,12 @@ light epochs) or strength 0 only normalises: the output equals the per-sample li
 Vectorised over the batch, except: colour jitter loops over its 4 positions x 4 ops (16 masked
 sub-batches, not samples); JPEG on the CPU loops over the images (libjpeg takes one at a time).
 
+One host read a batch: ``apply`` copies every mask and the jitter order to the host in one go
+(``HostMasks``) and sizes each masked sub-batch from it, finding its indices on the device with
+``nonzero_static``. ``nonzero`` must read its count back before it can size its output, a
+synchronisation each: 21 a batch here until then (16 in colour jitter), each one stopping the
+thread that queues the batch's work until the GPU had caught up with it.
+
 JPEG (``jpeg_codec``): on CPU, torchvision.io.encode_jpeg / decode_jpeg, one image at a time
 (libjpeg with PIL's defaults, 4:2:0 chroma: bit-identical to the per-sample path's PIL JPEG at
 the same quality, as a test checks). On a GPU, ``trueface.jpeg_tensor``: JPEG's lossy steps
@@ -62,6 +68,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
@@ -193,26 +200,41 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
-def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: tuple[bool, ...]) -> torch.Tensor:
+def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: tuple[bool, ...],
+                  host_order: np.ndarray | None = None) -> torch.Tensor:
     """ColorJitter on float [0, 1] images with per-sample ``factors`` (N, 4) applied in per-sample
-    ``order`` (N, 4); ops whose ``active`` is False are skipped, as ColorJitter skips a zero."""
+    ``order`` (N, 4); ops whose ``active`` is False are skipped, as ColorJitter skips a zero.
+    ``host_order``: ``order`` on the host, where the caller has read it already; read here otherwise."""
+    host_order = order.cpu().numpy() if host_order is None else host_order
     x = x.clone()
     for position in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            if not active[op]:
-                continue
-            idx = (order[:, position] == op).nonzero().squeeze(1)
-            if idx.numel():
-                f = factors[idx, op]
-                x[idx] = fn(x[idx], f if op == 3 else f.view(-1, 1, 1, 1))
+            if active[op]:
+                _apply_on(x, order[:, position] == op, int((host_order[:, position] == op).sum()),
+                          lambda s, i, op=op, fn=fn: fn(s, _jitter_factor(factors, i, op)))
     return x
+
+
+def _jitter_factor(factors: torch.Tensor, idx: torch.Tensor, op: int) -> torch.Tensor:
+    f = factors.index_select(0, idx)[:, op]
+    return f if op == 3 else f.view(-1, 1, 1, 1)  # hue takes a shift per sample, the others a factor
+
+
+def _apply_on(x: torch.Tensor, mask: torch.Tensor, count: int,
+              op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """x[mask] = op(x[mask], indices), in place, where ``count`` (read on the host beforehand) is
+    how many of ``mask`` are True; nothing runs when none is. ``nonzero_static`` is told the count,
+    so it finds the indices without reading anything back from the device."""
+    if count:
+        idx = torch.nonzero_static(mask, size=count).squeeze(1)
+        x.index_copy_(0, idx, op(x.index_select(0, idx), idx))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per sample (``blur_kernels``, radius >= 3 sigma for
     every sample), edges replicated like PIL's; one grouped conv per direction."""
     n, c, height, width = x.shape
-    kernel = blur_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, dim=0)  # (N*C, K)
+    kernel = blur_kernels(sigma, radius).to(x.dtype)[:, None].expand(n, c, -1).reshape(n * c, -1)  # (N*C, K)
     flat = x.reshape(1, n * c, height, width)
     flat = nnf.conv2d(nnf.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, -1), groups=n * c)
     flat = nnf.conv2d(nnf.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, -1, 1), groups=n * c)
@@ -310,29 +332,49 @@ class DeviceAugment:
         with each step's name (``APPLY_STEPS``) as it is queued: ``jobs.benchmark gpu`` times
         the steps with it."""
         tick = tick or _no_tick
+        host = HostMasks.read(d)
         x = self.to_float(images).contiguous()
         tick("to float")
         active = tuple(v > 0 for v in self.params.color_jitter)
-        self._on(x, d.jitter_on, lambda s, i: colour_jitter(s, d.jitter_factors[i], d.jitter_order[i], active))
+        _apply_on(x, d.jitter_on, host.count("jitter"), lambda s, i: colour_jitter(
+            s, d.jitter_factors.index_select(0, i), d.jitter_order.index_select(0, i), active, host.jittered_order()))
         tick("colour jitter")
-        self._on(x, d.gray_on, lambda s, i: F.rgb_to_grayscale(s, num_output_channels=3))
+        _apply_on(x, d.gray_on, host.count("gray"), lambda s, i: F.rgb_to_grayscale(s, num_output_channels=3))
         tick("grayscale")
-        self._on(x, d.jpeg_on, lambda s, i: jpeg_roundtrip(s, d.jpeg_quality[i]))
+        _apply_on(x, d.jpeg_on, host.count("jpeg"), lambda s, i: jpeg_roundtrip(s, d.jpeg_quality.index_select(0, i)))
         tick("JPEG")
-        self._on(x, d.blur_on, lambda s, i: gaussian_blur(s, d.blur_sigma[i], self.blur_radius))
+        _apply_on(x, d.blur_on, host.count("blur"),
+                  lambda s, i: gaussian_blur(s, d.blur_sigma.index_select(0, i), self.blur_radius))
         tick("blur")
-        self._on(x, d.noise_on, lambda s, i: add_noise(s, self.params.noise_std, generator))
+        _apply_on(x, d.noise_on, host.count("noise"), lambda s, i: add_noise(s, self.params.noise_std, generator))
         tick("noise")
         x = self.normalize(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
         tick("normalise and erase")
         return x
 
-    @staticmethod
-    def _on(x: torch.Tensor, mask: torch.Tensor, op) -> None:
-        """x[mask] = op(x[mask], indices), in place; nothing runs when no sample is masked."""
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel():
-            x[idx] = op(x[idx], idx)
+
+@dataclass(frozen=True)
+class HostMasks:
+    """A batch's op masks and jitter order on the host, read from the device in one copy: the
+    masked ops take their sub-batch sizes from here (``_apply_on``)."""
+
+    masks: dict[str, np.ndarray]  # op name -> (N,) bool
+    jitter_order: np.ndarray  # (N, 4)
+
+    NAMES = ("jitter", "gray", "jpeg", "blur", "noise")
+
+    @classmethod
+    def read(cls, d: Draws) -> HostMasks:
+        masks = torch.stack([d.jitter_on, d.gray_on, d.jpeg_on, d.blur_on, d.noise_on]).to(torch.uint8)
+        host = torch.cat([masks, d.jitter_order.T.to(torch.uint8)]).cpu().numpy()  # the batch's one host read
+        return cls(dict(zip(cls.NAMES, host[:5].astype(bool), strict=True)), host[5:].T)
+
+    def count(self, name: str) -> int:
+        return int(self.masks[name].sum())
+
+    def jittered_order(self) -> np.ndarray:
+        """The jitter order of the jittered samples only, in their order in the batch."""
+        return self.jitter_order[self.masks["jitter"]]
 
 
 def _erase_mask(d: Draws, height: int, width: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -347,6 +348,7 @@ class StageFigures:
     loader: float = 0.0  # img/s of the epoch's DataLoader drained alone
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
+    augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
     state: TrainState | None = None
 
 
@@ -364,13 +366,14 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     alone = model_alone_window(cfg, stage, state, size)
     _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
     loader, batch = loader_alone(epoch_loader, size)
-    augment, steps = augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment else (None, None)
+    augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
+                             else (None, None, None))
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                         busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        state)
+                        syncs, state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -412,10 +415,12 @@ def loader_alone(loader: DataLoader, size: StageSize) -> tuple[float, torch.Tens
     return img_per_s(timed * size.batch, elapsed), images
 
 
-def augment_alone(augment: EpochAugment, images: torch.Tensor, device: torch.device) -> tuple[float, dict[str, float]]:
+def augment_alone(augment: EpochAugment, images: torch.Tensor,
+                  device: torch.device) -> tuple[float, dict[str, float], int | None]:
     """img/s of the epoch's batched augmentation (strong) on one loader batch already on the
-    device, timed between synchronisations: the GPU's share of the input path; and the ms a
-    batch of each of its steps (``StepClock``), so a slow augmentation says which step it is."""
+    device, timed between synchronisations: the GPU's share of the input path; the ms a batch of
+    each of its steps (``StepClock``), so a slow augmentation says which step it is; and how many
+    times one batch made the host wait for the GPU (``host_syncs``)."""
     images = images.to(device)
     clock = StepClock(device)
     for _ in range(AUGMENT_WARMUP):
@@ -433,7 +438,22 @@ def augment_alone(augment: EpochAugment, images: torch.Tensor, device: torch.dev
         draws = aug.draw(len(images), *images.shape[-2:], generator)
         clock("draw")
         aug.apply(images, draws, generator, tick=clock)
-    return rate, clock.ms()
+    return rate, clock.ms(), host_syncs(lambda: augment(images), device)
+
+
+def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times ``fn`` made the host wait for the GPU, counted by torch's sync debug mode
+    (one warning a synchronising call); None off CUDA, where nothing waits."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 class StepClock:
@@ -529,7 +549,9 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
             f"{where}DeviceAugment (strong) on one loader batch already on the device, {AUGMENT_REPEATS} calls "
             "between synchronisations; ratio to the engine: how much faster than the whole step it runs"
             + (f"; ms a batch by step ({STEP_REPEATS} calls, a synchronisation after each step): "
-               + ", ".join(f"{step} {ms:.2f}" for step, ms in r.augment_steps.items()) if r.augment_steps else ""))))
+               + ", ".join(f"{step} {ms:.2f}" for step, ms in r.augment_steps.items()) if r.augment_steps else "")
+            + (f"; host synchronisations a batch: {r.augment_syncs} (torch.cuda sync debug mode)"
+               if r.augment_syncs is not None else ""))))
 
 
 def prefetch_note(prefetch: int, timed: int) -> str:
