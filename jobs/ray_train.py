@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -67,7 +69,26 @@ def fit(train_fn, cfg: Config, name: str, loop_config: dict, num_workers: int | 
             callbacks=callbacks or None,
         ),
     )
-    return trainer.fit()
+    with _driver_sigint_handler_kept():
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _driver_sigint_handler_kept():
+    """Puts the driver's SIGINT handler back after ``fit``. Ray Train (2.60) installs one that
+    aborts its run and leaves it installed: after the run a Ctrl-C would "abort" a finished run,
+    swallowing the first two presses, and the handler's reference to the run's controller keeps
+    that controller and its Ray Data DatasetManager alive (two processes waking about 100 times a
+    second each) until the next ``fit`` replaces it. Off the main thread (Tune's trials) Ray
+    installs none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_setup(cfg: Config) -> DistInfo:

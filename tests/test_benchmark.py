@@ -10,8 +10,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,12 @@ def test_sizes_from_arguments():
 
 @pytest.mark.ray
 def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
+    handler = signal.getsignal(signal.SIGINT)
     assert benchmark.main(["train", "--quick", "--results-dir", str(tmp_path)]) == 0
+    # jobs.ray_train.fit put the driver's Ctrl-C handler back, so the finished run's controller
+    # (Ray Train's handler held it) is gone
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert _alive_train_controllers(ray_session) == 0
     assert "## Benchmark `train`" in capsys.readouterr().out
     bench = json.loads((tmp_path / "bench-train" / "bench.json").read_text())
     rows = {r["what"]: r for r in bench["rows"]}
@@ -97,6 +104,18 @@ def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
     assert (ctx["model"], ctx["image_size"], ctx["batch"], ctx["steps"]) == ("resnet50", 32, 4, 2)
     assert ctx["precision"] in ("fp32", "bf16", "fp16") and ctx["threads"] >= 1
 
+
+
+def _alive_train_controllers(ray, wait_s: float = 20.0) -> int:
+    """How many Ray Train controller actors are alive, once those on their way out have gone."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+        if not alive or time.monotonic() > deadline:
+            return len(alive)
+        time.sleep(0.5)
 
 QUICK_ARGS = argparse.Namespace(quick=True, image_size=None, batch_size=None, images=None)
 SPLIT_ROWS = ("of which a resting local Ray: engine beside it vs engine",
