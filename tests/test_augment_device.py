@@ -305,7 +305,8 @@ def test_colour_jitter_is_torchvisions_functionals_in_the_drawn_order():
 
 
 
-# Ops that read tensor values back to the host: on a GPU each one waits for the device to catch up.
+# Ops that read tensor values back to the host: on a GPU each one waits for the device to catch
+# up (nonzero sizes its output by its count).
 HOST_READING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "equal", "unique_dim",
                     "_unique2", "_unique", "unique_consecutive", "_assert_async"}
 
@@ -340,12 +341,22 @@ def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
     with _OpLog() as log:
         d = aug.draw(len(images), 32, 32, g)
         out = aug.apply(images, d, g)
+        aug(images, g, strong=False)  # a light epoch's batch
     for mask in (d.jitter_on, d.gray_on, d.jpeg_on, d.blur_on, d.noise_on, d.erase_on):
         assert 0 < int(mask.sum()) < len(images)  # every masked path ran, on a part of the batch
     assert sorted(set(log.names) & HOST_READING_OPS) == [] and log.masked_indexing == []
-    assert "nonzero_static" in log.names and reads == [1]
+    assert "nonzero_static" in log.names and reads == [1]  # the strong batch's; a light one reads nothing
     assert torch.equal(out, _batched(load_config("demo").stage1.augment, images, seed=3)[0])  # as without the log
 
+
+def test_normalise_is_v2_normalize_bit_for_bit_and_builds_its_constants_once():
+    # v2.Normalize builds its mean and std from Python lists on every call (lift_fresh): on a GPU
+    # a blocking copy that waits for all the augmentation queued before it
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(augment_device.normalise(x), normalize()(x))
+    with _OpLog() as log:
+        augment_device.normalise(x)
+    assert "lift_fresh" not in log.names
 
 def test_colour_jitter_reads_the_order_itself_when_not_handed_it():
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -34,7 +34,8 @@ One host read a batch: ``apply`` copies every mask and the jitter order to the h
 (``HostMasks``) and sizes each masked sub-batch from it, finding its indices on the device with
 ``nonzero_static``. ``nonzero`` must read its count back before it can size its output, a
 synchronisation each: 21 a batch here until then (16 in colour jitter), each one stopping the
-thread that queues the batch's work until the GPU had caught up with it.
+thread that queues the batch's work until the GPU had caught up with it. ``normalise`` keeps the
+normalisation's mean and std on the device for the same reason.
 
 JPEG (``jpeg_codec``): on CPU, torchvision.io.encode_jpeg / decode_jpeg, one image at a time
 (libjpeg with PIL's defaults, 4:2:0 chroma: bit-identical to the per-sample path's PIL JPEG at
@@ -63,6 +64,7 @@ moved to OpenCV; since then ``python -m jobs.benchmark input`` puts the per-samp
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -79,7 +81,7 @@ from torchvision.transforms.v2 import functional as F
 # arithmetic; torchvision is pinned (pyproject), and tests compare against F.adjust_hue.
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from trueface.augment import StrongParams, TrainTransform, blur_kernels, normalize, strong_params
+from trueface.augment import IMAGENET_MEAN, IMAGENET_STD, StrongParams, TrainTransform, blur_kernels, strong_params
 from trueface.config.choices import AUGMENT_DEVICES
 from trueface.config.schema import AugmentConfig
 from trueface.jpeg_tensor import jpeg_tensor
@@ -286,7 +288,6 @@ class DeviceAugment:
     def __init__(self, cfg: AugmentConfig) -> None:
         self.params = strong_params(cfg)
         self.light_only = cfg.strength <= 0
-        self.normalize = normalize()
         self.to_float = v2.ToDtype(torch.float32, scale=True)
         self.blur_radius = math.ceil(3 * self.params.blur_sigma[1])
 
@@ -302,7 +303,7 @@ class DeviceAugment:
             raise ValueError(f"DeviceAugment: the generator is on {generator.device}, the images on {images.device}; "
                              "create it with torch.Generator(device=images.device)")
         if not strong or self.light_only:
-            return self.normalize(self.to_float(images))
+            return normalise(self.to_float(images))
         n, _, height, width = images.shape
         return self.apply(images, self.draw(n, height, width, generator), generator)
 
@@ -348,9 +349,24 @@ class DeviceAugment:
         tick("blur")
         _apply_on(x, d.noise_on, host.count("noise"), lambda s, i: add_noise(s, self.params.noise_std, generator))
         tick("noise")
-        x = self.normalize(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
+        x = normalise(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
         tick("normalise and erase")
         return x
+
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """``trueface.augment.normalize`` (v2.Normalize's arithmetic, so the same bits) with the mean
+    and std kept on x's device: v2.Normalize builds them from Python lists on every call, on a GPU
+    a blocking copy that waits for everything queued before it."""
+    mean, std = _mean_std(x.device, x.dtype)
+    return x.sub(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(-1, 1, 1),
+            torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(-1, 1, 1))
 
 
 @dataclass(frozen=True)
