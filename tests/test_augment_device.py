@@ -21,7 +21,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2.functional._color import _rgb_to_hsv
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trueface.augment import (
@@ -330,7 +330,9 @@ class _OpLog(TorchDispatchMode):
 def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
     # As on a GPU (the tensor JPEG; the CPU's libjpeg reads each image's quality by design), with
     # every op drawn for some samples and left out for others: draw and apply queue no op that reads
-    # values back, and the masks come to the host in one HostMasks.read.
+    # values back, and the masks come to the host in one HostMasks.read. Nor, once a first batch has
+    # filled the per-device caches (JPEG tables, normalisation constants, the HSV table), does a
+    # batch build a tensor from Python data (lift_fresh): on a GPU a copy from pageable memory.
     monkeypatch.setattr(augment_device, "jpeg_codec", lambda device: jpeg_tensor)
     reads = []
     real_read = augment_device.HostMasks.read.__func__
@@ -338,6 +340,8 @@ def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
                         classmethod(lambda cls, d: reads.append(1) or real_read(cls, d)))
     aug, g = DeviceAugment(load_config("demo").stage1.augment), torch.Generator().manual_seed(3)
     images = _images(n=64, size=32)
+    aug(images, torch.Generator().manual_seed(0))
+    reads.clear()
     with _OpLog() as log:
         d = aug.draw(len(images), 32, 32, g)
         out = aug.apply(images, d, g)
@@ -345,18 +349,17 @@ def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
     for mask in (d.jitter_on, d.gray_on, d.jpeg_on, d.blur_on, d.noise_on, d.erase_on):
         assert 0 < int(mask.sum()) < len(images)  # every masked path ran, on a part of the batch
     assert sorted(set(log.names) & HOST_READING_OPS) == [] and log.masked_indexing == []
+    assert "lift_fresh" not in log.names
     assert "nonzero_static" in log.names and reads == [1]  # the strong batch's; a light one reads nothing
     assert torch.equal(out, _batched(load_config("demo").stage1.augment, images, seed=3)[0])  # as without the log
 
 
-def test_normalise_is_v2_normalize_bit_for_bit_and_builds_its_constants_once():
-    # v2.Normalize builds its mean and std from Python lists on every call (lift_fresh): on a GPU
-    # a blocking copy that waits for all the augmentation queued before it
+def test_normalise_and_hsv_to_rgb_are_torchvisions_bit_for_bit():
+    # the same arithmetic as v2.Normalize and torchvision's HSV conversion, with their constants
+    # kept on the device instead of built from Python lists on every call
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(augment_device.normalise(x), normalize()(x))
-    with _OpLog() as log:
-        augment_device.normalise(x)
-    assert "lift_fresh" not in log.names
+    assert torch.equal(augment_device._hsv_to_rgb(x), _hsv_to_rgb(x))  # any (h, s, v) in [0, 1]
 
 def test_colour_jitter_reads_the_order_itself_when_not_handed_it():
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))

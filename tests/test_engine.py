@@ -186,3 +186,29 @@ def test_the_optimizer_is_fused_on_the_cpu_and_steps_like_torchs_default(tiny_cf
     for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), start):
         assert (a - a0).abs().max() > 1e-3  # the steps moved the weights
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_step_copies_to_the_device_without_waiting(tiny_cfg, monkeypatch):
+    """Every copy a step makes to the training device is non-blocking (MixUp's permutation
+    included): on CUDA a blocking copy waits for the previous step's kernels before the host can
+    queue this step's. Checked on the CPU by recording each Tensor.to that names a device."""
+    import numpy as np
+
+    from trueface.distributed import DistInfo
+    from trueface.train import _build_state, train_step
+
+    st = dataclasses.replace(tiny_cfg.stage1, mixup_alpha=0.4)
+    cfg = dataclasses.replace(tiny_cfg, stage1=st)
+    state = _build_state(cfg, 1, None, DistInfo(0, 1))
+    copies, real_to = [], torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        if any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs:
+            copies.append(kwargs.get("non_blocking", False))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    loss = train_step(state, images, labels, st, np.random.default_rng(0), sync_grads=True)
+    assert torch.isfinite(loss)
+    assert len(copies) >= 3 and all(copies), copies  # images, labels, MixUp's permutation

@@ -344,6 +344,9 @@ def mixup(
     if alpha <= 0 or len(images) < 2:
         return images, targets, 1.0
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    perm = torch.from_numpy(rng.permutation(len(images)))
+    if images.is_cuda:  # pinned, so the copy does not wait for the kernels queued before it
+        perm = perm.pin_memory()
+    perm = perm.to(images.device, non_blocking=True)
     mixed = images * lam + images[perm] * (1 - lam)
     return mixed, targets * lam + targets[perm] * (1 - lam), lam

@@ -79,7 +79,7 @@ from torchvision.transforms.v2 import functional as F
 
 # torchvision's own HSV conversions (the ones its adjust_hue uses), so the hue shift is the same
 # arithmetic; torchvision is pinned (pyproject), and tests compare against F.adjust_hue.
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 
 from trueface.augment import IMAGENET_MEAN, IMAGENET_STD, StrongParams, TrainTransform, blur_kernels, strong_params
 from trueface.config.choices import AUGMENT_DEVICES
@@ -197,6 +197,31 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h, s, v = _rgb_to_hsv(x).unbind(dim=-3)
     h = (h + shift.view(-1, 1, 1)).remainder_(1.0)
     return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+
+
+def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_hsv_to_rgb`` for (N, 3, H, W), the same arithmetic and so the same bits,
+    with its (v, p, q, t) -> RGB table kept on the device: torchvision builds the table from a
+    Python list on every call, a copy from pageable memory that the driver may make wait for the
+    stream (CUDA's "API synchronization behavior")."""
+    h, s, v = img.unbind(dim=-3)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(dtype=torch.int32).remainder_(6)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    return vpqt.gather(-3, _hsv_select(img.device)[:, i].moveaxis(0, -3))
+
+
+@functools.lru_cache(maxsize=8)
+def _hsv_select(device: torch.device) -> torch.Tensor:
+    """Row c, column i: which of (v, p, q, t) is channel c in hue sector i."""
+    return torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long, device=device)
 
 
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)

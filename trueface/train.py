@@ -402,7 +402,9 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st
     next micro-batch of the same step will add to."""
     rt = state.runtime
     images = images.to(rt.device, non_blocking=True, memory_format=torch.channels_last)
-    targets = soft_targets(labels, 2, st.label_smoothing).to(rt.device)
+    # non-blocking (the loader pins its batches on CUDA): a blocking copy would make the host wait
+    # for the previous step's kernels before it could queue this step's
+    targets = soft_targets(labels.to(rt.device, non_blocking=True), 2, st.label_smoothing)
     images, targets, _ = mixup(images, targets, st.mixup_alpha, rng)
     no_sync = getattr(state.train_model, "no_sync", None)
     with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():

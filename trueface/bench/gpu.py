@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config, to_dict
+from trueface.config.schema import StageConfig
 from trueface.data.layout import Sample
 from trueface.data.prepared import build_prepared
 from trueface.distributed import DistInfo
@@ -64,7 +65,7 @@ from trueface.inference import decode_size
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
 from trueface.train import (EpochAugment, TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch,
-                            _step_plan, train_one_epoch, training_data)
+                            _step_plan, train_one_epoch, train_step, training_data)
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,7 @@ class StageFigures:
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
+    step_syncs: int | None = None  # times one training step (no progress line) made the host wait; None off CUDA
     state: TrainState | None = None
 
 
@@ -364,6 +366,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     engine = engine_window(cfg, stage, state, data, size, busy)
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
+    step_syncs = host_syncs(lambda: one_step(state, cfg.stage(stage), size), state.runtime.device)
     _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
     loader, batch = loader_alone(epoch_loader, size)
     augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
@@ -373,7 +376,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                         busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        syncs, state)
+                        syncs, step_syncs, state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -442,9 +445,10 @@ def augment_alone(augment: EpochAugment, images: torch.Tensor,
 
 
 def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """How many times ``fn`` made the host wait for the GPU, counted by torch's sync debug mode
-    (one warning a synchronising call); None off CUDA, where nothing waits."""
+    """Runs ``fn``; how many times it made the host wait for the GPU, counted by torch's sync
+    debug mode (one warning a synchronising call); None off CUDA, where nothing waits."""
     if device.type != "cuda":
+        fn()  # the same work, so a CPU run goes through the same code
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -494,13 +498,25 @@ def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSi
     return window
 
 
+def one_step(state: TrainState, st: StageConfig, size: StageSize) -> None:
+    """One optimizer step of the engine (``train_step``, the optimizer, the EMA) on a batch already
+    on the device, without the progress window (its line every ``log_every`` steps reads the loss)."""
+    images, labels, _ = device_batches(size.image, size.batch, state.runtime.device, count=1)[0]
+    train_step(state, images, labels, st, np.random.default_rng(SEED), sync_grads=True)
+    state.runtime.step(state.optimizer)
+    state.ema.update(state.model, 1)
+
+
 def device_batches(image: int, batch: int, device: torch.device,
                    count: int = DISTINCT_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images, labels, indices) as the loader yields them, the images already normalised floats
-    on ``device`` (what ``DeviceAugment`` hands the model)."""
+    """(images, labels, indices) as the loader yields them (labels pinned on CUDA, as its
+    ``pin_memory`` gives them), the images already normalised floats on ``device`` (what
+    ``DeviceAugment`` hands the model)."""
     gen = torch.Generator().manual_seed(SEED)
     labels = torch.arange(batch) % 2
-    return [(torch.randn(batch, 3, image, image, generator=gen).to(device), labels.clone(),
+    pin = device.type == "cuda"
+    return [(torch.randn(batch, 3, image, image, generator=gen).to(device),
+             labels.clone().pin_memory() if pin else labels.clone(),
              torch.arange(i * batch, (i + 1) * batch)) for i in range(count)]
 
 
@@ -533,6 +549,8 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
         f"{where}model alone: the same train_one_epoch and state on {DISTINCT_BATCHES} normalised float "
         f"batches already on the device, {r.model_steps} timed steps; the ratio is the share of the model's "
         f"speed the input path (decode, crop, RandAugment, DeviceAugment) leaves"
+        + (f"; host synchronisations in one training step: {r.step_syncs} (torch.cuda sync debug mode)"
+           if r.step_syncs is not None else "")
         + ("" if r.busy is not None else f"; nvml not available ({r.busy_why}): this ratio stands in for GPU busy"))))
     if r.busy is not None:
         bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", BUSY_TARGET.get(stage), note=(
