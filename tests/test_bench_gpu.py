@@ -86,8 +86,8 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     q = gpu.CPU_QUICK
     engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
     # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
-    # on one of those batches alone (warm-up and timed calls)
-    alone = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS
+    # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU counts)
+    alone = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS + 1
     assert seen["augment"] == [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)
                                for s in (1, 2) for _ in range(engine_steps[s - 1] + alone)]
     # train_one_epoch's steps: the engine's and as many again for the model alone, nothing more
