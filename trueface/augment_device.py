@@ -77,8 +77,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-# torchvision's own HSV conversions (the ones its adjust_hue uses), so the hue shift is the same
-# arithmetic; torchvision is pinned (pyproject), and tests compare against F.adjust_hue.
+# torchvision's own RGB -> HSV (the one its adjust_hue uses; the way back, ``_hsv_to_rgb`` below,
+# is its arithmetic too), so the hue shift is the same; torchvision is pinned (pyproject), and tests
+# compare against F.adjust_hue.
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 
 from trueface.augment import IMAGENET_MEAN, IMAGENET_STD, StrongParams, TrainTransform, blur_kernels, strong_params
@@ -377,7 +378,6 @@ class DeviceAugment:
         x = normalise(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
         tick("normalise and erase")
         return x
-
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:

@@ -582,6 +582,8 @@ def prefetch_note(prefetch: int, timed: int) -> str:
 def progress_line(stage: int, size: StageSize, r: StageFigures) -> str:
     ratio = r.engine / r.model_alone if r.model_alone else float("nan")
     extra = (f", GPU busy {r.busy:.0f}%" if r.busy is not None else "") + (
-        f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "")
+        f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "") + (
+        f", host synchronisations: {r.step_syncs} a training step, {r.augment_syncs} an augmented batch"
+        if r.step_syncs is not None else "")
     return (f"{STAGE_NAMES[stage]} {size.image} px, batch {size.batch}: engine {r.engine:,.1f} img/s, "
             f"model alone {r.model_alone:,.1f} img/s ({ratio:.2f}){extra}")
