@@ -304,7 +304,6 @@ def test_colour_jitter_is_torchvisions_functionals_in_the_drawn_order():
     assert torch.allclose(only_hue[1], F.adjust_hue(x[1], -0.2), atol=1e-5)
 
 
-
 # Ops that read tensor values back to the host: on a GPU each one waits for the device to catch
 # up (nonzero sizes its output by its count).
 HOST_READING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "equal", "unique_dim",
@@ -361,12 +360,14 @@ def test_normalise_and_hsv_to_rgb_are_torchvisions_bit_for_bit():
     assert torch.equal(augment_device.normalise(x), normalize()(x))
     assert torch.equal(augment_device._hsv_to_rgb(x), _hsv_to_rgb(x))  # any (h, s, v) in [0, 1]
 
+
 def test_colour_jitter_reads_the_order_itself_when_not_handed_it():
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     factors = torch.tensor([[0.7, 1.3, 0.6, 0.1]] * 8)
     order = torch.rand(8, 4, generator=torch.Generator().manual_seed(2)).argsort(dim=1)
     active = (True, True, True, True)
     assert torch.equal(colour_jitter(x, factors, order, active), colour_jitter(x, factors, order, active, order.numpy()))
+
 
 def _uint8_batch(tf, pils, seed):
     torch.manual_seed(seed)

@@ -105,7 +105,6 @@ def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
     assert ctx["precision"] in ("fp32", "bf16", "fp16") and ctx["threads"] >= 1
 
 
-
 def _alive_train_controllers(ray, wait_s: float = 20.0) -> int:
     """How many Ray Train controller actors are alive, once those on their way out have gone."""
     from ray.util.state import list_actors
@@ -116,6 +115,7 @@ def _alive_train_controllers(ray, wait_s: float = 20.0) -> int:
         if not alive or time.monotonic() > deadline:
             return len(alive)
         time.sleep(0.5)
+
 
 QUICK_ARGS = argparse.Namespace(quick=True, image_size=None, batch_size=None, images=None)
 SPLIT_ROWS = ("of which a resting local Ray: engine beside it vs engine",
