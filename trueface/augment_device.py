@@ -3,23 +3,21 @@
 Usage::
 
     cpu_tf = Uint8TrainTransform(image_size=224, light_epochs=5, cfg=stage.augment)  # in the Dataset
-    cpu_tf.set_epoch(epoch); u8 = cpu_tf(pil_image)        # uint8 CHW: crop, flip, RandAugment only
+    cpu_tf.set_epoch(epoch); u8 = cpu_tf(pil_image)        # uint8 CHW: crop and flip only
     aug = DeviceAugment(stage.augment)
     g = torch.Generator(device=device); g.manual_seed(seed)
     x = aug(u8_batch.to(device, non_blocking=True), g, strong=cpu_tf.is_strong)  # float NCHW, normalised
     x, targets, _ = mixup(x, targets, alpha, rng)          # trueface.augment.mixup, unchanged
 
 What stays on the CPU side (``Uint8TrainTransform``, per sample, in the DataLoader workers):
-decode, the crop (RandomResizedCrop when strong, Resize + CenterCrop when light), the horizontal
-flip and RandAugment, ending in a uint8 tensor (no float, no normalisation). The crop must run
-there because images only share a size after it, so nothing before it can be batched. RandAugment
-stays there too: every sample draws its own 2 of 14 ops (rotations, shears, posterize, equalize,
-...), so batching it would mean 14 masked kernels, while PIL runs two of them on a 224-px uint8
-image in about 0.5-0.7 ms; and it comes first in the per-sample order, so the order of all ops is
-unchanged.
+decode, the crop (RandomResizedCrop when strong, Resize + CenterCrop when light) and the
+horizontal flip, ending in a uint8 tensor (no float, no normalisation). The crop must run there
+because images only share a size after it, so nothing before it can be batched.
 
-What ``DeviceAugment`` does, batched, in the per-sample path's order, on float [0, 1] pixels:
-colour jitter (brightness, contrast, saturation, hue in a per-sample random order, like
+What ``DeviceAugment`` does, batched, in the per-sample path's order: RandAugment on the uint8
+pixels (``trueface.randaugment_batch``: each sample its own ops; it was the dearest op left in the
+workers, 0.86 ms of the 2.1 ms an H200's host core spent per Stage I image), then on float [0, 1]
+pixels colour jitter (brightness, contrast, saturation, hue in a per-sample random order, like
 torchvision's ColorJitter), grayscale, JPEG re-encoding, Gaussian blur, Gaussian noise, then
 normalisation (ImageNet mean/std), then random erasing with value 0 (after normalisation, as
 ``v2.RandomErasing(value=0)`` in the per-sample path). Every op has its own per-sample boolean
@@ -27,8 +25,10 @@ mask and per-sample magnitudes, drawn from the ranges ``trueface.augment.strong_
 the configured strength, so the distributions are the per-sample path's. ``strong=False`` (the
 light epochs) or strength 0 only normalises: the output equals the per-sample light path's.
 
-Vectorised over the batch, except: colour jitter loops over its 4 positions x 4 ops (16 masked
-sub-batches, not samples); JPEG on the CPU loops over the images (libjpeg takes one at a time).
+Vectorised over the batch, except: RandAugment runs once per op slot for the geometric ops (one
+resample with per-sample matrices) and once per other op and sign drawn (at most 13 sub-batches a
+slot); colour jitter loops over its 4 positions x 4 ops (16 masked sub-batches, not samples); JPEG
+on the CPU loops over the images (libjpeg takes one at a time).
 
 One host read a batch: ``apply`` copies every mask and the jitter order to the host in one go
 (``HostMasks``) and sizes each masked sub-batch from it, finding its indices on the device with
@@ -86,9 +86,11 @@ from trueface.augment import IMAGENET_MEAN, IMAGENET_STD, StrongParams, TrainTra
 from trueface.config.choices import AUGMENT_DEVICES
 from trueface.config.schema import AugmentConfig
 from trueface.jpeg_tensor import jpeg_tensor
+from trueface.randaugment_batch import GEOMETRIC_CODES, OFF, BatchRandAugment, code_of
 
 ERASE_RATIO = (0.3, 3.3)  # torchvision RandomErasing's aspect-ratio range, as the per-sample path
 ERASE_ATTEMPTS = 10  # RandomErasing's tries before it gives up and leaves the image unchanged
+IDENTITY_CODE = code_of("Identity")  # RandAugment's identity: nothing to run
 
 
 def runs_on_device(setting: str, device: torch.device, key: str = "augment.device") -> bool:
@@ -105,9 +107,7 @@ def runs_on_device(setting: str, device: torch.device, key: str = "augment.devic
 
 
 def _stays_on_cpu(op: object) -> bool:
-    """The per-sample ops ``Uint8TrainTransform`` keeps: crops, flip, RandAugment."""
-    if isinstance(op, v2.RandomApply):
-        return isinstance(op.transforms[0], v2.RandAugment)
+    """The per-sample ops ``Uint8TrainTransform`` keeps: crops and flip."""
     return isinstance(op, (v2.Resize, v2.CenterCrop, v2.RandomResizedCrop, v2.RandomHorizontalFlip))
 
 
@@ -116,8 +116,8 @@ def _uint8_part(per_sample: v2.Compose) -> v2.Compose:
 
 
 class Uint8TrainTransform(TrainTransform):
-    """The CPU side: ``TrainTransform``'s crop, flip and RandAugment (the very same op objects and
-    parameters), ending in a uint8 CHW tensor; ``DeviceAugment`` does the rest on the batch."""
+    """The CPU side: ``TrainTransform``'s crop and flip (the very same op objects and parameters),
+    ending in a uint8 CHW tensor; ``DeviceAugment`` does the rest on the batch."""
 
     def __init__(self, image_size: int, light_epochs: int, cfg: AugmentConfig) -> None:
         super().__init__(image_size, light_epochs, cfg)
@@ -143,6 +143,11 @@ class Draws:
     noise_on: torch.Tensor
     erase_on: torch.Tensor
     erase_box: torch.Tensor  # (N, 4) int64: top, left, height, width
+    randaugment_code: torch.Tensor  # (N, ops) int64: op * 2 + negated, OFF (-1) where RandAugment is off
+
+    @property
+    def randaugment_on(self) -> torch.Tensor:
+        return (self.randaugment_code != OFF).any(dim=1)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -300,7 +305,7 @@ def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.
     return (x + torch.randn(x.shape, generator=generator, device=x.device) * std).clamp_(0, 1)
 
 
-APPLY_STEPS = ("to float", "colour jitter", "grayscale", "JPEG", "blur", "noise", "normalise and erase")
+APPLY_STEPS = ("RandAugment", "to float", "colour jitter", "grayscale", "JPEG", "blur", "noise", "normalise and erase")
 
 
 def _no_tick(step: str) -> None:
@@ -308,14 +313,15 @@ def _no_tick(step: str) -> None:
 
 
 class DeviceAugment:
-    """The strong ops of ``trueface.augment.strong_transform`` after its crop/flip/RandAugment,
-    batched on the batch's device; built from ``strong_params(cfg)``."""
+    """The strong ops of ``trueface.augment.strong_transform`` after its crop and flip, batched on
+    the batch's device; built from ``strong_params(cfg)``."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.params = strong_params(cfg)
         self.light_only = cfg.strength <= 0
         self.to_float = v2.ToDtype(torch.float32, scale=True)
         self.blur_radius = math.ceil(3 * self.params.blur_sigma[1])
+        self.randaugment = BatchRandAugment(self.params.randaugment_ops, self.params.randaugment_magnitude)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator, strong: bool = True) -> torch.Tensor:
         """uint8 (N, 3, H, W) on any device -> normalised float32 (N, 3, H, W) on that device.
@@ -350,6 +356,7 @@ class DeviceAugment:
             noise_on=_coin(n, p.noise_p, g, dev),
             erase_on=_coin(n, p.erasing_p, g, dev) & on,
             erase_box=box,
+            randaugment_code=self.randaugment.draw(n, p.randaugment_p, g),  # last: the draws above keep their seeds
         )
 
     def apply(self, images: torch.Tensor, d: Draws, generator: torch.Generator,
@@ -360,7 +367,9 @@ class DeviceAugment:
         the steps with it."""
         tick = tick or _no_tick
         host = HostMasks.read(d)
-        x = self.to_float(images).contiguous()
+        x = self._randaugment(images, d.randaugment_code, host.randaugment_codes)
+        tick("RandAugment")
+        x = self.to_float(x).contiguous()
         tick("to float")
         active = tuple(v > 0 for v in self.params.color_jitter)
         _apply_on(x, d.jitter_on, host.count("jitter"), lambda s, i: colour_jitter(
@@ -377,6 +386,22 @@ class DeviceAugment:
         tick("noise")
         x = normalise(x).masked_fill_(_erase_mask(d, *x.shape[-2:])[:, None], 0.0)
         tick("normalise and erase")
+        return x
+
+    def _randaugment(self, images: torch.Tensor, codes: torch.Tensor, host_codes: np.ndarray) -> torch.Tensor:
+        """RandAugment's op slots one after the other, each sample by its own code: the geometric
+        codes in one resample, every other code drawn (identity aside) in a sub-batch of its own."""
+        if not (host_codes != OFF).any():
+            return images
+        x = images.clone()  # the caller's batch stays as it was
+        ra = self.randaugment
+        for slot in range(codes.shape[1]):
+            column, host_column = codes[:, slot], host_codes[:, slot]
+            geometric = (host_column >= GEOMETRIC_CODES.start) & (host_column < GEOMETRIC_CODES.stop)
+            _apply_on(x, ra.is_geometric(column), int(geometric.sum()),
+                      lambda s, i, column=column: ra.geometric(s, column.index_select(0, i)))
+            for code in np.unique(host_column[~geometric & (host_column != OFF) & (host_column != IDENTITY_CODE)]).tolist():
+                _apply_on(x, column == code, int((host_column == code).sum()), lambda s, i, code=code: ra.colour(s, code))
         return x
 
 
@@ -396,19 +421,22 @@ def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class HostMasks:
-    """A batch's op masks and jitter order on the host, read from the device in one copy: the
-    masked ops take their sub-batch sizes from here (``_apply_on``)."""
+    """A batch's op masks, jitter order and RandAugment codes on the host, read from the device in
+    one copy: the masked ops take their sub-batch sizes from here (``_apply_on``)."""
 
     masks: dict[str, np.ndarray]  # op name -> (N,) bool
     jitter_order: np.ndarray  # (N, 4)
+    randaugment_codes: np.ndarray  # (N, ops) int, OFF where off
 
     NAMES = ("jitter", "gray", "jpeg", "blur", "noise")
 
     @classmethod
     def read(cls, d: Draws) -> HostMasks:
         masks = torch.stack([d.jitter_on, d.gray_on, d.jpeg_on, d.blur_on, d.noise_on]).to(torch.uint8)
-        host = torch.cat([masks, d.jitter_order.T.to(torch.uint8)]).cpu().numpy()  # the batch's one host read
-        return cls(dict(zip(cls.NAMES, host[:5].astype(bool), strict=True)), host[5:].T)
+        codes = (d.randaugment_code.T + 1).to(torch.uint8)  # OFF (-1) -> 0: every code fits a byte
+        host = torch.cat([masks, d.jitter_order.T.to(torch.uint8), codes]).cpu().numpy()  # the batch's one host read
+        return cls(dict(zip(cls.NAMES, host[:5].astype(bool), strict=True)), host[5:9].T,
+                   host[9:].T.astype(np.int64) - 1)
 
     def count(self, name: str) -> int:
         return int(self.masks[name].sum())
