@@ -14,7 +14,7 @@ next step.
 
 Augmentation runs in one of two places, chosen by ``stageN.augment.device`` (see
 ``trueface.augment_device.runs_on_device``): per sample in the DataLoader workers (float tensors
-out of the loader), or split, with crop/flip/RandAugment in the workers (uint8 tensors out, pinned
+out of the loader), or split, with crop and flip in the workers (uint8 tensors out, pinned
 on CUDA) and the rest batched on the training device (``DeviceAugment``, before MixUp) with a
 generator seeded from (seed, rank, epoch), so a resumed epoch draws the same as the original.
 

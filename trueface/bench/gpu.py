@@ -548,7 +548,7 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
                   RATIO_TARGET.get(stage) if cuda else None, note=(
         f"{where}model alone: the same train_one_epoch and state on {DISTINCT_BATCHES} normalised float "
         f"batches already on the device, {r.model_steps} timed steps; the ratio is the share of the model's "
-        f"speed the input path (decode, crop, RandAugment, DeviceAugment) leaves"
+        f"speed the input path (decode, crop, flip, DeviceAugment) leaves"
         + (f"; host synchronisations in one training step: {r.step_syncs} (torch.cuda sync debug mode)"
            if r.step_syncs is not None else "")
         + ("" if r.busy is not None else f"; nvml not available ({r.busy_why}): this ratio stands in for GPU busy"))))

@@ -20,7 +20,7 @@ Rows:
   (``trueface.inference.decode_size``: a power-of-two reduce of the 512s) then ``TrainTransform``
   with the ``paper`` preset's stage config (``augment.device: cpu``); the "CPU side with
   augment.device gpu" rows are the same decode then ``Uint8TrainTransform`` (crop, flip,
-  RandAugment, to uint8: the rest runs batched on the GPU). The reference is
+  to uint8: the rest, RandAugment included, runs batched on the GPU). The reference is
   ``trueface.bench.naive`` (full-size decode, every strong op always on, per sample, float on the
   CPU). Stage I 256 strong must be >= 3x faster; Stage II's CPU side with augment.device gpu
   >= 4x (issue 11). The "data.prepared uint8" rows are the strong paths reading the prepared
@@ -253,7 +253,7 @@ def add_augment_rows(bench: Bench, cfg: Config, images: dict[int, list[Path]], r
             size_note, "augment.device cpu: per-op probabilities of the paper preset against every op always on")))
         gpu_target = STAGE_II_GPU_SIDE_TARGET if label == "Stage II" else strong_target
         bench.add(Row(f"{what} strong, CPU side with augment.device gpu", ms["gpu_side"], ms["naive"], "ms/img",
-                      gpu_target, note=_join(size_note, "decode + crop, flip, RandAugment to uint8; colour, JPEG, "
+                      gpu_target, note=_join(size_note, "decode + crop, flip to uint8; RandAugment, colour, JPEG, "
                                                         "blur, noise, normalisation and erasing run batched on the GPU")))
         for key, path_name in (("cpu_prepared", "augment.device cpu"), ("gpu_side_prepared", "CPU side with augment.device gpu")):
             bench.add(Row(f"{what} strong, {path_name}, data.prepared uint8", ms[key], ms["naive"], "ms/img", note=_join(

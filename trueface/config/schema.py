@@ -73,7 +73,7 @@ class AugmentConfig:
     noise_std: float = 0.02  # on [0, 1] pixels
     erasing_p: float = 0.5
     erasing_scale_max: float = 0.2  # erased area fraction (0.02, this)
-    # Where the strong ops after crop/flip/RandAugment run: cpu = per sample in the DataLoader
+    # Where the strong ops after crop and flip run: cpu = per sample in the DataLoader
     # workers (trueface.augment); gpu = batched on the training device (trueface.augment_device);
     # auto = gpu when training on CUDA, else cpu.
     device: str = "auto"
