@@ -400,8 +400,10 @@ class DeviceAugment:
             geometric = (host_column >= GEOMETRIC_CODES.start) & (host_column < GEOMETRIC_CODES.stop)
             _apply_on(x, ra.is_geometric(column), int(geometric.sum()),
                       lambda s, i, column=column: ra.geometric(s, column.index_select(0, i)))
-            for code in np.unique(host_column[~geometric & (host_column != OFF) & (host_column != IDENTITY_CODE)]).tolist():
-                _apply_on(x, column == code, int((host_column == code).sum()), lambda s, i, code=code: ra.colour(s, code))
+            colour = ~geometric & (host_column != OFF) & (host_column != IDENTITY_CODE)
+            for code in np.unique(host_column[colour]).tolist():
+                _apply_on(x, column == code, int((host_column == code).sum()),
+                          lambda s, i, code=code: ra.colour(s, code))
         return x
 
 

@@ -3,10 +3,10 @@
 Usage (``trueface.augment_device.DeviceAugment`` does this for every strong batch)::
 
     ra = BatchRandAugment(num_ops=2, magnitude=9)
-    codes = ra.draw(n, p=0.5, generator=g)           # (N, 2) int64: op * 2 + negated; -1 where off
-    geo = ra.is_geometric(codes[:, 0])                # the five geometric ops: one batched resample
-    images[geo] = ra.geometric(images[geo], codes[geo, 0])
-    images[codes[:, 0] == c] = ra.colour(images[codes[:, 0] == c], c)   # one call per other code
+    codes = ra.draw(n, p=0.5, generator=g)   # (N, 2) int64 on g's device: op * 2 + negated; OFF where off
+    # then for each slot k in turn, on sub-batches (DeviceAugment gathers them without host reads):
+    out = ra.geometric(sub_batch, sub_codes)  # the samples whose codes[:, k] is_geometric: one resample
+    out = ra.colour(sub_batch, code)          # the samples whose codes[:, k] == code: one op and sign
 
 Why on the device: RandAugment was the dearest op left in the DataLoader workers once the other
 strong ops moved to the GPU (0.86 ms of the 2.1 ms a worker spent per Stage I image on an H200's
@@ -18,7 +18,9 @@ other; a signed op's magnitude is negated with probability 1/2. A code is ``op *
 (``OPS`` order). The magnitudes are torchvision's own table (31 bins) at ``magnitude`` and the
 image size, and the ops are torchvision's uint8 tensor kernels with RandAugment's defaults (nearest
 resampling, fill 0), so given the draws the result is bit for bit what ``v2.RandAugment`` does to
-a uint8 tensor (a test checks every op and sign). Three are rebuilt so that a batch reads nothing
+a uint8 tensor (a test checks every op and sign on the CPU; on a GPU the batched matrix product
+that places the resampling grid may round differently, which can move a nearest-neighbour pick
+that sits exactly half-way). Three are rebuilt so that a batch reads nothing
 back from the device and copies nothing to it: torchvision builds each affine matrix from a Python
 list (a blocking copy on a GPU), so the five geometric ops are one grid sample with per-sample
 matrices from a table kept on the device; sharpness builds its kernel the same way (kept on the
