@@ -9,6 +9,7 @@ import json
 import math
 import re
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,9 +23,9 @@ from trueface.bench.report import Bench
 # The CLI run at CUDA sizes takes minutes: on a GPU machine run the benchmark itself instead.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 
-ROWS = ["Stage I training (engine)", "Stage I input path vs model alone", "Stage I loader alone",
-        "Stage I augmentation alone", "Stage II training (engine)", "Stage II input path vs model alone",
-        "Stage II loader alone", "Stage II augmentation alone"]
+ROWS = [f"{stage} {row}" for stage in ("Stage I", "Stage II")
+        for row in ("training (engine)", "input path vs model alone", "loader alone", "augmentation alone",
+                    "decode, batched decode_jpeg vs PIL on one core")]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,8 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
             row = rows[f"{stage} {part}"]
             assert row["reference"] == rows[f"{stage} training (engine)"]["project"]
             assert row["ratio"] == pytest.approx(row["project"] / row["reference"])
+        decode = rows[f"{stage} decode, batched decode_jpeg vs PIL on one core"]  # its own reference, not the engine
+        assert decode["reference"] > 0 and decode["ratio"] == pytest.approx(decode["project"] / decode["reference"])
         steps = rows[f"{stage} augmentation alone"]["note"].split("ms a batch by step", 1)[1]
         timed = re.findall(r"(?:, |: )([a-zA-Z ]+) (\d+\.\d\d)", steps)
         assert [name for name, _ in timed] == ["draw", *APPLY_STEPS]  # every step, in the order it runs
@@ -169,6 +172,12 @@ def test_on_cuda_the_rows_carry_the_issues_targets():
                        "Stage II GPU busy (nvml)": None, "Stage II peak GPU memory": None,
                        "Stage II loader alone": None, "Stage II augmentation alone": None}
     assert bench.rows[4].ratio == pytest.approx(2.5)  # loader alone 9000 against the engine's 3600
+    decoded = Bench("gpu")  # the decode row stands against one core's PIL, not the engine
+    gpu.add_rows(decoded, 1, gpu.CUDA_FULL[1], replace(figures, decode_batched=9000.0, decode_pil=600.0), cuda=True,
+                 workers=15)
+    assert decoded.rows[-1].what == "Stage I decode, batched decode_jpeg vs PIL on one core"
+    assert decoded.rows[-1].ratio == pytest.approx(15.0) and decoded.rows[-1].target is None
+    assert "cuda (nvJPEG)" in decoded.rows[-1].note
     assert all(gpu.CPU_NOTE not in r.note for r in bench.rows)
     assert "10% of the timed steps" in bench.rows[0].note  # 30 queued batches against 300 timed
     no_nvml = Bench("gpu")

@@ -28,7 +28,11 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
 - "loader alone" and "augmentation alone": what each part of the input path delivers by itself
   (the epoch's DataLoader drained with nothing else running; ``DeviceAugment`` on one of its
   batches already on the device), img/s, no target: where the engine falls short of the model
-  alone, these say which part is the limit.
+  alone, these say which part is the limit;
+- "decode, batched decode_jpeg vs PIL on one core": torchvision's batched ``decode_jpeg`` on the
+  training device (nvJPEG on CUDA) against the workers' decode (``load_rgb``) on one core, img/s,
+  no target: how many worker cores decoding on the GPU would stand in for (issue 11 asks for the
+  measurement; training decodes in the workers, and a GPU decode would need the crop there too).
 
 On a CPU the same code runs at small sizes (Stage I 64 px from 128 px JPEGs, Stage II 128 px from
 256 px, batch 4, one loader worker, ``DeviceAugment`` forced on through ``training_data(on_device=
@@ -53,11 +57,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config, to_dict
 from trueface.config.schema import StageConfig
+from trueface.data.decode import load_rgb
 from trueface.data.layout import Sample
 from trueface.data.prepared import build_prepared
 from trueface.distributed import DistInfo
@@ -351,6 +357,8 @@ class StageFigures:
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
     step_syncs: int | None = None  # times one training step (no progress line) made the host wait; None off CUDA
+    decode_batched: float = 0.0  # img/s of torchvision's batched decode_jpeg on the training device
+    decode_pil: float = 0.0  # img/s of the workers' decode (load_rgb) on one core
     state: TrainState | None = None
 
 
@@ -371,12 +379,13 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     loader, batch = loader_alone(epoch_loader, size)
     augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
                              else (None, None, None))
+    decode_batched, decode_pil = decode_alone(paths, size, decode_size(cfg, size.image), state.runtime.device)
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                         busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        syncs, step_syncs, state)
+                        syncs, step_syncs, decode_batched, decode_pil, state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -442,6 +451,32 @@ def augment_alone(augment: EpochAugment, images: torch.Tensor,
         clock("draw")
         aug.apply(images, draws, generator, tick=clock)
     return rate, clock.ms(), host_syncs(lambda: augment(images), device)
+
+
+def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
+                 device: torch.device) -> tuple[float, float]:
+    """(img/s of torchvision's batched ``decode_jpeg`` on ``device``, in batches of the stage's
+    size with the files' bytes read beforehand; img/s of ``load_rgb``, the loader workers' decode
+    with its power-of-two reduce to ``reduce_to``, one file at a time on this core), each timed for
+    up to half of ``MAX_PART_S``."""
+    data = [read_file(str(p)) for p in paths]
+    batches = [[data[(i * size.batch + j) % len(data)] for j in range(size.batch)] for i in range(size.timed)]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (-> TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decode_jpeg(batches[0], mode=ImageReadMode.RGB, device=device)  # warm-up: nvJPEG's handles, buffers
+        sync()
+        done, start = 0, time.perf_counter()
+        while done < len(batches) and time.perf_counter() - start < MAX_PART_S / 2:
+            decode_jpeg(batches[done], mode=ImageReadMode.RGB, device=device)
+            done += 1
+        sync()
+        batched = img_per_s(done * size.batch, time.perf_counter() - start)
+    decoded, start = 0, time.perf_counter()
+    while decoded < len(paths) and time.perf_counter() - start < MAX_PART_S / 2:
+        load_rgb(paths[decoded], reduce_to)
+        decoded += 1
+    return batched, img_per_s(decoded, time.perf_counter() - start)
 
 
 def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -570,6 +605,15 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
                + ", ".join(f"{step} {ms:.2f}" for step, ms in r.augment_steps.items()) if r.augment_steps else "")
             + (f"; host synchronisations a batch: {r.augment_syncs} (torch.cuda sync debug mode)"
                if r.augment_syncs is not None else ""))))
+    if not r.decode_pil:  # not measured
+        return
+    bench.add(Row(f"{name} decode, batched decode_jpeg vs PIL on one core", r.decode_batched, r.decode_pil, "img/s",
+                  note=(f"{where}torchvision.io.decode_jpeg on {'cuda (nvJPEG)' if cuda else 'the CPU'}, batches of "
+                        f"{size.batch} {size.jpeg} px JPEGs whose bytes were read beforehand, against load_rgb (the "
+                        "loader workers' decode, files read as they read them) one image at a time on one core; the "
+                        "ratio is how many worker cores the batched decode stands in for. Training decodes in the "
+                        "workers (one decoding path for every format); decoding on the GPU would move the crop "
+                        "there too")))
 
 
 def prefetch_note(prefetch: int, timed: int) -> str:
