@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
@@ -459,7 +459,7 @@ def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
     size with the files' bytes read beforehand; img/s of ``load_rgb``, the loader workers' decode
     with its power-of-two reduce to ``reduce_to``, one file at a time on this core), each timed for
     up to half of ``MAX_PART_S``."""
-    data = [read_file(str(p)) for p in paths]
+    data = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths]
     batches = [[data[(i * size.batch + j) % len(data)] for j in range(size.batch)] for i in range(size.timed)]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (-> TorchCodec)
