@@ -86,7 +86,7 @@ from trueface.augment import IMAGENET_MEAN, IMAGENET_STD, StrongParams, TrainTra
 from trueface.config.choices import AUGMENT_DEVICES
 from trueface.config.schema import AugmentConfig
 from trueface.jpeg_tensor import jpeg_tensor
-from trueface.randaugment_batch import GEOMETRIC_CODES, OFF, BatchRandAugment, code_of
+from trueface.randaugment_batch import OFF, BatchRandAugment, code_of
 
 ERASE_RATIO = (0.3, 3.3)  # torchvision RandomErasing's aspect-ratio range, as the per-sample path
 ERASE_ATTEMPTS = 10  # RandomErasing's tries before it gives up and leaves the image unchanged
@@ -397,7 +397,7 @@ class DeviceAugment:
         ra = self.randaugment
         for slot in range(codes.shape[1]):
             column, host_column = codes[:, slot], host_codes[:, slot]
-            geometric = (host_column >= GEOMETRIC_CODES.start) & (host_column < GEOMETRIC_CODES.stop)
+            geometric = ra.is_geometric(host_column)
             _apply_on(x, ra.is_geometric(column), int(geometric.sum()),
                       lambda s, i, column=column: ra.geometric(s, column.index_select(0, i)))
             colour = ~geometric & (host_column != OFF) & (host_column != IDENTITY_CODE)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import RandAugment
@@ -80,7 +81,8 @@ class BatchRandAugment:
         return torch.where(on[:, None], op * 2 + negated, OFF)
 
     @staticmethod
-    def is_geometric(codes: torch.Tensor) -> torch.Tensor:
+    def is_geometric(codes: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Which codes are geometric, on the device (a tensor) or the host (an array) alike."""
         return (codes >= GEOMETRIC_CODES.start) & (codes < GEOMETRIC_CODES.stop)
 
     def magnitude_of(self, code: int, height: int, width: int) -> float:

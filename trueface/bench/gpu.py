@@ -461,7 +461,7 @@ def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
     up to half of ``MAX_PART_S``."""
     data = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths]
     batches = [[data[(i * size.batch + j) % len(data)] for j in range(size.batch)] for i in range(size.timed)]
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (-> TorchCodec)
         warnings.simplefilter("ignore", DeprecationWarning)
         decode_jpeg(batches[0], mode=ImageReadMode.RGB, device=device)  # warm-up: nvJPEG's handles, buffers
@@ -477,6 +477,11 @@ def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
         load_rgb(paths[decoded], reduce_to)
         decoded += 1
     return batched, img_per_s(decoded, time.perf_counter() - start)
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work on CUDA; nothing to wait for elsewhere."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -500,7 +505,7 @@ class StepClock:
     a device synchronisation (so a step's GPU work is counted in it), summed over calls."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.sync = device_sync(device)
         self.totals: dict[str, float] = {}
         self.calls = 0
         self.last = 0.0
