@@ -19,8 +19,10 @@ other; a signed op's magnitude is negated with probability 1/2. A code is ``op *
 image size, and the ops are torchvision's uint8 tensor kernels with RandAugment's defaults (nearest
 resampling, fill 0), so given the draws the result is bit for bit what ``v2.RandAugment`` does to
 a uint8 tensor (a test checks every op and sign on the CPU; on a GPU the batched matrix product
-that places the resampling grid may round differently, which can move a nearest-neighbour pick
-that sits exactly half-way). Three are rebuilt so that a batch reads nothing
+that places the resampling grid may round differently (in TF32 too, where a run allows it for
+matmuls), which moves the nearest-neighbour pick of a pixel that sits near half-way; kept a
+matrix product because the same sum written elementwise already differed from torchvision's in
+1e-5 of a 1024-px rotation's pixels on the CPU). Three are rebuilt so that a batch reads nothing
 back from the device and copies nothing to it: torchvision builds each affine matrix from a Python
 list (a blocking copy on a GPU), so the five geometric ops are one grid sample with per-sample
 matrices from a table kept on the device; sharpness builds its kernel the same way (kept on the
