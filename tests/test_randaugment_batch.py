@@ -56,6 +56,14 @@ def test_the_geometric_ops_take_each_samples_own_matrix():
         assert torch.equal(out[i], _torchvision(images[i], code, ra)), code
 
 
+@pytest.mark.parametrize("height, width", [(97, 131), (1024, 1024)])
+def test_the_geometric_ops_match_at_odd_and_stage_two_sizes(height, width):
+    # the grid's rounding at 1024 px is where an elementwise sum had already parted from torchvision's
+    ra, images = BatchRandAugment(2, 17), _images(3, height, width, seed=3)[2:]  # a random one
+    for code in GEOMETRIC_CODES:
+        assert torch.equal(ra.geometric(images, torch.tensor([code])), _torchvision(images[0], code, ra)[None]), code
+
+
 def test_draws_are_randaugments_draws():
     n, p, ra = 6000, 0.6, BatchRandAugment(3, 9)
     codes = ra.draw(n, p, torch.Generator().manual_seed(0))
