@@ -165,6 +165,10 @@ def _erased_stat(out, src):
     return ((out - mean).abs() < 1e-6).all(dim=1).float().mean(dim=(1, 2))
 
 
+def _change_stat(out, src):
+    return (out - src).abs().mean(dim=(1, 2, 3))
+
+
 def _line_spread_stat(out, src):
     """Standard deviation of the horizontal profile of a vertical line: sqrt(sigma^2 + 1/4)."""
     profile = out.mean(dim=(1, 2))
@@ -182,6 +186,8 @@ def _line_images(n=N, size=32) -> torch.Tensor:
 
 
 MAGNITUDE_CASES = {  # config (op always on, at STRENGTH), statistic, images
+    # PIL's RandAugment (per sample) against torchvision's tensor kernels (batched, on the device)
+    "randaugment": (dict(randaugment_p=1.0, randaugment_magnitude=18), _change_stat, _images),
     "brightness": (dict(color_jitter_p=1.0, color_jitter=(0.8, 0, 0, 0)), _brightness_stat, _images),
     "contrast": (dict(color_jitter_p=1.0, color_jitter=(0, 0.8, 0, 0)), _contrast_stat, _images),
     "saturation": (dict(color_jitter_p=1.0, color_jitter=(0, 0, 0.8, 0)), _saturation_stat, _images),
