@@ -18,20 +18,22 @@ other; a signed op's magnitude is negated with probability 1/2. A code is ``op *
 (``OPS`` order). The magnitudes are torchvision's own table (31 bins) at ``magnitude`` and the
 image size, and the ops are torchvision's uint8 tensor kernels with RandAugment's defaults (nearest
 resampling, fill 0), so given the draws the result is bit for bit what ``v2.RandAugment`` does to
-a uint8 tensor (a test checks every op and sign on the CPU; on a GPU the batched matrix product
-that places the resampling grid may round differently (in TF32 too, where a run allows it for
-matmuls), which moves the nearest-neighbour pick of a pixel that sits near half-way; kept a
-matrix product because the same sum written elementwise already differed from torchvision's in
-1e-5 of a 1024-px rotation's pixels on the CPU). Three are rebuilt so that a batch reads nothing
-back from the device and copies nothing to it: torchvision builds each affine matrix from a Python
-list (a blocking copy on a GPU), so the five geometric ops are one grid sample with per-sample
-matrices from a table kept on the device; sharpness builds its kernel the same way (kept on the
-device here); autocontrast assigns through a boolean mask (a ``nonzero``, which reads its count
-back), replaced by ``torch.where``.
+a uint8 tensor: tests check every op and sign on the CPU at 24 x 40 px, and the geometric ones at
+97 x 131 and 1024 px too. On a GPU the matrix product that places the resampling grid may round
+differently from the CPU's (or run in TF32, where a run allows that for matmuls), which can move
+the nearest-neighbour pick of a pixel that sits near half-way. It stays a matrix product, as in
+torchvision: the same sum written elementwise already differed in 1e-5 of a 1024-px rotation's
+pixels on the CPU.
+
+Three ops are rebuilt so that a batch reads nothing back from the device and copies nothing to it:
+torchvision builds each affine matrix from a Python list (a blocking copy on a GPU), so the five
+geometric ops are one grid sample with per-sample matrices from a table kept on the device;
+sharpness builds its kernel the same way (kept on the device here); autocontrast assigns through a
+boolean mask (a ``nonzero``, which reads its count back), replaced by ``torch.where``.
 
 Against the per-sample path, which runs RandAugment on PIL images, the same draws give pixels that
-differ where PIL's kernels round differently from torchvision's tensor kernels (PIL's affine maps
-pixel centres alike but rounds its coordinates in fixed point; its enhance ops round once).
+differ where PIL's kernels round differently from torchvision's tensor kernels; a test compares the
+two paths' distributions of the pixel change (Kolmogorov-Smirnov).
 """
 
 from __future__ import annotations
