@@ -87,8 +87,11 @@ def to_normalized_tensor() -> ToFloatImage:
     return ToFloatImage()
 
 
-def normalize() -> v2.Normalize:
-    return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+def normalize(inplace: bool = False) -> v2.Normalize:
+    """ImageNet normalisation. The pipelines below normalise in place: their input is the fresh
+    tensor ``ToFloatImage`` (or the noise) just made, and skipping the copy saves 41 us of a
+    224-px image's 214 on one core (issue 11's profile)."""
+    return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD, inplace=inplace)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -101,7 +104,7 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 def eval_transform(image_size: int) -> v2.Compose:
     """Resize the short side, centre crop: what validation, test and prediction see."""
     return v2.Compose(
-        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), to_normalized_tensor(), normalize()]
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), to_normalized_tensor(), normalize(inplace=True)]
     )
 
 
@@ -112,7 +115,7 @@ def light_transform(image_size: int) -> v2.Compose:
             v2.CenterCrop(image_size),
             v2.RandomHorizontalFlip(),
             to_normalized_tensor(),
-            normalize(),
+            normalize(inplace=True),
         ]
     )
 
@@ -297,7 +300,7 @@ def strong_transform(image_size: int, cfg: AugmentConfig) -> v2.Compose:
     tensor_ops = [
         to_normalized_tensor(),
         v2.RandomApply([AddGaussianNoise(p.noise_std)], p=p.noise_p),
-        normalize(),
+        normalize(inplace=True),
         v2.RandomErasing(p=p.erasing_p, scale=p.erasing_scale, value=0),
     ]
     return v2.Compose(pil_ops + tensor_ops)
