@@ -69,6 +69,8 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
             assert row["ratio"] == pytest.approx(row["project"] / row["reference"])
         decode = rows[f"{stage} decode, batched decode_jpeg vs PIL on one core"]  # its own reference, not the engine
         assert decode["reference"] > 0 and decode["ratio"] == pytest.approx(decode["project"] / decode["reference"])
+        floor = re.search(r"host floor: (\d+\.\d\d) ms a batch", rows[f"{stage} augmentation alone"]["note"])
+        assert floor and float(floor.group(1)) > 0  # the same ops on 16-px images
         steps = rows[f"{stage} augmentation alone"]["note"].split("ms a batch by step", 1)[1]
         timed = re.findall(r"(?:, |: )([a-zA-Z ]+) (\d+\.\d\d)", steps)
         assert [name for name, _ in timed] == ["draw", *APPLY_STEPS]  # every step, in the order it runs
@@ -89,10 +91,13 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     q = gpu.CPU_QUICK
     engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
     # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
-    # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU counts)
-    alone = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS + 1
-    assert seen["augment"] == [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)
-                               for s in (1, 2) for _ in range(engine_steps[s - 1] + alone)]
+    # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU
+    # counts), then as many images of 16 px (the host floor: warm-up and timed calls)
+    alone, floor = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS + 1, gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS
+    assert seen["augment"] == [
+        call for s in (1, 2)
+        for call in [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)] * (engine_steps[s - 1] + alone)
+        + [(torch.uint8, (q[s].batch, 3, gpu.HOST_FLOOR_PX, gpu.HOST_FLOOR_PX), True)] * floor]
     # train_one_epoch's steps: the engine's and as many again for the model alone, nothing more
     assert seen["steps"] == 2 * sum(engine_steps)
 

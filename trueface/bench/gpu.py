@@ -28,7 +28,8 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
 - "loader alone" and "augmentation alone": what each part of the input path delivers by itself
   (the epoch's DataLoader drained with nothing else running; ``DeviceAugment`` on one of its
   batches already on the device), img/s, no target: where the engine falls short of the model
-  alone, these say which part is the limit;
+  alone, these say which part is the limit; the augmentation row's note also gives its host floor
+  (the same ops on 16-px images: what Python, dispatch and launches alone cost a batch);
 - "decode, batched decode_jpeg vs PIL on one core": torchvision's batched ``decode_jpeg`` on the
   training device (nvJPEG on CUDA) against the workers' decode (``load_rgb``) on one core, img/s,
   no target: how many worker cores decoding on the GPU would stand in for (issue 11 asks for the
@@ -97,6 +98,7 @@ MAX_TIMED_S = 45.0  # per timed phase: four phases plus set-up stay under the 6-
 MAX_PART_S = 10.0  # per input-path part (loader alone, augmentation alone): diagnostics, not targets
 AUGMENT_REPEATS = 20  # DeviceAugment calls timed on one batch (after AUGMENT_WARMUP)
 AUGMENT_WARMUP = 3
+HOST_FLOOR_PX = 16  # augment_host_floor's image side: the smallest the tensor JPEG's 8x8 blocks and 4:2:0 take whole
 STEP_REPEATS = 5  # DeviceAugment calls timed step by step (a synchronisation after each step)
 PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
 PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
@@ -356,6 +358,7 @@ class StageFigures:
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
+    augment_host_ms: float | None = None  # ms a batch of DeviceAugment on 16-px images: the host's floor
     step_syncs: int | None = None  # times one training step (no progress line) made the host wait; None off CUDA
     decode_batched: float = 0.0  # img/s of torchvision's batched decode_jpeg on the training device
     decode_pil: float = 0.0  # img/s of the workers' decode (load_rgb) on one core
@@ -379,13 +382,14 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     loader, batch = loader_alone(epoch_loader, size)
     augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
                              else (None, None, None))
+    host_ms = augment_host_floor(epoch_augment, size.batch, state.runtime.device) if epoch_augment else None
     decode_batched, decode_pil = decode_alone(paths, size, decode_size(cfg, size.image), state.runtime.device)
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                         busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        syncs, step_syncs, decode_batched, decode_pil, state)
+                        syncs, host_ms, step_syncs, decode_batched, decode_pil, state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -451,6 +455,24 @@ def augment_alone(augment: EpochAugment, images: torch.Tensor,
         clock("draw")
         aug.apply(images, draws, generator, tick=clock)
     return rate, clock.ms(), host_syncs(lambda: augment(images), device)
+
+
+def augment_host_floor(augment: EpochAugment, batch: int, device: torch.device) -> float:
+    """ms a batch of the epoch's ``DeviceAugment`` on ``batch`` images of 16 px: the same ops with
+    next to no pixels, so the time is the host's (Python, dispatch, kernel launches). Against the
+    full-size ms a batch it says whether the thread that prepares batches is held up by its own
+    host work or by the GPU."""
+    tiny = torch.randint(0, 256, (batch, 3, HOST_FLOOR_PX, HOST_FLOOR_PX), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(SEED)).to(device)
+    sync = device_sync(device)
+    for _ in range(AUGMENT_WARMUP):
+        augment(tiny)
+    sync()
+    start = time.perf_counter()
+    for _ in range(AUGMENT_REPEATS):
+        augment(tiny)
+    sync()
+    return (time.perf_counter() - start) * 1e3 / AUGMENT_REPEATS
 
 
 def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
@@ -609,7 +631,9 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
             + (f"; ms a batch by step ({STEP_REPEATS} calls, a synchronisation after each step): "
                + ", ".join(f"{step} {ms:.2f}" for step, ms in r.augment_steps.items()) if r.augment_steps else "")
             + (f"; host synchronisations a batch: {r.augment_syncs} (torch.cuda sync debug mode)"
-               if r.augment_syncs is not None else ""))))
+               if r.augment_syncs is not None else "")
+            + (f"; host floor: {r.augment_host_ms:.2f} ms a batch (the same {size.batch} images at {HOST_FLOOR_PX} px, "
+               "next to no pixel work: Python, dispatch and launches)" if r.augment_host_ms is not None else ""))))
     if not r.decode_pil:  # not measured
         return
     bench.add(Row(f"{name} decode, batched decode_jpeg vs PIL on one core", r.decode_batched, r.decode_pil, "img/s",
