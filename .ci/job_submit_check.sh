@@ -52,11 +52,12 @@ stop_head() {
     for _ in $(seq 30); do kill -0 "$head_pid" 2>/dev/null || return 0; sleep 1; done
     kill -KILL "$head_pid" 2>/dev/null || true
 }
-# On success keep only the results and checkpoints: Ray's session folder under $out took 1.8 GB.
-# On failure keep everything, the head's and the job's logs included.
+# On success keep only the results and the logs: Ray's session folder under $out took 1.8 GB and
+# the run's checkpoints (runs/, checked above) 1.8 GB more, so a developer's repeated .ci/run
+# filled a disk. On failure keep everything, the head's and the job's logs included.
 finish() {
     stop_head
-    if [ -n "$passed" ]; then rm -rf "$out/ray" "$out/deps"; fi
+    if [ -n "$passed" ]; then rm -rf "$out/ray" "$out/deps" "$out/runs"; fi
 }
 trap finish EXIT
 
@@ -91,4 +92,4 @@ for f in results/ci-job/summary.md results/ci-job/metrics.parquet runs/ci-job/st
     test -s "$out/$f" || { echo "missing $out/$f" >&2; exit 1; }
 done
 passed=1
-echo "job submission check passed in $(( $(date +%s) - started )) s: the upload alone ran the job; results in $out/results/ci-job"
+echo "job submission check passed in $(( $(date +%s) - started )) s: the upload alone ran the job; results in $out/results/ci-job (its checkpoints are removed on exit)"
