@@ -439,15 +439,8 @@ def augment_alone(augment: EpochAugment, images: torch.Tensor,
     times one batch made the host wait for the GPU (``host_syncs``)."""
     images = images.to(device)
     clock = StepClock(device)
-    for _ in range(AUGMENT_WARMUP):
-        augment(images)
-    clock.sync()
-    calls, start = 0, time.perf_counter()
-    while calls < AUGMENT_REPEATS and time.perf_counter() - start < MAX_PART_S:
-        augment(images)
-        calls += 1
-    clock.sync()
-    rate = img_per_s(calls * len(images), time.perf_counter() - start)
+    calls, seconds = timed_calls(lambda: augment(images), clock.sync)
+    rate = img_per_s(calls * len(images), seconds)
     aug, generator = augment.augment, augment.generator
     for _ in range(STEP_REPEATS):
         clock.start()
@@ -464,15 +457,22 @@ def augment_host_floor(augment: EpochAugment, batch: int, device: torch.device) 
     host work or by the GPU."""
     tiny = torch.randint(0, 256, (batch, 3, HOST_FLOOR_PX, HOST_FLOOR_PX), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(SEED)).to(device)
-    sync = device_sync(device)
+    calls, seconds = timed_calls(lambda: augment(tiny), device_sync(device))
+    return seconds * 1e3 / calls
+
+
+def timed_calls(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[int, float]:
+    """(calls, seconds) of ``fn`` after ``AUGMENT_WARMUP`` untimed calls: up to ``AUGMENT_REPEATS``
+    calls, fewer where ``MAX_PART_S`` runs out, timed between two synchronisations."""
     for _ in range(AUGMENT_WARMUP):
-        augment(tiny)
+        fn()
     sync()
-    start = time.perf_counter()
-    for _ in range(AUGMENT_REPEATS):
-        augment(tiny)
+    calls, start = 0, time.perf_counter()
+    while calls < AUGMENT_REPEATS and time.perf_counter() - start < MAX_PART_S:
+        fn()
+        calls += 1
     sync()
-    return (time.perf_counter() - start) * 1e3 / AUGMENT_REPEATS
+    return calls, time.perf_counter() - start
 
 
 def decode_alone(paths: Sequence[Path], size: StageSize, reduce_to: int | None,
