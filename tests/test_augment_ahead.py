@@ -1,17 +1,19 @@
 """``training_batches``: the batches a training step gets are the same whether the augmentation
 runs inline or a batch ahead on a thread (as on CUDA); the thread never reads past the epoch's
-limit, hands errors to the consumer and stops when the consumer leaves early."""
+limit, hands errors to the consumer and stops when the consumer leaves early; ``InputTimes`` puts
+each wait where it happened."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import trueface.augment_ahead as ahead_mod
-from trueface.augment_ahead import AheadThread, runs_ahead, training_batches
+from trueface.augment_ahead import AheadThread, InputTimes, runs_ahead, training_batches
 from trueface.augment_device import DeviceAugment
 from trueface.config import load_config
 from trueface.precision import Runtime
@@ -139,3 +141,74 @@ def test_train_one_epoch_ahead_matches_inline(monkeypatch):
                               epoch_augment())
         losses[ahead] = (out["train/loss"], out["step"])
     assert losses[True] == losses[False] and losses[True][1] == 3
+
+
+class SleepyLoader:
+    """``batches`` uint8 batches, each after ``sleep_s`` (workers decoding)."""
+
+    def __init__(self, batches: int, sleep_s: float) -> None:
+        self.batches, self.sleep_s = uint8_loader(batches), sleep_s
+
+    def __iter__(self):
+        for b in self.batches:
+            time.sleep(self.sleep_s)
+            yield b
+
+
+def sleepy_augment(sleep_s: float):
+    def augment(images):
+        time.sleep(sleep_s)
+        return images.float()
+    return augment
+
+
+def consume(loader, augment, ahead: bool, step_s: float = 0.0) -> InputTimes:
+    times = InputTimes()
+    with training_batches(loader, CPU, augment, 10, ahead=ahead, times=times) as batches:
+        for _ in batches:
+            time.sleep(step_s)  # the training step
+    return times
+
+
+def test_inline_the_loop_waits_for_the_loader_and_the_augmentation_each_counted_apart():
+    times = consume(SleepyLoader(4, 0.05), sleepy_augment(0.03), ahead=False)
+    assert times.batches == 4
+    assert 0.2 <= times.loader_s < 0.2 + 0.15 and 0.12 <= times.prepare_s < 0.12 + 0.15
+    assert times.waited_s >= times.loader_s + times.prepare_s  # inline, the loop itself does both
+
+
+def test_ahead_a_slow_step_hides_the_input_and_a_slow_input_shows_as_the_loops_wait():
+    hidden = consume(SleepyLoader(4, 0.0), sleepy_augment(0.03), ahead=True, step_s=0.15)
+    assert hidden.batches == 4 and hidden.prepare_s >= 0.12
+    assert hidden.waited_s < 0.15  # the first batch's 0.03 s and the thread's start; not the steps' 0.6 s
+    starved = consume(SleepyLoader(4, 0.1), sleepy_augment(0.0), ahead=True)
+    assert starved.loader_s >= 0.4 and starved.waited_s >= 0.3  # the loop waited on the loader each batch
+
+
+def test_the_progress_line_gives_the_share_of_time_the_loop_waited_for_input(capsys):
+    from trueface.distributed import DistInfo
+    from trueface.train import _ProgressWindow
+
+    class Scalars:
+        keeps_images = False
+
+        def __init__(self):
+            self.seen = {}
+
+        def scalar(self, name, value, step):
+            self.seen[(name, step)] = value
+
+    logger = Scalars()
+    window = _ProgressWindow(logger, 1, "stage1", DistInfo(0, 1))
+    window.start = time.time() - 2.0
+    window.input.waited_s += 0.5
+    window.add(torch.tensor(1.0), 4)
+    window.step_done(1, 0, 0.1, 0.9)
+    assert logger.seen[("train/input_wait_share", 1)] == pytest.approx(0.25, abs=0.01)
+    window.start = time.time() - 1.0  # the next line counts only what came after the last
+    window.input.waited_s += 0.1
+    window.add(torch.tensor(1.0), 4)
+    window.step_done(2, 0, 0.1, 0.9)
+    assert logger.seen[("train/input_wait_share", 2)] == pytest.approx(0.10, abs=0.01)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("img/s, input wait 25%") and lines[1].endswith("img/s, input wait 10%")

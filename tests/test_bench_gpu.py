@@ -71,6 +71,11 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
         assert decode["reference"] > 0 and decode["ratio"] == pytest.approx(decode["project"] / decode["reference"])
         floor = re.search(r"host floor: (\d+\.\d\d) ms a batch", rows[f"{stage} augmentation alone"]["note"])
         assert floor and float(floor.group(1)) > 0  # the same ops on 16-px images
+        waits = re.search(r"the training loop waited (\d+\.\d\d) ms a batch for its next one \(input wait \d+% of "
+                          r"the time\); the side preparing batches \(inline, in the training loop\) waited "
+                          r"(\d+\.\d\d) ms a batch on the DataLoader and spent (\d+\.\d\d) ms", ratio["note"])
+        waited, loader, prepare = map(float, waits.groups())
+        assert prepare > 0 and waited >= loader + prepare - 0.02  # inline the loop does both (2 decimals each)
         steps = rows[f"{stage} augmentation alone"]["note"].split("ms a batch by step", 1)[1]
         timed = re.findall(r"(?:, |: )([a-zA-Z ]+) (\d+\.\d\d)", steps)
         assert [name for name, _ in timed] == ["draw", *APPLY_STEPS]  # every step, in the order it runs
@@ -130,12 +135,16 @@ def test_workers_and_threads_leave_the_cores_to_each_other():
 def test_the_window_times_only_the_steps_after_the_warm_up():
     window = gpu.TimedWindow("stage1", 10**6, warmup=2, timed=3, max_s=60, device=torch.device("cpu"))
     window.add(torch.zeros(()), 4)
-    for step in (1, 2, 3, 4):
+    for step in (1, 2, 3, 4):  # each step's batch is fetched (the wait added) before the step is done
+        window.input.batches, window.input.waited_s = window.input.batches + 1, window.input.waited_s + step
         window.step_done(step, 0, 0.1, 0.9)
     assert window.started > 0 and window.timed_steps == 0
+    window.input.batches, window.input.waited_s = window.input.batches + 1, window.input.waited_s + 5
     with pytest.raises(gpu.TimeUp):
         window.step_done(5, 0, 0.1, 0.9)
     assert window.timed_steps == 3 and window.stopped >= window.started
+    # the batches fetched for steps 3, 4 and 5: not the warm-up's
+    assert (window.timed_input.batches, window.timed_input.waited_s) == (3, 3 + 4 + 5)
     assert window.rate(4) == pytest.approx(12 / (window.stopped - window.started))
     short = gpu.TimedWindow("stage1", 10**6, warmup=1, timed=5, max_s=60, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="ended after 0 steps, before 1 warm-up"):
@@ -185,6 +194,13 @@ def test_on_cuda_the_rows_carry_the_issues_targets():
     assert "cuda (nvJPEG)" in decoded.rows[-1].note
     assert all(gpu.CPU_NOTE not in r.note for r in bench.rows)
     assert "10% of the timed steps" in bench.rows[0].note  # 30 queued batches against 300 timed
+    timed = Bench("gpu")  # where the input path's time went, on the thread that runs ahead on CUDA
+    gpu.add_rows(timed, 1, gpu.CUDA_FULL[1], replace(figures, input_times=gpu.InputTimes(300, 0.3, 3.0, 6.0),
+                                                     engine_s=30.0), cuda=True, workers=15)
+    assert ("the training loop waited 1.00 ms a batch for its next one (input wait 1% of the time); the side "
+            "preparing batches (a thread running ahead) waited 10.00 ms a batch on the DataLoader and spent 20.00 ms "
+            "on the copy and the augmentation (host time: its launches and its one mask read)") in timed.rows[1].note
+    assert "input wait" not in bench.rows[1].note  # nothing timed, nothing said
     no_nvml = Bench("gpu")
     gpu.add_rows(no_nvml, 1, gpu.CUDA_FULL[1], gpu.StageFigures(3000.0, 3800.0, 300, 300, None,
                                                                   "ModuleNotFoundError: pynvml", 21.5, 30, 4000.0),

@@ -21,6 +21,11 @@ used nvJPEG; ``trueface.jpeg_tensor`` has since taken most of the host work away
 On a CPU, or without batched augmentation, batches are prepared inline: a thread there would
 only take cores from the model. The augmented batches are the same either way: one thread calls
 the augmentation, in the loader's order, with the epoch's one generator (a test checks it).
+
+``InputTimes`` says where the input path's time goes on either path: how long the training loop
+waited for its next batch (the input starving the step), and, on the side that prepares batches,
+how long it waited on the DataLoader and how long the copy and augmentation took on the host. The
+progress lines and ``jobs.benchmark gpu`` report them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +44,25 @@ from trueface.precision import Runtime
 DEPTH = 2  # batches prepared ahead: one in use by the step, one ready (more only holds memory)
 _END = object()
 _POLL_S = 0.1  # how often a blocked producer looks for the consumer having left
+
+
+@dataclass
+class InputTimes:
+    """Host seconds spent on the input path, summed from creation (readers difference two
+    snapshots). Written by the thread that prepares batches and by the training loop; a float sum
+    under the GIL needs no lock."""
+
+    batches: int = 0  # batches handed to the training loop
+    waited_s: float = 0.0  # the training loop blocked for its next batch: the input starving the step
+    loader_s: float = 0.0  # the preparing side blocked on the DataLoader (its workers decoding)
+    prepare_s: float = 0.0  # the preparing side's host time for the copy and the augmentation
+
+    def snapshot(self) -> "InputTimes":
+        return InputTimes(self.batches, self.waited_s, self.loader_s, self.prepare_s)
+
+    def since(self, before: "InputTimes") -> "InputTimes":
+        return InputTimes(self.batches - before.batches, self.waited_s - before.waited_s,
+                          self.loader_s - before.loader_s, self.prepare_s - before.prepare_s)
 
 
 class _Failed:
@@ -59,26 +85,49 @@ def runs_ahead(runtime: Runtime, augment: Callable | None) -> bool:
 
 @contextlib.contextmanager
 def training_batches(loader: Iterable, runtime: Runtime, augment: Callable | None, limit: int,
-                     ahead: bool | None = None) -> Iterator[Iterator[tuple]]:
+                     ahead: bool | None = None, times: InputTimes | None = None) -> Iterator[Iterator[tuple]]:
     """(images on the device, labels, indices) for the first ``limit`` batches of ``loader``.
     ``ahead`` None asks ``runs_ahead``; leaving the ``with`` block (a break, an error) stops the
-    thread and the loader's iteration."""
+    thread and the loader's iteration. ``times`` (if given) adds up where the time went."""
     prepare = lambda images: to_device(images, runtime, augment)  # noqa: E731
+    times = InputTimes() if times is None else times
     if not (runs_ahead(runtime, augment) if ahead is None else ahead):
-        yield _inline(loader, prepare, limit)
+        yield _waited_for(prepared(loader, prepare, limit, times), times)
         return
-    worker = AheadThread(loader, prepare, limit, runtime.device)
+    worker = AheadThread(loader, prepare, limit, runtime.device, times)
     try:
-        yield iter(worker)
+        yield _waited_for(iter(worker), times)
     finally:
         worker.close()
 
 
-def _inline(loader: Iterable, prepare: Callable, limit: int) -> Iterator[tuple]:
-    for i, (images, labels, indices) in enumerate(loader):
-        if i >= limit:
+def prepared(loader: Iterable, prepare: Callable, limit: int, times: InputTimes) -> Iterator[tuple]:
+    """The loader's first ``limit`` batches through ``prepare``, timing the wait for each and its
+    preparation; never asks the loader for a batch past the limit."""
+    batches = iter(loader)
+    for _ in range(limit):
+        start = time.perf_counter()
+        item = next(batches, None)
+        if item is None:
             return
-        yield prepare(images), labels, indices
+        images, labels, indices = item
+        loaded = time.perf_counter()
+        ready = prepare(images)
+        times.loader_s += loaded - start
+        times.prepare_s += time.perf_counter() - loaded
+        yield ready, labels, indices
+
+
+def _waited_for(batches: Iterator[tuple], times: InputTimes) -> Iterator[tuple]:
+    """``batches``, adding the time the consumer blocks on each to ``times.waited_s``."""
+    while True:
+        start = time.perf_counter()
+        item = next(batches, None)
+        times.waited_s += time.perf_counter() - start
+        if item is None:
+            return
+        times.batches += 1
+        yield item
 
 
 class AheadThread:
@@ -86,8 +135,10 @@ class AheadThread:
     high-priority stream, handing each batch over with an event). Errors reach the consumer as
     they were raised; ``close`` stops the thread wherever it is."""
 
-    def __init__(self, loader: Iterable, prepare: Callable, limit: int, device: torch.device) -> None:
+    def __init__(self, loader: Iterable, prepare: Callable, limit: int, device: torch.device,
+                 times: InputTimes | None = None) -> None:
         self.loader, self.prepare, self.limit = loader, prepare, limit
+        self.times = InputTimes() if times is None else times
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
         self.queue: queue.Queue = queue.Queue(maxsize=DEPTH)
@@ -98,21 +149,18 @@ class AheadThread:
     def _run(self) -> None:
         try:
             with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-                batches = iter(self.loader)
-                for _ in range(self.limit):  # never a batch past the limit, nor one after close()
-                    if self.stopping.is_set():
-                        return
+                batches = prepared(self.loader, self.prepare, self.limit, self.times)
+                while not self.stopping.is_set():  # never a batch after close()
                     item = next(batches, None)
                     if item is None:
-                        break
-                    images, labels, indices = item
-                    ready = self.prepare(images)
+                        self._put(_END)
+                        return
+                    ready, labels, indices = item
                     event = torch.cuda.Event() if self.cuda else None
                     if event is not None:
                         event.record(self.stream)
                     if not self._put((ready, labels, indices, event)):
                         return
-            self._put(_END)
         except BaseException as error:  # handed to the consumer, who raises it
             self._put(_Failed(error))
 

@@ -43,7 +43,7 @@ from torchvision.utils import make_grid
 
 from trueface.atomic import atomic_write_text, remove_partial_files
 from trueface.augment import TrainTransform, denormalize, mixup, soft_targets
-from trueface.augment_ahead import training_batches
+from trueface.augment_ahead import InputTimes, training_batches
 from trueface.augment_device import DeviceAugment, Uint8TrainTransform, runs_on_device
 from trueface.checkpoint import CheckpointError, StageResult, load_checkpoint, save_stage_checkpoints, stage_files
 from trueface.config import Config, StageConfig, to_dict
@@ -426,7 +426,7 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
     state.train_model.train()
     loss_sum = torch.zeros((), device=state.runtime.device)
     micro_steps, decay, lr = plan.steps_per_epoch * st.accum_steps, 0.0, 0.0
-    with training_batches(loader, state.runtime, augment, micro_steps) as batches:
+    with training_batches(loader, state.runtime, augment, micro_steps, times=window.input) as batches:
         for i, (images, labels, _) in enumerate(batches):
             if i == 0 and window.logger.keeps_images:  # what the model is given (before MixUp), on either path
                 window.logger.images("train/augmented_samples", make_grid(denormalize(images[:16]).cpu(), nrow=8), step)
@@ -451,12 +451,16 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
 
 
 class _ProgressWindow:
-    """Loss and throughput since the last progress line; the only per-step synchronisation."""
+    """Loss, throughput and input wait since the last progress line; the only per-step
+    synchronisation. ``input`` is handed to ``training_batches``, which adds up where the input
+    path's time went."""
 
     def __init__(self, logger, log_every: int, key: str, di: DistInfo) -> None:
         self.logger, self.log_every, self.key, self.di = logger, log_every, key, di
         self.loss: torch.Tensor | None = None
         self.start, self.images, self.steps = time.time(), 0, 0
+        self.input = InputTimes()
+        self._input_mark = self.input.snapshot()
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.loss = loss.clone() if self.loss is None else self.loss + loss
@@ -469,12 +473,18 @@ class _ProgressWindow:
         elapsed = time.time() - self.start
         mean_loss = self.loss.item() / self.steps
         rate = self.images * self.di.world_size / elapsed
+        # this rank's share of the wall time the training loop sat waiting for a batch: above a few
+        # percent the input path (loader workers, augmentation) is what limits the img/s
+        waited = self.input.since(self._input_mark).waited_s / elapsed if elapsed > 0 else 0.0
         self.logger.scalar("train/loss", mean_loss, step)
         self.logger.scalar("train/lr", lr, step)
         self.logger.scalar("train/ema_decay", decay, step)
         self.logger.scalar("train/images_per_sec", rate, step)
-        _log(self.di, f"{self.key} epoch {epoch + 1} step {step} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} img/s")
+        self.logger.scalar("train/input_wait_share", waited, step)
+        _log(self.di, f"{self.key} epoch {epoch + 1} step {step} loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} img/s, "
+                      f"input wait {waited:.0%}")
         self.loss, self.start, self.images, self.steps = None, time.time(), 0, 0
+        self._input_mark = self.input.snapshot()
 
 
 def validate(models: dict[str, nn.Module], samples: Sequence[Sample], image_size: int, runtime: Runtime,

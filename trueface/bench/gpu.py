@@ -60,6 +60,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
 from trueface.config import Config, load_config, to_dict
@@ -255,18 +256,22 @@ class TimedWindow(_ProgressWindow):
         self.done = 0
         self.started = self.stopped = 0.0
         self.timed_steps = 0
+        self.input_at_start = self.input.snapshot()
+        self.timed_input = InputTimes()  # the input path's times over the timed steps
 
     def step_done(self, step: int, epoch: int, lr: float, decay: float) -> None:
         super().step_done(step, epoch, lr, decay)
         self.done += 1
         if self.done == self.warmup:
             self.started = self._now()
+            self.input_at_start = self.input.snapshot()
             if self.busy:
                 self.busy.start()
         elif self.done > self.warmup:
             steps = self.done - self.warmup
             if steps >= self.timed or time.perf_counter() - self.started >= self.max_s:
                 self.stopped, self.timed_steps = self._now(), steps
+                self.timed_input = self.input.since(self.input_at_start)
                 if self.busy:
                     self.busy.stop()
                 raise TimeUp
@@ -362,6 +367,8 @@ class StageFigures:
     step_syncs: int | None = None  # times one training step (no progress line) made the host wait; None off CUDA
     decode_batched: float = 0.0  # img/s of torchvision's batched decode_jpeg on the training device
     decode_pil: float = 0.0  # img/s of the workers' decode (load_rgb) on one core
+    input_times: InputTimes | None = None  # the input path's host times over the timed engine steps
+    engine_s: float = 0.0  # seconds of the timed engine steps
     state: TrainState | None = None
 
 
@@ -389,7 +396,8 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
         why = busy.error or "no sample taken"
     return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                         busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        syncs, host_ms, step_syncs, decode_batched, decode_pil, state)
+                        syncs, host_ms, step_syncs, decode_batched, decode_pil, engine.timed_input,
+                        engine.stopped - engine.started, state)
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -613,6 +621,7 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
         f"speed the input path (decode, crop, flip, DeviceAugment) leaves"
         + (f"; host synchronisations in one training step: {r.step_syncs} (torch.cuda sync debug mode)"
            if r.step_syncs is not None else "")
+        + input_times_note(r.input_times, r.engine_s, cuda)
         + ("" if r.busy is not None else f"; nvml not available ({r.busy_why}): this ratio stands in for GPU busy"))))
     if r.busy is not None:
         bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", BUSY_TARGET.get(stage), note=(
@@ -645,6 +654,20 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
                         "there too")))
 
 
+def input_times_note(times: InputTimes | None, seconds: float, cuda: bool) -> str:
+    """Where the input path's time went during the timed engine steps: the training loop's wait
+    for its batches (what the input cost the step) and, on the side preparing them, the wait on the
+    DataLoader against the host time of the copy and the augmentation."""
+    if not times or not times.batches or seconds <= 0:
+        return ""
+    per = lambda s: f"{s * 1e3 / times.batches:.2f} ms"  # noqa: E731
+    return (f"; over the timed steps the training loop waited {per(times.waited_s)} a batch for its next one "
+            f"(input wait {times.waited_s / seconds:.0%} of the time); the side preparing batches "
+            f"({'a thread running ahead' if cuda else 'inline, in the training loop'}) waited {per(times.loader_s)} "
+            f"a batch on the DataLoader and spent {per(times.prepare_s)} on the copy and the augmentation"
+            + (" (host time: its launches and its one mask read)" if cuda else ""))
+
+
 def prefetch_note(prefetch: int, timed: int) -> str:
     """How much the loader's queue, filled during the warm-up, can flatter the timed steps."""
     share = prefetch / timed if timed else 1.0
@@ -657,6 +680,7 @@ def progress_line(stage: int, size: StageSize, r: StageFigures) -> str:
     extra = (f", GPU busy {r.busy:.0f}%" if r.busy is not None else "") + (
         f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "") + (
         f", host synchronisations: {r.step_syncs} a training step, {r.augment_syncs} an augmented batch"
-        if r.step_syncs is not None else "")
+        if r.step_syncs is not None else "") + (
+        f", input wait {r.input_times.waited_s / r.engine_s:.0%}" if r.input_times and r.engine_s > 0 else "")
     return (f"{STAGE_NAMES[stage]} {size.image} px, batch {size.batch}: engine {r.engine:,.1f} img/s, "
             f"model alone {r.model_alone:,.1f} img/s ({ratio:.2f}){extra}")
