@@ -309,8 +309,8 @@ def strong_transform(image_size: int, cfg: AugmentConfig) -> v2.Compose:
 class TrainTransform:
     """Light augmentation for the first ``light_epochs`` epochs, strong afterwards.
 
-    The DataLoader re-forks its workers every epoch (persistent_workers=False), so calling
-    ``set_epoch`` on the dataset's transform in the main process reaches the workers.
+    The training loader's workers outlive the epochs: each sample's key carries its epoch, and
+    ``trueface.data.epoch_keys.EpochSeededDataset`` calls ``set_epoch`` on the worker's copy.
     """
 
     def __init__(self, image_size: int, light_epochs: int, cfg: AugmentConfig) -> None:

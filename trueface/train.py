@@ -49,6 +49,7 @@ from trueface.checkpoint import CheckpointError, StageResult, load_checkpoint, s
 from trueface.config import Config, StageConfig, to_dict
 from trueface.config.choices import SELECT_MODES
 from trueface.data.dataset import ImageDataset
+from trueface.data.epoch_keys import EpochKeyedSampler, EpochSeededDataset
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
@@ -269,6 +270,7 @@ def run_stage(
         # None only when no epoch ran: resumed after the last one, or after an unrecorded early stop
         return result or finish()
     finally:
+        data.close()
         logger.close()
 
 
@@ -289,23 +291,37 @@ class EpochAugment:
 @dataclass
 class TrainingData:
     """A stage's training input: the dataset (its transform switches light -> strong by epoch),
-    its sampler, and ``DeviceAugment`` when the strong ops run batched on the training device."""
+    its sampler, ``DeviceAugment`` when the strong ops run batched on the training device, and
+    the stage's one DataLoader, made by the first ``epoch`` call (its workers outlive the epochs:
+    ``trueface.data.epoch_keys``); ``close`` stops them."""
 
     dataset: ImageDataset
     sampler: BalancedSampler
     device_augment: DeviceAugment | None
+    loader: DataLoader | None = None
 
     def epoch(self, epoch: int, micro: int, cfg: Config, runtime: Runtime,
               rank: int) -> tuple[DataLoader, EpochAugment | None]:
-        """The epoch's loader (and its batched augmentation, None on the per-sample path)."""
+        """The loader set to ``epoch`` (and the epoch's batched augmentation, None on the
+        per-sample path)."""
         self.sampler.set_epoch(epoch)
-        self.dataset.transform.set_epoch(epoch)
-        loader = _train_loader(self.dataset, self.sampler, micro, cfg, runtime, epoch, rank)
+        self.dataset.transform.set_epoch(epoch)  # the trainer's copy: EpochAugment's light/strong switch
+        if self.loader is None or self.loader.batch_size != micro:
+            self.close()
+            self.loader = _train_loader(self.dataset, self.sampler, micro, cfg, runtime, rank)
+        loader = self.loader
         if self.device_augment is None:
             return loader, None
         generator = torch.Generator(device=runtime.device)
         generator.manual_seed(_mix_seed(cfg.seed, rank, epoch, 13))
         return loader, EpochAugment(self.device_augment, generator, self.dataset.transform.is_strong)
+
+    def close(self) -> None:
+        """Stops the loader's workers now rather than whenever the collector gets to them."""
+        loader, self.loader = self.loader, None
+        iterator = getattr(loader, "_iterator", None)  # a persistent loader keeps its workers' iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: Runtime, di: DistInfo,
@@ -531,13 +547,15 @@ def validation_metrics(labels: np.ndarray, domains: Sequence[str], scores: dict[
     return out
 
 
-def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, epoch: int, rank: int) -> DataLoader:
-    # A fresh loader per epoch: its workers fork with the dataset's current transform (the
-    # light -> strong switch) and a generator seeded by (seed, rank, epoch) for their RNGs.
-    gen = torch.Generator().manual_seed(_mix_seed(cfg.seed, rank, epoch, 11))
-    return DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=cfg.data.loader_workers,
-                      drop_last=True, pin_memory=runtime.device.type == "cuda", generator=gen,
-                      persistent_workers=False)
+def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, rank: int) -> DataLoader:
+    # One loader a stage, its workers forked once (persistent): each sample comes by an (epoch,
+    # index) key, picks the epoch's transform (light -> strong) and seeds its draws from (seed,
+    # rank, epoch, index), so an epoch draws the same however it was reached (resumed or not)
+    # and however many workers read it.
+    workers = cfg.data.loader_workers
+    return DataLoader(EpochSeededDataset(ds, cfg.seed, rank), batch_size=micro, sampler=EpochKeyedSampler(sampler),
+                      num_workers=workers, drop_last=True, pin_memory=runtime.device.type == "cuda",
+                      persistent_workers=workers > 0)
 
 
 def _mix_seed(*parts: int) -> int:

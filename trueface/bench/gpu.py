@@ -382,11 +382,13 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     busy = BusySampler(read) if read else None
     data = training_data(cfg, stage, samples_of(paths), state.runtime, di, on_device=None if cuda else True)
     engine = engine_window(cfg, stage, state, data, size, busy)
+    data.close()  # the loader's workers, which outlive an epoch, stop before the model runs alone
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
     step_syncs = host_syncs(lambda: one_step(state, cfg.stage(stage), size), state.runtime.device)
     _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
     loader, batch = loader_alone(epoch_loader, size)
+    data.close()
     augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
                              else (None, None, None))
     host_ms = augment_host_floor(epoch_augment, size.batch, state.runtime.device) if epoch_augment else None
@@ -435,7 +437,6 @@ def loader_alone(loader: DataLoader, size: StageSize) -> tuple[float, torch.Tens
         images = next(batches)[0]
         timed += 1
     elapsed = time.perf_counter() - start
-    del batches  # stops the workers now, not when the collector gets to it
     return img_per_s(timed * size.batch, elapsed), images
 
 
