@@ -25,11 +25,11 @@ import random
 from collections.abc import Iterator
 from typing import Protocol
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 _SALT = 0x5EED  # keeps these seeds apart from the main process's (seed, rank, epoch) ones
+_MASK = (1 << 64) - 1
 
 
 class EpochTransform(Protocol):
@@ -45,22 +45,39 @@ class EpochSampler(Protocol):
 
 
 def sample_seed(seed: int, rank: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch, index, _SALT]).generate_state(1)[0])
+    """A 64-bit seed mixed from the four (splitmix64's finaliser after each): the same on every
+    machine and Python version, and 2 us where numpy's SeedSequence takes 9 (once per image)."""
+    h = _SALT
+    for part in (seed, rank, epoch, index):
+        h = (h ^ (part & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 31
+    return h
 
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """torch's CPU generator and Python's ``random`` (the two the per-sample transforms draw from)
-    seeded for the block, and put back after it: with ``loader_workers=0`` the block runs in the
-    training process, whose own draws must not depend on how many samples it read."""
+    seeded for the block. In the training process (``loader_workers=0``) they are put back after
+    it, since its own draws must not depend on how many samples it read; a loader worker draws
+    nothing else, so it skips the 15 us that costs."""
+    if get_worker_info() is not None:
+        _seed(seed)
+        yield
+        return
     state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds CUDA too
-        random.seed(seed)
+        _seed(seed)
         try:
             yield
         finally:
             random.setstate(state)
+
+
+def _seed(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds CUDA too
+    random.seed(seed)
 
 
 class EpochKeyedSampler(Sampler):
