@@ -8,6 +8,7 @@ Usage::
     python -m jobs.benchmark infer --ray --images 2000 --data-root ../shared/data/faces140k-mini
     python -m jobs.benchmark gpu                          # the one-command GPU check (no Ray)
     python -m jobs.benchmark gpu --prepared               # the same, reading the prepared uint8 cache
+    python -m jobs.benchmark gpu --trace                  # also a profiler trace of a few steps per stage
     python -m jobs.benchmark input train --quick          # small sizes: seconds, for CI
 
 Parts (each prints its table and writes results/bench-<part>/bench.json and bench.md):
@@ -52,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ray", action="store_true", help="infer: also time jobs.predict --ray (Ray Data)")
     parser.add_argument("--prepared", action="store_true",
                         help="gpu: train from the prepared uint8 cache (data.prepared=uint8), built before the timing")
+    parser.add_argument("--trace", action="store_true",
+                        help="gpu: also record a profiler trace of a few engine steps per stage "
+                             "(<results-dir>/bench-gpu/trace-stageN.json.gz; open it in ui.perfetto.dev)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where bench-<part>/ goes")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts if p not in PARTS]

@@ -5,10 +5,12 @@ No speed is asserted (the machine is shared); the helpers' arithmetic is tested 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import re
 import threading
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -47,7 +49,8 @@ def quick_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trueface.train, "train_step", step)
         mp.setattr(DeviceAugment, "__call__", augment)
-        assert benchmark.main(["gpu", "--quick", "--results-dir", str(out)]) == 0
+        assert benchmark.main(["gpu", "--quick", "--trace", "--results-dir", str(out)]) == 0
+    seen["out"] = out / "bench-gpu"
     return json.loads((out / "bench-gpu" / "bench.json").read_text()), seen
 
 
@@ -95,16 +98,35 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     _, seen = quick_run
     q = gpu.CPU_QUICK
     engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
+    traced = [min(gpu.TRACE_WARMUP, q[s].warmup) + min(gpu.TRACE_STEPS, q[s].timed) for s in (1, 2)]
     # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
     # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU
-    # counts), then as many images of 16 px (the host floor: warm-up and timed calls)
+    # counts), then as many images of 16 px (the host floor: warm-up and timed calls), then once
+    # per step of the traced engine window (--trace)
     alone, floor = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS + 1, gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS
+    full = [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True) for s in (1, 2)]
     assert seen["augment"] == [
         call for s in (1, 2)
-        for call in [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True)] * (engine_steps[s - 1] + alone)
-        + [(torch.uint8, (q[s].batch, 3, gpu.HOST_FLOOR_PX, gpu.HOST_FLOOR_PX), True)] * floor]
-    # train_one_epoch's steps: the engine's and as many again for the model alone, nothing more
-    assert seen["steps"] == 2 * sum(engine_steps)
+        for call in [full[s - 1]] * (engine_steps[s - 1] + alone)
+        + [(torch.uint8, (q[s].batch, 3, gpu.HOST_FLOOR_PX, gpu.HOST_FLOOR_PX), True)] * floor
+        + [full[s - 1]] * traced[s - 1]]
+    # train_one_epoch's steps: the engine's, as many again for the model alone, and the traced ones
+    assert seen["steps"] == 2 * sum(engine_steps) + sum(traced)
+
+
+@cpu_only
+def test_the_trace_holds_the_timed_engine_steps_only_with_their_named_ranges(quick_run):
+    _, seen = quick_run
+    for stage in (1, 2):
+        steps = min(gpu.TRACE_STEPS, gpu.CPU_QUICK[stage].timed)
+        trace = json.loads(gzip.decompress((seen["out"] / f"trace-stage{stage}.json.gz").read_bytes()))
+        ranges = Counter(e["name"] for e in trace["traceEvents"] if e.get("ph") == "X")
+        # the warm-up step ran before the profiler started: only the timed steps are in the trace
+        for name in ("trueface.augment", "trueface.train_step", "trueface.optimizer_step", "trueface.ema_update"):
+            assert ranges[name] == steps, name
+        assert ranges["aten::convolution_backward"] >= 53 * steps  # ResNet-50's convolutions, each step
+        ops = (seen["out"] / f"trace-stage{stage}-ops.txt").read_text()
+        assert "Self CPU" in ops and "aten::convolution_backward" in ops
 
 
 def test_plan_sizes_applies_overrides_and_covers_the_prefetch_queue_on_cuda():
@@ -243,3 +265,25 @@ def test_prepared_trains_from_a_cache_built_for_every_stage_first(tmp_path, monk
     # one cache per stage at its decode size, every file prepared now and held afterwards
     assert [(n, result, held) for _, n, result, held in built] == [(q[s].files, (0, q[s].files), q[s].files) for s in (1, 2)]
     assert all(r["project"] > 0 for r in payload["rows"])
+
+
+def test_the_tracer_records_the_augmentation_thread_as_well_as_the_training_loop(tmp_path):
+    from tests.test_augment_ahead import CPU, epoch_augment, uint8_loader
+    from trueface.augment_ahead import training_batches
+
+    tracer = gpu.Tracer(cuda=False)
+    tracer.start()
+    with training_batches(uint8_loader(3), CPU, epoch_augment(), 3, ahead=True) as batches:  # the thread, as on CUDA
+        for images, _, _ in batches:
+            with torch.profiler.record_function("trueface.train_step"):
+                images.sum()
+    tracer.stop()
+    tracer.stop()  # a second stop (after an error) does nothing
+    table = tracer.write(tmp_path / "trace-stage1.json.gz")
+    events = json.loads(gzip.decompress((tmp_path / "trace-stage1.json.gz").read_bytes()))["traceEvents"]
+    threads = {name: {e["tid"] for e in events if e.get("name") == name}
+               for name in ("trueface.augment", "trueface.train_step")}
+    assert tracer.threads == "every thread"
+    assert len(threads["trueface.augment"]) == 1 and len(threads["trueface.train_step"]) == 1
+    assert threads["trueface.augment"] != threads["trueface.train_step"]  # two threads, both recorded
+    assert "Self CPU" in table and (tmp_path / "trace-stage1-ops.txt").read_text() == table

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
@@ -285,7 +286,8 @@ class EpochAugment:
     strong: bool
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.augment(images, self.generator, strong=self.strong)
+        with record_function("trueface.augment"):  # a named range in a profiler trace (jobs.benchmark gpu --trace)
+            return self.augment(images, self.generator, strong=self.strong)
 
 
 @dataclass
@@ -449,14 +451,17 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
             lr = lr_at(step, plan.total_steps, plan.warmup_steps, st.lr, st.final_lr)
             set_lr(state.optimizer, lr)
             last_micro = (i + 1) % st.accum_steps == 0
-            loss = train_step(state, images, labels, st, rng, sync_grads=last_micro)
+            with record_function("trueface.train_step"):
+                loss = train_step(state, images, labels, st, rng, sync_grads=last_micro)
             loss_sum += loss
             window.add(loss, len(images))
             if not last_micro:
                 continue
-            state.runtime.step(state.optimizer)
+            with record_function("trueface.optimizer_step"):
+                state.runtime.step(state.optimizer)
             step += 1
-            decay = state.ema.update(state.model, step)
+            with record_function("trueface.ema_update"):
+                decay = state.ema.update(state.model, step)
             window.step_done(step, epoch, lr, decay)
     mean_loss = loss_sum.item() / plan.steps_per_epoch
     if not math.isfinite(mean_loss):

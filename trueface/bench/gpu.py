@@ -6,6 +6,7 @@ Usage::
     python -m jobs.benchmark gpu --data-root ../shared/data/faces140k-mini   # real JPEGs instead of generated
     python -m jobs.benchmark gpu --quick                  # fewer steps (CPU: seconds, for CI)
     python -m jobs.benchmark gpu --prepared               # train from the prepared uint8 cache (data.prepared)
+    python -m jobs.benchmark gpu --trace                  # also a profiler trace of 5 engine steps per stage
     bash docker/gpu_check.sh                              # nvidia-smi, then this under a 6-minute timeout
 
 For Stage I (224 px from 256 px JPEGs at q75, as the 140K set) and Stage II (1024 px from 1024 px
@@ -30,6 +31,9 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
   batches already on the device), img/s, no target: where the engine falls short of the model
   alone, these say which part is the limit; the augmentation row's note also gives its host floor
   (the same ops on 16-px images: what Python, dispatch and launches alone cost a batch);
+- with ``--trace``, no row but a file per stage, ``bench-gpu/trace-stageN.json.gz``: torch.profiler's
+  Chrome trace of 5 engine steps (host ops on every thread, CUDA kernels on every stream; open it in
+  ui.perfetto.dev), and ``trace-stageN-ops.txt``, the ops' totals (the dearest are printed);
 - "decode, batched decode_jpeg vs PIL on one core": torchvision's batched ``decode_jpeg`` on the
   training device (nvJPEG on CUDA) against the workers' decode (``load_rgb``) on one core, img/s,
   no target: how many worker cores decoding on the GPU would stand in for (issue 11 asks for the
@@ -52,11 +56,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -106,6 +112,8 @@ PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: 
 BUSY_PERIOD_S = 0.2
 DISTINCT_BATCHES = 4  # model-alone batches cycled (each step a different tensor, little memory)
 SEED = 0
+TRACE_WARMUP, TRACE_STEPS = 2, 5  # engine steps --trace runs before it records, then records
+TRACE_TABLE_ROWS = 12
 
 #: issue 11's floors on an H100 (the paper preset's sizes and batches)
 RATE_TARGETS = {1: 3500.0, 2: 170.0}
@@ -126,14 +134,16 @@ def run(args: argparse.Namespace) -> Bench:
         images, source = stage_images(getattr(args, "data_root", None), sizes, work)
         if cfg.data.prepared != "none":
             prepare_images(cfg, sizes, images)
+        trace = args.results_dir / "bench-gpu" if getattr(args, "trace", False) else None
         with torch_threads(training_threads(cuda, cpus, workers)):
-            return _measure(cfg, sizes, images, source, workers, cuda, work)
+            return _measure(cfg, sizes, images, source, workers, cuda, work, trace)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Path]], source: str,
-             workers: int, cuda: bool, work: Path) -> Bench:
+             workers: int, cuda: bool, work: Path, trace: Path | None = None) -> Bench:
+    """The rows of both stages; with ``trace`` (a folder), each stage's profiler trace there too."""
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
     augment = ("batched on cuda (augment.device auto)" if cuda
                else "batched on the CPU (forced: training_data(on_device=True))")
@@ -152,6 +162,8 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
         result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda)
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
+        if trace is not None:
+            trace_stage(cfg, stage, result.state, images[stage], sizes[stage], trace)
         if stage == 1:  # Stage II starts from Stage I's EMA weights, as in a run (_initial_model)
             init_from = save_stage1(result.state, cfg, work / "stage1.pt")
         result.state = None  # frees the model, optimizer and EMA before the next stage's
@@ -244,15 +256,24 @@ class TimeUp(Exception):
     stopped (further steps, the epoch's closing loss read) runs."""
 
 
+class Probe(Protocol):
+    """What runs over exactly the timed steps (``BusySampler``, ``Tracer``)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class TimedWindow(_ProgressWindow):
     """The engine's progress window, also the stopwatch: the clock starts once the warm-up steps
     are done and stops after ``timed`` steps or ``max_s`` seconds, each time after a device
-    synchronisation (CUDA runs asynchronously: a host clock alone would time the launches)."""
+    synchronisation (CUDA runs asynchronously: a host clock alone would time the launches).
+    ``probe`` is started and stopped with the clock."""
 
     def __init__(self, key: str, log_every: int, warmup: int, timed: int, max_s: float, device: torch.device,
-                 busy: "BusySampler | None" = None) -> None:
+                 probe: Probe | None = None) -> None:
         super().__init__(NullLogger(), log_every, key, DistInfo(0, 1))
-        self.warmup, self.timed, self.max_s, self.device, self.busy = warmup, timed, max_s, device, busy
+        self.warmup, self.timed, self.max_s, self.device, self.probe = warmup, timed, max_s, device, probe
         self.done = 0
         self.started = self.stopped = 0.0
         self.timed_steps = 0
@@ -265,15 +286,15 @@ class TimedWindow(_ProgressWindow):
         if self.done == self.warmup:
             self.started = self._now()
             self.input_at_start = self.input.snapshot()
-            if self.busy:
-                self.busy.start()
+            if self.probe:
+                self.probe.start()
         elif self.done > self.warmup:
             steps = self.done - self.warmup
             if steps >= self.timed or time.perf_counter() - self.started >= self.max_s:
                 self.stopped, self.timed_steps = self._now(), steps
                 self.timed_input = self.input.since(self.input_at_start)
-                if self.busy:
-                    self.busy.stop()
+                if self.probe:
+                    self.probe.stop()
                 raise TimeUp
 
     def _now(self) -> float:
@@ -414,15 +435,73 @@ def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: Trainin
 
 
 def engine_window(cfg: Config, stage: int, state: TrainState, data: TrainingData, size: StageSize,
-                  busy: BusySampler | None) -> TimedWindow:
+                  probe: Probe | None) -> TimedWindow:
     """The engine's epoch as ``run_stage`` runs it (dataset, sampler, loader, batched augmentation,
     ``train_one_epoch``) in the stage's first strong epoch, timed after the warm-up steps."""
     plan, loader, augment, epoch = first_strong_epoch(cfg, stage, state, data)
     window = TimedWindow(plan.key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device,
-                         busy)
+                         probe)
     rng = np.random.default_rng([cfg.seed, 0, epoch, 7])
     run_timed(lambda: train_one_epoch(state, plan, loader, 0, epoch, window, rng, augment), window)
     return window
+
+
+class Tracer:
+    """torch.profiler over the timed steps (a ``Probe``): host ops on every thread (the training
+    loop, and on CUDA the augmentation thread) where torch can, and on CUDA the kernels on each
+    stream."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.running = cuda, False
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        try:  # by default the profiler records the host ops of the thread that started it only
+            every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+            self.threads = "every thread"
+        except (AttributeError, TypeError):  # a torch without the option
+            every_thread, self.threads = None, f"the training loop's thread only (torch {torch.__version__})"
+        self.prof = profile(activities=activities, experimental_config=every_thread)
+
+    def start(self) -> None:
+        self.prof.start()
+        self.running = True
+
+    def stop(self) -> None:
+        """Stops recording; again (after an error in the steps) does nothing."""
+        if self.running:
+            self.running = False
+            self.prof.stop()
+
+    def write(self, path: Path, rows: int = TRACE_TABLE_ROWS) -> str:
+        """The Chrome trace to ``path`` (gzipped JSON) and the ops' totals beside it (``.txt``);
+        returns the totals' first ``rows`` rows, dearest first (device time on CUDA)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(path))
+        self.prof.wait_for_exports()
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=sort, row_limit=rows)
+        path.with_name(path.name.split(".")[0] + "-ops.txt").write_text(table)
+        return table
+
+
+def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path], size: StageSize,
+                out_dir: Path) -> Path:
+    """``TRACE_STEPS`` engine steps of the stage's first strong epoch (after ``TRACE_WARMUP``; fewer
+    where the stage's size plans fewer) under the profiler, on a fresh loader as ``measure_stage`` uses: the trace to open in Perfetto
+    (ui.perfetto.dev) or chrome://tracing, to see where the GPU waits and on what."""
+    cuda = state.runtime.device.type == "cuda"
+    data = training_data(cfg, stage, samples_of(paths), state.runtime, DistInfo(0, 1), on_device=None if cuda else True)
+    tracer = Tracer(cuda)
+    steps = replace(size, warmup=min(TRACE_WARMUP, size.warmup), timed=min(TRACE_STEPS, size.timed))  # the plan's epoch
+    try:
+        engine_window(cfg, stage, state, data, steps, tracer)
+    finally:
+        tracer.stop()
+        data.close()
+    path = out_dir / f"trace-stage{stage}.json.gz"
+    table = tracer.write(path)
+    print(f"  {STAGE_NAMES[stage]}: trace of {steps.timed} engine steps in {path} (host ops of {tracer.threads}; "
+          f"open it in ui.perfetto.dev); the dearest ops:\n{table}", flush=True)
+    return path
 
 
 def loader_alone(loader: DataLoader, size: StageSize) -> tuple[float, torch.Tensor]:
