@@ -90,6 +90,9 @@ def test_workers_fork_once_a_stage_and_every_epoch_draws_anew_with_its_own_trans
         assert all(v.unique().numel() == IMAGES for v in values)  # each sample its own draw
         assert not any(torch.equal(a, b) for a in values for b in values if a is not b)  # each epoch anew
     assert data.loader is None
+    for pid in pids:  # close() stopped them, though this test still holds the loader
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_an_epochs_samples_are_the_same_for_any_number_of_workers_and_when_resumed():
