@@ -49,6 +49,7 @@ what it means on a GPU.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import shutil
 import tempfile
@@ -56,9 +57,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -163,7 +164,10 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
         if trace is not None:
-            trace_stage(cfg, stage, result.state, images[stage], sizes[stage], trace)
+            try:
+                trace_stage(cfg, stage, result.state, images[stage], sizes[stage], trace)
+            except Exception as exc:  # noqa: BLE001 -- an extra: it must not cost the run its figures
+                print(f"  {STAGE_NAMES[stage]}: no trace ({type(exc).__name__}: {exc})", flush=True)
         if stage == 1:  # Stage II starts from Stage I's EMA weights, as in a run (_initial_model)
             init_from = save_stage1(result.state, cfg, work / "stage1.pt")
         result.state = None  # frees the model, optimizer and EMA before the next stage's
@@ -475,8 +479,12 @@ class Tracer:
         """The Chrome trace to ``path`` (gzipped JSON) and the ops' totals beside it (``.txt``);
         returns the totals' first ``rows`` rows, dearest first (device time on CUDA)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.prof.export_chrome_trace(str(path))
-        self.prof.wait_for_exports()
+        plain = path.with_suffix("")  # gzipped here, not by torch: older versions write .gz paths as plain JSON
+        self.prof.export_chrome_trace(str(plain))
+        getattr(self.prof, "wait_for_exports", lambda: None)()  # torch >= 2.14 may export asynchronously
+        with open(plain, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=rows)
         path.with_name(path.name.split(".")[0] + "-ops.txt").write_text(table)
