@@ -247,6 +247,13 @@ def prepare_images(cfg: Config, sizes: dict[int, StageSize], images: dict[int, l
         build_prepared(samples_of(images[stage]), decode_size(cfg, z.image), cfg.data.cache_dir, progress=False)
 
 
+def stage_data(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path]) -> TrainingData:
+    """The stage's training data as a run builds it; on a CPU with the batched augmentation forced
+    on (the setting refuses gpu there), so the path a GPU takes runs."""
+    cuda = state.runtime.device.type == "cuda"
+    return training_data(cfg, stage, samples_of(paths), state.runtime, DistInfo(0, 1), on_device=None if cuda else True)
+
+
 def samples_of(paths: Sequence[Path]) -> list[Sample]:
     """Both labels, one domain: the balanced sampler of either stage has cells to draw from."""
     return [Sample(str(p), i % 2, "bench", "train") for i, p in enumerate(paths)]
@@ -405,7 +412,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     state = _build_state(cfg, stage, init_from, di)
     read, why = nvml_reader(state.runtime.device)
     busy = BusySampler(read) if read else None
-    data = training_data(cfg, stage, samples_of(paths), state.runtime, di, on_device=None if cuda else True)
+    data = stage_data(cfg, stage, state, paths)
     engine = engine_window(cfg, stage, state, data, size, busy)
     data.close()  # the loader's workers, which outlive an epoch, stop before the model runs alone
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
@@ -494,10 +501,11 @@ class Tracer:
 def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path], size: StageSize,
                 out_dir: Path) -> Path:
     """``TRACE_STEPS`` engine steps of the stage's first strong epoch (after ``TRACE_WARMUP``; fewer
-    where the stage's size plans fewer) under the profiler, on a fresh loader as ``measure_stage`` uses: the trace to open in Perfetto
-    (ui.perfetto.dev) or chrome://tracing, to see where the GPU waits and on what."""
+    where the stage's size plans fewer) under the profiler, on a fresh loader as ``measure_stage``
+    uses: the trace to open in Perfetto (ui.perfetto.dev) or chrome://tracing, to see where the
+    GPU waits and on what."""
     cuda = state.runtime.device.type == "cuda"
-    data = training_data(cfg, stage, samples_of(paths), state.runtime, DistInfo(0, 1), on_device=None if cuda else True)
+    data = stage_data(cfg, stage, state, paths)
     tracer = Tracer(cuda)
     steps = replace(size, warmup=min(TRACE_WARMUP, size.warmup), timed=min(TRACE_STEPS, size.timed))  # the plan's epoch
     try:
