@@ -60,6 +60,10 @@ class InputTimes:
     def snapshot(self) -> "InputTimes":
         return InputTimes(self.batches, self.waited_s, self.loader_s, self.prepare_s)
 
+    def wait_share(self, seconds: float) -> float:
+        """The share of ``seconds`` of wall time the training loop spent waiting (0 for none)."""
+        return self.waited_s / seconds if seconds > 0 else 0.0
+
     def since(self, before: "InputTimes") -> "InputTimes":
         return InputTimes(self.batches - before.batches, self.waited_s - before.waited_s,
                           self.loader_s - before.loader_s, self.prepare_s - before.prepare_s)

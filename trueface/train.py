@@ -496,7 +496,7 @@ class _ProgressWindow:
         rate = self.images * self.di.world_size / elapsed
         # this rank's share of the wall time the training loop sat waiting for a batch: above a few
         # percent the input path (loader workers, augmentation) is what limits the img/s
-        waited = self.input.since(self._input_mark).waited_s / elapsed if elapsed > 0 else 0.0
+        waited = self.input.since(self._input_mark).wait_share(elapsed)
         self.logger.scalar("train/loss", mean_loss, step)
         self.logger.scalar("train/lr", lr, step)
         self.logger.scalar("train/ema_decay", decay, step)

@@ -758,7 +758,7 @@ def input_times_note(times: InputTimes | None, seconds: float, cuda: bool) -> st
         return ""
     per = lambda s: f"{s * 1e3 / times.batches:.2f} ms"  # noqa: E731
     return (f"; over the timed steps the training loop waited {per(times.waited_s)} a batch for its next one "
-            f"(input wait {times.waited_s / seconds:.0%} of the time); the side preparing batches "
+            f"(input wait {times.wait_share(seconds):.0%} of the time); the side preparing batches "
             f"({'a thread running ahead' if cuda else 'inline, in the training loop'}) waited {per(times.loader_s)} "
             f"a batch on the DataLoader and spent {per(times.prepare_s)} on the copy and the augmentation"
             + (" (host time: its launches and its one mask read)" if cuda else ""))
@@ -777,6 +777,6 @@ def progress_line(stage: int, size: StageSize, r: StageFigures) -> str:
         f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "") + (
         f", host synchronisations: {r.step_syncs} a training step, {r.augment_syncs} an augmented batch"
         if r.step_syncs is not None else "") + (
-        f", input wait {r.input_times.waited_s / r.engine_s:.0%}" if r.input_times and r.engine_s > 0 else "")
+        f", input wait {r.input_times.wait_share(r.engine_s):.0%}" if r.input_times and r.engine_s > 0 else "")
     return (f"{STAGE_NAMES[stage]} {size.image} px, batch {size.batch}: engine {r.engine:,.1f} img/s, "
             f"model alone {r.model_alone:,.1f} img/s ({ratio:.2f}){extra}")
