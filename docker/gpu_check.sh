@@ -11,7 +11,8 @@
 # augmentation on the GPU, train_one_epoch): Stage I >= 3500 img/s and Stage II >= 170 img/s on an
 # H100; the input path never the limit (engine >= 0.90 of the model alone on batches already on the
 # GPU; GPU busy >= 90% by nvml where pynvml is installed); peak GPU memory per stage.
-# Exits with the benchmark's status (124: it ran past 6 minutes). PYTHON picks the interpreter
+# Exits with the benchmark's status (1: something was not measured, listed under "Not measured";
+# 124: it ran past 6 minutes, and bench.json holds the stages finished by then). PYTHON picks the interpreter
 # (default: python, else python3, as on images that ship only python3).
 set -u
 
@@ -27,6 +28,6 @@ fi
 timeout 360 "$python" -m jobs.benchmark gpu --results-dir "${OUT:-results}" "$@"
 status=$?
 if [ "$status" -eq 124 ]; then
-    echo "gpu_check: the benchmark ran past 360 s and was stopped" >&2
+    echo "gpu_check: the benchmark ran past 360 s and was stopped; the stages it finished are in ${OUT:-results}/bench-gpu/" >&2
 fi
 exit "$status"

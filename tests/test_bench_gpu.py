@@ -149,6 +149,7 @@ def test_plan_sizes_applies_overrides_and_covers_the_prefetch_queue_on_cuda():
 
 def test_workers_and_threads_leave_the_cores_to_each_other():
     assert gpu.loader_workers(cuda=True, cpus=16) == 15 and gpu.loader_workers(cuda=True, cpus=1) == 1
+    assert gpu.loader_workers(cuda=True, cpus=96) == gpu.MAX_LOADER_WORKERS == 31  # a 1-GPU share of a big host
     assert gpu.loader_workers(cuda=False, cpus=16) == 1
     assert gpu.training_threads(cuda=False, cpus=2, workers=1) == 1
     assert gpu.training_threads(cuda=False, cpus=1, workers=1) == 1
@@ -265,6 +266,73 @@ def test_prepared_trains_from_a_cache_built_for_every_stage_first(tmp_path, monk
     # one cache per stage at its decode size, every file prepared now and held afterwards
     assert [(n, result, held) for _, n, result, held in built] == [(q[s].files, (0, q[s].files), q[s].files) for s in (1, 2)]
     assert all(r["project"] > 0 for r in payload["rows"])
+
+
+@cpu_only
+def test_a_failure_costs_only_what_failed_and_the_exit_status_says_so(tmp_path, monkeypatch):
+    """Stage I fails as a whole and the batched decode fails in each stage (as where torchvision has
+    no nvJPEG): Stage II still runs from fresh weights, every other row is there, the failures are
+    listed in bench.json and bench.md, and the CLI exits 1. The training step's synchronisations
+    are counted without the copy that makes its test batch (a pageable copy waits for the GPU)."""
+    real_window, real_syncs, real_batches = gpu.engine_window, gpu.host_syncs, gpu.device_batches
+    counting, made_while_counting = [False], []
+
+    def window(cfg, stage, *a, **k):
+        if stage == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_window(cfg, stage, *a, **k)
+
+    def no_decode(*a, **k):
+        raise RuntimeError("torchvision was built without nvJPEG (simulated)")
+
+    def syncs(fn, device):
+        counting[0] = True
+        try:
+            return real_syncs(fn, device)
+        finally:
+            counting[0] = False
+
+    def batches(*a, **k):
+        made_while_counting.append(counting[0])
+        return real_batches(*a, **k)
+
+    for name, fake in (("engine_window", window), ("decode_alone", no_decode), ("host_syncs", syncs),
+                       ("device_batches", batches)):
+        monkeypatch.setattr(gpu, name, fake)
+    assert benchmark.main(["gpu", "--quick", "--results-dir", str(tmp_path)]) == 1
+    payload = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())
+    assert [r["what"] for r in payload["rows"]] == [r for r in ROWS if r.startswith("Stage II") and "decode" not in r]
+    assert all(r["project"] > 0 for r in payload["rows"])
+    assert payload["failures"] == [
+        "Stage I (the whole stage): not measured (RuntimeError: CUDA out of memory (simulated))",
+        "Stage II decode: not measured (RuntimeError: torchvision was built without nvJPEG (simulated))"]
+    md = (tmp_path / "bench-gpu" / "bench.md").read_text()
+    assert "**Not measured:**" in md and all(f"- {line}" in md for line in payload["failures"])
+    assert made_while_counting and not any(made_while_counting)  # Stage II's model-alone batches and the step's
+
+
+@cpu_only
+def test_the_stages_finished_are_written_before_a_later_one_is_stopped(tmp_path, monkeypatch):
+    """gpu_check.sh's timeout kills the run mid-stage: Stage I's rows must be on disk by then."""
+
+    class Killed(BaseException):  # not an Exception: nothing in the run may catch it, as with a signal
+        pass
+
+    real_measure = gpu.measure_stage
+
+    def measure(cfg, stage, *a, **k):
+        if stage == 2:
+            raise Killed
+        return real_measure(cfg, stage, *a, **k)
+
+    monkeypatch.setattr(gpu, "measure_stage", measure)
+    args = argparse.Namespace(quick=True, images=None, batch_size=None, image_size=None, data_root=None,
+                              prepared=False, trace=False, results_dir=tmp_path)
+    with pytest.raises(Killed):
+        gpu.run(args)
+    payload = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())
+    assert [r["what"] for r in payload["rows"]] == [r for r in ROWS if r.startswith("Stage I ")]
+    assert payload["failures"] == []
 
 
 def test_the_tracer_records_the_augmentation_thread_as_well_as_the_training_loop(tmp_path):

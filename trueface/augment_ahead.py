@@ -31,6 +31,7 @@ progress lines and ``jobs.benchmark gpu`` report them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -134,6 +135,15 @@ def _waited_for(batches: Iterator[tuple], times: InputTimes) -> Iterator[tuple]:
         yield item
 
 
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's one high-priority stream for the augmentation, the same for every epoch: a new
+    ``torch.cuda.Stream`` each epoch would take the next of the pool's 32, and cuBLAS keeps a
+    workspace for every stream it has run on (the JPEG's DCT and RandAugment's geometric ops
+    multiply matrices there) for the life of the process."""
+    return torch.cuda.Stream(device=device, priority=-1)
+
+
 class AheadThread:
     """Prepares up to ``DEPTH`` batches ahead on a background thread (on CUDA: on its own
     high-priority stream, handing each batch over with an event). Errors reach the consumer as
@@ -144,7 +154,7 @@ class AheadThread:
         self.loader, self.prepare, self.limit = loader, prepare, limit
         self.times = InputTimes() if times is None else times
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device=device, priority=-1) if self.cuda else None
+        self.stream = side_stream(device) if self.cuda else None
         self.queue: queue.Queue = queue.Queue(maxsize=DEPTH)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="trueface-augment-ahead", daemon=True)

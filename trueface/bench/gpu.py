@@ -59,10 +59,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -77,6 +78,7 @@ from trueface.data.layout import Sample
 from trueface.data.prepared import build_prepared
 from trueface.distributed import DistInfo
 from trueface.inference import decode_size
+from trueface.model import build_model
 from trueface.precision import Runtime
 from trueface.tensorboard import NullLogger
 from trueface.train import (EpochAugment, TrainingData, TrainState, _build_state, _ProgressWindow, _seed_epoch,
@@ -110,6 +112,12 @@ HOST_FLOOR_PX = 16  # augment_host_floor's image side: the smallest the tensor J
 STEP_REPEATS = 5  # DeviceAugment calls timed step by step (a synchronisation after each step)
 PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
 PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
+# A 1-GPU share of a big host (96 cores) would otherwise start 95 workers: their prefetch queue
+# would ask for thousands of timed steps (MAX_TIMED_S cuts them, so it would flatter more than
+# 10%) and their shared memory could fill a container's /dev/shm. 31 workers deliver Stage I's
+# 3,500 img/s even at 8 ms an image each (a worker's share of it takes about 1.3 ms on the 2-core
+# development CPU).
+MAX_LOADER_WORKERS = 31
 BUSY_PERIOD_S = 0.2
 DISTINCT_BATCHES = 4  # model-alone batches cycled (each step a different tensor, little memory)
 SEED = 0
@@ -135,16 +143,27 @@ def run(args: argparse.Namespace) -> Bench:
         images, source = stage_images(getattr(args, "data_root", None), sizes, work)
         if cfg.data.prepared != "none":
             prepare_images(cfg, sizes, images)
-        trace = args.results_dir / "bench-gpu" if getattr(args, "trace", False) else None
+        out = Outputs(getattr(args, "results_dir", None), getattr(args, "trace", False))
         with torch_threads(training_threads(cuda, cpus, workers)):
-            return _measure(cfg, sizes, images, source, workers, cuda, work, trace)
+            return _measure(cfg, sizes, images, source, workers, cuda, work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes: ``results_dir``/bench-gpu/ gets the rows so far after each stage (so a
+    run stopped by gpu_check.sh's timeout keeps them) and, with ``trace``, each stage's profiler
+    trace. No ``results_dir``: nothing written here (``jobs.benchmark`` writes the table at the end)."""
+
+    results_dir: Path | None = None
+    trace: bool = False
+
+
 def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Path]], source: str,
-             workers: int, cuda: bool, work: Path, trace: Path | None = None) -> Bench:
-    """The rows of both stages; with ``trace`` (a folder), each stage's profiler trace there too."""
+             workers: int, cuda: bool, work: Path, out: Outputs = Outputs()) -> Bench:
+    """The rows of both stages (and the files ``out`` asks for). A stage that fails is recorded in
+    ``bench.failures`` and the other still runs (Stage II then starts from fresh weights)."""
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
     augment = ("batched on cuda (augment.device auto)" if cuda
                else "batched on the CPU (forced: training_data(on_device=True))")
@@ -160,18 +179,26 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
           flush=True)
     init_from = None
     for stage in (1, 2):
-        result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda)
+        name = STAGE_NAMES[stage]
+        try:
+            result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda, bench.failed)
+        except Exception as exc:  # noqa: BLE001 -- the other stage and the rows so far still count
+            bench.failed(f"{name} (the whole stage)", exc)
+            _free_cuda(cuda)
+            if stage == 1:  # Stage II needs a Stage I checkpoint: fresh weights time the same
+                init_from = save_stage1(build_model(cfg.model), cfg, work / "stage1.pt")
+            continue
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
-        if trace is not None:
-            try:
-                trace_stage(cfg, stage, result.state, images[stage], sizes[stage], trace)
-            except Exception as exc:  # noqa: BLE001 -- an extra: it must not cost the run its figures
-                print(f"  {STAGE_NAMES[stage]}: no trace ({type(exc).__name__}: {exc})", flush=True)
+        if out.trace and out.results_dir is not None:
+            diagnostic(f"{name} trace", bench.failed, None, lambda: trace_stage(
+                cfg, stage, result.state, images[stage], sizes[stage], out.results_dir / "bench-gpu"))
         if stage == 1:  # Stage II starts from Stage I's EMA weights, as in a run (_initial_model)
-            init_from = save_stage1(result.state, cfg, work / "stage1.pt")
+            init_from = save_stage1(result.state.ema.module, cfg, work / "stage1.pt")
         result.state = None  # frees the model, optimizer and EMA before the next stage's
         _free_cuda(cuda)
+        if out.results_dir is not None:  # a later stage that runs out of time keeps these
+            bench.write(out.results_dir)
     return bench
 
 
@@ -184,9 +211,10 @@ def available_cpus() -> int:
 
 
 def loader_workers(cuda: bool, cpus: int) -> int:
-    """Every core but the one the training loop runs on (CUDA); one worker on a CPU, where the
-    model needs the cores and one worker is enough to run the multi-process loader path."""
-    return max(1, cpus - 1) if cuda else 1
+    """Every core but the one the training loop runs on (CUDA), at most ``MAX_LOADER_WORKERS``; one
+    worker on a CPU, where the model needs the cores and one worker is enough to run the
+    multi-process loader path."""
+    return min(MAX_LOADER_WORKERS, max(1, cpus - 1)) if cuda else 1
 
 
 def training_threads(cuda: bool, cpus: int, workers: int) -> int:
@@ -391,7 +419,7 @@ class StageFigures:
     busy_why: str  # why there is no busy figure
     peak_gib: float | None
     prefetch: int  # batches the loader's queue holds
-    loader: float = 0.0  # img/s of the epoch's DataLoader drained alone
+    loader: float = 0.0  # img/s of the epoch's DataLoader drained alone; 0 where not measured
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
@@ -405,7 +433,10 @@ class StageFigures:
 
 
 def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path], init_from: Path | None,
-                  cuda: bool) -> StageFigures:
+                  cuda: bool, failed: Failed) -> StageFigures:
+    """The stage's figures. The engine and the model alone are the run's point: an error there
+    propagates. The diagnostics after them (host synchronisations, loader, augmentation and decode
+    alone) each report a failure through ``failed`` and leave their figure unset."""
     di = DistInfo(0, 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -413,25 +444,53 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     read, why = nvml_reader(state.runtime.device)
     busy = BusySampler(read) if read else None
     data = stage_data(cfg, stage, state, paths)
-    engine = engine_window(cfg, stage, state, data, size, busy)
-    data.close()  # the loader's workers, which outlive an epoch, stop before the model runs alone
+    try:
+        engine = engine_window(cfg, stage, state, data, size, busy)
+    finally:
+        data.close()  # the loader's workers, which outlive an epoch, stop before the model runs alone
     peak = torch.cuda.max_memory_allocated(state.runtime.device) / 2**30 if cuda else None
     alone = model_alone_window(cfg, stage, state, size)
-    step_syncs = host_syncs(lambda: one_step(state, cfg.stage(stage), size), state.runtime.device)
-    _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
-    loader, batch = loader_alone(epoch_loader, size)
-    data.close()
-    augment, steps, syncs = (augment_alone(epoch_augment, batch, state.runtime.device) if epoch_augment
-                             else (None, None, None))
-    host_ms = augment_host_floor(epoch_augment, size.batch, state.runtime.device) if epoch_augment else None
-    decode_batched, decode_pil = decode_alone(paths, size, decode_size(cfg, size.image), state.runtime.device)
     busy_mean = busy.mean() if busy else None
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
-    return StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
-                        busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers, loader, augment, steps,
-                        syncs, host_ms, step_syncs, decode_batched, decode_pil, engine.timed_input,
-                        engine.stopped - engine.started, state)
+    r = StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
+                     busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers,
+                     input_times=engine.timed_input, engine_s=engine.stopped - engine.started, state=state)
+    name, device = STAGE_NAMES[stage], state.runtime.device
+    batch = device_batches(size.image, size.batch, device, count=1)[0]  # made outside the count: its copy waits
+    r.step_syncs = diagnostic(f"{name} host synchronisations in a training step", failed, None,
+                              lambda: host_syncs(lambda: one_step(state, cfg.stage(stage), batch), device))
+    _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
+    try:
+        r.loader, images = diagnostic(f"{name} loader alone", failed, (0.0, None),
+                                      lambda: loader_alone(epoch_loader, size))
+    finally:
+        data.close()
+    if epoch_augment is not None and images is not None:
+        r.augment, r.augment_steps, r.augment_syncs = diagnostic(
+            f"{name} augmentation alone", failed, (None, None, None),
+            lambda: augment_alone(epoch_augment, images, device))
+        r.augment_host_ms = diagnostic(f"{name} augmentation host floor", failed, None,
+                                       lambda: augment_host_floor(epoch_augment, size.batch, device))
+    r.decode_batched, r.decode_pil = diagnostic(
+        f"{name} decode", failed, (0.0, 0.0), lambda: decode_alone(paths, size, decode_size(cfg, size.image), device))
+    return r
+
+
+#: (what, error): told of a diagnostic that failed (``Bench.failed``)
+Failed = Callable[[str, BaseException], object]
+T = TypeVar("T")
+
+
+def diagnostic(what: str, failed: Failed, fallback: T, measure: Callable[[], T]) -> T:
+    """``measure()``; where it raises, ``failed(what, error)`` and ``fallback``: a diagnostic
+    (nvJPEG missing from a torchvision build, an out-of-memory in a side measurement) must not
+    cost the run the figures it already has."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 -- reported through failed(), with its type and message
+        failed(what, exc)
+        return fallback
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -664,10 +723,11 @@ def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSi
     return window
 
 
-def one_step(state: TrainState, st: StageConfig, size: StageSize) -> None:
-    """One optimizer step of the engine (``train_step``, the optimizer, the EMA) on a batch already
-    on the device, without the progress window (its line every ``log_every`` steps reads the loss)."""
-    images, labels, _ = device_batches(size.image, size.batch, state.runtime.device, count=1)[0]
+def one_step(state: TrainState, st: StageConfig, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """One optimizer step of the engine (``train_step``, the optimizer, the EMA) on ``batch``
+    (``device_batches``: already on the device), without the progress window (its line every
+    ``log_every`` steps reads the loss)."""
+    images, labels, _ = batch
     train_step(state, images, labels, st, np.random.default_rng(SEED), sync_grads=True)
     state.runtime.step(state.optimizer)
     state.ema.update(state.model, 1)
@@ -686,10 +746,10 @@ def device_batches(image: int, batch: int, device: torch.device,
              torch.arange(i * batch, (i + 1) * batch)) for i in range(count)]
 
 
-def save_stage1(state: TrainState, cfg: Config, path: Path) -> Path:
+def save_stage1(ema_model: nn.Module, cfg: Config, path: Path) -> Path:
     """A Stage I checkpoint with what ``_initial_model`` reads (its EMA weights), so Stage II's state
     is built by ``_build_state`` as in a run; the EMA stands in for the raw weights too (one copy)."""
-    ema = state.ema.module.state_dict()
+    ema = ema_model.state_dict()
     torch.save({"format_version": 1, "stage": 1, "config": to_dict(cfg), "model": ema, "ema": ema}, path)
     return path
 
@@ -726,9 +786,11 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
     if r.peak_gib is not None:
         bench.add(Row(f"{name} peak GPU memory", r.peak_gib, None, "GiB", note=(
             "torch.cuda.max_memory_allocated from the stage's state being built to the end of its engine steps")))
-    bench.add(Row(f"{name} loader alone", r.loader, r.engine, "img/s", note=(
-        f"{where}a fresh epoch's DataLoader ({workers} worker(s): decode, crop, per-sample ops, uint8) drained by a "
-        f"bare loop for up to {MAX_PART_S:g} s after the warm-up; ratio to the engine: above 1 the CPU side keeps up")))
+    if r.loader:
+        bench.add(Row(f"{name} loader alone", r.loader, r.engine, "img/s", note=(
+            f"{where}a fresh epoch's DataLoader ({workers} worker(s): decode, crop, per-sample ops, uint8) drained by "
+            f"a bare loop for up to {MAX_PART_S:g} s after the warm-up; ratio to the engine: above 1 the CPU side "
+            "keeps up")))
     if r.augment is not None:
         bench.add(Row(f"{name} augmentation alone", r.augment, r.engine, "img/s", note=(
             f"{where}DeviceAugment (strong) on one loader batch already on the device, {AUGMENT_REPEATS} calls "

@@ -66,6 +66,15 @@ class Bench:
     name: str
     context: dict = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # what could not be measured, and why
+
+    def failed(self, what: str, error: BaseException) -> str:
+        """Records that ``what`` was not measured because of ``error``; returns the line, printed
+        as it happens so a long run's log says so before the table."""
+        line = f"{what}: not measured ({type(error).__name__}: {error})"
+        self.failures.append(line)
+        print(f"  {line}", flush=True)
+        return line
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -76,14 +85,16 @@ class Bench:
         body = [[r.what, _num(r.project), _num(r.reference), r.unit, _ratio(r.ratio), _target(r),
                  {None: "", True: "yes", False: "**no**"}[r.met]] for r in self.rows]
         notes = [f"- {r.what}: {r.note}" for r in self.rows if r.note]
+        failed = ["**Not measured:**", ""] + [f"- {line}" for line in self.failures] if self.failures else []
         lines = [f"## Benchmark `{self.name}`", "", _context_line(self.context), "", markdown_table(header, body)]
-        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+        return "\n".join(lines + ([""] + notes if notes else []) + ([""] + failed if failed else [])) + "\n"
 
     def write(self, results_dir: Path) -> Path:
         """results_dir/bench-<name>/bench.json and bench.md (atomically); returns the folder."""
         out = Path(results_dir) / f"bench-{self.name}"
         payload = {"name": self.name, "context": self.context,
-                   "rows": [{**asdict(r), "ratio": r.ratio, "met": r.met} for r in self.rows]}
+                   "rows": [{**asdict(r), "ratio": r.ratio, "met": r.met} for r in self.rows],
+                   "failures": self.failures}
         atomic_write_text(out / "bench.json", json.dumps(payload, indent=2, default=str))
         atomic_write_text(out / "bench.md", self.markdown())
         return out
