@@ -86,7 +86,8 @@ def test_train_benchmark_writes_both_rows(ray_session, tmp_path, capsys):
     assert "## Benchmark `train`" in capsys.readouterr().out
     bench = json.loads((tmp_path / "bench-train" / "bench.json").read_text())
     rows = {r["what"]: r for r in bench["rows"]}
-    assert set(rows) == {"engine vs plain loop", "engine under Ray Train, 1 worker vs engine"}
+    spare = {SPARE_ROW} if bench["context"]["threads"] >= 2 else set()  # one thread under make test's processes
+    assert set(rows) == {"engine vs plain loop", "engine under Ray Train, 1 worker vs engine"} | spare
     for row in rows.values():
         assert row["unit"] == "img/s" and row["target"] == 0.95
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("project", "reference"))
@@ -118,6 +119,7 @@ def _alive_train_controllers(ray, wait_s: float = 20.0) -> int:
 
 
 QUICK_ARGS = argparse.Namespace(quick=True, image_size=None, batch_size=None, images=None)
+SPARE_ROW = "engine under Ray Train, 1 worker with a core to spare vs engine"
 SPLIT_ROWS = ("of which a resting local Ray: engine beside it vs engine",
               "of which Ray Train: under Ray Train vs engine beside a resting Ray")
 
@@ -146,6 +148,27 @@ def test_the_ray_row_splits_into_resting_ray_and_ray_train_where_the_bench_start
     assert whole.ratio == pytest.approx(beside.ratio * train_part.ratio)  # the two parts make the whole
     assert beside.target is None and train_part.target is None  # the target stays on the whole row
     assert f"median of {rounds_seen[0]} driver steps" in beside.note and "% of the machine's CPUs" in beside.note
+
+
+def test_with_a_core_to_spare_the_worker_and_the_driver_run_one_thread_fewer():
+    # A stand-in for jobs.bench_train_ray, called twice: for the main row with every thread, then
+    # for the spare-core row, whose config and driver steps must both have one thread fewer.
+    calls = []
+
+    def fake_ray_rate(cfg, size, rounds, while_ray_idles):
+        calls.append((cfg.scaling.cpus_per_worker, torch.get_num_threads()))
+        return 5.0 + len(calls), "made up"
+
+    with bench_report.torch_threads(2):
+        rows = {r.what: r for r in bench_train.run(QUICK_ARGS, ray_rate=fake_ray_rate).rows}
+        threads_after = torch.get_num_threads()
+    assert calls == [(2, 2), (1, 1)] and threads_after == 2  # and the threads are given back
+    spare, whole = rows[SPARE_ROW], rows["engine under Ray Train, 1 worker vs engine"]
+    assert spare.project == 7.0 and spare.target == bench_train.TARGET
+    assert spare.reference > 0 and spare.reference != whole.reference  # the driver's own one-thread steps
+    assert f"median of {bench_train.QUICK['steps']} steps" in spare.note and "1 of the 2 cores" in spare.note
+    with bench_report.torch_threads(1):  # nothing to spare
+        assert SPARE_ROW not in {r.what for r in bench_train.run(QUICK_ARGS, ray_rate=fake_ray_rate).rows}
 
 
 @pytest.mark.parametrize("running", [False, True])

@@ -24,6 +24,11 @@ the engine adds per step and nothing else:
   what Ray's daemons take from a process beside them), and the worker's rate against those
   ("Ray Train": its worker process, thread, niceness, controller). The two ratios multiply to
   the whole row's.
+- "engine under Ray Train, 1 worker with a core to spare vs engine" (where the driver has two or
+  more threads): the same comparison with the worker and the driver's engine at one torch thread
+  fewer, so Ray's own processes have a core of their own, as on the cluster files' GPU nodes (8 of
+  16 vCPUs to the worker). On a 2-core machine the row above measures mostly what those processes
+  take from a worker that holds every core; this one measures Ray Train where they do not.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -127,7 +133,31 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
                            f"busy during the driver's steps"))
         if beside["engine"]:
             add_ray_split(bench, under_ray[0], beside["engine"], engine_rate, beside_load.share)
+    if ray_rate and threads >= 2:
+        bench.add(spare_core_row(cfg, size, engine, feed, ray_rate))
     return bench
+
+
+def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed, ray_rate: RayRate) -> Row:
+    """The Ray row again with the worker leaving one core to Ray's own processes (GCS, raylet,
+    dashboard, Train controller), as on the cluster files' GPU nodes (8 of 16 vCPUs to the worker),
+    against the driver's engine at the same torch threads: on a machine where the worker takes every
+    core, each wake-up of those processes preempts one of its threads (README, "Ray Train with one
+    worker"); this row says what Ray Train costs where they have a core of their own."""
+    threads = cfg.scaling.cpus_per_worker - 1
+    spare_cfg = replace(cfg, scaling=replace(cfg.scaling, cpus_per_worker=threads))
+    rates: dict[str, list[float]] = {"engine": []}
+    rounds = size["steps"]
+    with torch_threads(threads):
+        engine.run(feed.take(1))  # untimed: the first step at a new thread count resizes OpenMP's pool
+        alternate({"engine": engine}, feed, math.ceil(rounds / 2), rates)
+        under_ray = ray_rate(spare_cfg, size, rounds, lambda: None)
+        alternate({"engine": engine}, feed, rounds - math.ceil(rounds / 2), rates)
+    return Row("engine under Ray Train, 1 worker with a core to spare vs engine", under_ray[0],
+               statistics.median(rates["engine"]), "img/s", TARGET, note=(
+                   f"the worker and the driver's engine both at {threads} torch thread(s), leaving 1 of the "
+                   f"{cfg.scaling.cpus_per_worker} cores to Ray's own processes; the driver's median of "
+                   f"{len(rates['engine'])} steps ({spread(rates['engine'])}); the worker's {under_ray[1]}"))
 
 
 def add_ray_split(bench: Bench, ray_rate: float, beside: Sequence[float], engine_rate: float,
