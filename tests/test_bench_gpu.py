@@ -132,8 +132,10 @@ def test_the_trace_holds_the_timed_engine_steps_only_with_their_named_ranges(qui
 def test_plan_sizes_applies_overrides_and_covers_the_prefetch_queue_on_cuda():
     args = argparse.Namespace(quick=False, images=None, batch_size=None, image_size=None)
     assert gpu.plan_sizes(args, cuda=False, workers=1) == gpu.CPU_FULL
-    cuda = gpu.plan_sizes(args, cuda=True, workers=31)  # 62 batches queued: 620 timed steps at least
-    assert [(z.image, z.jpeg, z.batch, z.timed) for z in cuda.values()] == [(224, 256, 200, 620), (1024, 1024, 12, 620)]
+    # 62 batches in the loader's queue and 3 with the augmentation thread: 650 timed steps at least
+    cuda = gpu.plan_sizes(args, cuda=True, workers=31)
+    assert [(z.image, z.jpeg, z.batch, z.timed) for z in cuda.values()] == [(224, 256, 200, 650), (1024, 1024, 12, 650)]
+    assert gpu.queued_batches(31, cuda=False) == 62 and gpu.queued_batches(31, cuda=True) == 65
     assert gpu.plan_sizes(args, cuda=True, workers=3)[1].timed == gpu.CUDA_FULL[1].timed
     quick = argparse.Namespace(quick=True, images=None, batch_size=None, image_size=None)
     assert gpu.plan_sizes(quick, cuda=True, workers=31) == gpu.CUDA_QUICK  # quick stays quick

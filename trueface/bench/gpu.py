@@ -13,7 +13,7 @@ For Stage I (224 px from 256 px JPEGs at q75, as the 140K set) and Stage II (102
 JPEGs) of the ``paper`` preset, with ``model.weights=none`` (nothing downloaded), it times the REAL
 engine path a training run takes: ``_build_state`` (model, EMA, optimizer, ``Runtime``),
 ``training_data`` (dataset, balanced sampler, ``DeviceAugment``), the epoch's DataLoader with
-``data.loader_workers`` = cores - 1, and ``train_one_epoch``, in the first strong epoch. A few
+``data.loader_workers`` = cores - 1 (at most 31), and ``train_one_epoch``, in the first strong epoch. A few
 hundred JPEG files are cycled by the sampler (``samples_per_epoch``), so every step decodes from
 disk. Only the steps after the warm-up are timed, between two CUDA synchronisations.
 
@@ -68,6 +68,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from trueface.augment_ahead import DEPTH as AHEAD_DEPTH
 from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
@@ -111,7 +112,7 @@ AUGMENT_WARMUP = 3
 HOST_FLOOR_PX = 16  # augment_host_floor's image side: the smallest the tensor JPEG's 8x8 blocks and 4:2:0 take whole
 STEP_REPEATS = 5  # DeviceAugment calls timed step by step (a synchronisation after each step)
 PREFETCH_FACTOR = 2  # torch's DataLoader default, which trueface.train._train_loader keeps
-PREFETCH_COVER = 10  # timed steps >= 10x the batches the prefetch queue holds: it flatters <= 10%
+PREFETCH_COVER = 10  # timed steps >= 10x the batches ready at the start (queued_batches): they flatter <= 10%
 # A 1-GPU share of a big host (96 cores) would otherwise start 95 workers: their prefetch queue
 # would ask for thousands of timed steps (MAX_TIMED_S cuts them, so it would flatter more than
 # 10%) and their shared memory could fill a container's /dev/shm. 31 workers deliver Stage I's
@@ -210,6 +211,12 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def queued_batches(workers: int, cuda: bool) -> int:
+    """Batches ready when the clock starts, prepared during the warm-up: the DataLoader's prefetch
+    queue and, on CUDA, the thread that augments ahead (``DEPTH`` queued and one in hand)."""
+    return PREFETCH_FACTOR * workers + (AHEAD_DEPTH + 1 if cuda else 0)
+
+
 def loader_workers(cuda: bool, cpus: int) -> int:
     """Every core but the one the training loop runs on (CUDA), at most ``MAX_LOADER_WORKERS``; one
     worker on a CPU, where the model needs the cores and one worker is enough to run the
@@ -231,7 +238,7 @@ def plan_sizes(args: argparse.Namespace, cuda: bool, workers: int) -> dict[int, 
     quick = getattr(args, "quick", False)
     sizes = dict((CUDA_QUICK if quick else CUDA_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL))
     if cuda and not quick:  # the prefetch queue, filled during the warm-up, must be a small share of the timed steps
-        cover = PREFETCH_COVER * PREFETCH_FACTOR * workers
+        cover = PREFETCH_COVER * queued_batches(workers, cuda)
         sizes = {s: replace(z, timed=max(z.timed, cover)) for s, z in sizes.items()}
     if getattr(args, "image_size", None) is not None:
         sizes[1] = replace(sizes[1], image=args.image_size, jpeg=round(args.image_size * 256 / 224))
@@ -418,7 +425,7 @@ class StageFigures:
     busy: float | None  # mean GPU utilisation %, None where nvml did not answer
     busy_why: str  # why there is no busy figure
     peak_gib: float | None
-    prefetch: int  # batches the loader's queue holds
+    prefetch: int  # batches ready before the clock starts (queued_batches)
     loader: float = 0.0  # img/s of the epoch's DataLoader drained alone; 0 where not measured
     augment: float | None = None  # img/s of DeviceAugment alone on the device; None on the per-sample path
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
@@ -430,6 +437,22 @@ class StageFigures:
     input_times: InputTimes | None = None  # the input path's host times over the timed engine steps
     engine_s: float = 0.0  # seconds of the timed engine steps
     state: TrainState | None = None
+
+
+#: (what, error): told of a diagnostic that failed (``Bench.failed``)
+Failed = Callable[[str, BaseException], object]
+T = TypeVar("T")
+
+
+def diagnostic(what: str, failed: Failed, fallback: T, measure: Callable[[], T]) -> T:
+    """``measure()``; where it raises, ``failed(what, error)`` and ``fallback``: a diagnostic
+    (nvJPEG missing from a torchvision build, an out-of-memory in a side measurement) must not
+    cost the run the figures it already has."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 -- reported through failed(), with its type and message
+        failed(what, exc)
+        return fallback
 
 
 def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path], init_from: Path | None,
@@ -454,7 +477,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     if busy and busy_mean is None:
         why = busy.error or "no sample taken"
     r = StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
-                     busy_mean, why, peak, PREFETCH_FACTOR * cfg.data.loader_workers,
+                     busy_mean, why, peak, queued_batches(cfg.data.loader_workers, cuda),
                      input_times=engine.timed_input, engine_s=engine.stopped - engine.started, state=state)
     name, device = STAGE_NAMES[stage], state.runtime.device
     batch = device_batches(size.image, size.batch, device, count=1)[0]  # made outside the count: its copy waits
@@ -475,22 +498,6 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     r.decode_batched, r.decode_pil = diagnostic(
         f"{name} decode", failed, (0.0, 0.0), lambda: decode_alone(paths, size, decode_size(cfg, size.image), device))
     return r
-
-
-#: (what, error): told of a diagnostic that failed (``Bench.failed``)
-Failed = Callable[[str, BaseException], object]
-T = TypeVar("T")
-
-
-def diagnostic(what: str, failed: Failed, fallback: T, measure: Callable[[], T]) -> T:
-    """``measure()``; where it raises, ``failed(what, error)`` and ``fallback``: a diagnostic
-    (nvJPEG missing from a torchvision build, an out-of-memory in a side measurement) must not
-    cost the run the figures it already has."""
-    try:
-        return measure()
-    except Exception as exc:  # noqa: BLE001 -- reported through failed(), with its type and message
-        failed(what, exc)
-        return fallback
 
 
 def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: TrainingData):
@@ -827,9 +834,10 @@ def input_times_note(times: InputTimes | None, seconds: float, cuda: bool) -> st
 
 
 def prefetch_note(prefetch: int, timed: int) -> str:
-    """How much the loader's queue, filled during the warm-up, can flatter the timed steps."""
+    """How much the batches prepared during the warm-up (``queued_batches``) can flatter the timed steps."""
     share = prefetch / timed if timed else 1.0
-    return (f"the loader's prefetch queue holds {prefetch} batches, decoded before the clock started: "
+    return (f"{prefetch} batches were prepared before the clock started (the loader's prefetch queue and, on CUDA, "
+            "the augmentation thread's): "
             f"at most {share:.0%} of the timed steps")
 
 
