@@ -156,8 +156,8 @@ def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,
     return Row("engine under Ray Train, 1 worker with a core to spare vs engine", under_ray[0],
                statistics.median(rates["engine"]), "img/s", TARGET, note=(
                    f"the worker and the driver's engine both at {threads} torch thread(s), leaving 1 of the "
-                   f"{cfg.scaling.cpus_per_worker} cores to Ray's own processes; the driver's median of "
-                   f"{len(rates['engine'])} steps ({spread(rates['engine'])}); the worker's {under_ray[1]}"))
+                   f"{cfg.scaling.cpus_per_worker} cores the rows above use to Ray's own processes; the driver's "
+                   f"median of {len(rates['engine'])} steps ({spread(rates['engine'])}); in Ray: {under_ray[1]}"))
 
 
 def add_ray_split(bench: Bench, ray_rate: float, beside: Sequence[float], engine_rate: float,
