@@ -3,13 +3,16 @@ does not fault its pages back in every step."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
+import torch
 
 import jobs.common
 import trueface.train
@@ -99,3 +102,83 @@ def test_the_setting_decides_for_training_and_the_local_rays_workers(keep, tiny_
     jobs.common.init_ray(None, cfg)
     assert started == [{"worker_env": worker_env() if keep else None}]
     assert not keep or not _glibc() or started[0]["worker_env"]["GLIBC_TUNABLES"] == WORKER_TUNABLES
+
+
+class _FreezeCountDataset(torch.utils.data.Dataset):
+    """Each sample: how many objects the reading process's collector holds frozen, and its pid."""
+
+    labels = [0, 1] * 4
+    domains = ["a"] * 8
+
+    def __init__(self) -> None:
+        from tests.test_epoch_keys import EpochSwitch
+
+        self.transform = EpochSwitch(1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return torch.tensor([gc.get_freeze_count(), os.getpid()], dtype=torch.float64), self.labels[index], index
+
+
+def test_the_training_loaders_workers_freeze_what_they_inherit_and_the_trainer_freezes_nothing():
+    from trueface.data.sampler import BalancedSampler
+    from trueface.precision import Runtime
+
+    cfg = load_config("demo", ["data.loader_workers=2"])
+    ds = _FreezeCountDataset()
+    data = trueface.train.TrainingData(ds, BalancedSampler(ds.labels, ds.domains, "domain_class", None, 0, 1, 0), None)
+    try:
+        loader, _ = data.epoch(0, 2, cfg, Runtime.create("cpu", "fp32"), rank=0)
+        rows = torch.cat([x for x, _, _ in loader])
+    finally:
+        data.close()
+    inherited = len(gc.get_objects())  # what a worker forked now would inherit, about
+    assert {int(p) for p in rows[:, 1].tolist()} - {os.getpid()} and len(rows[:, 1].unique()) == 2  # two workers
+    assert rows[:, 0].min() > inherited / 2  # every sample read in a worker whose inherited heap is frozen
+    assert gc.get_freeze_count() == 0  # the training process's own collections are untouched
+
+
+def test_the_evaluation_loader_freezes_its_workers_inherited_objects_too(monkeypatch):
+    import trueface.inference
+    from trueface.data.layout import Sample
+    from trueface.host_memory import freeze_inherited_objects
+    from trueface.precision import Runtime
+
+    seen = {}
+
+    class Loader:  # stands in for the DataLoader: records how predict_scores builds it, yields nothing
+        def __init__(self, ds, **kwargs):
+            seen.update(kwargs)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(trueface.inference, "DataLoader", Loader)
+    monkeypatch.setattr(trueface.inference, "_score_loader", lambda *a: [])
+    cfg = load_config("demo", ["data.loader_workers=2"])
+    trueface.inference.predict_scores(torch.nn.Identity(), [Sample("x.jpg", 0, "a", "test")], 32,
+                                      Runtime.create("cpu", "fp32"), cfg)
+    assert seen["worker_init_fn"] is freeze_inherited_objects and seen["num_workers"] == 2
+
+
+def test_frozen_heap_freezes_what_exists_and_still_collects_what_the_block_makes():
+    from trueface.host_memory import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 1000  # torch and the test session's objects
+        cycle = []
+        cycle.append(cycle)
+        ref = weakref.ref(_Node(cycle))
+        del cycle
+        gc.collect()
+        assert ref() is None  # garbage made inside the block is collected as ever
+    assert gc.get_freeze_count() == 0  # and everything is unfrozen after
+
+
+class _Node:
+    def __init__(self, other) -> None:
+        self.other = other
+        other.append(self)

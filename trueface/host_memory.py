@@ -1,8 +1,10 @@
-"""Keep freed host memory in the training process instead of handing it back to the OS.
+"""Host memory of the training process and its DataLoader workers.
 
-Usage (``train._build_state`` calls it once per process)::
+Usage::
 
-    keep_freed_memory()      # True where applied: Linux with glibc
+    keep_freed_memory()      # train._build_state, once per process: True where applied (Linux, glibc)
+    DataLoader(..., worker_init_fn=freeze_inherited_objects)   # every loader whose workers fork
+    with frozen_heap(): ...  # a measurement in a process with a big heap (jobs.benchmark input)
 
 Why: glibc's malloc serves large blocks (above a threshold it raises as it goes, at most 32 MiB)
 with fresh ``mmap`` pages and returns freed memory at the top of the heap to the OS. A training
@@ -22,14 +24,29 @@ still 20,000 faults a step). Those processes need the settings from their start,
 ``GLIBC_TUNABLES`` with one arena for all threads: ``worker_env()``, which the local Ray the jobs
 start passes to its workers (``jobs.common.init_ray``). On a cluster, pass it in the job's
 runtime environment (README, "Host memory").
+
+A DataLoader worker is forked from the training process and inherits its Python heap (about
+340,000 objects with torch, torchvision and a ResNet-50 loaded). Python's full garbage
+collection walks every object it tracks and writes to each one's header, so the first full
+collection in a worker copies those pages from the parent and stalls the worker while it runs.
+``freeze_inherited_objects``, the loaders' ``worker_init_fn``, moves the inherited objects to the
+collector's permanent generation (``gc.freeze``, which relinks a list and touches nothing else),
+so the worker's collections walk only what the worker made. Measured in a worker forked from a
+process holding ResNet-50's training state, over 2,000 strong-augmented faces: without it one
+full collection took 300-470 ms and the worker's private memory grew from 1 to 100 MB; with it,
+no full collection and 22 MB. Nothing the worker makes is frozen, so its own garbage is collected
+as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
+from collections.abc import Iterator
 
 # mallopt's parameters, from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -79,3 +96,22 @@ def _glibc() -> ctypes.CDLL | None:
         return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
+
+
+def freeze_inherited_objects(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the objects the worker inherited from the process that forked
+    it go to the collector's permanent generation (see the module's docstring)."""
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The process's objects so far frozen for a ``with`` block, as a loader worker's inherited ones
+    are: a measurement inside it is not interrupted by full collections walking the whole heap
+    (125-190 ms each with torch loaded, landing on whichever side was running). Unfrozen after."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -26,6 +26,7 @@ from trueface.data.dataset import ImageDataset, load_rgb
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
 from trueface.distributed import DistInfo
+from trueface.host_memory import freeze_inherited_objects
 from trueface.model import fake_probability
 from trueface.precision import Runtime
 
@@ -55,7 +56,7 @@ def predict_scores(model: nn.Module, samples: Sequence[Sample], image_size: int,
         ds = ImageDataset([samples[i] for i in mine], eval_transform(image_size), decode_size(cfg, image_size),
                           image_loader(cfg, image_size))
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.loader_workers,
-                            pin_memory=runtime.device.type == "cuda")
+                            pin_memory=runtime.device.type == "cuda", worker_init_fn=freeze_inherited_objects)
         scores = _score_loader(model, loader, runtime, cfg.eval.hflip_tta)
     if di.world_size == 1:
         return scores

@@ -57,7 +57,7 @@ from trueface.data.sampler import BalancedSampler
 from trueface.distributed import DistInfo, average_buffers, barrier
 from trueface.ema import ModelEma
 from trueface.explain import validation_grid
-from trueface.host_memory import keep_freed_memory
+from trueface.host_memory import freeze_inherited_objects, keep_freed_memory
 from trueface.inference import decode_size, image_loader, predict_scores
 from trueface.metrics import binary_metrics, roc_auc
 from trueface.model import build_model
@@ -560,7 +560,7 @@ def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, rank: 
     workers = cfg.data.loader_workers
     return DataLoader(EpochSeededDataset(ds, cfg.seed, rank), batch_size=micro, sampler=EpochKeyedSampler(sampler),
                       num_workers=workers, drop_last=True, pin_memory=runtime.device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=freeze_inherited_objects)
 
 
 def _mix_seed(*parts: int) -> int:

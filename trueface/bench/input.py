@@ -11,7 +11,10 @@ Every figure is the time to turn one JPEG file into what the model's batch gets,
 such worker per core, so ms per image per core is what sets how many cores a GPU needs. Each
 figure is the median of a few repeats over the same images; a warm-up pass over the first images
 is not timed. Project and reference alternate within each repeat, so a burst of load from another
-process on this shared machine hits both.
+process on this shared machine hits both. The objects the process holds when timing starts are
+frozen for the collector (``trueface.host_memory.frozen_heap``), as the loader's workers freeze
+what they inherit: otherwise a full collection over torch's heap (125-190 ms) lands on whichever
+side runs at that moment, about a pass over 32 images.
 
 Rows:
 
@@ -59,6 +62,7 @@ from trueface.config.schema import StageConfig
 from trueface.data.decode import load_rgb, reduce_for
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages, build_prepared
+from trueface.host_memory import frozen_heap
 from trueface.inference import decode_size
 from trueface.predict import expand_inputs
 
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> Bench:
                                         "counts": {s: len(p) for s, p in images.items()},
                                         "repeats": size["repeats"], "figures": "ms per image on one core",
                                         "config": "paper preset"})
-        with torch_threads(1), _quiet_torchvision_io():
+        with torch_threads(1), _quiet_torchvision_io(), frozen_heap():  # as in a loader worker
             print(f"input: {source['text']}; {size['repeats']} repeat(s), one core", flush=True)
             add_augment_rows(bench, cfg, images, size["repeats"], source, work)
             add_decode_rows(bench, images, size["repeats"], cfg.stage1.image_size)
