@@ -106,7 +106,7 @@ def _built(tf):
     """The effective parameters read back from the ops of a built strong pipeline."""
     ops = tf.transforms
     assert [type(op) for op in ops] == [
-        v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomApply, v2.RandomApply, v2.RandomGrayscale,
+        augment.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomApply, v2.RandomApply, v2.RandomGrayscale,
         v2.RandomApply, v2.RandomApply, augment.ToFloatImage, v2.RandomApply, v2.Normalize, v2.RandomErasing,
     ]
     crop, _, ra, cj, gray, jpeg, blur, _, noise, _, erase = ops
@@ -279,3 +279,36 @@ def test_noise_table_is_unit_normal_quantiles():
     assert table.dtype == np.float32 and len(table) == 2**16
     assert float(table.std()) == pytest.approx(1.0, abs=1e-6) and abs(float(table.mean())) < 1e-6
     assert np.all(np.diff(table) > 0) and 4.2 < table.max() < 4.4  # sorted; truncated at about 4.3 sigma
+
+
+def _faces_or_smooth(count: int) -> list[Image.Image]:
+    """Real faces where faces140k-mini is at hand (256 px JPEGs), else smooth random 256 px images."""
+    from tests.conftest import MINI_140K
+
+    files = sorted(MINI_140K.glob("train/*/*.jpg"))[:count] if MINI_140K.is_dir() else []
+    if files:
+        return [Image.open(f).convert("RGB") for f in files]
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BICUBIC)
+            for _ in range(count)]
+
+
+def test_the_crop_draws_as_torchvisions_and_resizes_in_opencv_within_its_antialiasing():
+    images = _faces_or_smooth(24)
+    ours = augment.RandomResizedCrop(224, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+    theirs = v2.RandomResizedCrop(224, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+    torch.manual_seed(3)
+    fast = [np.asarray(ours(im), dtype=np.int16) for im in images]
+    torch.manual_seed(3)
+    reference = [np.asarray(theirs(im), dtype=np.int16) for im in images]
+    diff = np.stack([np.abs(a - b) for a, b in zip(fast, reference)])
+    assert all(a.shape == (224, 224, 3) for a in fast)
+    # Stage I's crops (198-256 px to 224) take OpenCV's bilinear resize: the same crops (a shifted
+    # window would differ by tens of levels everywhere), without torchvision's slight antialiasing
+    assert 0 < diff.mean() < 1.0 and np.percentile(diff, 99) <= 6 and diff.max() <= 40
+    # shrunk more than LINEAR_CROP_MAX_SCALE: torchvision's own pixels, antialiasing and all
+    small = augment.RandomResizedCrop(64, scale=(0.6, 1.0), antialias=True)
+    torch.manual_seed(4)
+    a = np.asarray(small(images[0]))
+    torch.manual_seed(4)
+    assert np.array_equal(a, np.asarray(v2.RandomResizedCrop(64, scale=(0.6, 1.0), antialias=True)(images[0])))

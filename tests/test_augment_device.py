@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trueface.augment import (
     IMAGENET_MEAN,
+    RandomResizedCrop,
     RandomGaussianBlur,
     blur_kernels,
     denormalize,
@@ -267,11 +268,18 @@ def test_the_gpu_path_runs_without_opencv_and_the_per_sample_path_says_how_to_ge
         from trueface.augment_device import DeviceAugment, Uint8TrainTransform
         from trueface.config.schema import AugmentConfig
         cfg = AugmentConfig(strength=1.0, color_jitter_p=1.0, blur_p=1.0)
-        img = Image.fromarray(np.full((40, 40, 3), 90, np.uint8))
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
         tf = Uint8TrainTransform(32, light_epochs=0, cfg=cfg)
         batch = torch.stack([tf(img) for _ in range(4)])
         out = DeviceAugment(cfg)(batch, torch.Generator().manual_seed(0))
         print("gpu path", tuple(out.shape))
+        from torchvision.transforms import v2
+        op = tf.strong.transforms[0]
+        torch.manual_seed(0)
+        crop = op(img)  # OpenCV's resize where it is installed: torchvision's here
+        torch.manual_seed(0)
+        reference = v2.RandomResizedCrop(32, scale=op.scale, ratio=op.ratio)(img)
+        print("crop as torchvision's:", np.array_equal(np.asarray(crop), np.asarray(reference)))
         try:
             RandomGaussianBlur(1.0, 1.0)(img)
         except ImportError as e:
@@ -279,7 +287,7 @@ def test_the_gpu_path_runs_without_opencv_and_the_per_sample_path_says_how_to_ge
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "gpu path (4, 3, 32, 32)" in run.stdout
+    assert "gpu path (4, 3, 32, 32)" in run.stdout and "crop as torchvision's: True" in run.stdout
     assert "per-sample: " in run.stdout and "pip install opencv-python-headless" in run.stdout
 
 
@@ -406,7 +414,7 @@ def test_cpu_side_keeps_only_crop_and_flip_with_the_per_sample_parameters():
     cfg = AugmentConfig(crop_scale_min=0.5, strength=0.7)
     tf = Uint8TrainTransform(32, light_epochs=0, cfg=cfg)
     ops = tf.strong.transforms
-    assert [type(op) for op in ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.PILToTensor]
+    assert [type(op) for op in ops] == [RandomResizedCrop, v2.RandomHorizontalFlip, v2.PILToTensor]
     p = strong_params(cfg)
     assert tuple(ops[0].scale) == p.crop_scale and tuple(ops[0].ratio) == p.crop_ratio
     x = tf(Image.fromarray(np.zeros((50, 40, 3), np.uint8)))
