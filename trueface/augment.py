@@ -18,8 +18,8 @@ Two ops run in OpenCV, the costliest two of the per-sample path in issue 11's pr
 (PIL's GaussianBlur, 1.9 ms whatever the sigma, against 0.4 ms). Both do what torchvision's do:
 the hue turns by the same 1/255 steps in an 8-bit HSV; the blur is a Gaussian of variance exactly
 sigma^2, the kernel the batched path (``trueface.augment_device``) uses too. The crop's bilinear
-resize runs there too where it shrinks little (``RandomResizedCrop``: 0.45 -> 0.21 ms), which the
-loader workers of the batched path also run; without OpenCV it stays torchvision's.
+resize runs there too where it shrinks little (``RandomResizedCrop``: 0.59 -> 0.38 ms for the op),
+which the loader workers of the batched path also run; without OpenCV it stays torchvision's.
 
 Blur honours ``blur_sigma_max`` exactly: the sigma is the kernel's standard deviation and its
 support follows the sigma, so ``blur_kernel`` (3 or 7) only records the original's kernel size;
@@ -195,10 +195,10 @@ class RandomResizedCrop(v2.RandomResizedCrop):
     """``v2.RandomResizedCrop`` (the same draws) whose crop and bilinear resize of an RGB PIL image
     run in OpenCV where the crop is at most ``LINEAR_CROP_MAX_SCALE`` times the output each way,
     as every Stage I crop is (224 px from a 198-256 px square of a 256 px face at the paper's
-    scale 0.6-1): 0.21 against 0.45 ms an image on one core (faces140k-mini). Both interpolate
-    bilinearly between the same pixel centres; torchvision's also widens its filter when it
-    shrinks (antialiasing), which at these scales moves pixels by 0.25 grey levels on average and
-    up to about 20 at sharp edges. A crop shrunk further (a small training size from a large
+    scale 0.6-1): the crop and resize 0.21 against 0.45 ms an image on one core, the whole op with
+    its draws 0.38 against 0.59 ms (faces140k-mini). Both interpolate bilinearly between the same
+    pixel centres; torchvision's also widens its filter when it shrinks (antialiasing), which at
+    these scales moves pixels by 0.29 grey levels on average and up to 25 at sharp edges. A crop shrunk further (a small training size from a large
     decode) goes to torchvision, where the antialiasing matters, and so does every crop where
     OpenCV is not installed."""
 
