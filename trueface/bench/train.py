@@ -148,11 +148,12 @@ def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,
     spare_cfg = replace(cfg, scaling=replace(cfg.scaling, cpus_per_worker=threads))
     rates: dict[str, list[float]] = {"engine": []}
     rounds = size["steps"]
+    before = math.ceil(rounds / 2)
     with torch_threads(threads):
         engine.run(feed.take(1))  # untimed: the first step at a new thread count resizes OpenMP's pool
-        alternate({"engine": engine}, feed, math.ceil(rounds / 2), rates)
+        alternate({"engine": engine}, feed, before, rates)
         under_ray = ray_rate(spare_cfg, size, rounds, lambda: None)
-        alternate({"engine": engine}, feed, rounds - math.ceil(rounds / 2), rates)
+        alternate({"engine": engine}, feed, rounds - before, rates)
     return Row("engine under Ray Train, 1 worker with a core to spare vs engine", under_ray[0],
                statistics.median(rates["engine"]), "img/s", TARGET, note=(
                    f"the worker and the driver's engine both at {threads} torch thread(s), leaving 1 of the "
