@@ -314,6 +314,29 @@ def test_a_failure_costs_only_what_failed_and_the_exit_status_says_so(tmp_path, 
 
 
 @cpu_only
+def test_a_loader_that_fails_to_start_costs_only_the_rows_that_need_it(tmp_path, monkeypatch):
+    """The diagnostics' fresh loader fails as it starts (as when a host runs out of file handles):
+    each stage keeps its engine and model-alone rows and its decode row, loses the loader and
+    augmentation rows that read that loader, and says why."""
+    real_epoch, calls = gpu.first_strong_epoch, Counter()
+
+    def epoch(cfg, stage, *a, **k):
+        calls[stage] += 1
+        if calls[stage] > 1:  # the engine window's loader starts; the diagnostics' does not
+            raise OSError(24, "Too many open files (simulated)")
+        return real_epoch(cfg, stage, *a, **k)
+
+    monkeypatch.setattr(gpu, "first_strong_epoch", epoch)
+    assert benchmark.main(["gpu", "--quick", "--results-dir", str(tmp_path)]) == 1
+    payload = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())
+    assert [r["what"] for r in payload["rows"]] == [r for r in ROWS if "alone" not in r.split(" vs ")[0]]
+    assert payload["failures"] == [
+        f"{stage} loader alone: not measured (OSError: [Errno 24] Too many open files (simulated))"
+        for stage in ("Stage I", "Stage II")]
+    assert calls == {1: 2, 2: 2}
+
+
+@cpu_only
 def test_the_stages_finished_are_written_before_a_later_one_is_stopped(tmp_path, monkeypatch):
     """gpu_check.sh's timeout kills the run mid-stage: Stage I's rows must be on disk by then."""
 

@@ -483,10 +483,9 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     batch = device_batches(size.image, size.batch, device, count=1)[0]  # made outside the count: its copy waits
     r.step_syncs = diagnostic(f"{name} host synchronisations in a training step", failed, None,
                               lambda: host_syncs(lambda: one_step(state, cfg.stage(stage), batch), device))
-    _, epoch_loader, epoch_augment, _ = first_strong_epoch(cfg, stage, state, data)  # a fresh loader
     try:
-        r.loader, images = diagnostic(f"{name} loader alone", failed, (0.0, None),
-                                      lambda: loader_alone(epoch_loader, size))
+        r.loader, images, epoch_augment = diagnostic(f"{name} loader alone", failed, (0.0, None, None),
+                                                     lambda: fresh_loader_alone(cfg, stage, state, data, size))
     finally:
         data.close()
     if epoch_augment is not None and images is not None:
@@ -509,6 +508,15 @@ def first_strong_epoch(cfg: Config, stage: int, state: TrainState, data: Trainin
     _seed_epoch(cfg.seed, di.rank, epoch)
     loader, augment = data.epoch(epoch, plan.micro, cfg, state.runtime, di.rank)
     return plan, loader, augment, epoch
+
+
+def fresh_loader_alone(cfg: Config, stage: int, state: TrainState, data: TrainingData, size: StageSize):
+    """(img/s, images, augment): ``loader_alone`` over a fresh loader of the first strong epoch, and
+    that epoch's batched augmentation for ``augment_alone``. The loader is built inside the
+    diagnostic: starting its workers can fail too (too many open files, a worker killed for memory)."""
+    _, loader, augment, _ = first_strong_epoch(cfg, stage, state, data)
+    rate, images = loader_alone(loader, size)
+    return rate, images, augment
 
 
 def engine_window(cfg: Config, stage: int, state: TrainState, data: TrainingData, size: StageSize,
