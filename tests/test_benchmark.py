@@ -150,19 +150,28 @@ def test_the_ray_row_splits_into_resting_ray_and_ray_train_where_the_bench_start
     assert f"median of {rounds_seen[0]} driver steps" in beside.note and "% of the machine's CPUs" in beside.note
 
 
-def test_with_a_core_to_spare_the_worker_and_the_driver_run_one_thread_fewer():
+def test_with_a_core_to_spare_the_worker_and_the_driver_run_one_thread_fewer(monkeypatch):
     # A stand-in for jobs.bench_train_ray, called twice: for the main row with every thread, then
     # for the spare-core row, whose config and driver steps must both have one thread fewer.
-    calls = []
+    calls, steps = [], []
 
     def fake_ray_rate(cfg, size, rounds, while_ray_idles):
         calls.append((cfg.scaling.cpus_per_worker, torch.get_num_threads()))
+        steps.append("ray")
         return 5.0 + len(calls), "made up"
 
+    real_timed = bench_train.timed_rate
+    for cls, name in ((bench_train.EngineLoop, "E"), (bench_train.PlainLoop, "P")):
+        real_run = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, b, run=real_run, name=name: steps.append(name) or run(self, b))
+    monkeypatch.setattr(bench_train, "timed_rate", lambda loop, b: steps.append("timed") or real_timed(loop, b))
     with bench_report.torch_threads(2):
         rows = {r.what: r for r in bench_train.run(QUICK_ARGS, ray_rate=fake_ray_rate).rows}
         threads_after = torch.get_num_threads()
     assert calls == [(2, 2), (1, 1)] and threads_after == 2  # and the threads are given back
+    # after each Ray run, every loop timed next first runs one untimed step (the pause slows the first)
+    after = ["".join(steps[i + 1:]).split("timed")[0] for i, s in enumerate(steps) if s == "ray"]
+    assert after == ["EP", "E"]
     spare, whole = rows[SPARE_ROW], rows["engine under Ray Train, 1 worker vs engine"]
     assert spare.project == 7.0 and spare.target == bench_train.TARGET
     assert spare.reference > 0 and spare.reference != whole.reference  # the driver's own one-thread steps
@@ -181,9 +190,32 @@ def test_the_ray_rate_runs_the_resting_steps_on_a_ray_it_started_before_stopping
     monkeypatch.setattr(bench_train_ray.ray, "shutdown", lambda: events.append("shutdown"))
     monkeypatch.setattr(bench_train_ray, "init_ray", lambda *a, **k: events.append("init"))
     monkeypatch.setattr(bench_train_ray, "fit", lambda *a, **k: events.append("fit") or argparse.Namespace(metrics=metrics))
+    monkeypatch.setattr(bench_train_ray, "wait_for_quiet", lambda: events.append("quiet") or 0.8)
     rate, note = bench_train_ray.ray_engine_rate(quick_cfg, dict(bench_train.QUICK), 2, lambda: events.append("rest"))
     assert rate == 3.0 and "ray.init" in note
-    assert events == (["fit"] if running else ["init", "fit", "rest", "shutdown"])
+    # the driver's later steps wait for the Ray it stopped to finish exiting; a Ray left running is not waited for
+    assert events == (["fit"] if running else ["init", "fit", "rest", "shutdown", "quiet"])
+    assert ("0.8 s after ray.shutdown()" in note) != running
+
+
+def test_waiting_for_quiet_ends_at_the_first_quiet_window_or_gives_up(monkeypatch):
+    shares = iter([0.52, 0.5, 0.04, 0.5])  # Ray's processes exiting, then the machine at rest
+
+    class FakeLoad:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.share = next(shares)
+
+    monkeypatch.setattr(bench_report, "OtherLoad", FakeLoad)
+    monkeypatch.setattr(bench_report, "QUIET_WINDOW_S", 0.01)
+    waited = bench_report.wait_for_quiet()
+    assert 0.03 <= waited < 1.0 and next(shares) == 0.5  # three windows, the fourth never measured
+    shares = iter([0.5] * 1000)
+    assert 0.05 <= bench_report.wait_for_quiet(max_s=0.05) < 0.5  # never quiet: gives up
+    shares = iter([None])  # no /proc/stat: nothing to wait for
+    assert bench_report.wait_for_quiet() < 0.05
 
 
 def test_other_load_counts_other_processes_and_not_this_one(monkeypatch):

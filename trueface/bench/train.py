@@ -18,7 +18,8 @@ the engine adds per step and nothing else:
   (``trueface.host_memory``, set by the engine's state for the whole process, as in training).
 - "engine under Ray Train, 1 worker vs engine": the same engine steps inside a one-worker
   ``TorchTrainer``, measured by ``jobs.bench_train_ray`` (the library never imports Ray) and
-  handed in as ``ray_rate``; the driver's steps run half before and half after it. Where the
+  handed in as ``ray_rate``; the driver's steps run half before and half after it (those after
+  once the Ray it stopped has finished exiting, and after one untimed step each). Where the
   benchmark started that Ray itself, two more rows split it: the driver's engine steps with the
   Ray still up and resting after the Train run against the driver's own ("a resting local Ray":
   what Ray's daemons take from a process beside them), and the worker's rate against those
@@ -107,10 +108,13 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     beside_load = OtherLoad()
 
     def while_ray_idles() -> None:
+        engine.run(feed.take(1))  # untimed, as after any pause (below); Ray Train's controller also exits meanwhile
         with beside_load:
             alternate({"engine": engine}, feed, rounds, beside)
 
     under_ray = ray_rate(cfg, size, rounds, while_ray_idles) if ray_rate else None
+    if ray_rate:
+        rewarm(engine, plain, feed=feed)
     with OtherLoad() as load_after:
         alternate({"engine": engine, "plain": plain}, feed, rounds - before, rates)
     shares = [x.share for x in (load_before, load_after) if x.share is not None]
@@ -153,6 +157,7 @@ def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,
         engine.run(feed.take(1))  # untimed: the first step at a new thread count resizes OpenMP's pool
         alternate({"engine": engine}, feed, before, rates)
         under_ray = ray_rate(spare_cfg, size, rounds, lambda: None)
+        rewarm(engine, feed=feed)
         alternate({"engine": engine}, feed, rounds - before, rates)
     return Row("engine under Ray Train, 1 worker with a core to spare vs engine", under_ray[0],
                statistics.median(rates["engine"]), "img/s", TARGET, note=(
@@ -283,6 +288,14 @@ def alternate(loops: dict[str, "EngineLoop | PlainLoop"], feed: BatchFeed, round
         batches = feed.take(1)
         for name in names if r % 2 == 0 else names[::-1]:
             rates[name].append(timed_rate(loops[name], batches))
+
+
+def rewarm(*loops: "EngineLoop | PlainLoop", feed: BatchFeed) -> None:
+    """One untimed step of each loop after the pause of a Ray run: the first step after 15-20 s
+    of not training ran 30-40% slower than the next, at one thread and two, with Ray's processes
+    already gone (measured on a 2-core AMX machine, 2026-12-06), as after the warm-up at the start."""
+    for loop in loops:
+        loop.run(feed.take(1))
 
 
 def timed_rate(loop: "EngineLoop | PlainLoop", batches: Sequence[Batch]) -> float:
