@@ -292,8 +292,8 @@ def alternate(loops: dict[str, "EngineLoop | PlainLoop"], feed: BatchFeed, round
 
 def rewarm(*loops: "EngineLoop | PlainLoop", feed: BatchFeed) -> None:
     """One untimed step of each loop after the pause of a Ray run: the first step after 15-20 s
-    of not training ran 30-40% slower than the next, at one thread and two, with Ray's processes
-    already gone (measured on a 2-core AMX machine, 2026-12-06), as after the warm-up at the start."""
+    of not training ran 15-30% slower than the next, at one thread and two, with Ray's processes
+    already gone (measured on a 2-core AMX machine, 2026-12-06): a warm-up, as at the start."""
     for loop in loops:
         loop.run(feed.take(1))
 
