@@ -58,12 +58,12 @@ def ray_engine_rate(cfg: Config, size: dict, rounds: int, while_ray_idles: Calla
             ray.shutdown()
     # The driver's later steps must not pay for Ray's processes still exiting (about a second at
     # half of a 2-core machine, measured): they start once the machine is back to resting.
-    settle_s = wait_for_quiet() if started else None
+    settle = settle_text(wait_for_quiet()) if started else None
     m = result.metrics
     startup = fit_s - m["measure_s"]
     note = (f"median of {rounds} steps in the worker ({spread(m['rates'])}; torch threads {m['threads']}, OMP_NUM_THREADS "
             f"{m['omp_threads']}; driver {cfg.scaling.cpus_per_worker}); driver steps ran half before, half after"
-            + ("" if settle_s is None else f" ({settle_text(settle_s)})") + "; "
+            + ("" if settle is None else f" ({settle})") + "; "
             f"left out of the rate: ray.init {init_s:.1f} s" + ("" if started else " (Ray was running already)")
             + f", worker group start and stop + model build + warm-up {startup:.1f} s of fit()'s {fit_s:.1f} s; "
             f"other processes (Ray's GCS, raylet, dashboard and agents, Train controller, the driver) kept "
@@ -71,8 +71,9 @@ def ray_engine_rate(cfg: Config, size: dict, rounds: int, while_ray_idles: Calla
     return float(m["img_per_s"]), note
 
 
-def settle_text(settle_s: float) -> str:
-    if settle_s >= QUIET_MAX_S:
+def settle_text(settle_s: float | None) -> str:
+    """When the driver's later steps began after the Ray run (``wait_for_quiet``'s answer)."""
+    if settle_s is None:
         return f"the later half after {QUIET_MAX_S:.0f} s: other processes never fell under {QUIET_SHARE:.0%} of the CPUs"
     return f"the later half once other processes were under {QUIET_SHARE:.0%} of the CPUs, {settle_s:.1f} s after ray.shutdown()"
 

@@ -137,18 +137,19 @@ QUIET_WINDOW_S = 0.25
 QUIET_MAX_S = 10.0
 
 
-def wait_for_quiet(max_s: float = QUIET_MAX_S) -> float:
+def wait_for_quiet(max_s: float = QUIET_MAX_S) -> float | None:
     """Seconds waited until other processes kept under ``QUIET_SHARE`` of the machine's CPUs busy
-    for one ``QUIET_WINDOW_S`` window, giving up after ``max_s``. After ``ray.shutdown()`` returns,
-    a local Ray's processes go on exiting for about a second, at about half of a 2-core machine
-    (measured): the steps timed next would pay for it. 0 without ``/proc/stat``."""
+    for one ``QUIET_WINDOW_S`` window, or None where that did not happen within ``max_s``. After
+    ``ray.shutdown()`` returns, a local Ray's processes go on exiting for about a second, at about
+    half of a 2-core machine (measured): the steps timed next would pay for it. Without
+    ``/proc/stat`` it waits one window."""
     start = time.perf_counter()
     while time.perf_counter() - start < max_s:
         with OtherLoad() as load:
             time.sleep(QUIET_WINDOW_S)
         if load.share is None or load.share < QUIET_SHARE:
-            break
-    return time.perf_counter() - start
+            return time.perf_counter() - start
+    return None
 
 
 def _machine_busy_s() -> float | None:

@@ -108,7 +108,7 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     beside_load = OtherLoad()
 
     def while_ray_idles() -> None:
-        engine.run(feed.take(1))  # untimed, as after any pause (below); Ray Train's controller also exits meanwhile
+        rewarm(engine, feed=feed)  # and Ray Train's controller exits meanwhile
         with beside_load:
             alternate({"engine": engine}, feed, rounds, beside)
 
