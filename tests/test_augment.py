@@ -282,15 +282,11 @@ def test_noise_table_is_unit_normal_quantiles():
 
 
 def _faces_or_smooth(count: int) -> list[Image.Image]:
-    """Real faces where faces140k-mini is at hand (256 px JPEGs), else smooth random 256 px images."""
+    """Real faces where faces140k-mini is at hand (256 px JPEGs), else ``_faces``' smooth 256 px images."""
     from tests.conftest import MINI_140K
 
     files = sorted(MINI_140K.glob("train/*/*.jpg"))[:count] if MINI_140K.is_dir() else []
-    if files:
-        return [Image.open(f).convert("RGB") for f in files]
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BICUBIC)
-            for _ in range(count)]
+    return [Image.open(f).convert("RGB") for f in files] if files else _faces(count, size=256)
 
 
 def test_the_crop_draws_as_torchvisions_and_resizes_in_opencv_within_its_antialiasing():

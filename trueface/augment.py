@@ -198,9 +198,9 @@ class RandomResizedCrop(v2.RandomResizedCrop):
     scale 0.6-1): the crop and resize 0.21 against 0.45 ms an image on one core, the whole op with
     its draws 0.38 against 0.59 ms (faces140k-mini). Both interpolate bilinearly between the same
     pixel centres; torchvision's also widens its filter when it shrinks (antialiasing), which at
-    these scales moves pixels by 0.29 grey levels on average and up to 25 at sharp edges. A crop shrunk further (a small training size from a large
-    decode) goes to torchvision, where the antialiasing matters, and so does every crop where
-    OpenCV is not installed."""
+    these scales moves pixels by 0.29 grey levels on average and up to 25 at sharp edges. A crop
+    shrunk further (a small training size from a large decode) goes to torchvision, where the
+    antialiasing matters, and so does every crop where OpenCV is not installed."""
 
     def _call_kernel(self, functional: Any, inpt: Any, *args: Any, **kwargs: Any) -> Any:
         if functional is F.resized_crop and isinstance(inpt, Image.Image) and inpt.mode == "RGB" \
