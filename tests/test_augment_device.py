@@ -21,7 +21,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trueface.augment import (
@@ -368,12 +368,29 @@ def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
     assert torch.equal(out, _batched(load_config("demo").stage1.augment, images, seed=3)[0])  # as without the log
 
 
-def test_normalise_and_hsv_to_rgb_are_torchvisions_bit_for_bit():
-    # the same arithmetic as v2.Normalize and torchvision's HSV conversion, with their constants
-    # kept on the device instead of built from Python lists on every call
+def test_normalise_is_torchvisions_bit_for_bit():
+    # the same arithmetic as v2.Normalize, with its constants kept on the device instead of built
+    # from Python lists on every call
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(augment_device.normalise(x), normalize()(x))
-    assert torch.equal(augment_device._hsv_to_rgb(x), _hsv_to_rgb(x))  # any (h, s, v) in [0, 1]
+
+
+def test_hue_is_torchvisions_adjust_hue_on_greys_ties_and_the_wraparound():
+    # The hexcone formula against torchvision's RGB -> HSV -> RGB, image by image: greys (no
+    # chroma, any hue), 0/1 colours (channels tie for the max: the tie decides the sector),
+    # 8-bit levels, random colours; shifts of 0, +-half a turn and in between.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 16, 16, generator=g)
+    x[:8] = x[:8, :1]
+    x[8:16] = torch.randint(0, 2, (8, 3, 16, 16), generator=g).float()
+    x[16:24] = (x[16:24] * 255).round() / 255
+    shift = torch.rand(64, generator=g) - 0.5
+    shift[:4], shift[4:6], shift[6:8], shift[24:26] = 0.0, 0.5, -0.5, 0.0
+    out = augment_device._hue(x, shift)
+    expected = torch.stack([F.adjust_hue(image, s.item()) for image, s in zip(x, shift, strict=True)])
+    assert (out - expected).abs().max().item() < 2e-6
+    assert torch.equal(out[:8], x[:8])  # greys stay grey
+    assert (out[26:] - x[26:]).abs().amax(dim=(1, 2, 3)).min().item() > 0.05  # a shift moves colours
 
 
 def test_colour_jitter_reads_the_order_itself_when_not_handed_it():

@@ -82,6 +82,12 @@ def test_every_stage_has_its_rows_with_positive_figures(quick_run):
         steps = rows[f"{stage} augmentation alone"]["note"].split("ms a batch by step", 1)[1]
         timed = re.findall(r"(?:, |: )([a-zA-Z ]+) (\d+\.\d\d)", steps)
         assert [name for name, _ in timed] == ["draw", *APPLY_STEPS]  # every step, in the order it runs
+        size = gpu.CPU_QUICK[1 if stage == "Stage I" else 2]
+        traffic = re.search(r"memory traffic counted op by op: ([\d.e+-]+) GB a batch \(([\d.e+-]+) MB an image\) "
+                            r"in (\d+) ops, ([\d,]+) GB/s", rows[f"{stage} augmentation alone"]["note"])
+        per_batch, per_image, ops = float(traffic.group(1)) * 1e9, float(traffic.group(2)) * 1e6, int(traffic.group(3))
+        assert per_batch >= size.batch * 3 * size.image**2 * (1 + 4)  # at least the uint8 read, the float written
+        assert per_batch == pytest.approx(per_image * size.batch, rel=0.01) and ops > 50
 
 
 @cpu_only
@@ -101,15 +107,16 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     traced = [min(gpu.TRACE_WARMUP, q[s].warmup) + min(gpu.TRACE_STEPS, q[s].timed) for s in (1, 2)]
     # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
     # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU
-    # counts), then as many images of 16 px (the host floor: warm-up and timed calls), then once
-    # per step of the traced engine window (--trace)
+    # counts), then as many images of 16 px (the host floor: warm-up and timed calls), then once on
+    # the full batch whose memory traffic is counted, then once per step of the traced engine
+    # window (--trace)
     alone, floor = gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS + 1, gpu.AUGMENT_WARMUP + gpu.AUGMENT_REPEATS
     full = [(torch.uint8, (q[s].batch, 3, q[s].image, q[s].image), True) for s in (1, 2)]
     assert seen["augment"] == [
         call for s in (1, 2)
         for call in [full[s - 1]] * (engine_steps[s - 1] + alone)
         + [(torch.uint8, (q[s].batch, 3, gpu.HOST_FLOOR_PX, gpu.HOST_FLOOR_PX), True)] * floor
-        + [full[s - 1]] * traced[s - 1]]
+        + [full[s - 1]] + [full[s - 1]] * traced[s - 1]]
     # train_one_epoch's steps: the engine's, as many again for the model alone, and the traced ones
     assert seen["steps"] == 2 * sum(engine_steps) + sum(traced)
 

@@ -89,56 +89,92 @@ def dct_matrix(device: torch.device) -> torch.Tensor:
     return d.to(device)
 
 
+# JFIF's RGB -> YCbCr (ITU T.871): each row's (R, G, B) weights
+TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168735892, -0.331264108, 0.5), (0.5, -0.418687589, -0.081312411))
+# the way back: R = Y + 1.402 Cr, G = Y - 0.344136286 Cb - 0.714136286 Cr, B = Y + 1.772 Cb
+CR_TO_R, CB_TO_G, CR_TO_G, CB_TO_B = 1.402, -0.344136286, -0.714136286, 1.772
+
+
 def rgb_to_ycbcr(p: torch.Tensor) -> torch.Tensor:
-    """JFIF YCbCr of 0-255 RGB (N, 3, H, W), rounded as libjpeg's 8-bit samples."""
+    """JFIF YCbCr of 0-255 RGB (N, 3, H, W), rounded as libjpeg's 8-bit samples and level-shifted
+    by -128 as JPEG's DCT takes them: every plane in -128..127."""
     r, g, b = p.unbind(dim=1)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b + 128
-    cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b + 128
-    return torch.stack((y, cb, cr), dim=1).round_().clamp_(0, 255)
-
-
-def ycbcr_to_rgb(ycc: torch.Tensor) -> torch.Tensor:
+    ycc = torch.empty_like(p)
     y, cb, cr = ycc.unbind(dim=1)
-    cb, cr = cb - 128, cr - 128
-    rgb = torch.stack((y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb), dim=1)
+    for out, (wr, wg, wb) in zip((y, cb, cr), TO_YCBCR, strict=True):
+        torch.mul(b, wb, out=out).add_(r, alpha=wr).add_(g, alpha=wg)  # three passes, no temporaries
+    y.sub_(128)
+    return ycc.round_().clamp_(-128, 127)
+
+
+def ycbcr_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """0-255 RGB (N, 3, H, W), rounded and clamped, from Y (N, H, W) in 0-255 and Cb, Cr (N, H, W)
+    level-shifted (-128..127)."""
+    rgb = torch.empty((y.shape[0], 3, *y.shape[1:]), dtype=y.dtype, device=y.device)
+    r, g, b = rgb.unbind(dim=1)
+    torch.add(y, cr, alpha=CR_TO_R, out=r)
+    torch.add(y, cb, alpha=CB_TO_G, out=g).add_(cr, alpha=CR_TO_G)
+    torch.add(y, cb, alpha=CB_TO_B, out=b)
     return rgb.round_().clamp_(0, 255)
 
 
-def _blocks(plane: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) with H, W multiples of 8 -> (N, H/8, W/8, 8, 8)."""
-    n, h, w = plane.shape
-    return plane.view(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(2, 3)
+def _to_blocks(planes: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W), H and W multiples of 8 -> float64 (N, C*H/8*W/8, 64): each 8x8 block a row,
+    in one copy (the layout change and the conversion together)."""
+    n, c, h, w = planes.shape
+    blocks = torch.empty((n, c, h // BLOCK, w // BLOCK, BLOCK, BLOCK), dtype=torch.float64, device=planes.device)
+    blocks.copy_(planes.view(n, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(3, 4))
+    return blocks.view(n, -1, BLOCK * BLOCK)
 
 
-def _unblocks(blocks: torch.Tensor) -> torch.Tensor:
-    n, bh, bw = blocks.shape[:3]
-    return blocks.transpose(2, 3).reshape(n, bh * BLOCK, bw * BLOCK)
+def _from_blocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``_to_blocks`` undone into a new tensor shaped and typed as ``like`` (N, C, H, W)."""
+    n, c, h, w = like.shape
+    planes = torch.empty_like(like)
+    planes.view(n, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).copy_(
+        blocks.view(n, c, h // BLOCK, w // BLOCK, BLOCK, BLOCK).transpose(3, 4))
+    return planes
 
 
-def compress_plane(plane: torch.Tensor, table: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """One 0-255 plane (N, H, W), H and W multiples of 8, through DCT, quantisation with the
-    per-image ``table`` (N, 8, 8) and back: what the decoder reads out, rounded and clamped."""
+def compress_planes(planes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Level-shifted planes (N, C, H, W), H and W multiples of 8, through DCT, quantisation with
+    each image's ``table`` (N, 8, 8) and back: what the decoder reads out, rounded, clamped and
+    still level-shifted."""
+    # The 2-D DCT of a block as one product with the 64x64 matrix kron(D, D), the quantisation
+    # folded into it: coefficient / q = block @ (K.T / q) per image, and dequantised, back
+    # through (q * K). Two batched matrix products and a rounding are the whole codec, where
+    # 8x8 products and a separate divide, round and multiply read every coefficient six times.
     # float64: a coefficient off by 1e-3 of its size (TF32 matmuls, where a user enables them)
-    # would cross quantisation boundaries; the blocks are 8x8, so the cost is small anyway
-    blocks = _blocks(plane - 128).double()
-    q = table.view(-1, 1, 1, BLOCK, BLOCK).double()
-    coef = torch.round(d @ blocks @ d.T / q) * q
-    return _unblocks(d.T @ coef @ d).float().add_(128).round_().clamp_(0, 255)
+    # would cross quantisation boundaries, and autocast leaves float64 alone.
+    k = dct_kron(planes.device)
+    q = table.reshape(-1, 1, BLOCK * BLOCK).double()  # (N, 1, 64)
+    coef = torch.bmm(_to_blocks(planes), k.T / q).round_()
+    blocks = torch.bmm(coef, q.transpose(1, 2) * k)
+    return _from_blocks(blocks, planes).round_().clamp_(-128, 127)
+
+
+@functools.lru_cache(maxsize=8)
+def dct_kron(device: torch.device) -> torch.Tensor:
+    """kron(D, D) (64 x 64, float64): a row-major 8x8 block's coefficients are kron(D, D) @ block."""
+    d = dct_matrix(device)
+    return torch.kron(d, d)
 
 
 def jpeg_tensor(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """x (N, 3, H, W) float in [0, 1] after a JPEG round trip at ``quality`` (N,) per image,
-    4:2:0 chroma as PIL saves by default; float [0, 1] out, on x's device."""
+    4:2:0 chroma as PIL saves by default; float [0, 1] out, on x's device.
+
+    Written for a GPU's memory bandwidth: it reads and writes the images' size about 42 times
+    (74 before 2026-12-06; ``trueface.bench.traffic``), see ``compress_planes``."""
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % MCU, -width % MCU
-    p = (x * 255).round_().clamp_(0, 255)
+    p = torch.mul(x.float(), 255).round_()  # x in [0, 1]; rgb_to_ycbcr's clamp catches stray values
     p = nnf.pad(p, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else p
-    ycc = rgb_to_ycbcr(p.float())
-    tables, d = quant_tables(quality), dct_matrix(x.device)
-    luma = compress_plane(ycc[:, 0], tables[:, 0], d)
+    ycc = rgb_to_ycbcr(p)
+    tables = quant_tables(quality)
+    luma = compress_planes(ycc[:, :1], tables[:, 0]).add_(128)
     chroma = nnf.avg_pool2d(ycc[:, 1:], 2).round_()  # h2v2 downsampling: the mean of each 2x2
-    chroma = torch.stack([compress_plane(chroma[:, c], tables[:, 1], d) for c in range(2)], dim=1)
-    chroma = nnf.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False).round_()
-    rgb = ycbcr_to_rgb(torch.cat((luma.unsqueeze(1), chroma), dim=1))
-    return (rgb[..., :height, :width] / 255).to(x.dtype)
+    chroma = nnf.interpolate(compress_planes(chroma, tables[:, 1]), scale_factor=2, mode="bilinear",
+                             align_corners=False).round_()
+    rgb = ycbcr_to_rgb(luma[:, 0], chroma[:, 0], chroma[:, 1])
+    return rgb[..., :height, :width].div(255).to(x.dtype)

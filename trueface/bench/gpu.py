@@ -72,6 +72,7 @@ from trueface.augment_ahead import DEPTH as AHEAD_DEPTH
 from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
+from trueface.bench.traffic import Traffic, count_traffic
 from trueface.config import Config, load_config, to_dict
 from trueface.config.schema import StageConfig
 from trueface.data.decode import load_rgb
@@ -431,6 +432,7 @@ class StageFigures:
     augment_steps: dict[str, float] | None = None  # ms a batch of each of DeviceAugment's steps
     augment_syncs: int | None = None  # times a batch's DeviceAugment made the host wait for the GPU; None off CUDA
     augment_host_ms: float | None = None  # ms a batch of DeviceAugment on 16-px images: the host's floor
+    augment_traffic: Traffic | None = None  # bytes one batch of DeviceAugment reads and writes, counted
     step_syncs: int | None = None  # times one training step (no progress line) made the host wait; None off CUDA
     decode_batched: float = 0.0  # img/s of torchvision's batched decode_jpeg on the training device
     decode_pil: float = 0.0  # img/s of the workers' decode (load_rgb) on one core
@@ -494,6 +496,8 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
             lambda: augment_alone(epoch_augment, images, device))
         r.augment_host_ms = diagnostic(f"{name} augmentation host floor", failed, None,
                                        lambda: augment_host_floor(epoch_augment, size.batch, device))
+        r.augment_traffic = diagnostic(f"{name} augmentation memory traffic", failed, None,
+                                       lambda: augment_traffic(epoch_augment, images, device))
     r.decode_batched, r.decode_pil = diagnostic(
         f"{name} decode", failed, (0.0, 0.0), lambda: decode_alone(paths, size, decode_size(cfg, size.image), device))
     return r
@@ -637,6 +641,13 @@ def augment_host_floor(augment: EpochAugment, batch: int, device: torch.device) 
                          generator=torch.Generator().manual_seed(SEED)).to(device)
     calls, seconds = timed_calls(lambda: augment(tiny), device_sync(device))
     return seconds * 1e3 / calls
+
+
+def augment_traffic(augment: EpochAugment, images: torch.Tensor, device: torch.device) -> Traffic:
+    """The bytes one batch of the epoch's ``DeviceAugment`` reads and writes, counted op by op
+    (``trueface.bench.traffic``): with the row's rate, how near the memory bandwidth it runs."""
+    images = images.to(device)
+    return count_traffic(lambda: augment(images))
 
 
 def timed_calls(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[int, float]:
@@ -815,7 +826,8 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
             + (f"; host synchronisations a batch: {r.augment_syncs} (torch.cuda sync debug mode)"
                if r.augment_syncs is not None else "")
             + (f"; host floor: {r.augment_host_ms:.2f} ms a batch (the same {size.batch} images at {HOST_FLOOR_PX} px, "
-               "next to no pixel work: Python, dispatch and launches)" if r.augment_host_ms is not None else ""))))
+               "next to no pixel work: Python, dispatch and launches)" if r.augment_host_ms is not None else "")
+            + traffic_note(r.augment_traffic, r.augment, size.batch))))
     if not r.decode_pil:  # not measured
         return
     bench.add(Row(f"{name} decode, batched decode_jpeg vs PIL on one core", r.decode_batched, r.decode_pil, "img/s",
@@ -825,6 +837,16 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
                         "ratio is how many worker cores the batched decode stands in for. Training decodes in the "
                         "workers (one decoding path for every format); decoding on the GPU would move the crop "
                         "there too")))
+
+
+def traffic_note(traffic: Traffic | None, rate: float, batch: int) -> str:
+    """The augmentation's counted bytes a batch and, at its measured rate, the bandwidth they take."""
+    if traffic is None:
+        return ""
+    per_s, per_image = traffic.bytes * rate / batch, traffic.bytes / batch
+    return (f"; memory traffic counted op by op: {traffic.bytes / 1e9:.3g} GB a batch ({per_image / 1e6:.3g} MB "
+            f"an image) in {traffic.ops} ops, {per_s / 1e9:,.0f} GB/s at this row's rate (an H100 SXM's memory peaks "
+            "at 3,350 GB/s, an H200's at 4,800)")
 
 
 def input_times_note(times: InputTimes | None, seconds: float, cuda: bool) -> str:
