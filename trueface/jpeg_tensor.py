@@ -61,6 +61,14 @@ CHROMA_TABLE = (
 )
 BLOCK = 8
 MCU = 16  # 4:2:0: one unit is 16x16 luma pixels, 8x8 of each chroma plane
+# libjpeg's rounding of ties, which its integer arithmetic meets exactly and float arithmetic
+# meets within 1e-13: a quantised coefficient's half away from zero (jcdctmgr.c adds q/2 to the
+# magnitude), an output sample's half up (jidctint.c's DESCALE). A nudge of 1e-9 of each
+# coefficient's size, and 1e-4 of a grey level on each sample, tips them as libjpeg does; nearer
+# the half than that without being on it, a value almost never is. Measured against PIL's JPEG on
+# 16 faces140k-mini faces at quality 20: the mean pixel difference 0.22 -> 0.13 grey levels.
+AWAY_FROM_ZERO = 1 + 1e-9
+HALF_UP = 1e-4
 
 
 def quant_tables(quality: torch.Tensor) -> torch.Tensor:
@@ -146,11 +154,16 @@ def compress_planes(planes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # 8x8 products and a separate divide, round and multiply read every coefficient six times.
     # float64: a coefficient off by 1e-3 of its size (TF32 matmuls, where a user enables them)
     # would cross quantisation boundaries, and autocast leaves float64 alone.
-    k = dct_kron(planes.device)
+    k, half_up = dct_kron(planes.device), _half_up(planes.device)
     q = table.reshape(-1, 1, BLOCK * BLOCK).double()  # (N, 1, 64)
-    coef = torch.bmm(_to_blocks(planes), k.T / q).round_()
-    blocks = torch.bmm(coef, q.transpose(1, 2) * k)
+    coef = torch.bmm(_to_blocks(planes), k.T * (AWAY_FROM_ZERO / q)).round_()
+    blocks = torch.baddbmm(half_up, coef, q.transpose(1, 2) * k)  # + HALF_UP inside the product: no pass of its own
     return _from_blocks(blocks, planes).round_().clamp_(-128, 127)
+
+
+@functools.lru_cache(maxsize=8)
+def _half_up(device: torch.device) -> torch.Tensor:
+    return torch.full((1, 1, 1), HALF_UP, dtype=torch.float64, device=device)
 
 
 @functools.lru_cache(maxsize=8)
