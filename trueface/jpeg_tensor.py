@@ -17,8 +17,9 @@ module does as libjpeg does them with PIL's defaults (the per-sample path's ``JP
    image to whole 16x16 units the same way), shifted by -128, 8x8 DCT (orthonormal DCT-II,
    which is JPEG's);
 4. quantisation with the standard tables of ITU T.81 Annex K scaled by the quality as libjpeg's
-   ``jpeg_quality_scaling`` does (baseline: entries 1-255), rounding to the nearest integer;
-5. the inverse: dequantise, inverse DCT, +128, round and clamp to 0-255;
+   ``jpeg_quality_scaling`` does (baseline: entries 1-255), rounding to the nearest integer,
+   a half away from zero as libjpeg rounds it;
+5. the inverse: dequantise, inverse DCT, +128, round (a half up, as libjpeg) and clamp to 0-255;
 6. chroma upsampled by libjpeg's "fancy" (triangular) filter: 3/4 of the nearer and 1/4 of the
    farther sample in each direction, edges repeated, which is bilinear at align_corners=False;
 7. YCbCr -> RGB, rounded and clamped, back to [0, 1].
@@ -26,7 +27,8 @@ module does as libjpeg does them with PIL's defaults (the per-sample path's ``JP
 It differs from libjpeg where libjpeg uses integer arithmetic: its "islow" DCT and IDCT are
 fixed-point approximations and its chroma averaging alternates a rounding bias, so a
 coefficient near a quantisation boundary can land on the other side. Measured against PIL's
-JPEG on the same images by ``tests/test_jpeg_tensor.py``: see its figures there.
+JPEG on the same images by ``tests/test_jpeg_tensor.py``: see its figures there; flat images,
+all ties, come out as PIL's pixel for pixel.
 """
 
 from __future__ import annotations
