@@ -55,7 +55,7 @@ a Gaussian of variance exactly sigma^2), a test checks the two blurs agree withi
 
 Memory traffic: on a GPU these ops are small element-wise kernels whose time is their bytes over
 the memory bandwidth, taken from the training step's. Counted op by op (``trueface.bench.traffic``)
-on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.2 GB in 812 ops,
+on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.2 GB in 783 ops,
 from 15.8 GB in 979 before 2026-12-06, when the JPEG, the hue and the colour jitter's sub-batches
 were rewritten to read and write less (README, "fewer bytes an augmented batch").
 
@@ -255,10 +255,13 @@ def jitter_in_place(x: torch.Tensor, on: torch.Tensor, factors: torch.Tensor, or
     ``host_order`` is ``order`` on the host with -1 in the rows of the samples left alone. Each
     (position, op) copies out only its own samples: a sub-batch of the jittered ones copied out
     and back around the 16 would cost six more reads and writes of each."""
+    ops = range(len(_JITTER_OPS))
+    hits = on[:, None, None] & (order[:, :, None] == torch.arange(len(ops), device=order.device))  # (N, 4, 4) at once
+    counts = (host_order[:, :, None] == np.array(ops)).sum(axis=0)  # (position, op)
     for position in range(4):
         for op, fn in enumerate(_JITTER_OPS):
             if active[op]:
-                _apply_on(x, on & (order[:, position] == op), int((host_order[:, position] == op).sum()),
+                _apply_on(x, hits[:, position, op], int(counts[position, op]),
                           lambda s, i, op=op, fn=fn: fn(s, _jitter_factor(factors, i, op)))
 
 
