@@ -55,7 +55,7 @@ a Gaussian of variance exactly sigma^2), a test checks the two blurs agree withi
 
 Memory traffic: on a GPU these ops are small element-wise kernels whose time is their bytes over
 the memory bandwidth, taken from the training step's. Counted op by op (``trueface.bench.traffic``)
-on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.2 GB in 783 ops,
+on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.2 GB in 789 ops,
 from 15.8 GB in 979 before 2026-12-06, when the JPEG, the hue and the colour jitter's sub-batches
 were rewritten to read and write less (README, "fewer bytes an augmented batch").
 

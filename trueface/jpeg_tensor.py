@@ -156,16 +156,14 @@ def compress_planes(planes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # 8x8 products and a separate divide, round and multiply read every coefficient six times.
     # float64: a coefficient off by 1e-3 of its size (TF32 matmuls, where a user enables them)
     # would cross quantisation boundaries, and autocast leaves float64 alone.
-    k, half_up = dct_kron(planes.device), _half_up(planes.device)
+    k = dct_kron(planes.device)
     q = table.reshape(-1, 1, BLOCK * BLOCK).double()  # (N, 1, 64)
     coef = torch.bmm(_to_blocks(planes), k.T * (AWAY_FROM_ZERO / q)).round_()
-    blocks = torch.baddbmm(half_up, coef, q.transpose(1, 2) * k)  # + HALF_UP inside the product: no pass of its own
+    # + HALF_UP on every sample, through the DC coefficients alone (a 64th of them): the inverse
+    # turns DC into DC * q_DC / 8 on each of the block's samples
+    coef[..., 0].add_(q[..., 0].reciprocal().mul_(8 * HALF_UP))
+    blocks = torch.bmm(coef, q.transpose(1, 2) * k)
     return _from_blocks(blocks, planes).round_().clamp_(-128, 127)
-
-
-@functools.lru_cache(maxsize=8)
-def _half_up(device: torch.device) -> torch.Tensor:
-    return torch.full((1, 1, 1), HALF_UP, dtype=torch.float64, device=device)
 
 
 @functools.lru_cache(maxsize=8)
