@@ -193,18 +193,12 @@ def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tenso
     return torch.lerp(other.expand_as(x), x, f).clamp_(0, 1)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W): torchvision's rgb_to_grayscale weights, as its own arithmetic."""
-    r, g, b = x.unbind(dim=1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
-
-
 def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+    return _blend(x, F.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
 
 
 def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), f)
+    return _blend(x, F.rgb_to_grayscale(x), f)
 
 
 def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
