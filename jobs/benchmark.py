@@ -10,6 +10,7 @@ Usage::
     python -m jobs.benchmark gpu --prepared               # the same, reading the prepared uint8 cache
     python -m jobs.benchmark gpu --trace                  # also a profiler trace of a few steps per stage
     python -m jobs.benchmark input train --quick          # small sizes: seconds, for CI
+    python -m jobs.benchmark traffic                      # the GPU augmentation's bytes, counted on any machine
 
 Parts (each prints its table and writes results/bench-<part>/bench.json and bench.md):
 
@@ -20,7 +21,9 @@ Parts (each prints its table and writes results/bench-<part>/bench.json and benc
 - ``infer``: ``jobs.predict`` img/s against a naive per-image loop; with ``--ray``, also
   ``jobs.predict --ray`` (Ray Data) against ``jobs.predict``;
 - ``gpu``: Stage I and Stage II training img/s on real-size JPEGs, GPU busy share and peak
-  memory (on a CPU it runs at small sizes and says so).
+  memory (on a CPU it runs at small sizes and says so);
+- ``traffic``: the bytes the GPU's batched augmentation reads and writes a batch, counted op by
+  op at the ``gpu`` part's sizes, on any machine (no timing).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PARTS = {
     "train": "jobs.bench_train_ray",  # trueface.bench.train plus its Ray Train row
     "infer": "jobs.bench_infer_ray",  # trueface.bench.infer plus, with --ray, its Ray Data row
     "gpu": "trueface.bench.gpu",
+    "traffic": "trueface.bench.augment_traffic",
 }
 
 

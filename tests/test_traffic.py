@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -43,3 +46,22 @@ def test_distinct_bytes_counts_a_broadcast_dimension_once():
     assert distinct_bytes(X) == NB
     assert distinct_bytes(torch.zeros(3, 1).expand(3, 1000)) == 3 * 4
     assert distinct_bytes(X[:, :1]) == NB // 3  # a slice: its own elements, not its storage's
+
+
+def test_the_traffic_part_counts_each_stage_with_the_gpus_jpeg(tmp_path, monkeypatch):
+    from jobs import benchmark
+    from trueface.bench import augment_traffic, gpu
+
+    jpeg_calls = []
+    real = augment_traffic.jpeg_tensor
+    monkeypatch.setattr(augment_traffic, "jpeg_tensor", lambda x, q: jpeg_calls.append(len(x)) or real(x, q))
+    assert benchmark.main(["traffic", "--quick", "--results-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench-traffic" / "bench.json").read_text())["rows"]
+    assert [r["what"] for r in rows] == ["Stage I augmentation memory traffic", "Stage II augmentation memory traffic"]
+    for row, size in zip(rows, gpu.CPU_QUICK.values(), strict=True):
+        assert row["unit"] == "GB a batch" and row["reference"] is None
+        # at least the uint8 batch read and the float batch written; the note's per-image figure agrees
+        assert row["project"] * 1e9 >= size.batch * 3 * size.image**2 * (1 + 4)
+        per_image = float(re.search(r"([\d,.]+) MB an image", row["note"]).group(1).replace(",", ""))
+        assert per_image * size.batch / 1e3 == pytest.approx(row["project"], rel=0.01)
+    assert jpeg_calls  # the tensor JPEG a GPU runs, not the CPU's libjpeg

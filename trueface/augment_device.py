@@ -54,10 +54,10 @@ of torchvision's ``adjust_hue``). Both blur with the same kernels (``trueface.au
 a Gaussian of variance exactly sigma^2), a test checks the two blurs agree within a grey level.
 
 Memory traffic: on a GPU these ops are small element-wise kernels whose time is their bytes over
-the memory bandwidth, taken from the training step's. Counted op by op (``trueface.bench.traffic``)
-on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.2 GB in 789 ops,
-from 15.8 GB in 979 before 2026-12-06, when the JPEG, the hue and the colour jitter's sub-batches
-were rewritten to read and write less (README, "fewer bytes an augmented batch").
+the memory bandwidth, taken from the training step's. Counted op by op (``python -m jobs.benchmark
+traffic``) on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.1 GB in
+838 ops, from 15.7 GB in 1,026 before 2026-12-06, when the JPEG, the hue and the colour jitter's
+sub-batches were rewritten to read and write less (README, "fewer bytes an augmented batch").
 
 Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core machine shared
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
@@ -316,6 +316,8 @@ def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.
     return (x + torch.randn(x.shape, generator=generator, device=x.device) * std).clamp_(0, 1)
 
 
+JpegRoundTrip = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (float images, quality) -> images
+
 APPLY_STEPS = ("RandAugment", "to float", "colour jitter", "grayscale", "JPEG", "blur", "noise", "normalise and erase")
 
 
@@ -325,10 +327,13 @@ def _no_tick(step: str) -> None:
 
 class DeviceAugment:
     """The strong ops of ``trueface.augment.strong_transform`` after its crop and flip, batched on
-    the batch's device; built from ``strong_params(cfg)``."""
+    the batch's device; built from ``strong_params(cfg)``. ``jpeg``: the JPEG round trip to use
+    (``jpeg_roundtrip``'s signature) where not the batch's device's own (``jpeg_codec``):
+    ``jobs.benchmark traffic`` counts the GPU's on a CPU."""
 
-    def __init__(self, cfg: AugmentConfig) -> None:
+    def __init__(self, cfg: AugmentConfig, jpeg: JpegRoundTrip | None = None) -> None:
         self.params = strong_params(cfg)
+        self.jpeg = jpeg or jpeg_roundtrip
         self.light_only = cfg.strength <= 0
         self.to_float = v2.ToDtype(torch.float32, scale=True)
         self.blur_radius = math.ceil(3 * self.params.blur_sigma[1])
@@ -387,7 +392,7 @@ class DeviceAugment:
         tick("colour jitter")
         _apply_on(x, d.gray_on, host.count("gray"), lambda s, i: F.rgb_to_grayscale(s, num_output_channels=3))
         tick("grayscale")
-        _apply_on(x, d.jpeg_on, host.count("jpeg"), lambda s, i: jpeg_roundtrip(s, d.jpeg_quality.index_select(0, i)))
+        _apply_on(x, d.jpeg_on, host.count("jpeg"), lambda s, i: self.jpeg(s, d.jpeg_quality.index_select(0, i)))
         tick("JPEG")
         _apply_on(x, d.blur_on, host.count("blur"),
                   lambda s, i: gaussian_blur(s, d.blur_sigma.index_select(0, i), self.blur_radius))
