@@ -7,9 +7,9 @@ Usage::
 
 On a GPU ``DeviceAugment``'s ops are memory-bound, so their time is about the bytes they read
 and write over the memory bandwidth, and the training step loses that time. This part counts
-those bytes op by op (``trueface.bench.traffic``) on whatever machine runs it, for each stage's
+those bytes op by op (``trueface.bench.traffic``), on the CPU of any machine, for each stage's
 strong augmentation (the paper preset) on the ``gpu`` part's batch and image size, with the JPEG
-round trip a GPU runs (``trueface.jpeg_tensor``) even on a CPU, over as many batches as 200
+round trip a GPU runs (``trueface.jpeg_tensor``), over as many batches as 200
 images take (each image draws its own ops). No timing and no GPU needed: a change to the
 augmentation shows its GPU cost here before any GPU is at hand. ``jobs.benchmark gpu`` prints
 the same count on the device with the bandwidth it takes there.
