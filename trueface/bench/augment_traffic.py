@@ -25,12 +25,11 @@ import torch
 from trueface.augment_device import DeviceAugment
 from trueface.bench.gpu import CPU_QUICK, CUDA_FULL, SEED, STAGE_NAMES, StageSize
 from trueface.bench.report import Bench, Row, machine_context
-from trueface.bench.traffic import Traffic, count_traffic
+from trueface.bench.traffic import H100_BYTES_PER_S, Traffic, count_traffic
 from trueface.config import load_config
 from trueface.jpeg_tensor import jpeg_tensor
 
 MIN_IMAGES = 200  # per stage, over as many seeds as that takes: each sample draws its own ops
-H100_BYTES_PER_S = 3.35e12  # an H100 SXM's memory bandwidth at its peak
 
 
 def run(args: argparse.Namespace) -> Bench:
@@ -59,8 +58,9 @@ def traffic_row(stage: str, size: StageSize, counts: list[Traffic]) -> Row:
     ops = statistics.fmean(c.ops for c in counts)
     return Row(f"{stage} augmentation memory traffic", per_batch / 1e9, None, "GB a batch", note=(
         f"DeviceAugment (strong) on batches of {size.batch} images of {size.image} px, mean of {len(counts)}: "
-        f"{three_figures(per_batch / size.batch / 1e6)} MB an image in {ops:.0f} ops; at an H100 SXM's peak bandwidth "
-        f"(3.35 TB/s) no less than {per_batch / H100_BYTES_PER_S * 1e3:.2f} ms a batch of GPU time"))
+        f"{three_figures(per_batch / size.batch / 1e6)} MB an image in {ops:.0f} ops; at an H100 SXM's peak "
+        f"bandwidth ({H100_BYTES_PER_S / 1e12:g} TB/s) no less than {per_batch / H100_BYTES_PER_S * 1e3:.2f} ms a batch "
+        "of GPU time"))
 
 
 def three_figures(x: float) -> str:

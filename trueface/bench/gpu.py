@@ -72,7 +72,7 @@ from trueface.augment_ahead import DEPTH as AHEAD_DEPTH
 from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
-from trueface.bench.traffic import Traffic, count_traffic
+from trueface.bench.traffic import H100_BYTES_PER_S, H200_BYTES_PER_S, Traffic, count_traffic
 from trueface.config import Config, load_config, to_dict
 from trueface.config.schema import StageConfig
 from trueface.data.decode import load_rgb
@@ -846,7 +846,7 @@ def traffic_note(traffic: Traffic | None, rate: float, batch: int) -> str:
     per_s, per_image = traffic.bytes * rate / batch, traffic.bytes / batch
     return (f"; memory traffic counted op by op: {traffic.bytes / 1e9:.3g} GB a batch ({per_image / 1e6:.3g} MB "
             f"an image) in {traffic.ops} ops, {per_s / 1e9:,.0f} GB/s at this row's rate (an H100 SXM's memory peaks "
-            "at 3,350 GB/s, an H200's at 4,800)")
+            f"at {H100_BYTES_PER_S / 1e9:,.0f} GB/s, an H200's at {H200_BYTES_PER_S / 1e9:,.0f})")
 
 
 def input_times_note(times: InputTimes | None, seconds: float, cuda: bool) -> str:

@@ -30,6 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GATHERS = frozenset({"index_select", "gather", "index"})
 WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_"})
 ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+# what the counted bytes are read against: these GPUs' memory bandwidth at its peak
+H100_BYTES_PER_S = 3.35e12  # H100 SXM
+H200_BYTES_PER_S = 4.8e12
 
 
 @dataclass
