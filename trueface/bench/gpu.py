@@ -497,7 +497,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
         r.augment_host_ms = diagnostic(f"{name} augmentation host floor", failed, None,
                                        lambda: augment_host_floor(epoch_augment, size.batch, device))
         r.augment_traffic = diagnostic(f"{name} augmentation memory traffic", failed, None,
-                                       lambda: augment_traffic(epoch_augment, images, device))
+                                       lambda: count_augment_traffic(epoch_augment, images, device))
     r.decode_batched, r.decode_pil = diagnostic(
         f"{name} decode", failed, (0.0, 0.0), lambda: decode_alone(paths, size, decode_size(cfg, size.image), device))
     return r
@@ -643,7 +643,7 @@ def augment_host_floor(augment: EpochAugment, batch: int, device: torch.device) 
     return seconds * 1e3 / calls
 
 
-def augment_traffic(augment: EpochAugment, images: torch.Tensor, device: torch.device) -> Traffic:
+def count_augment_traffic(augment: EpochAugment, images: torch.Tensor, device: torch.device) -> Traffic:
     """The bytes one batch of the epoch's ``DeviceAugment`` reads and writes, counted op by op
     (``trueface.bench.traffic``): with the row's rate, how near the memory bandwidth it runs."""
     images = images.to(device)
