@@ -21,6 +21,7 @@ from jobs import benchmark
 from trueface.augment_device import APPLY_STEPS, DeviceAugment
 from trueface.bench import gpu
 from trueface.bench.report import Bench
+from trueface.config import load_config
 
 # The CLI run at CUDA sizes takes minutes: on a GPU machine run the benchmark itself instead.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -387,3 +388,15 @@ def test_the_tracer_records_the_augmentation_thread_as_well_as_the_training_loop
     assert len(threads["trueface.augment"]) == 1 and len(threads["trueface.train_step"]) == 1
     assert threads["trueface.augment"] != threads["trueface.train_step"]  # two threads, both recorded
     assert "Self CPU" in table and (tmp_path / "trace-stage1-ops.txt").read_text() == table
+
+
+def test_compile_reaches_the_config_the_engine_and_the_model_alone_are_built_from(tmp_path, monkeypatch):
+    # --compile is runtime.compile=true in the one config both windows use (_build_state compiles the
+    # training forward from it: tests/test_train_device_augment.py); without it, eager, as in training
+    seen = []
+    monkeypatch.setattr(gpu, "_measure", lambda cfg, *a, **k: seen.append(cfg) or Bench("gpu"))
+    for argv in (["gpu", "--quick", "--compile"], ["gpu", "--quick"]):
+        args = benchmark.parse_args([*argv, "--results-dir", str(tmp_path)])
+        gpu.run(args)
+    assert [cfg.runtime.compile for cfg in seen] == [True, False]
+    assert load_config("paper").runtime.compile is False  # what a run trains with unless told

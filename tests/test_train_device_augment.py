@@ -154,7 +154,7 @@ class _Compiled(nn.Module):
 
 def test_runtime_compile_wraps_only_the_training_model(tiny_cfg, tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or _Compiled(m))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or _Compiled(m))
     off = train._build_state(tiny_cfg, 1, None, DistInfo())
     assert not compiled and off.train_model is off.model
     cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
@@ -164,3 +164,26 @@ def test_runtime_compile_wraps_only_the_training_model(tiny_cfg, tmp_path, monke
     _stage1(_with(cfg, epochs=1), tmp_path)
     saved = load_checkpoint(tmp_path / "stage1" / "last.pt")["model"]
     assert saved.keys() == on.model.state_dict().keys()  # no _orig_mod. prefixes
+
+
+def test_a_second_image_size_in_the_process_gets_a_graph_of_its_own_size(tiny_cfg, monkeypatch):
+    # Stage II after Stage I in one process, as jobs.benchmark gpu runs them: torch.compile's default
+    # would compile the second size with the image's sides symbolic, unlike a run's fresh process.
+    # The real torch.compile, with a backend that only records each graph's non-tensor inputs.
+    symbolic = []
+
+    def recording(gm, inputs):
+        symbolic.append([n.name for n in gm.graph.nodes
+                         if n.op == "placeholder" and not isinstance(n.meta.get("example_value"), torch.Tensor)])
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=recording, **kw))
+    cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
+    torch._dynamo.reset()
+    try:
+        for size in (32, 48):  # one state per stage; the same forward code both times
+            train._build_state(cfg, 1, None, DistInfo()).train_model(torch.randn(2, 3, size, size))
+    finally:
+        torch._dynamo.reset()
+    assert symbolic == [[], []]  # two graphs, each for its own size

@@ -368,8 +368,12 @@ def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) 
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
     # Only the training forward is compiled: validation, the EMA and checkpoints use the bare
     # module (its parameters are the compiled wrapper's). DDP wraps the compiled module, as
-    # PyTorch advises (compile the inner module, not the DDP wrapper).
-    train_model: nn.Module = torch.compile(model) if cfg.runtime.compile else model
+    # PyTorch advises (compile the inner module, not the DDP wrapper). dynamic=False: a stage's
+    # training batches keep one shape (drop_last). With the default, a second image size in the
+    # same process (jobs.benchmark gpu runs Stage II after Stage I; a Ray run starts each stage's
+    # workers afresh) would be compiled with the image's sides symbolic, so the benchmark would
+    # time kernels built for any size where a run's fresh process builds them for its one size.
+    train_model: nn.Module = torch.compile(model, dynamic=False) if cfg.runtime.compile else model
     if di.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     return TrainState(model, ema, make_optimizer(model, cfg.stage(stage)), runtime, train_model)

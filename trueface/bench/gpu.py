@@ -6,6 +6,7 @@ Usage::
     python -m jobs.benchmark gpu --data-root ../shared/data/faces140k-mini   # real JPEGs instead of generated
     python -m jobs.benchmark gpu --quick                  # fewer steps (CPU: seconds, for CI)
     python -m jobs.benchmark gpu --prepared               # train from the prepared uint8 cache (data.prepared)
+    python -m jobs.benchmark gpu --compile                # runtime.compile=true: torch.compile's rate beside eager's
     python -m jobs.benchmark gpu --trace                  # also a profiler trace of 5 engine steps per stage
     bash docker/gpu_check.sh                              # nvidia-smi, then this under a 6-minute timeout
 
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> Bench:
     torch.manual_seed(SEED)
     work = Path(tempfile.mkdtemp(prefix="trueface-bench-gpu-"))
     try:
-        cfg = bench_config(sizes, workers, work, prepared=getattr(args, "prepared", False))
+        cfg = bench_config(sizes, workers, work, prepared=getattr(args, "prepared", False),
+                           compile_model=getattr(args, "compile", False))
         images, source = stage_images(getattr(args, "data_root", None), sizes, work)
         if cfg.data.prepared != "none":
             prepare_images(cfg, sizes, images)
@@ -171,7 +173,7 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
                else "batched on the CPU (forced: training_data(on_device=True))")
     context = {**machine_context(), "images": source, "loader_workers": workers, "precision": runtime.precision,
                "augment": augment, "config": "paper preset, model.weights=none, first strong epoch",
-               "data.prepared": cfg.data.prepared,
+               "data.prepared": cfg.data.prepared, "runtime.compile": cfg.runtime.compile,
                "sizes": {STAGE_NAMES[s]: f"{z.image} px from {z.jpeg} px JPEGs, batch {z.batch}, {z.warmup} warm-up "
                                          f"+ up to {z.timed} timed steps, {z.files} files" for s, z in sizes.items()}}
     if not cuda:
@@ -253,12 +255,16 @@ def plan_sizes(args: argparse.Namespace, cuda: bool, workers: int) -> dict[int, 
     return sizes
 
 
-def bench_config(sizes: dict[int, StageSize], workers: int, work: Path, prepared: bool = False) -> Config:
+def bench_config(sizes: dict[int, StageSize], workers: int, work: Path, prepared: bool = False,
+                 compile_model: bool = False) -> Config:
     """The paper preset at the benchmark's sizes: one micro-batch per step, an epoch just long
     enough for the warm-up and timed steps, augment.device auto (gpu on CUDA), no download;
-    ``prepared``: images read from the prepared uint8 cache in ``work``."""
+    ``prepared``: images read from the prepared uint8 cache in ``work``; ``compile_model``:
+    ``runtime.compile=true``, so the engine and the model alone both run the compiled forward
+    (compiled in the engine's first warm-up step; the model alone's batches have its shape)."""
     overrides = ["model.weights=none", f"data.loader_workers={workers}", f"output.runs_dir={work}/runs",
-                 f"data.cache_dir={work}/cache", "run_name=bench-gpu", f"data.prepared={'uint8' if prepared else 'none'}"]
+                 f"data.cache_dir={work}/cache", "run_name=bench-gpu", f"data.prepared={'uint8' if prepared else 'none'}",
+                 f"runtime.compile={'true' if compile_model else 'false'}"]
     for stage, z in sizes.items():
         key = f"stage{stage}"
         overrides += [f"{key}.image_size={z.image}", f"{key}.batch_size={z.batch}", f"{key}.accum_steps=1",
