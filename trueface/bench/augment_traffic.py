@@ -18,6 +18,7 @@ the same count on the device with the bandwidth it takes there.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> Bench:
     bench = Bench("traffic", {**machine_context(), "preset": "paper", "jpeg": "trueface.jpeg_tensor (the GPU's)"})
     for stage, size in sizes.items():
         augment = DeviceAugment(cfg.stage(stage).augment, jpeg=jpeg_tensor)
-        batches = 1 if quick else -(-MIN_IMAGES // size.batch)
+        batches = 1 if quick else math.ceil(MIN_IMAGES / size.batch)
         counts = [count_batch(augment, size, seed) for seed in range(batches)]
         print(f"{STAGE_NAMES[stage]}: counted {len(counts)} batch(es)", flush=True)
         bench.add(traffic_row(STAGE_NAMES[stage], size, counts))
