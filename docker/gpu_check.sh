@@ -4,7 +4,7 @@
 #     bash docker/gpu_check.sh                 # tables in results/bench-gpu/
 #     OUT=/mnt/shared/results bash docker/gpu_check.sh
 #     bash docker/gpu_check.sh --trace         # also a profiler trace per stage (bench-gpu/trace-stageN.json.gz)
-#     bash docker/gpu_check.sh --compile       # runtime.compile=true: about a minute more a stage to compile
+#     bash docker/gpu_check.sh --compile       # runtime.compile=true (Stage I compiled in about a minute on an H200)
 #
 # Prints nvidia-smi, then runs `python -m jobs.benchmark gpu` (no Ray, nothing downloaded) under a
 # 6-minute timeout. It checks, on Stage I (224 px from 256 px JPEGs) and Stage II (1024 px) of the
