@@ -187,3 +187,21 @@ def test_a_second_image_size_in_the_process_gets_a_graph_of_its_own_size(tiny_cf
     finally:
         torch._dynamo.reset()
     assert symbolic == [[], []]  # two graphs, each for its own size
+
+
+def test_a_model_torch_compile_cannot_compile_stops_with_an_error_naming_the_key(tiny_cfg, tmp_path, monkeypatch):
+    # as where a CPU has no C++ compiler or a GPU no Triton: the real torch.compile, whose backend fails
+    def no_compiler(gm, inputs):
+        raise RuntimeError("no working C++ compiler found\nmore lines of the compiler's own")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=no_compiler, **kw))
+    cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(train.StageError) as failed:
+            _stage1(_with(cfg, epochs=1), tmp_path)
+    finally:
+        torch._dynamo.reset()
+    assert str(failed.value) == ("runtime.compile=true: torch.compile could not compile the model (RuntimeError: no "
+                                 "working C++ compiler found); set runtime.compile=false to train without compiling")

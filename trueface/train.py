@@ -431,10 +431,26 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, st
     no_sync = getattr(state.train_model, "no_sync", None)
     with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():
         with rt.autocast():
-            logits = state.train_model(images)
+            logits = _forward(state.train_model, images)
         loss = soft_cross_entropy(logits, targets) / st.accum_steps
         rt.backward(loss)
     return loss.detach()
+
+
+def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)``; where ``runtime.compile=true`` and torch.compile cannot compile it (the
+    first call compiles: no C++ compiler on a CPU, no Triton on a GPU), a StageError that names the
+    key instead of the compiler's own traceback."""
+    try:
+        return model(images)
+    except Exception as exc:
+        # torch._dynamo is imported here only on an error (2 s): compiling has imported it already
+        if isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
+            reason = str(exc.inner_exception).strip().splitlines()
+            raise StageError(f"runtime.compile=true: torch.compile could not compile the model "
+                             f"({type(exc.inner_exception).__name__}: {reason[0] if reason else 'no message'}); "
+                             "set runtime.compile=false to train without compiling") from exc
+        raise
 
 
 def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step: int, epoch: int,
