@@ -6,6 +6,7 @@ generator seeded from (seed, rank, epoch), then MixUp. Spies record what reaches
 model's input), what ``DeviceAugment`` is called with and returns, and the TensorBoard grid.
 """
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -152,12 +153,29 @@ class _Compiled(nn.Module):
         return self._orig_mod(x)
 
 
+def _compiling(cfg):
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, compile=True))
+
+
+@contextlib.contextmanager
+def _real_compile_with(backend, monkeypatch):
+    """The real torch.compile (dynamo) with ``backend`` in place of inductor, dynamo's caches
+    cleared before and after (they outlive a test)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=backend, **kw))
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
 def test_runtime_compile_wraps_only_the_training_model(tiny_cfg, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or _Compiled(m))
     off = train._build_state(tiny_cfg, 1, None, DistInfo())
     assert not compiled and off.train_model is off.model
-    cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
+    cfg = _compiling(tiny_cfg)
     on = train._build_state(cfg, 1, None, DistInfo())
     assert compiled == [on.model] and isinstance(on.train_model, _Compiled)
     assert on.optimizer.defaults["fused"] is True  # fused on the CPU too (make_optimizer)
@@ -169,7 +187,7 @@ def test_runtime_compile_wraps_only_the_training_model(tiny_cfg, tmp_path, monke
 def test_a_second_image_size_in_the_process_gets_a_graph_of_its_own_size(tiny_cfg, monkeypatch):
     # Stage II after Stage I in one process, as jobs.benchmark gpu runs them: torch.compile's default
     # would compile the second size with the image's sides symbolic, unlike a run's fresh process.
-    # The real torch.compile, with a backend that only records each graph's non-tensor inputs.
+    # A backend that only records each graph's non-tensor inputs.
     symbolic = []
 
     def recording(gm, inputs):
@@ -177,31 +195,18 @@ def test_a_second_image_size_in_the_process_gets_a_graph_of_its_own_size(tiny_cf
                          if n.op == "placeholder" and not isinstance(n.meta.get("example_value"), torch.Tensor)])
         return gm.forward
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=recording, **kw))
-    cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
-    torch._dynamo.reset()
-    try:
+    with _real_compile_with(recording, monkeypatch):
         for size in (32, 48):  # one state per stage; the same forward code both times
-            train._build_state(cfg, 1, None, DistInfo()).train_model(torch.randn(2, 3, size, size))
-    finally:
-        torch._dynamo.reset()
+            train._build_state(_compiling(tiny_cfg), 1, None, DistInfo()).train_model(torch.randn(2, 3, size, size))
     assert symbolic == [[], []]  # two graphs, each for its own size
 
 
 def test_a_model_torch_compile_cannot_compile_stops_with_an_error_naming_the_key(tiny_cfg, tmp_path, monkeypatch):
-    # as where a CPU has no C++ compiler or a GPU no Triton: the real torch.compile, whose backend fails
+    # as where a CPU has no C++ compiler or a GPU no Triton: a backend that fails
     def no_compiler(gm, inputs):
         raise RuntimeError("no working C++ compiler found\nmore lines of the compiler's own")
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=no_compiler, **kw))
-    cfg = dataclasses.replace(tiny_cfg, runtime=dataclasses.replace(tiny_cfg.runtime, compile=True))
-    torch._dynamo.reset()
-    try:
-        with pytest.raises(train.StageError) as failed:
-            _stage1(_with(cfg, epochs=1), tmp_path)
-    finally:
-        torch._dynamo.reset()
+    with _real_compile_with(no_compiler, monkeypatch), pytest.raises(train.StageError) as failed:
+        _stage1(_with(_compiling(tiny_cfg), epochs=1), tmp_path)
     assert str(failed.value) == ("runtime.compile=true: torch.compile could not compile the model (RuntimeError: no "
                                  "working C++ compiler found); set runtime.compile=false to train without compiling")
