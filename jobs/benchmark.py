@@ -59,7 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="gpu: train from the prepared uint8 cache (data.prepared=uint8), built before the timing")
     parser.add_argument("--compile", action="store_true",
                         help="gpu: train with runtime.compile=true (torch.compile of the training forward; the "
-                             "warm-up's first step compiles: about a minute for Stage I on an H200)")
+                             "warm-up's first step compiles: about a minute for Stage I on an H200) and time the "
+                             "model alone eager beside it, on the same state")
     parser.add_argument("--trace", action="store_true",
                         help="gpu: also record a profiler trace of a few engine steps per stage "
                              "(<results-dir>/bench-gpu/trace-stageN.json.gz; open it in ui.perfetto.dev)")

@@ -400,3 +400,41 @@ def test_compile_reaches_the_config_the_engine_and_the_model_alone_are_built_fro
         gpu.run(args)
     assert [cfg.runtime.compile for cfg in seen] == [True, False]
     assert load_config("paper").runtime.compile is False  # what a run trains with unless told
+
+
+class _Compiled(torch.nn.Module):
+    """Stands in for torch.compile's wrapper (compiling takes minutes here): the same forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images):
+        return self.module(images)
+
+
+@cpu_only
+def test_with_compile_the_model_alone_is_timed_compiled_and_then_eager_on_the_same_state(tmp_path, monkeypatch):
+    # one run answers what compiling buys: the model-alone window compiled, then again with the
+    # stage's bare module (same weights, optimizer and batches), in a row of its own per stage
+    forwards, real_step = Counter(), trueface.train.train_step
+
+    def step(state, *a, **k):
+        compiled = isinstance(state.train_model, _Compiled)
+        assert compiled or state.train_model is state.model
+        forwards["compiled" if compiled else "eager"] += 1
+        return real_step(state, *a, **k)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: _Compiled(model))
+    monkeypatch.setattr(trueface.train, "train_step", step)
+    assert benchmark.main(["gpu", "--quick", "--compile", "--results-dir", str(tmp_path)]) == 0
+    rows = {r["what"]: r for r in json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())["rows"]}
+    size = gpu.CPU_QUICK
+    assert forwards["eager"] == sum(size[s].warmup + size[s].timed for s in (1, 2))  # the eager windows' steps only
+    assert forwards["compiled"] > forwards["eager"]  # the engine, the compiled model alone, the counted step
+    for stage in ("Stage I", "Stage II"):
+        row = rows[f"{stage} model alone, compiled vs eager"]
+        assert row["project"] == rows[f"{stage} input path vs model alone"]["reference"]  # the compiled window's
+        assert row["reference"] > 0 and row["target"] is None
+        first = re.search(r"the first step took (\d+\.\d) s", rows[f"{stage} training (engine)"]["note"])
+        assert first and float(first[1]) > 0 and f"first step ({first[1]} s)" in row["note"]

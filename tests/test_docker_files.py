@@ -494,3 +494,26 @@ def test_install_sh_installs_the_project_into_a_fresh_venv(tmp_path):
     bad = subprocess.run(["bash", str(src / "docker" / "install.sh"), str(tmp_path / "nowhere")],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no pyproject.toml" in bad.stderr
+
+
+def test_gpu_check_runs_the_benchmark_under_its_timeout_and_passes_its_status_on(tmp_path):
+    # stand-ins on PATH: `timeout` records its arguments and exits as the benchmark would have
+    # (124: stopped), no nvidia-smi; the script's own logic (limit, arguments, status) is what runs
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "timeout").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\nexit "$EXIT_WITH"\n')
+    (bin_dir / "timeout").chmod(0o755)
+    calls = tmp_path / "calls"
+
+    def check(*args: str, exit_with: int) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls), "EXIT_WITH": str(exit_with),
+               "PYTHON": "py", "OUT": str(tmp_path / "out")}
+        return subprocess.run(["bash", str(DOCKER / "gpu_check.sh"), *args], env=env, capture_output=True, text=True)
+
+    plain, compiled = check("--trace", exit_with=1), check("--data-root", "d", "--compile", exit_with=124)
+    out = str(tmp_path / "out")
+    assert calls.read_text().splitlines() == [f"360 py -m jobs.benchmark gpu --results-dir {out} --trace",
+                                              f"540 py -m jobs.benchmark gpu --results-dir {out} --data-root d --compile"]
+    assert (plain.returncode, compiled.returncode) == (1, 124)
+    assert "nvidia-smi not found" in plain.stdout and "ran past" not in plain.stderr
+    assert f"ran past 540 s and was stopped; the stages it finished are in {out}/bench-gpu/" in compiled.stderr

@@ -24,6 +24,9 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
 - "training (engine)": img/s; on CUDA Stage I >= 3500 and Stage II >= 170 (issue 11);
 - "input path vs model alone": engine / model alone; Stage I >= 0.90 on CUDA: the input path never
   the limit, i.e. the GPU busy at least 90% of the time it would be with free input;
+- with ``--compile`` (``runtime.compile=true``), "model alone, compiled vs eager": the model-alone
+  figure (compiled) against the same state's bare module, timed right after it, so one run says
+  what compiling buys; the engine row's note gives the first step's seconds, which hold the compiling;
 - "GPU busy (nvml)": mean of ``torch.cuda.utilization()`` sampled every 0.2 s over the timed
   engine steps (Stage I >= 90%), where pynvml answers; otherwise the ratio row stands in;
 - "peak GPU memory": ``torch.cuda.max_memory_allocated`` over the stage, GiB, no target;
@@ -131,6 +134,7 @@ TRACE_TABLE_ROWS = 12
 RATE_TARGETS = {1: 3500.0, 2: 170.0}
 RATIO_TARGET = {1: 0.90}  # Stage I: the input path costs at most 10% of the model's own speed
 BUSY_TARGET = {1: 90.0}
+FIRST_STEP_WHY = "the loader's start, on CUDA cuDNN's algorithm search, with runtime.compile the compiling"
 CPU_NOTE = "CPU at small sizes: the targets apply on an H100"
 
 
@@ -328,6 +332,8 @@ class TimedWindow(_ProgressWindow):
         super().__init__(NullLogger(), log_every, key, DistInfo(0, 1))
         self.warmup, self.timed, self.max_s, self.device, self.probe = warmup, timed, max_s, device, probe
         self.done = 0
+        self.created = time.perf_counter()
+        self.first_step_s = 0.0  # the first step's seconds: compiling, cuDNN's search, the loader's start
         self.started = self.stopped = 0.0
         self.timed_steps = 0
         self.input_at_start = self.input.snapshot()
@@ -336,6 +342,8 @@ class TimedWindow(_ProgressWindow):
     def step_done(self, step: int, epoch: int, lr: float, decay: float) -> None:
         super().step_done(step, epoch, lr, decay)
         self.done += 1
+        if self.done == 1:
+            self.first_step_s = self._now() - self.created
         if self.done == self.warmup:
             self.started = self._now()
             self.input_at_start = self.input.snapshot()
@@ -444,6 +452,8 @@ class StageFigures:
     decode_pil: float = 0.0  # img/s of the workers' decode (load_rgb) on one core
     input_times: InputTimes | None = None  # the input path's host times over the timed engine steps
     engine_s: float = 0.0  # seconds of the timed engine steps
+    first_step_s: float = 0.0  # seconds of the engine's first step (with runtime.compile, the compiling)
+    eager_alone: float | None = None  # img/s of the model alone uncompiled, where runtime.compile is on
     state: TrainState | None = None
 
 
@@ -486,8 +496,12 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
         why = busy.error or "no sample taken"
     r = StageFigures(engine.rate(size.batch), alone.rate(size.batch), engine.timed_steps, alone.timed_steps,
                      busy_mean, why, peak, queued_batches(cfg.data.loader_workers, cuda),
-                     input_times=engine.timed_input, engine_s=engine.stopped - engine.started, state=state)
+                     input_times=engine.timed_input, engine_s=engine.stopped - engine.started,
+                     first_step_s=engine.first_step_s, state=state)
     name, device = STAGE_NAMES[stage], state.runtime.device
+    if cfg.runtime.compile:  # the same state with the bare module for its training forward
+        r.eager_alone = diagnostic(f"{name} model alone, eager", failed, None, lambda: model_alone_window(
+            cfg, stage, replace(state, train_model=state.model), size).rate(size.batch))
     batch = device_batches(size.image, size.batch, device, count=1)[0]  # made outside the count: its copy waits
     r.step_syncs = diagnostic(f"{name} host synchronisations in a training step", failed, None,
                               lambda: host_syncs(lambda: one_step(state, cfg.stage(stage), batch), device))
@@ -801,7 +815,8 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
     bench.add(Row(f"{name} training (engine)", r.engine, None, "img/s", RATE_TARGETS[stage] if cuda else None, note=(
         f"{where}{shape}: {r.engine_steps} timed steps after {size.warmup} warm-up step(s) of the real engine path "
         f"(_build_state, training_data, the epoch's DataLoader with {workers} worker(s), train_one_epoch) "
-        f"on {size.files} files cycled by the sampler; {prefetch_note(r.prefetch, r.engine_steps)}")))
+        f"on {size.files} files cycled by the sampler; {prefetch_note(r.prefetch, r.engine_steps)}"
+        + (f"; the first step took {r.first_step_s:.1f} s ({FIRST_STEP_WHY})" if r.first_step_s else ""))))
     bench.add(Row(f"{name} input path vs model alone", r.engine, r.model_alone, "img/s",
                   RATIO_TARGET.get(stage) if cuda else None, note=(
         f"{where}model alone: the same train_one_epoch and state on {DISTINCT_BATCHES} normalised float "
@@ -811,6 +826,11 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
            if r.step_syncs is not None else "")
         + input_times_note(r.input_times, r.engine_s, cuda)
         + ("" if r.busy is not None else f"; nvml not available ({r.busy_why}): this ratio stands in for GPU busy"))))
+    if r.eager_alone is not None:
+        bench.add(Row(f"{name} model alone, compiled vs eager", r.model_alone, r.eager_alone, "img/s", note=(
+            f"{where}runtime.compile=true: the model-alone figure above (the compiled training forward) against "
+            "the same train_one_epoch and state with the bare module, measured right after it; the compiling "
+            f"itself is in the engine's first step ({r.first_step_s:.1f} s), paid once by each stage's process")))
     if r.busy is not None:
         bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", BUSY_TARGET.get(stage), note=(
             f"mean of torch.cuda.utilization() every {BUSY_PERIOD_S:g} s over the timed engine steps "
@@ -883,6 +903,8 @@ def progress_line(stage: int, size: StageSize, r: StageFigures) -> str:
         f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else "") + (
         f", host synchronisations: {r.step_syncs} a training step, {r.augment_syncs} an augmented batch"
         if r.step_syncs is not None else "") + (
-        f", input wait {r.input_times.wait_share(r.engine_s):.0%}" if r.input_times and r.engine_s > 0 else "")
+        f", input wait {r.input_times.wait_share(r.engine_s):.0%}" if r.input_times and r.engine_s > 0 else "") + (
+        f", model alone eager {r.eager_alone:,.1f} img/s" if r.eager_alone is not None else "") + (
+        f", first step {r.first_step_s:.1f} s" if r.first_step_s else "")
     return (f"{STAGE_NAMES[stage]} {size.image} px, batch {size.batch}: engine {r.engine:,.1f} img/s, "
             f"model alone {r.model_alone:,.1f} img/s ({ratio:.2f}){extra}")
