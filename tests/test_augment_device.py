@@ -49,6 +49,7 @@ from trueface.augment_device import (
 from trueface.config import ConfigError, load_config
 from trueface.jpeg_tensor import jpeg_tensor
 from trueface.config.schema import AugmentConfig
+from trueface.precision import Runtime
 
 N = 400
 STRENGTH = 0.5  # every knob below is halved: a path that ignored strength fails the rates
@@ -391,6 +392,12 @@ def test_hue_is_torchvisions_adjust_hue_on_greys_ties_and_the_wraparound():
     assert (out - expected).abs().max().item() < 2e-6
     assert torch.equal(out[:8], x[:8])  # greys stay grey
     assert (out[26:] - x[26:]).abs().amax(dim=(1, 2, 3)).min().item() > 0.05  # a shift moves colours
+    # in float16 (a CUDA run's type, Runtime.augment_dtype) too: greys stay grey (not 0/0; within
+    # float16's smallest step, 6e-8), and the hue, worked out in sixths of a turn up to 6 (float16's
+    # steps there: 1/256, at full chroma 0.5 of a level a rounding), within 2 levels (1.6 here)
+    half = augment_device._hue(x.half(), shift.half())
+    assert half.dtype == torch.float16 and (half[:8].float() - x[:8].half().float()).abs().max().item() <= 2**-24
+    assert (half.float() - expected).abs().max().item() < 2 / 255
 
 
 def test_colour_jitter_reads_the_order_itself_when_not_handed_it():
@@ -453,6 +460,32 @@ def test_output_type_shape_device_seed_and_mixup():
         aug(images.float(), torch.Generator())
     with pytest.raises(ValueError, match="generator is on cpu, the images on meta"):
         aug(images.to("meta"), torch.Generator())
+
+
+def test_a_cuda_run_under_autocast_augments_in_float16_every_other_run_in_float32():
+    policy = {(device, precision): Runtime(torch.device(device), precision, None).augment_dtype
+              for device in ("cuda", "cpu") for precision in ("bf16", "fp16", "fp32")}
+    assert policy == {("cuda", "bf16"): torch.float16, ("cuda", "fp16"): torch.float16,
+                      ("cuda", "fp32"): torch.float32, ("cpu", "bf16"): torch.float32,
+                      ("cpu", "fp16"): torch.float32, ("cpu", "fp32"): torch.float32}
+
+
+@pytest.mark.parametrize("op", [*sorted(RATE_CASES), "all"])
+def test_float16_gives_the_float32_pixels_for_the_same_draws(op):
+    # The same seed draws the same ops and magnitudes in either type (the noise too), so float16
+    # is held to float32's pixels: within a fraction of a grey level on average, as the model's
+    # bf16 input rounds by up to half a level itself (the per-sample path rounds to whole levels
+    # after every op). With every op on, JPEG may round a block's coefficient the other way
+    # where its input moved by that fraction, so there the mean alone is held.
+    cfg = AugmentConfig() if op == "all" else _only(**{RATE_CASES[op][0]: 0.8})
+    images = _images(n=64, size=32, lo=0, hi=255)
+    out32, out16 = (DeviceAugment(cfg, dtype=dtype)(images, torch.Generator().manual_seed(2))
+                    for dtype in (torch.float32, torch.float16))
+    assert out32.dtype == torch.float32 and out16.dtype == torch.float16 and out16.isfinite().all()
+    levels = (denormalize(out32) - denormalize(out16.float())).abs() * 255
+    assert levels.mean().item() < (0.3 if op == "all" else 0.06)
+    if op != "all":
+        assert levels.max().item() < 2.0
 
 
 def test_augment_device_setting():

@@ -438,3 +438,16 @@ def test_with_compile_the_model_alone_is_timed_compiled_and_then_eager_on_the_sa
         assert row["reference"] > 0 and row["target"] is None
         first = re.search(r"the first step took (\d+\.\d) s", rows[f"{stage} training (engine)"]["note"])
         assert first and float(first[1]) > 0 and f"first step ({first[1]} s)" in row["note"]
+
+
+def test_the_model_alone_gets_batches_of_the_type_the_augmentation_hands_the_model(monkeypatch):
+    # float16 where a CUDA run augments in it: a compiled forward is compiled for one input type
+    # (a float32 batch would compile it again inside the timed window), and a float16 batch is half
+    # the bytes of the first layer's cast
+    from trueface.precision import Runtime
+    cpu = Runtime(torch.device("cpu"), "fp32", None)
+    assert {b[0].dtype for b in gpu.device_batches(8, 2, cpu)} == {torch.float32}
+    monkeypatch.setattr(Runtime, "augment_dtype", property(lambda self: torch.float16))
+    batches = gpu.device_batches(8, 2, cpu)
+    assert len(batches) == gpu.DISTINCT_BATCHES and {b[0].dtype for b in batches} == {torch.float16}
+    assert batches[0][0].shape == (2, 3, 8, 8) and not torch.equal(batches[0][0], batches[1][0])

@@ -59,9 +59,13 @@ def test_the_traffic_part_counts_each_stage_with_the_gpus_jpeg(tmp_path, monkeyp
     rows = json.loads((tmp_path / "bench-traffic" / "bench.json").read_text())["rows"]
     assert [r["what"] for r in rows] == ["Stage I augmentation memory traffic", "Stage II augmentation memory traffic"]
     for row, size in zip(rows, gpu.CPU_QUICK.values(), strict=True):
-        assert row["unit"] == "GB a batch" and row["reference"] is None
-        # at least the uint8 batch read and the float batch written; the note's per-image figure agrees
-        assert row["project"] * 1e9 >= size.batch * 3 * size.image**2 * (1 + 4)
+        assert row["unit"] == "GB a batch"
+        # at least the uint8 batch read and the float batch written: float16 (a CUDA run's) counted
+        # against float32 on the same batches, the float32 count the larger
+        pixels = size.batch * 3 * size.image**2
+        assert row["project"] * 1e9 >= pixels * (1 + 2) and row["reference"] * 1e9 >= pixels * (1 + 4)
+        assert row["project"] < 0.9 * row["reference"]
+        # the note's per-image figure agrees
         per_image = float(re.search(r"([\d,.]+) MB an image", row["note"]).group(1).replace(",", ""))
         assert per_image * size.batch / 1e3 == pytest.approx(row["project"], rel=0.01)
     assert jpeg_calls  # the tensor JPEG a GPU runs, not the CPU's libjpeg

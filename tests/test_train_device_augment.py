@@ -8,6 +8,7 @@ model's input), what ``DeviceAugment`` is called with and returns, and the Tenso
 
 import contextlib
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,18 @@ class _Compiled(nn.Module):
 
     def forward(self, x):
         return self._orig_mod(x)
+
+
+def test_a_stage_augmenting_in_float16_feeds_the_model_float16_under_autocast(tiny_cfg, tmp_path, device_calls,
+                                                                            model_inputs, monkeypatch):
+    # as a CUDA run under bf16 autocast does (Runtime.augment_dtype), here on the CPU's batched path
+    monkeypatch.setattr(train.Runtime, "augment_dtype", property(lambda self: torch.float16))
+    cfg = _with(tiny_cfg, epochs=1, light_epochs=0)
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision="bf16"))
+    result = _stage1(cfg, tmp_path, augment_on_device=True)
+    assert device_calls and all(c["strong"] and c["out"].dtype == torch.float16 for c in device_calls)
+    assert model_inputs and all(x.dtype == torch.float16 for x in model_inputs)
+    assert math.isfinite(result.history[0]["train/loss"])
 
 
 def _compiling(cfg):

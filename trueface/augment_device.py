@@ -56,8 +56,13 @@ a Gaussian of variance exactly sigma^2), a test checks the two blurs agree withi
 Memory traffic: on a GPU these ops are small element-wise kernels whose time is their bytes over
 the memory bandwidth, taken from the training step's. Counted op by op (``python -m jobs.benchmark
 traffic``) on a Stage I batch (200 images of 224 px, the paper preset, the GPU's JPEG): 11.1 GB in
-838 ops, from 15.7 GB in 1,026 before 2026-12-06, when the JPEG, the hue and the colour jitter's
-sub-batches were rewritten to read and write less (README, "fewer bytes an augmented batch").
+838 ops in float32, from 15.7 GB in 1,026 before 2026-12-06, when the JPEG, the hue and the colour
+jitter's sub-batches were rewritten to read and write less (README, "fewer bytes an augmented
+batch"); 8.1 GB in float16 (``dtype``), the type a CUDA run under autocast works in
+(``Runtime.augment_dtype``): the model takes its input in 16 bits there anyway. Given the same
+draws, float16's pixels are float32's within 0.03-0.05 of a grey level on average (hue: 1.6 at
+worst, its sixths of a turn up to 6 being float16's coarsest numbers here), except where a JPEG
+block's coefficient rounds the other way (tests/test_augment_device.py).
 
 Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core machine shared
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
@@ -211,21 +216,27 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     writes of the images' size against torchvision's 52: the hue of every jittered image runs on
     the GPU's memory bandwidth (counted op by op, 2026-12-06)."""
     low, high = torch.aminmax(x, dim=1)
-    chroma = high.sub(low).clamp_min_(1e-30)  # grey (0 chroma): any hue; the 0/1e-30 below gives 0
+    chroma = high.sub(low).clamp_min_(_NEAR_ZERO.get(x.dtype, 1e-30))  # grey: 0 chroma, any hue; 0/near 0 gives 0
     r, g, b = x.unbind(dim=1)
     # as torchvision's _rgb_to_hsv: the max at R -> (G - B) / C, at G -> 2 + (B - R) / C, else 4 + (R - G) / C
     at_r, at_g = high == r, high == g
     sixths = torch.where(at_r, g - b, torch.where(at_g, b - r, r - g)).div_(chroma)
     sixths.add_(torch.where(at_r, 0.0, torch.where(at_g, 2.0, 4.0))).add_(shift.view(-1, 1, 1) * 6).remainder_(6)
-    k = (sixths.unsqueeze(1) + _hue_channel_offsets(x.device)).remainder_(6)
+    k = (sixths.unsqueeze(1) + _hue_channel_offsets(x.device, x.dtype)).remainder_(6)
     return high.unsqueeze(1) - torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma.unsqueeze(1))
 
 
+# the grey's chroma in _hue: not 0, and so small that a grey keeps its value (to within this much:
+# 6e-8, 1.5e-5 of a grey level, in float16). float16's smallest subnormal: its smallest normal,
+# 6e-5, would move dark greys. Kernels do float16 arithmetic in float32, where it is normal.
+_NEAR_ZERO = {torch.float16: 2.0**-24}
+
+
 @functools.lru_cache(maxsize=8)
-def _hue_channel_offsets(device: torch.device) -> torch.Tensor:
+def _hue_channel_offsets(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """n for R, G, B in HSV -> RGB's k = (n + H) mod 6, kept on the device (built once: from host
     data on a GPU it would be a copy the host waits for)."""
-    return torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1)
+    return torch.tensor([5.0, 3.0, 1.0], dtype=dtype, device=device).view(1, 3, 1, 1)
 
 
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
@@ -250,6 +261,7 @@ def jitter_in_place(x: torch.Tensor, on: torch.Tensor, factors: torch.Tensor, or
     (position, op) copies out only its own samples: a sub-batch of the jittered ones copied out
     and back around the 16 would cost six more reads and writes of each."""
     ops = range(len(_JITTER_OPS))
+    factors = factors.to(x.dtype)  # a float16 batch's sub-batches must come back float16 (index_copy_)
     hits = on[:, None, None] & (order[:, :, None] == torch.arange(len(ops), device=order.device))  # (N, 4, 4) at once
     counts = (host_order[:, :, None] == np.array(ops)).sum(axis=0)  # (position, op)
     for position in range(4):
@@ -313,7 +325,7 @@ def libjpeg_roundtrip(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 
 def add_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """``trueface.augment.AddGaussianNoise`` with a generator: on [0, 1] pixels, clamped."""
-    return (x + torch.randn(x.shape, generator=generator, device=x.device) * std).clamp_(0, 1)
+    return (x + torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * std).clamp_(0, 1)
 
 
 JpegRoundTrip = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (float images, quality) -> images
@@ -329,18 +341,20 @@ class DeviceAugment:
     """The strong ops of ``trueface.augment.strong_transform`` after its crop and flip, batched on
     the batch's device; built from ``strong_params(cfg)``. ``jpeg``: the JPEG round trip to use
     (``jpeg_roundtrip``'s signature) where not the batch's device's own (``jpeg_codec``):
-    ``jobs.benchmark traffic`` counts the GPU's on a CPU."""
+    ``jobs.benchmark traffic`` counts the GPU's on a CPU. ``dtype``: the float type its ops work
+    in and return, float32 or float16 (``Runtime.augment_dtype``: float16 on CUDA under autocast)."""
 
-    def __init__(self, cfg: AugmentConfig, jpeg: JpegRoundTrip | None = None) -> None:
+    def __init__(self, cfg: AugmentConfig, jpeg: JpegRoundTrip | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.params = strong_params(cfg)
         self.jpeg = jpeg or jpeg_roundtrip
         self.light_only = cfg.strength <= 0
-        self.to_float = v2.ToDtype(torch.float32, scale=True)
+        self.dtype = dtype  # the float type the ops work in and return (Runtime.augment_dtype)
+        self.to_float = v2.ToDtype(dtype, scale=True)
         self.blur_radius = math.ceil(3 * self.params.blur_sigma[1])
         self.randaugment = BatchRandAugment(self.params.randaugment_ops, self.params.randaugment_magnitude)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator, strong: bool = True) -> torch.Tensor:
-        """uint8 (N, 3, H, W) on any device -> normalised float32 (N, 3, H, W) on that device.
+        """uint8 (N, 3, H, W) on any device -> normalised floats (N, 3, H, W) of ``dtype`` on that device.
 
         ``strong=False`` (light epochs) and strength 0 only normalise. ``generator`` must live on
         the images' device; a seeded one reproduces the batch exactly.

@@ -337,7 +337,7 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     dataset = ImageDataset(samples, transform, decode_size(cfg, st.image_size), image_loader(cfg, st.image_size))
     sampler = BalancedSampler(dataset.labels, dataset.domains, st.balance, st.samples_per_epoch, di.rank,
                               di.world_size, cfg.seed)
-    return TrainingData(dataset, sampler, DeviceAugment(st.augment) if on_device else None)
+    return TrainingData(dataset, sampler, DeviceAugment(st.augment, dtype=runtime.augment_dtype) if on_device else None)
 
 
 def _describe_prepared(dataset: ImageDataset) -> str:

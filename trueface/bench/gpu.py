@@ -174,7 +174,7 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
     ``bench.failures`` and the other still runs (Stage II then starts from fresh weights)."""
     runtime = Runtime.create(cfg.runtime.device, cfg.runtime.precision)
     augment = ("batched on cuda (augment.device auto)" if cuda
-               else "batched on the CPU (forced: training_data(on_device=True))")
+               else "batched on the CPU (forced: training_data(on_device=True))") + f", in {runtime.augment_dtype}"
     context = {**machine_context(), "images": source, "loader_workers": workers, "precision": runtime.precision,
                "augment": augment, "config": "paper preset, model.weights=none, first strong epoch",
                "data.prepared": cfg.data.prepared, "runtime.compile": cfg.runtime.compile,
@@ -502,7 +502,7 @@ def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path
     if cfg.runtime.compile:  # the same state with the bare module for its training forward
         r.eager_alone = diagnostic(f"{name} model alone, eager", failed, None, lambda: model_alone_window(
             cfg, stage, replace(state, train_model=state.model), size).rate(size.batch))
-    batch = device_batches(size.image, size.batch, device, count=1)[0]  # made outside the count: its copy waits
+    batch = device_batches(size.image, size.batch, state.runtime, count=1)[0]  # made outside the count: its copy waits
     r.step_syncs = diagnostic(f"{name} host synchronisations in a training step", failed, None,
                               lambda: host_syncs(lambda: one_step(state, cfg.stage(stage), batch), device))
     try:
@@ -761,7 +761,7 @@ def model_alone_window(cfg: Config, stage: int, state: TrainState, size: StageSi
     no decode, no augmentation; what the model and optimizer alone allow (the compute ceiling)."""
     di, st, key = DistInfo(0, 1), cfg.stage(stage), f"stage{stage}"
     plan = _step_plan(st, key, (size.warmup + size.timed) * size.batch, di)
-    batches = device_batches(size.image, size.batch, state.runtime.device)
+    batches = device_batches(size.image, size.batch, state.runtime)
     feed = [batches[i % len(batches)] for i in range(plan.steps_per_epoch)]  # references, not copies
     window = TimedWindow(key, cfg.runtime.log_every, size.warmup, size.timed, MAX_TIMED_S, state.runtime.device)
     rng = np.random.default_rng([cfg.seed, di.rank, st.light_epochs, 7])
@@ -779,15 +779,17 @@ def one_step(state: TrainState, st: StageConfig, batch: tuple[torch.Tensor, torc
     state.ema.update(state.model, 1)
 
 
-def device_batches(image: int, batch: int, device: torch.device,
+def device_batches(image: int, batch: int, runtime: Runtime,
                    count: int = DISTINCT_BATCHES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images, labels, indices) as the loader yields them (labels pinned on CUDA, as its
-    ``pin_memory`` gives them), the images already normalised floats on ``device`` (what
-    ``DeviceAugment`` hands the model)."""
+    ``pin_memory`` gives them), the images already normalised floats on the runtime's device, of
+    the type ``DeviceAugment`` hands the model there (``Runtime.augment_dtype``: a compiled
+    forward is compiled for one input type, and another would compile it again)."""
     gen = torch.Generator().manual_seed(SEED)
     labels = torch.arange(batch) % 2
+    device = runtime.device
     pin = device.type == "cuda"
-    return [(torch.randn(batch, 3, image, image, generator=gen).to(device),
+    return [(torch.randn(batch, 3, image, image, generator=gen).to(device, runtime.augment_dtype),
              labels.clone().pin_memory() if pin else labels.clone(),
              torch.arange(i * batch, (i + 1) * batch)) for i in range(count)]
 

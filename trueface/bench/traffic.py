@@ -3,7 +3,7 @@
 Usage::
 
     traffic = count_traffic(lambda: augment(images))
-    traffic.bytes, traffic.ops      # e.g. 11.1e9 bytes and 838 ops for a Stage I batch (GPU JPEG)
+    traffic.bytes, traffic.ops      # e.g. 11.1e9 bytes and 838 ops for a Stage I batch (GPU JPEG, float32)
 
 Why: ``DeviceAugment`` is a long chain of small element-wise ops, and on a GPU each one reads
 its inputs from memory and writes its output back, so its time is about its bytes over the
