@@ -28,31 +28,29 @@ class ModelEma:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
-        self._pairs: tuple[int, list, list, list] | None = None  # (id of the model, floats, model's floats, ints)
+        self._pairs: tuple[int, list, list, list, list] | None = None  # _tensor_pairs
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> float:
         """Blend ``model`` into the average; returns the decay used."""
         d = ema_decay_at(step, self.decay, self.warmup)
-        _, ema_float, model_float, ints = self._tensor_pairs(model)
-        for ema_t, t in ints:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
-            ema_t.copy_(t)
+        _, ema_float, model_float, ema_ints, model_ints = self._tensor_pairs(model)
+        if ema_ints:  # integer buffers (BatchNorm's num_batches_tracked) follow the model, in one op:
+            torch._foreach_copy_(ema_ints, model_ints)  # a ResNet-50's 53 copies were 53 kernel launches
         torch._foreach_lerp_(ema_float, model_float, 1.0 - d)
         return d
 
-    def _tensor_pairs(self, model: nn.Module) -> tuple[int, list, list, list]:
-        """The (EMA, model) tensor pairs, listed once per model: walking a ResNet-50's 320
-        parameters and buffers every step cost a third of the update on a CPU. load_state_dict
-        copies into the same tensors, so the lists stay valid for the model's life."""
+    def _tensor_pairs(self, model: nn.Module) -> tuple[int, list, list, list, list]:
+        """(id of the model, EMA floats, model floats, EMA ints, model ints), listed once per model:
+        walking a ResNet-50's 320 parameters and buffers every step cost a third of the update on a
+        CPU. load_state_dict copies into the same tensors, so the lists stay valid for the model's life."""
         if self._pairs is None or self._pairs[0] != id(model):
-            ema_float, model_float, ints = [], [], []
+            lists = ([], [], [], [])  # EMA floats, model floats, EMA ints, model ints
             for ema_t, t in zip(self._tensors(self.module), self._tensors(model)):
-                if ema_t.dtype.is_floating_point:
-                    ema_float.append(ema_t)
-                    model_float.append(t.detach())
-                else:
-                    ints.append((ema_t, t))
-            self._pairs = (id(model), ema_float, model_float, ints)
+                kind = 0 if ema_t.dtype.is_floating_point else 2
+                lists[kind].append(ema_t)
+                lists[kind + 1].append(t.detach())
+            self._pairs = (id(model), *lists)
         return self._pairs
 
     @staticmethod
