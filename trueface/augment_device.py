@@ -60,9 +60,9 @@ traffic``) on a Stage I batch (200 images of 224 px, the paper preset, the GPU's
 jitter's sub-batches were rewritten to read and write less (README, "fewer bytes an augmented
 batch"); 8.1 GB in float16 (``dtype``), the type a CUDA run under autocast works in
 (``Runtime.augment_dtype``): the model takes its input in 16 bits there anyway. Given the same
-draws, float16's pixels are float32's within 0.03-0.05 of a grey level on average (hue: 1.6 at
-worst, its sixths of a turn up to 6 being float16's coarsest numbers here), except where a JPEG
-block's coefficient rounds the other way (tests/test_augment_device.py).
+draws, float16's pixels are float32's within 0.03-0.05 of a grey level on average (the hue: up
+to about 2 levels, its sixths of a turn up to 6 being float16's coarsest numbers here), except
+where a JPEG block's coefficient rounds the other way (tests/test_augment_device.py).
 
 Cost on a CPU (64 images of 224 px, Stage I defaults, one torch thread, 2-core machine shared
 with another job, niced; medians of 5 runs): the per-sample strong path 8.0 ms an image; this
