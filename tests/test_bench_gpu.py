@@ -402,21 +402,13 @@ def test_compile_reaches_the_config_the_engine_and_the_model_alone_are_built_fro
     assert load_config("paper").runtime.compile is False  # what a run trains with unless told
 
 
-class _Compiled(torch.nn.Module):
-    """Stands in for torch.compile's wrapper (compiling takes minutes here): the same forward."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, images):
-        return self.module(images)
-
-
 @cpu_only
 def test_with_compile_the_model_alone_is_timed_compiled_and_then_eager_on_the_same_state(tmp_path, monkeypatch):
     # one run answers what compiling buys: the model-alone window compiled, then again with the
-    # stage's bare module (same weights, optimizer and batches), in a row of its own per stage
+    # stage's bare module (same weights, optimizer and batches), in a row of its own per stage;
+    # torch.compile's stand-in keeps the forward as it is (compiling takes minutes here)
+    from tests.test_train_device_augment import _Compiled
+
     forwards, real_step = Counter(), trueface.train.train_step
 
     def step(state, *a, **k):

@@ -37,16 +37,7 @@ def test_ema_averages_parameters_and_float_buffers_and_copies_int_buffers():
 def test_ema_update_is_two_ops_however_many_layers():
     # one foreach op for the floats and one for the integer buffers: on a GPU each op is a kernel
     # launch on the training loop's thread, and a ResNet-50 has 53 BatchNorm layers
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from tests.test_augment_device import _OpLog
 
     for layers in (1, 6):
         model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(2, 2), nn.BatchNorm1d(2))])
@@ -54,7 +45,7 @@ def test_ema_update_is_two_ops_however_many_layers():
         ema.update(model, step=1)  # lists the tensor pairs once
         with torch.no_grad():
             model[1].num_batches_tracked.fill_(3)
-        with Ops() as ops:
+        with _OpLog() as ops:
             ema.update(model, step=2)
         assert sorted(ops.names) == ["_foreach_copy_", "_foreach_lerp_"], layers
         assert ema.module[1].num_batches_tracked.item() == 3
