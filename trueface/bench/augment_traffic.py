@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> Bench:
     bench = Bench("traffic", {**machine_context(), "preset": "paper", "jpeg": "trueface.jpeg_tensor (the GPU's)"})
     for stage, size in sizes.items():
         batches = 1 if quick else math.ceil(MIN_IMAGES / size.batch)
-        counts = {dtype: [count_batch(DeviceAugment(cfg.stage(stage).augment, jpeg=jpeg_tensor, dtype=dtype), size, seed)
-                          for seed in range(batches)] for dtype in (CUDA_DTYPE, torch.float32)}
+        augments = {dtype: DeviceAugment(cfg.stage(stage).augment, jpeg=jpeg_tensor, dtype=dtype)
+                    for dtype in (CUDA_DTYPE, torch.float32)}
+        counts = {dtype: [count_batch(augment, size, seed) for seed in range(batches)] for dtype, augment in augments.items()}
         print(f"{STAGE_NAMES[stage]}: counted {batches} batch(es) in each type", flush=True)
         bench.add(traffic_row(STAGE_NAMES[stage], size, counts[CUDA_DTYPE], counts[torch.float32]))
     return bench
