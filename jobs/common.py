@@ -18,6 +18,13 @@ from trueface.host_memory import worker_env
 from trueface.storage import is_uri
 
 LOOPBACK = "127.0.0.1"
+#: The driver's defaults, on a cluster too. Train V2 re-routes print() through a logger AND tees
+#: it, so every line of the engine's progress would reach the driver twice.
+DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+#: A local Ray's defaults. Ray Train's preemption watcher (an actor of its own for each worker
+#: group, polling for nodes being drained) is for clouds' spot instances: a cluster keeps it;
+#: locally it costs a process each stage and only ever logs a scary actor error.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -80,14 +87,12 @@ def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> N
     (default: enough for one worker group of ``cfg``, and at least the machine's cores)."""
     import ray
 
+    # Set even when this process already runs Ray (a notebook's, the test suite's): Ray Train reads
+    # them in the driver when a trainer starts and passes them on to its controller and workers.
+    for name, value in DRIVER_ENV.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Train V2 re-routes print() through a logger AND tees it, so every line of the engine's
-    # progress would reach the driver twice; workers started by this process inherit this.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # Spot-instance preemption watching is for clouds; locally it only logs a scary actor error.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address:
         ray.init(address=address)
         return
@@ -106,6 +111,8 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True, worker_env: dict[
     import ray
     import ray._private.ray_constants as ray_constants
 
+    for name, value in LOCAL_ENV.items():
+        os.environ.setdefault(name, value)
     # Token auth: Ray 2.60 turns it on for a new local Ray unless RAY_AUTH_MODE says otherwise. Not
     # set here: Ray reads the mode when imported and only refreshes it when it picks the default.
     auth_mode_given = "RAY_AUTH_MODE" in os.environ

@@ -61,6 +61,10 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     assert set(saved.pooled) == {"raw", "ema"} and saved.chosen_by == "jobs.pipeline (run e2e)"
     best2_sha = hashlib.sha256((run / "stage2" / "best.pt").read_bytes()).hexdigest()
     assert best2["config"]["stage2"]["domains"] == ["140k-real-vs-fake", "dalle"]
+    # a local Ray's stages run without Ray Train's preemption watcher (jobs.common.LOCAL_ENV): no
+    # actor of that class was ever started on this Ray, by this test or before it
+    from ray.util.state import list_actors
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], raise_on_missing_output=False)
 
     # the same command again resumes: both stages are skipped, only the evaluation reruns
     mtime = (run / "stage1" / "best.pt").stat().st_mtime
