@@ -113,11 +113,12 @@ def ray_session(s3_server):
     local S3 (``s3_server``) has put its credentials in the environment, which every Ray worker
     inherits from the raylet, as a cluster's workers get theirs: a search on this Ray can keep its
     trials in the bucket (tests/test_tune_ray.py)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from jobs.common import DRIVER_ENV, start_local_ray
+
+    for name, value in DRIVER_ENV.items():  # as jobs.common.init_ray sets them before it starts a Ray
+        os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray
-
-    from jobs.common import start_local_ray
 
     # As jobs.init_ray starts one (loopback only, token auth; tests/test_ray_binding.py checks it),
     # dashboard included: Ray Train's placement-group cleaner polls the state API it serves, and

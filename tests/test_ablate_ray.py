@@ -30,7 +30,6 @@ TRAINED = {"full-seed0", "full-seed1", "no-strong-augmentation-seed0", "no-stron
 @pytest.fixture(autouse=True)
 def _fail_fast_ray_env(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,7 @@ def killed_run(s3_server, ray_session, module_tmp):
     stage1_before = _stage_objects(s3_server, 1)
 
     shutil.rmtree(cache)  # a new machine: the run resumes from the bucket alone
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as printed:
-        mp.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # as tests/test_pipeline_ray.py's in-process drivers
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
         rc = pipeline.main(args)
     return {"tmp": tmp, "root": root, "cache": cache, "first": job.output(), "rc": rc,
             "rerun": printed.getvalue(), "stage1_before": stage1_before}

@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(autouse=True)
 def _fail_fast_ray_env(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 @pytest.mark.timeout(600)

@@ -38,7 +38,6 @@ params:
 @pytest.fixture(autouse=True)
 def _fail_fast_ray_env(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 BUCKET = "s3://trueface-test/tune"
