@@ -122,12 +122,12 @@ def test_noise_on_cuda_has_its_configured_strength():
     assert abs(spread.std().item() - std) < 0.05 * std and abs(spread.mean().item()) < 0.05 * std, (spread.std(), std)
 
 
-def _paper(*overrides: str):
-    return load_config("paper", ["model.weights=none", "model.arch=resnet18", "runtime.device=cuda", *overrides])
+def _paper():
+    return load_config("paper", ["model.weights=none", "model.arch=resnet18", "runtime.device=cuda"])
 
 
 def test_a_batch_reads_the_device_back_once_and_a_training_step_never():
-    cfg = _paper("stage1.image_size=64", "stage1.batch_size=32")
+    cfg = _paper()
     augment = DeviceAugment(cfg.stage1.augment, dtype=torch.float16)
     images = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8).to(CUDA)
     generator = torch.Generator(CUDA).manual_seed(0)
