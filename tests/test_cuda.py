@@ -1,8 +1,9 @@
 """The CUDA paths, checked on CUDA: what the rest of the suite runs on the CPU device only.
 
-Skipped where torch sees no CUDA device (every CI run); on a GPU machine ``make test`` runs them,
-or alone, with no Ray and nothing downloaded::
+Skipped where torch sees no CUDA device: every CI run, and ``make test``, which hides the GPU from
+the CPU suite. On a GPU machine, with no Ray and nothing downloaded::
 
+    make test-gpu                              # or, where torch is installed:
     python -m pytest tests/test_cuda.py -v
 
 Each check holds the GPU to the CPU on the same input or the same draws:
@@ -45,7 +46,8 @@ from trueface.precision import Runtime
 from trueface.run import resolve_run
 from trueface.train import EpochAugment, _build_state, run_stage
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the CUDA paths: needs a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="checks the CUDA paths: needs a CUDA device (make test-gpu on a GPU machine)")
 
 CUDA = torch.device("cuda")
 
