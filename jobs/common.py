@@ -27,6 +27,12 @@ DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def set_env_defaults(values: dict[str, str]) -> None:
+    """Each of ``values`` into this process's environment, unless the user has set it already."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
     parser.add_argument("--config", default=default,
                         help=f"preset ({', '.join(preset_names())}) or YAML file; default: {default}")
@@ -89,8 +95,7 @@ def init_ray(address: str | None, cfg: Config, num_cpus: int | None = None) -> N
 
     # Set even when this process already runs Ray (a notebook's, the test suite's): Ray Train reads
     # them in the driver when a trainer starts and passes them on to its controller and workers.
-    for name, value in DRIVER_ENV.items():
-        os.environ.setdefault(name, value)
+    set_env_defaults(DRIVER_ENV)
     if ray.is_initialized():
         return
     if address:
@@ -111,8 +116,7 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True, worker_env: dict[
     import ray
     import ray._private.ray_constants as ray_constants
 
-    for name, value in LOCAL_ENV.items():
-        os.environ.setdefault(name, value)
+    set_env_defaults(LOCAL_ENV)
     # Token auth: Ray 2.60 turns it on for a new local Ray unless RAY_AUTH_MODE says otherwise. Not
     # set here: Ray reads the mode when imported and only refreshes it when it picks the default.
     auth_mode_given = "RAY_AUTH_MODE" in os.environ

@@ -103,6 +103,22 @@ def module_tmp(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def device_calls(monkeypatch):
+    """Every ``DeviceAugment`` call: its input, ``strong`` and output (copies)."""
+    from trueface.augment_device import DeviceAugment
+
+    calls, real = [], DeviceAugment.__call__
+
+    def spy(self, images, generator, strong=True):
+        out = real(self, images, generator, strong=strong)
+        calls.append({"in": images.clone(), "strong": strong, "out": out.detach().clone()})
+        return out
+
+    monkeypatch.setattr(DeviceAugment, "__call__", spy)
+    return calls
+
+
+@pytest.fixture
 def tiny_cfg(tiny_root: Path, tmp_path: Path):
     return load_config("demo", tiny_overrides(tiny_root, tmp_path))
 
@@ -113,10 +129,9 @@ def ray_session(s3_server):
     local S3 (``s3_server``) has put its credentials in the environment, which every Ray worker
     inherits from the raylet, as a cluster's workers get theirs: a search on this Ray can keep its
     trials in the bucket (tests/test_tune_ray.py)."""
-    from jobs.common import DRIVER_ENV, start_local_ray
+    from jobs.common import DRIVER_ENV, set_env_defaults, start_local_ray
 
-    for name, value in DRIVER_ENV.items():  # as jobs.common.init_ray sets them before it starts a Ray
-        os.environ.setdefault(name, value)
+    set_env_defaults(DRIVER_ENV)  # as jobs.common.init_ray sets them before it starts a Ray
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray
 

@@ -173,25 +173,19 @@ def test_augmenting_ahead_on_the_side_stream_gives_the_inline_batches():
     assert not torch.equal(inline[0], inline[1])
 
 
-def test_a_stage_trains_on_cuda_with_its_augmentation_a_batch_ahead_in_float16(tiny_root, tmp_path, monkeypatch):
+def test_a_stage_trains_on_cuda_with_its_augmentation_a_batch_ahead_in_float16(tiny_root, tmp_path, device_calls,
+                                                                                 monkeypatch):
     overrides = tiny_overrides(tiny_root, tmp_path) + [
         "runtime.device=cuda", "runtime.precision=auto", "data.loader_workers=2", "stage1.epochs=2",
         "stage1.light_epochs=1", "stage1.augment.device=auto", "stage1.patience=0"]
     cfg, layout = resolve_run(load_config("demo", overrides))
-    calls, threads = [], []
-    real_call, real_thread = DeviceAugment.__call__, ahead_mod.AheadThread
-
-    def spy(self, images, generator, strong=True):
-        out = real_call(self, images, generator, strong=strong)
-        calls.append((images.device.type, images.dtype, strong, out.device.type, out.dtype, bool(out.isfinite().all())))
-        return out
+    threads, real_thread = [], ahead_mod.AheadThread
 
     class CountedThread(real_thread):
         def __init__(self, *args, **kwargs):
             threads.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(DeviceAugment, "__call__", spy)
     monkeypatch.setattr(ahead_mod, "AheadThread", CountedThread)
     st = cfg.stage1
     result = run_stage(cfg, 1, layout.gather(st.domains, "train"), layout.gather(st.domains, "valid"),
@@ -199,8 +193,11 @@ def test_a_stage_trains_on_cuda_with_its_augmentation_a_batch_ahead_in_float16(t
 
     assert result.epochs_run == 2 and all(np.isfinite(h["train/loss"]) for h in result.history)
     assert len(threads) == 2  # each epoch's batches were made a batch ahead
-    assert {c[2] for c in calls} == {False, True}  # a light epoch, then a strong one
-    assert all(c == ("cuda", torch.uint8, c[2], "cuda", torch.float16, True) for c in calls), calls
+    assert {c["strong"] for c in device_calls} == {False, True}  # a light epoch, then a strong one
+    for c in device_calls:
+        assert (c["in"].device.type, c["in"].dtype, c["out"].device.type, c["out"].dtype) == (
+            "cuda", torch.uint8, "cuda", torch.float16)
+        assert c["out"].isfinite().all()
     assert 0.0 <= result.best_select_auc_ema <= 1.0
     saved = load_checkpoint(result.best_checkpoint)  # on a machine without CUDA too: every tensor on the CPU
     tensors = [t for t in saved["ema"].values() if isinstance(t, torch.Tensor)]

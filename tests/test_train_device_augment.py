@@ -50,20 +50,6 @@ def model_inputs(monkeypatch):
 
 
 @pytest.fixture
-def device_calls(monkeypatch):
-    """Every DeviceAugment call: its input, ``strong`` and output."""
-    calls, real = [], DeviceAugment.__call__
-
-    def spy(self, images, generator, strong=True):
-        out = real(self, images, generator, strong=strong)
-        calls.append({"in": images.clone(), "strong": strong, "out": out.detach().clone()})
-        return out
-
-    monkeypatch.setattr(DeviceAugment, "__call__", spy)
-    return calls
-
-
-@pytest.fixture
 def grids(monkeypatch):
     """The grids of the model's input the engine logs to TensorBoard (train/*), by name."""
     logged = []
