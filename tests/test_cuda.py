@@ -1,10 +1,17 @@
 """The CUDA paths, checked on CUDA: what the rest of the suite runs on the CPU device only.
 
-Skipped where torch sees no CUDA device: every CI run, and ``make test``, which hides the GPU from
-the CPU suite. On a GPU machine, with no Ray and nothing downloaded::
+On a GPU machine, with no Ray and nothing downloaded::
 
     make test-gpu                              # or, where torch is installed:
-    python -m pytest tests/test_cuda.py -v
+    TRUEFACE_REQUIRE_CUDA=1 python -m pytest tests/test_cuda.py -v
+
+Where torch sees no CUDA device (every CI run, and ``make test``, which hides the GPU from the CPU
+suite) the same tests run on a CPU stand-in: the CPU device, with the CUDA run's float16
+augmentation and its thread that augments ahead forced on, and no synchronisation to count. That
+holds nothing the rest of the suite does not (its pixels are the CPU's on both sides); it runs
+every line of these tests, so a renamed argument or a changed signature fails in CI, not in a GPU
+session's few minutes. ``TRUEFACE_REQUIRE_CUDA=1`` (``make test-gpu`` sets it) makes a missing
+CUDA device an error instead: a GPU machine whose driver torch cannot reach must not pass.
 
 Each check holds the GPU to the CPU on the same input or the same draws:
 
@@ -24,6 +31,7 @@ Each check holds the GPU to the CPU on the same input or the same draws:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -33,7 +41,7 @@ import trueface.augment_ahead as ahead_mod
 from tests.conftest import tiny_overrides
 from tests.test_augment_device import RATE_CASES, _images, _only
 from trueface.augment import denormalize
-from trueface.augment_ahead import runs_ahead, training_batches
+from trueface.augment_ahead import training_batches
 from trueface.augment_device import DeviceAugment, Draws
 from trueface.bench.gpu import device_batches, host_syncs, one_step
 from trueface.checkpoint import load_checkpoint
@@ -46,10 +54,39 @@ from trueface.precision import Runtime
 from trueface.run import resolve_run
 from trueface.train import EpochAugment, _build_state, run_stage
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="checks the CUDA paths: needs a CUDA device (make test-gpu on a GPU machine)")
+ON_CUDA = torch.cuda.is_available()
+# the device the checks run on: CUDA, or the CPU standing in for it
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+# what runtime.precision auto picks on a GPU; the stand-in asks for it (a CPU with AVX2 only would
+# pick fp32, and emulates bf16 where asked)
+PRECISION = "auto" if ON_CUDA else "bf16"
 
-CUDA = torch.device("cuda")
+
+@pytest.fixture(autouse=True)
+def stand_in(monkeypatch):
+    """On the CPU stand-in, what a CUDA run does that the CPU device would not: augment in float16
+    under 16-bit autocast, and a batch ahead in a thread. With ``TRUEFACE_REQUIRE_CUDA=1``, no CUDA
+    device fails."""
+    if ON_CUDA:
+        return
+    if os.environ.get("TRUEFACE_REQUIRE_CUDA") == "1":
+        pytest.fail("TRUEFACE_REQUIRE_CUDA=1 (make test-gpu) but torch sees no CUDA device: "
+                    f"torch {torch.__version__} built for CUDA {torch.version.cuda}, "
+                    f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}. "
+                    "Check nvidia-smi and that this torch wheel is a CUDA build.")
+    monkeypatch.setattr(Runtime, "augment_dtype",
+                        property(lambda self: torch.float32 if self.precision == "fp32" else torch.float16))
+    monkeypatch.setattr(ahead_mod, "runs_ahead", lambda runtime, augment: augment is not None)
+
+
+def _synchronize() -> None:
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def _syncs(count: int) -> int | None:
+    """What ``host_syncs`` counts on this device: ``count`` on CUDA, None on the stand-in."""
+    return count if ON_CUDA else None
 
 
 def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,8 +108,8 @@ def test_jpeg_tensor_on_cuda_gives_the_cpus_pixels():
         x = torch.from_numpy(np.clip(base + rng.normal(0, 0.05, (6, 3, size, size)), 0, 1).astype(np.float32))
         quality = torch.tensor([10, 25, 50, 75, 90, 95])
         cpu = jpeg_tensor(x, quality)
-        cuda = jpeg_tensor(x.to(CUDA), quality.to(CUDA))
-        assert cuda.device.type == "cuda" and cuda.dtype == torch.float32
+        cuda = jpeg_tensor(x.to(DEVICE), quality.to(DEVICE))
+        assert cuda.device.type == DEVICE.type and cuda.dtype == torch.float32
         levels = (cpu - cuda.cpu()).abs() * 255
         # Only a rounding tie decided differently (a fused multiply-add on the GPU) may differ: a
         # block laid out or quantised wrongly is tens of levels off everywhere.
@@ -83,13 +120,13 @@ def _cpu_and_cuda(cfg: AugmentConfig, images: torch.Tensor) -> tuple[torch.Tenso
     """``DeviceAugment`` on the CPU in float32 and on CUDA in float16, both with the GPU's JPEG,
     applying the same draws (made on the CPU, copied to the GPU)."""
     on_cpu = DeviceAugment(cfg, jpeg=jpeg_tensor)
-    on_cuda = DeviceAugment(cfg, dtype=torch.float16)
+    on_cuda = DeviceAugment(cfg, jpeg=jpeg_tensor, dtype=torch.float16)  # CUDA's own JPEG, named for the stand-in
     n, _, height, width = images.shape
     draws = on_cpu.draw(n, height, width, torch.Generator().manual_seed(2))
-    cuda_draws = Draws(**{f.name: getattr(draws, f.name).to(CUDA) for f in dataclasses.fields(Draws)})
+    cuda_draws = Draws(**{f.name: getattr(draws, f.name).to(DEVICE) for f in dataclasses.fields(Draws)})
     cpu = on_cpu.apply(images, draws, torch.Generator().manual_seed(3))
-    cuda = on_cuda.apply(images.to(CUDA), cuda_draws, torch.Generator(CUDA).manual_seed(3))
-    assert cpu.dtype == torch.float32 and cuda.dtype == torch.float16 and cuda.device.type == "cuda"
+    cuda = on_cuda.apply(images.to(DEVICE), cuda_draws, torch.Generator(DEVICE).manual_seed(3))
+    assert cpu.dtype == torch.float32 and cuda.dtype == torch.float16 and cuda.device.type == DEVICE.type
     assert cuda.isfinite().all()
     return cpu, cuda
 
@@ -114,7 +151,7 @@ def test_noise_on_cuda_has_its_configured_strength():
     cfg = _only(noise_p=1.0)
     images = _images(n=64, size=32)  # 48-160: no clipping at 0 or 1
     augment = DeviceAugment(cfg, dtype=torch.float16)
-    noisy = augment(images.to(CUDA), torch.Generator(CUDA).manual_seed(0))
+    noisy = augment(images.to(DEVICE), torch.Generator(DEVICE).manual_seed(0))
     clean = DeviceAugment(cfg)(images, torch.Generator(), strong=False)
     diff = denormalize(noisy.float().cpu()) - denormalize(clean)
     noised = diff.flatten(1).abs().amax(dim=1) > 1e-3  # float16 itself moves a pixel by 2.5e-4 at most
@@ -125,41 +162,43 @@ def test_noise_on_cuda_has_its_configured_strength():
 
 
 def _paper():
-    return load_config("paper", ["model.weights=none", "model.arch=resnet18", "runtime.device=cuda"])
+    return load_config("paper", ["model.weights=none", "model.arch=resnet18", f"runtime.device={DEVICE.type}",
+                               f"runtime.precision={PRECISION}"])
 
 
 def test_a_batch_reads_the_device_back_once_and_a_training_step_never():
     cfg = _paper()
     augment = DeviceAugment(cfg.stage1.augment, dtype=torch.float16)
-    images = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8).to(CUDA)
-    generator = torch.Generator(CUDA).manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8).to(DEVICE)
+    generator = torch.Generator(DEVICE).manual_seed(0)
     augment(images, generator)  # the first call loads kernels and makes cuBLAS's handles
-    torch.cuda.synchronize()
-    assert host_syncs(lambda: augment(images, generator), CUDA) == 1  # HostMasks.read
+    _synchronize()
+    assert host_syncs(lambda: augment(images, generator), DEVICE) == _syncs(1)  # HostMasks.read
 
     state = _build_state(cfg, 1, None, DistInfo(0, 1))
     assert state.runtime.precision == "bf16" and state.runtime.augment_dtype == torch.float16
     batch = device_batches(64, 32, state.runtime, count=1)[0]  # made outside the count: its copy waits
     one_step(state, cfg.stage1, batch)  # the first step times cuDNN's algorithms, which waits
-    torch.cuda.synchronize()
-    assert host_syncs(lambda: one_step(state, cfg.stage1, batch), CUDA) == 0
+    _synchronize()
+    assert host_syncs(lambda: one_step(state, cfg.stage1, batch), DEVICE) == _syncs(0)
 
 
 def test_augmenting_ahead_on_the_side_stream_gives_the_inline_batches():
     cfg = _paper()
-    runtime = Runtime.create("cuda", "auto")
+    runtime = Runtime.create(DEVICE.type, PRECISION)
     gen = torch.Generator().manual_seed(0)
-    loader = [(torch.randint(0, 256, (64, 3, 128, 128), dtype=torch.uint8, generator=gen).pin_memory(),
+    pin = (lambda t: t.pin_memory()) if ON_CUDA else (lambda t: t)
+    loader = [(pin(torch.randint(0, 256, (64, 3, 128, 128), dtype=torch.uint8, generator=gen)),
                torch.arange(64) % 2, torch.arange(i * 64, (i + 1) * 64)) for i in range(6)]
 
     def batches(ahead: bool) -> list[torch.Tensor]:
         augment = EpochAugment(DeviceAugment(cfg.stage1.augment, dtype=runtime.augment_dtype),
-                               torch.Generator(CUDA).manual_seed(3), strong=True)
-        assert runs_ahead(runtime, augment)  # what train_one_epoch does on CUDA
+                               torch.Generator(DEVICE).manual_seed(3), strong=True)
+        assert ahead_mod.runs_ahead(runtime, augment)  # what train_one_epoch does on CUDA
         with training_batches(loader, runtime, augment, 5, ahead=ahead) as stream:
             # read on the step's stream the moment each is handed over, as the step does
             out = [x.clone() for x, _, _ in stream]
-        torch.cuda.synchronize()
+        _synchronize()
         return out
 
     inline, ahead = batches(False), batches(True)
@@ -176,7 +215,7 @@ def test_augmenting_ahead_on_the_side_stream_gives_the_inline_batches():
 def test_a_stage_trains_on_cuda_with_its_augmentation_a_batch_ahead_in_float16(tiny_root, tmp_path, device_calls,
                                                                                  monkeypatch):
     overrides = tiny_overrides(tiny_root, tmp_path) + [
-        "runtime.device=cuda", "runtime.precision=auto", "data.loader_workers=2", "stage1.epochs=2",
+        f"runtime.device={DEVICE.type}", f"runtime.precision={PRECISION}", "data.loader_workers=2", "stage1.epochs=2",
         "stage1.light_epochs=1", "stage1.augment.device=auto", "stage1.patience=0"]
     cfg, layout = resolve_run(load_config("demo", overrides))
     threads, real_thread = [], ahead_mod.AheadThread
@@ -189,14 +228,14 @@ def test_a_stage_trains_on_cuda_with_its_augmentation_a_batch_ahead_in_float16(t
     monkeypatch.setattr(ahead_mod, "AheadThread", CountedThread)
     st = cfg.stage1
     result = run_stage(cfg, 1, layout.gather(st.domains, "train"), layout.gather(st.domains, "valid"),
-                       tmp_path / "stage1")
+                       tmp_path / "stage1", augment_on_device=None if ON_CUDA else True)
 
     assert result.epochs_run == 2 and all(np.isfinite(h["train/loss"]) for h in result.history)
     assert len(threads) == 2  # each epoch's batches were made a batch ahead
     assert {c["strong"] for c in device_calls} == {False, True}  # a light epoch, then a strong one
     for c in device_calls:
         assert (c["in"].device.type, c["in"].dtype, c["out"].device.type, c["out"].dtype) == (
-            "cuda", torch.uint8, "cuda", torch.float16)
+            DEVICE.type, torch.uint8, DEVICE.type, torch.float16)
         assert c["out"].isfinite().all()
     assert 0.0 <= result.best_select_auc_ema <= 1.0
     saved = load_checkpoint(result.best_checkpoint)  # on a machine without CUDA too: every tensor on the CPU
