@@ -23,8 +23,12 @@ LOOPBACK = "127.0.0.1"
 DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 #: A local Ray's defaults. Ray Train's preemption watcher (an actor of its own for each worker
 #: group, polling for nodes being drained) is for clouds' spot instances: a cluster keeps it;
-#: locally it costs a process each stage and only ever logs a scary actor error.
-LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+#: locally it costs a process each stage and only ever logs a scary actor error. Train's
+#: controller learns that its workers finished (or died) by polling them, every 2 s by default, and
+#: a run's end waits on about two polls: on a 2-core machine 2.5-4.2 s from a stage's last
+#: checkpoint to the next stage's start, 1.2-1.5 s polling every 0.5 s, for about 0.2% of a core
+#: more in the controller and in each worker. A cluster keeps Ray's 2 s.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def set_env_defaults(values: dict[str, str]) -> None:
