@@ -21,8 +21,8 @@ def make(target: str, tmp_path: Path) -> tuple[dict[str, str | None], list[str]]
     TRUEFACE_REQUIRE_CUDA as the interpreter saw them (None: unset) and its arguments."""
     record = tmp_path / "record"
     stub = tmp_path / "python"
-    seen = '"${CUDA_VISIBLE_DEVICES-<unset>}" "${TRUEFACE_REQUIRE_CUDA-<unset>}" "$@"'
-    stub.write_text(f'#!/bin/sh\n{{ for v in {seen}; do echo "$v"; done; }} > {record}\n')
+    words = '"${CUDA_VISIBLE_DEVICES-<unset>}" "${TRUEFACE_REQUIRE_CUDA-<unset>}" "$@"'
+    stub.write_text(f'#!/bin/sh\n{{ for v in {words}; do echo "$v"; done; }} > {record}\n')
     stub.chmod(0o755)
     stamp = tmp_path / "installed"
     stamp.touch()  # newer than pyproject.toml: setup has nothing to do

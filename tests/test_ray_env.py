@@ -1,7 +1,7 @@
 """What the jobs put in the environment before Ray Train starts (jobs.common): the driver's
 defaults on a cluster, on a local Ray and in a process that already runs Ray; the local Ray's own
-(no preemption watcher, workers polled every 0.5 s) only where this machine's Ray is started. Ray itself is never started here
-(tests/test_pipeline_ray.py checks a real local run for the watcher)."""
+(no preemption watcher, workers polled every 0.5 s) only where this machine's Ray is started. Ray
+itself is never started here (tests/test_pipeline_ray.py checks a real local run for the watcher)."""
 
 from __future__ import annotations
 
