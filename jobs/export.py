@@ -1,8 +1,10 @@
-"""Export a trained detector to ONNX or TorchScript, its preprocessing and thresholds beside it.
+"""Export a trained detector to ONNX, torch.export (.pt2) or TorchScript, its preprocessing and
+thresholds beside it.
 
 Usage::
 
     python -m jobs.export --checkpoint runs/demo/stage2/best.pt --format onnx --out detector.onnx
+    python -m jobs.export --checkpoint runs/demo/stage2/best.pt --format pt2 --out detector.pt2
     python -m jobs.export --checkpoint runs/demo/stage2/best.pt --format torchscript --out detector.pt
 
 Writes ``--out`` and ``--out``.json. The file maps a batch of prepared images, (N, 3, S, S)
@@ -28,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="onnx: onnxruntime, TensorRT and other runtimes; pt2: PyTorch without this package "
+                             "(torch.export.load(path).module()); torchscript: LibTorch and older PyTorch "
+                             "(deprecated in torch 2.14, which warns on every use)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args(argv)

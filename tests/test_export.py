@@ -1,11 +1,14 @@
-"""jobs.export: ONNX (run in onnxruntime) and TorchScript files that score as jobs.predict scores,
-at batch sizes 1 and 8, with the preprocessing, temperature and thresholds in their metadata."""
+"""jobs.export: ONNX (run in onnxruntime), torch.export (.pt2) and TorchScript files that score as
+jobs.predict scores, at batch sizes 1 and 8, with the preprocessing, temperature and thresholds in
+their metadata."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,34 @@ def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, 
     assert json.loads(embedded["trueface"]) == json.loads(Path(f"{out}.json").read_text())
 
 
+def test_pt2_scores_as_the_predictor_at_batch_1_and_8(detector):
+    out = detector["tmp"] / "detector.pt2"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
+    files = {"trueface.json": ""}
+    loaded = torch.export.load(out, extra_files=files).module()
+    want, x = _torch_scores(detector), _inputs(detector)
+    with torch.no_grad():
+        for batch in (1, 8):
+            got = _in_batches(loaded, x, batch)
+            assert np.abs(got - want).max() < TOLERANCE, batch
+    assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
+
+
+def test_a_pt2_file_scores_in_a_process_that_cannot_import_this_package(detector, tmp_path):
+    out = tmp_path / "detector.pt2"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
+    x = _inputs(detector)
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch; sys.modules['trueface'] = sys.modules['jobs'] = None  # import trueface fails\n"
+              f"scorer = torch.export.load({str(out)!r}).module()\n"
+              "with torch.inference_mode():\n"
+              f"    torch.save(scorer(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'p.pt')!r})")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "p.pt").numpy()
+    assert np.abs(got - _torch_scores(detector)).max() < TOLERANCE
+
+
 def test_torchscript_scores_as_the_predictor_at_batch_1_and_8(detector):
     out = detector["tmp"] / "detector.pt"
     assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "torchscript", "--out", str(out)]) == 0
@@ -93,8 +124,8 @@ def test_torchscript_scores_as_the_predictor_at_batch_1_and_8(detector):
 
 
 def test_the_metadata_is_enough_to_prepare_the_input_and_label_it(detector):
-    out = detector["tmp"] / "meta.pt"
-    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "torchscript", "--out", str(out)]) == 0
+    out = detector["tmp"] / "meta.pt2"
+    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
     meta = json.loads(Path(f"{out}.json").read_text())
     saved = read_thresholds(detector["ckpt"])
     assert meta["threshold"]["value"] == saved.threshold("ema")[0] and meta["threshold"]["source"] == "pooled validation"

@@ -1,10 +1,17 @@
-"""Export a checkpoint's scorer to ONNX or TorchScript, with its preprocessing written beside it.
+"""Export a checkpoint's scorer to ONNX, torch.export's ``.pt2`` or TorchScript, with its
+preprocessing written beside it.
 
 Usage::
 
     meta = export_checkpoint(Path("runs/demo/stage2/best.pt"), "onnx", Path("detector.onnx"))
     # detector.onnx + detector.onnx.json (the same metadata is inside the ONNX file's metadata_props
-    # under "trueface", and inside a TorchScript file as its extra file "trueface.json")
+    # under "trueface", and inside a .pt2 or TorchScript file as its extra file "trueface.json")
+    scorer = torch.export.load("detector.pt2").module()     # a pt2 file, back in PyTorch
+
+Formats: ``onnx`` for onnxruntime, TensorRT and other runtimes; ``pt2`` (``torch.export``'s
+ExportedProgram) for PyTorch without this package, the format torch now points to;
+``torchscript`` for LibTorch and older PyTorch (torch 2.14 marks ``torch.jit`` deprecated, with
+a FutureWarning on every trace, save and load).
 
 What is exported is what ``jobs.predict`` computes from a prepared batch: ``images`` (N, 3, S, S),
 float32, RGB, the eval preprocessing already applied (decode to RGB, resize the shorter side to S
@@ -21,6 +28,7 @@ tensor stays outside the file, as its steps are named in the metadata.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -32,7 +40,7 @@ from trueface.augment import IMAGENET_MEAN, IMAGENET_STD
 from trueface.predict import Predictor
 from trueface.thresholds import file_sha256
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "pt2", "torchscript")
 INPUT, OUTPUT = "images", "p_generated"
 OPSET = 18
 
@@ -66,10 +74,7 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
     meta = export_metadata(predictor, Path(checkpoint), weights, fmt)
     text = json.dumps(meta, indent=1, sort_keys=True)
-    if fmt == "onnx":
-        data = _onnx_bytes(module, example, text)
-    else:
-        data = _torchscript_bytes(module, example, text)
+    data = {"onnx": _onnx_bytes, "pt2": _pt2_bytes, "torchscript": _torchscript_bytes}[fmt](module, example, text)
     with atomic_open(out) as f:
         f.write(data)
     atomic_write_text(Path(f"{out}.json"), text + "\n")
@@ -116,17 +121,28 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:  # torch's exporter needs both, and would say so from deep inside
         raise ExportError(f"ONNX export needs the {' and '.join(missing)} package(s): pip install -e '.[export]'")
-    batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes=({0: batch},), opset_version=OPSET, verbose=False)
+                                dynamic_shapes=_dynamic_batch(), opset_version=OPSET, verbose=False)
     model = program.model_proto
     model.metadata_props.add(key="trueface", value=meta)
     return model.SerializeToString()
 
 
-def _torchscript_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
-    import io
+def _pt2_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
+    """torch.export's ExportedProgram (the graph the ONNX exporter starts from), saved with the
+    metadata as its extra file; ``torch.export.load(path).module()`` runs it."""
+    program = torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch())
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"trueface.json": meta})
+    return buf.getvalue()
 
+
+def _dynamic_batch() -> tuple[dict[int, torch.export.Dim]]:
+    """The images' batch axis, dynamic (any size from 1; traced at 2)."""
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+def _torchscript_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
     with torch.no_grad():
         traced = torch.jit.trace(module, example)
     buf = io.BytesIO()
