@@ -82,9 +82,15 @@ def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, 
     assert json.loads(embedded["trueface"]) == json.loads(Path(f"{out}.json").read_text())
 
 
-def test_pt2_scores_as_the_predictor_at_batch_1_and_8(detector):
+@pytest.fixture(scope="module")
+def pt2_file(detector) -> Path:
     out = detector["tmp"] / "detector.pt2"
     assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
+    return out
+
+
+def test_pt2_scores_as_the_predictor_at_batch_1_and_8(detector, pt2_file):
+    out = pt2_file
     files = {"trueface.json": ""}
     loaded = torch.export.load(out, extra_files=files).module()
     want, x = _torch_scores(detector), _inputs(detector)
@@ -95,9 +101,8 @@ def test_pt2_scores_as_the_predictor_at_batch_1_and_8(detector):
     assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
 
 
-def test_a_pt2_file_scores_in_a_process_that_cannot_import_this_package(detector, tmp_path):
-    out = tmp_path / "detector.pt2"
-    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
+def test_a_pt2_file_scores_in_a_process_that_cannot_import_this_package(detector, pt2_file, tmp_path):
+    out = pt2_file
     x = _inputs(detector)
     torch.save(x, tmp_path / "x.pt")
     script = ("import sys, torch; sys.modules['trueface'] = sys.modules['jobs'] = None  # import trueface fails\n"
@@ -123,10 +128,8 @@ def test_torchscript_scores_as_the_predictor_at_batch_1_and_8(detector):
     assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
 
 
-def test_the_metadata_is_enough_to_prepare_the_input_and_label_it(detector):
-    out = detector["tmp"] / "meta.pt2"
-    assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "pt2", "--out", str(out)]) == 0
-    meta = json.loads(Path(f"{out}.json").read_text())
+def test_the_metadata_is_enough_to_prepare_the_input_and_label_it(detector, pt2_file):
+    meta = json.loads(Path(f"{pt2_file}.json").read_text())
     saved = read_thresholds(detector["ckpt"])
     assert meta["threshold"]["value"] == saved.threshold("ema")[0] and meta["threshold"]["source"] == "pooled validation"
     assert meta["temperature"]["value"] == saved.temperature("ema")[0] != 1.0
