@@ -21,6 +21,7 @@ from jobs import benchmark
 from trueface.augment_device import APPLY_STEPS, DeviceAugment
 from trueface.bench import gpu
 from trueface.bench.report import Bench
+from trueface.bench.trace_gpu import GpuTime, gpu_time, read_trace
 from trueface.config import load_config
 
 # The CLI run at CUDA sizes takes minutes: on a GPU machine run the benchmark itself instead.
@@ -135,6 +136,33 @@ def test_the_trace_holds_the_timed_engine_steps_only_with_their_named_ranges(qui
         assert ranges["aten::convolution_backward"] >= 53 * steps  # ResNet-50's convolutions, each step
         ops = (seen["out"] / f"trace-stage{stage}-ops.txt").read_text()
         assert "Self CPU" in ops and "aten::convolution_backward" in ops
+        # no kernels on a CPU: no GPU time, so no "GPU busy (trace)" row (the rows test holds the list)
+        assert gpu_time(read_trace(seen["out"] / f"trace-stage{stage}.json.gz")) is None
+
+
+@cpu_only
+def test_a_trace_with_gpu_time_adds_its_row_beside_the_stages_rows(tmp_path, monkeypatch, capsys):
+    """What a CUDA trace gives (``trueface.bench.trace_gpu``, tested on its own) becomes a row of
+    its stage, without a target; Stage II fails here to keep the run short."""
+    summary = GpuTime(window_ms=250.0, busy_ms=215.0, steps=5, by_stream={7: 190.0, 25: 45.0},
+                      by_range={"trueface.augment": 40.0, "trueface.train_step": 170.0, "other": 5.0})
+    traced = []
+    monkeypatch.setattr(gpu, "trace_stage", lambda cfg, stage, *a: traced.append(stage) or summary)
+    real_measure = gpu.measure_stage
+
+    def measure(cfg, stage, *a, **k):
+        if stage == 2:
+            raise RuntimeError("out of time (simulated)")
+        return real_measure(cfg, stage, *a, **k)
+
+    monkeypatch.setattr(gpu, "measure_stage", measure)
+    assert benchmark.main(["gpu", "--quick", "--trace", "--results-dir", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())["rows"]
+    assert traced == [1] and [r["what"] for r in rows] == [*[r for r in ROWS if r.startswith("Stage I ")],
+                                                           "Stage I GPU busy (trace)"]
+    row = rows[-1]
+    assert row["project"] == pytest.approx(86.0) and row["unit"] == "%" and row["target"] is None
+    assert row["note"] == summary.describe() and "trueface.augment 8.00 ms" in row["note"]
 
 
 def test_plan_sizes_applies_overrides_and_covers_the_prefetch_queue_on_cuda():

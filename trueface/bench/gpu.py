@@ -35,9 +35,13 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
   batches already on the device), img/s, no target: where the engine falls short of the model
   alone, these say which part is the limit; the augmentation row's note also gives its host floor
   (the same ops on 16-px images: what Python, dispatch and launches alone cost a batch);
-- with ``--trace``, no row but a file per stage, ``bench-gpu/trace-stageN.json.gz``: torch.profiler's
-  Chrome trace of 5 engine steps (host ops on every thread, CUDA kernels on every stream; open it in
-  ui.perfetto.dev), and ``trace-stageN-ops.txt``, the ops' totals (the dearest are printed);
+- with ``--trace``, a file per stage, ``bench-gpu/trace-stageN.json.gz``: torch.profiler's Chrome
+  trace of 5 engine steps (host ops on every thread, CUDA kernels on every stream; open it in
+  ui.perfetto.dev), and ``trace-stageN-ops.txt``, the ops' totals (the dearest are printed); on
+  CUDA also a row "GPU busy (trace)", no target: the share of those steps' time some kernel or
+  copy ran, from the trace (no pynvml needed), with the device time per step under each named
+  range (augmentation, training step, optimizer, EMA) and per stream in its note
+  (``trueface.bench.trace_gpu``);
 - "decode, batched decode_jpeg vs PIL on one core": torchvision's batched ``decode_jpeg`` on the
   training device (nvJPEG on CUDA) against the workers' decode (``load_rgb``) on one core, img/s,
   no target: how many worker cores decoding on the GPU would stand in for (issue 11 asks for the
@@ -76,6 +80,7 @@ from trueface.augment_ahead import DEPTH as AHEAD_DEPTH
 from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
 from trueface.bench.report import Bench, Row, machine_context, torch_threads
+from trueface.bench.trace_gpu import GpuTime, gpu_time, read_trace
 from trueface.bench.traffic import H100_BYTES_PER_S, H200_BYTES_PER_S, Traffic, count_traffic
 from trueface.config import Config, load_config, to_dict
 from trueface.config.schema import StageConfig
@@ -199,8 +204,10 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
         if out.trace and out.results_dir is not None:
-            diagnostic(f"{name} trace", bench.failed, None, lambda: trace_stage(
+            traced = diagnostic(f"{name} trace", bench.failed, None, lambda: trace_stage(
                 cfg, stage, result.state, images[stage], sizes[stage], out.results_dir / "bench-gpu"))
+            if traced is not None:
+                bench.add(trace_row(name, traced))
         if stage == 1:  # Stage II starts from Stage I's EMA weights, as in a run (_initial_model)
             init_from = save_stage1(result.state.ema.module, cfg, work / "stage1.pt")
         result.state = None  # frees the model, optimizer and EMA before the next stage's
@@ -597,11 +604,12 @@ class Tracer:
 
 
 def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path], size: StageSize,
-                out_dir: Path) -> Path:
+                out_dir: Path) -> GpuTime | None:
     """``TRACE_STEPS`` engine steps of the stage's first strong epoch (after ``TRACE_WARMUP``; fewer
     where the stage's size plans fewer) under the profiler, on a fresh loader as ``measure_stage``
     uses: the trace to open in Perfetto (ui.perfetto.dev) or chrome://tracing, to see where the
-    GPU waits and on what."""
+    GPU waits and on what. Returns the trace's GPU time (``trueface.bench.trace_gpu``), None
+    where it holds no device work (a CPU run)."""
     cuda = state.runtime.device.type == "cuda"
     data = stage_data(cfg, stage, state, paths)
     tracer = Tracer(cuda)
@@ -615,7 +623,17 @@ def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path
     table = tracer.write(path)
     print(f"  {STAGE_NAMES[stage]}: trace of {steps.timed} engine steps in {path} (host ops of {tracer.threads}; "
           f"open it in ui.perfetto.dev); the dearest ops:\n{table}", flush=True)
-    return path
+    summary = gpu_time(read_trace(path))
+    if summary is not None:
+        print(f"  {STAGE_NAMES[stage]} trace: {summary.describe()}", flush=True)
+    return summary
+
+
+def trace_row(name: str, summary: GpuTime) -> Row:
+    """The trace's GPU busy share, with what the GPU time went to in the note; no target: the
+    traced steps are few and run under the profiler, whose host overhead can leave the GPU
+    waiting more than in the timed steps (the nvml row's window)."""
+    return Row(f"{name} GPU busy (trace)", 100 * summary.busy_share, None, "%", note=summary.describe())
 
 
 def loader_alone(loader: DataLoader, size: StageSize) -> tuple[float, torch.Tensor]:
