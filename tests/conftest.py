@@ -123,27 +123,67 @@ def tiny_cfg(tiny_root: Path, tmp_path: Path):
     return load_config("demo", tiny_overrides(tiny_root, tmp_path))
 
 
-@pytest.fixture(scope="session")
+class SuiteRay:
+    """The one local Ray a pytest process's Ray tests share (ray.init costs seconds and memory):
+    started by the first module that asks for it (``ray_session``), and stopped once the next
+    module this process runs asks for none. The files that use Ray run first (the ordering above),
+    so the rest of the suite has the cores without Ray's resting daemons: 19 processes that took
+    7.2% of a core at rest (measured over a minute). A later module that asks starts it again."""
+
+    def __init__(self) -> None:
+        self.ray = None
+
+    def start(self):
+        if self.ray is not None:
+            return self.ray
+        from jobs.common import DRIVER_ENV, set_env_defaults, start_local_ray
+
+        set_env_defaults(DRIVER_ENV)  # as jobs.common.init_ray sets them before it starts a Ray
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+        import ray
+
+        # As jobs.init_ray starts one (loopback only, token auth; tests/test_ray_binding.py checks it),
+        # dashboard included: Ray Train's placement-group cleaner polls the state API it serves, and
+        # without it an interrupted trial's worker group keeps its CPUs and the next one hangs. Its
+        # logical CPUs are those a local jobs.tune or jobs.ablate gives itself for one-CPU trials
+        # (jobs.ray_tune.local_cpus: the cores plus one for the trial functions), so the suite's
+        # searches run trials side by side as users' do.
+        start_local_ray(num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False)
+        self.ray = ray
+        return ray
+
+    def stop(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+            self.ray = None
+
+
+SUITE_RAY = SuiteRay()
+
+
+@pytest.fixture(scope="module")
 def ray_session(s3_server):
-    """One local Ray for every Ray test (ray.init costs seconds and memory). Started after the
-    local S3 (``s3_server``) has put its credentials in the environment, which every Ray worker
-    inherits from the raylet, as a cluster's workers get theirs: a search on this Ray can keep its
-    trials in the bucket (tests/test_tune_ray.py)."""
-    from jobs.common import DRIVER_ENV, set_env_defaults, start_local_ray
+    """The suite's local Ray (``SuiteRay``), started after the local S3 (``s3_server``) has put its
+    credentials in the environment, which every Ray worker inherits from the raylet, as a
+    cluster's workers get theirs: a search on this Ray can keep its trials in the bucket
+    (tests/test_tune_ray.py)."""
+    return SUITE_RAY.start()
 
-    set_env_defaults(DRIVER_ENV)  # as jobs.common.init_ray sets them before it starts a Ray
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
-    import ray
 
-    # As jobs.init_ray starts one (loopback only, token auth; tests/test_ray_binding.py checks it),
-    # dashboard included: Ray Train's placement-group cleaner polls the state API it serves, and
-    # without it an interrupted trial's worker group keeps its CPUs and the next one hangs. Its
-    # logical CPUs are those a local jobs.tune or jobs.ablate gives itself for one-CPU trials
-    # (jobs.ray_tune.local_cpus: the cores plus one for the trial functions), so the suite's
-    # searches run trials side by side as users' do.
-    start_local_ray(num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def _uses_ray(item: pytest.Item) -> bool:
+    """Whether any test of ``item``'s module asks for ``ray_session`` (directly or through a fixture)."""
+    return any("ray_session" in other.fixturenames for other in item.session.items if other.path == item.path)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After a module's last test (its fixtures torn down), stop the suite's Ray unless the next
+    module needs it; after this process's last test, stop it."""
+    try:
+        return (yield)
+    finally:
+        if SUITE_RAY.ray is not None and (nextitem is None or (nextitem.path != item.path and not _uses_ray(nextitem))):
+            SUITE_RAY.stop()
 
 
 @pytest.fixture(autouse=True)
