@@ -65,6 +65,15 @@ def _in_batches(score, x: torch.Tensor, size: int) -> np.ndarray:
     return np.concatenate([np.asarray(score(x[i:i + size]), dtype=np.float64).reshape(-1) for i in range(0, len(x), size)])
 
 
+def _assert_scores_as_the_predictor(detector, score) -> None:
+    """``score`` (prepared images -> P(generated)) gives the predictor's scores at batch sizes 1 and 8."""
+    want, x = _torch_scores(detector), _inputs(detector)
+    with torch.no_grad():
+        for batch in (1, 8):
+            got = _in_batches(score, x, batch)
+            assert np.abs(got - want).max() < TOLERANCE, batch
+
+
 def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, capsys):
     import onnxruntime as ort  # a test dependency (pyproject's export extra)
 
@@ -73,10 +82,7 @@ def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, 
     assert f"-> {out} (onnx" in capsys.readouterr().out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["p_generated"]
-    want, x = _torch_scores(detector), _inputs(detector)
-    for batch in (1, 8):
-        got = _in_batches(lambda b: session.run(None, {"images": b.numpy()})[0], x, batch)
-        assert np.abs(got - want).max() < TOLERANCE, batch
+    _assert_scores_as_the_predictor(detector, lambda b: session.run(None, {"images": b.numpy()})[0])
     # the metadata: inside the file and beside it, the same
     embedded = session.get_modelmeta().custom_metadata_map
     assert json.loads(embedded["trueface"]) == json.loads(Path(f"{out}.json").read_text())
@@ -92,12 +98,7 @@ def pt2_file(detector) -> Path:
 def test_pt2_scores_as_the_predictor_at_batch_1_and_8(detector, pt2_file):
     out = pt2_file
     files = {"trueface.json": ""}
-    loaded = torch.export.load(out, extra_files=files).module()
-    want, x = _torch_scores(detector), _inputs(detector)
-    with torch.no_grad():
-        for batch in (1, 8):
-            got = _in_batches(loaded, x, batch)
-            assert np.abs(got - want).max() < TOLERANCE, batch
+    _assert_scores_as_the_predictor(detector, torch.export.load(out, extra_files=files).module())
     assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
 
 
@@ -119,12 +120,7 @@ def test_torchscript_scores_as_the_predictor_at_batch_1_and_8(detector):
     out = detector["tmp"] / "detector.pt"
     assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "torchscript", "--out", str(out)]) == 0
     files = {"trueface.json": ""}
-    loaded = torch.jit.load(str(out), _extra_files=files)
-    want, x = _torch_scores(detector), _inputs(detector)
-    with torch.no_grad():
-        for batch in (1, 8):
-            got = _in_batches(loaded, x, batch)
-            assert np.abs(got - want).max() < TOLERANCE, batch
+    _assert_scores_as_the_predictor(detector, torch.jit.load(str(out), _extra_files=files))
     assert json.loads(files["trueface.json"]) == json.loads(Path(f"{out}.json").read_text())
 
 
