@@ -80,12 +80,12 @@ def gpu_time(events: list[dict]) -> GpuTime | None:
         return None
     spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in device]
     streams: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for e, span in zip(device, spans, strict=True):
-        streams[int(e.get("args", {}).get("stream", e.get("tid", -1)))].append(span)
     launched_in = _launch_ranges(events)
     by_range = {name: 0.0 for name in (*RANGES, OTHER)}
     for e, (start, end) in zip(device, spans, strict=True):
-        by_range[launched_in.get(e.get("args", {}).get("correlation"), OTHER)] += (end - start) / 1e3
+        args = e.get("args", {})
+        streams[int(args.get("stream", e.get("tid", -1)))].append((start, end))
+        by_range[launched_in.get(args.get("correlation"), OTHER)] += (end - start) / 1e3
     steps = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
                 and e.get("name") == STEP_RANGE)
     window = max(end for _, end in spans) - min(start for start, _ in spans)
