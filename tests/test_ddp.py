@@ -9,6 +9,9 @@ takes them in pairs), so their weights after the same optimizer steps must agree
 Images are mirror-symmetric so the light pipeline's random flip changes nothing, dropout and MixUp
 are off, and micro-batches hold one image (so BatchNorm's batch statistics are the same grouping
 in both runs): what is left to differ is the order of floating-point sums in the all-reduce.
+
+The two processes train once more with ``runtime.compile=true`` (DDP around the compiled model), to
+the eager run's weights.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def _symmetric_root(root: Path) -> Path:
     return root
 
 
-def _config(root: Path, out: Path, accum_steps: int):
-    return load_config("demo", [
+def _config(root: Path, out: Path, accum_steps: int, compiling: bool = False):
+    return load_config("demo", [f"runtime.compile={str(compiling).lower()}",
         f"data.root={root}", f"output.runs_dir={out}", "run_name=ddp", "data.loader_workers=0",
         "model.weights=none", "model.dropout=0.0", "runtime.precision=fp32", "runtime.log_every=1", "eval.batch_size=1",
         "stage1.image_size=64", f"stage1.epochs={EPOCHS}", "stage1.batch_size=2", f"stage1.accum_steps={accum_steps}",
@@ -71,13 +74,25 @@ def _samples(cfg, split: str):
     return layout.gather(layout.domains, split)
 
 
-def _worker(rank: int, root: str, out: str, rendezvous: str) -> None:
-    """One rank: train Stage I, recording what validation sees; then score 7 samples with 2 ranks."""
+def _worker(rank: int, root: str, out: str, rendezvous: str, compile_backend: str | None = None) -> None:
+    """One rank: train Stage I, recording what validation sees; then score 7 samples with 2 ranks.
+    ``compile_backend``: train with runtime.compile=true, torch.compile using that backend."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     import trueface.train as train
 
-    seen, reports = [], []
+    seen, reports, graphs = [], [], []
+    if compile_backend:
+        from torch._dynamo import lookup_backend
+        from torch._guards import CompileContext
+
+        real_compile = torch.compile
+
+        def counting(gm, example_inputs):  # records each graph dynamo hands the backend, then compiles it
+            graphs.append((str(CompileContext.current_compile_id()), len(gm.graph.nodes)))
+            return lookup_backend(compile_backend)(gm, example_inputs)
+
+        torch.compile = lambda model, **kw: real_compile(model, backend=counting, **kw)
     real_validate = train.validate
 
     def recording_validate(models, *args, **kwargs):
@@ -85,14 +100,14 @@ def _worker(rank: int, root: str, out: str, rendezvous: str) -> None:
         return real_validate(models, *args, **kwargs)
 
     train.validate = recording_validate
-    cfg = _config(Path(root), Path(out), accum_steps=1)
+    cfg = _config(Path(root), Path(out), accum_steps=1, compiling=compile_backend is not None)
     di = DistInfo(rank, WORLD)
     train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / "ddp" / "stage1",
                     dist_info=di, report=lambda metrics, path: reports.append(metrics))
     # predict_scores over 2 ranks with a sample count that does not divide by 2
     model = load_models(load_checkpoint(Path(out) / "ddp" / "stage1" / "best.pt"), cfg)["ema"]
     scores = predict_scores(model, _samples(cfg, "valid")[:7], 64, Runtime.create("cpu", "fp32"), cfg, di)
-    torch.save({"seen": seen, "reports": reports, "scores": scores}, Path(out) / f"rank{rank}.pt")
+    torch.save({"seen": seen, "reports": reports, "scores": scores, "graphs": graphs}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -160,3 +175,38 @@ def test_predict_scores_over_two_ranks_equals_one_rank_in_order(runs):
         two = runs["ranks"][rank]["scores"]
         assert two.shape == (7,) and np.array_equal(two, single), f"rank {rank}: {two} != {single}"
     assert len(set(single.tolist())) > 1  # distinct scores, so an order mix-up would show
+
+
+@pytest.fixture(scope="module")
+def compiled(runs):
+    """The 2-process run again with runtime.compile=true: DDP around the compiled model, as a
+    multi-GPU job that compiles runs it. The backend is aot_eager: dynamo's graph and AOTAutograd's
+    forward and backward, as inductor receives them, run without inductor's C++ build (minutes here)."""
+    tmp = runs["tmp"]
+    mp.spawn(_worker, args=(str(tmp / "data"), str(tmp / "compiled"), str(tmp / "rendezvous-compiled"), "aot_eager"),
+             nprocs=WORLD, join=True)
+    return [torch.load(tmp / "compiled" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ddp_around_the_compiled_model_trains_the_weights_the_eager_one_does(runs, compiled):
+    # Each rank compiled the training forward once, without a graph break: no recompiling when
+    # validation switches the same module to eval and back, or in the second epoch. Dynamo sees
+    # it runs inside DDP's forward and splits the graph at DDP's gradient buckets (its
+    # DDPOptimizer), so that a GPU job's all-reduce of one bucket overlaps the backward of the next.
+    # (Compile ids are "frame/compile": "0/1" would be a recompile, "1/0" the code after a break.)
+    for rank in compiled:
+        assert len(rank["graphs"]) > 1 and {compile_id for compile_id, _ in rank["graphs"]} == {"0/0"}, rank["graphs"]
+    print(f"graphs rank 0 compiled (compile id, nodes): {compiled[0]['graphs']}")
+    eager = load_checkpoint(runs["tmp"] / "two" / "ddp" / "stage1" / "last.pt")
+    done = load_checkpoint(runs["tmp"] / "compiled" / "ddp" / "stage1" / "last.pt")
+    assert done["step"] == eager["step"] and done["model"].keys() == eager["model"].keys()  # no _orig_mod. prefixes
+    worst = 0.0
+    for key in ("model", "ema"):
+        for name, weight in eager[key].items():
+            worst = max(worst, (done[key][name].double() - weight.double()).abs().max().item())
+            torch.testing.assert_close(done[key][name], weight, atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}.{name}: {m}")
+    print(f"largest |compiled - eager| over all weights and buffers: {worst:.2e}")
+    seen0, seen1 = compiled[0]["seen"], compiled[1]["seen"]  # gradients and buffers still agree between ranks
+    assert len(seen0) == len(seen1) == EPOCHS
+    for a, b in zip(seen0, seen1):
+        assert all(torch.equal(a[w][k], b[w][k]) for w in ("raw", "ema") for k in a[w])
