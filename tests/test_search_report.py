@@ -58,14 +58,20 @@ def test_report_files(tmp_path):
         assert img.width > 600 and img.height > 200
 
 
-def test_importances_find_the_parameter_that_drives_the_objective(tmp_path):
+def test_importances_find_the_parameter_that_drives_the_objective(tmp_path, capfd):
     """The objective follows log(lr) and ignores the decay and MixUp: lr gets nearly all the importance.
     A decay is given to Optuna as 1 - decay on its own log scale, as it was sampled."""
     lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-4, 5e-4, 2e-3, 5e-3, 8e-3]
     rows = [row(f"t{i}", 0.5 + 0.1 * math.log10(lr / 1e-4), lr=lr, decay=(0.9, 0.999, 0.99)[i % 3], mixup=(0.0, 0.4)[i % 2])
             for i, lr in enumerate(lrs)]
     rows.append(row("stopped-in-stage-1", math.nan, lr=1e-2))  # no objective: left out
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default, as in jobs.tune
     imp = param_importances(rows, SPACE)
+    # its throwaway study is not announced under the search's report; the user's verbosity stays
+    assert "A new study created" not in capfd.readouterr().err
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
     assert imp.trials == 10 and set(imp.values) == {"stage1.lr", "stage1.ema_decay", "stage1.mixup_alpha"}
     assert list(imp.values)[0] == "stage1.lr" and imp.values["stage1.lr"] > 0.8
     assert sum(imp.values.values()) == pytest.approx(1.0)

@@ -134,12 +134,24 @@ def param_importances(rows: list[dict], space: SearchSpace, seed: int = 0) -> Im
     dists = {p.name: p.distribution() for p in space.params}
     trials = [optuna.trial.create_trial(params={p.name: _sampled(p, dists[p.name], r[p.key]) for p in space.params},
                                         distributions=dists, value=float(r[SCORE])) for r in scored]
-    study = optuna.create_study(direction="maximize")
+    study = _quiet_study(optuna)
     study.add_trials(trials)
     by_name = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
     keys = {p.name: p.key for p in space.params}
     return Importances({keys[n]: float(v) for n, v in by_name.items()}, len(scored))
+
+
+def _quiet_study(optuna):
+    """An in-memory study for the importances, created without Optuna's "A new study created in
+    memory with name: no-name-..." on stderr: printed under a search's final report, it read as a
+    second search starting. Optuna's verbosity is put back as it was."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(direction="maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _finite(value) -> bool:
