@@ -1,4 +1,4 @@
-"""The READMEs' commands and config keys are the code's.
+"""The READMEs' commands, config keys and file names are the code's.
 
 Every ``python -m jobs.NAME --flag`` the READMEs show (in code blocks, continuation lines joined,
 and in inline code) must be an option of that job's own parser, with a value among the option's
@@ -113,3 +113,11 @@ def test_every_make_target_the_readmes_show_is_in_the_makefile():
              for t in re.findall(r"(?:^|\s)make ([a-z][\w-]*)", line)}
     assert {"demo", "test"} <= shown  # the README's two commands
     assert sorted(shown - targets) == []
+
+
+def test_every_source_file_the_readmes_name_exists():
+    # results/ paths are a run's outputs, made when it runs; everything else named is in the repository
+    pattern = r"(?<![\w./-])((?:tests|trueface|jobs|docker|search_spaces|\.ci)/[\w./-]*\w)"
+    named = {path for p in READMES for path in re.findall(pattern, p.read_text())}
+    assert len(named) > 40  # the scan finds them
+    assert sorted(path for path in named if not (REPO / path).exists() and not (REPO / "docker" / path).exists()) == []
