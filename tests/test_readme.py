@@ -3,8 +3,9 @@
 Every ``python -m jobs.NAME --flag`` the READMEs show (in code blocks, continuation lines joined,
 and in inline code) must be an option of that job's own parser, with a value among the option's
 choices where it has them; every dotted config key they name (``stage1.augment.strength``,
-``stageN.batch_size``, ``data.synthetic``) must be in the schema. A flag or key renamed in the
-code would otherwise leave the README telling users to type something that fails.
+``stageN.batch_size``, ``data.synthetic``) must be in the schema; every ``make`` target they show
+must be in the Makefile, and every source file they name must exist. A flag, key or file renamed
+in the code would otherwise leave the README telling users to type something that fails.
 """
 
 from __future__ import annotations
