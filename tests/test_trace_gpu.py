@@ -1,6 +1,7 @@
 """trueface.bench.trace_gpu on a hand-made Kineto trace whose answers are worked out below: the
 busy share, the time per stream and side by side, and each kernel put under the named range its
-launch was made in (on the launching thread, through the correlation id); and on a CPU's trace."""
+launch was made in (on the launching thread, through the correlation id; a thread without ranges
+of its own, as autograd's backward thread on CUDA, by the training loop's); and on a CPU's trace."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from trueface.bench.trace_gpu import OTHER, gpu_time, read_trace, union_us
 
 HOST, DEVICE = 100, 0
-LOOP, AHEAD, ELSEWHERE = 10, 11, 12  # host threads: the training loop, the augmentation thread, another
+LOOP, AHEAD, AUTOGRAD = 10, 11, 12  # host threads: the training loop, the augmentation thread, autograd's
 
 
 def _range(name, tid, start, end):
@@ -42,7 +43,9 @@ EVENTS = [
     _launch(LOOP, 212, 3, cat="cuda_driver"),  # a Triton kernel's launch
     _launch(AHEAD, 60, 4),
     _launch(AHEAD, 40, 5),  # before the augmentation's range: the batch's copy to the device
-    _launch(ELSEWHERE, 110, 6),  # inside a train_step's time, but on another thread
+    _launch(AUTOGRAD, 110, 6),  # the backward's (no ranges of its own): the loop is in a train_step then
+    _launch(AUTOGRAD, 250, 10),  # ... and here in none of ours
+    _launch(AHEAD, 150, 9),  # inside the loop's train_step, but the augmentation thread has ranges: its own say other
     _launch(LOOP, 120, 8),  # launch 8's kernel is missing from the trace: ignored
     # device: the training stream 7, the augmentation's side stream 25 (running beside it 1200-1320)
     _device(1, 7, 1000, 1300),
@@ -50,7 +53,9 @@ EVENTS = [
     _device(3, 7, 1400, 1410),
     _device(4, 25, 1200, 1350),
     _device(5, 25, 900, 950, cat="gpu_memcpy"),
-    _device(6, 7, 1500, 1510, cat="gpu_memset"),
+    _device(6, 7, 1500, 1520, cat="gpu_memset"),
+    _device(9, 25, 1600, 1620, cat="gpu_memcpy"),
+    _device(10, 30, 1400, 1405),
     {"ph": "X", "cat": "kernel", "name": "k?", "pid": DEVICE, "tid": 7, "ts": 1320, "dur": 10, "args": {"stream": 7}},
     {"ph": "i", "cat": "kernel", "name": "instant", "pid": DEVICE, "tid": 7, "ts": 5000},  # not a complete event
 ]
@@ -58,20 +63,23 @@ EVENTS = [
 
 def test_busy_streams_and_ranges_are_those_worked_out_by_hand():
     t = gpu_time(EVENTS)
-    assert t.window_ms == pytest.approx(0.610)  # 900 (the copy) to 1510 (the memset)
-    # the union: 900-950, 1000-1350, 1400-1410, 1500-1510
-    assert t.busy_ms == pytest.approx(0.420) and t.busy_share == pytest.approx(420 / 610)
-    # stream 7: 1000-1330 (the kernel without a correlation at 1320-1330 included), 1400-1410, 1500-1510
-    assert t.by_stream == pytest.approx({7: 0.350, 25: 0.200})
-    assert t.side_by_side_ms == pytest.approx(0.130)  # stream 25's 1200-1350 beside stream 7's 1200-1330
+    assert t.window_ms == pytest.approx(0.720)  # 900 (the first copy) to 1620 (the last)
+    # the union: 900-950, 1000-1350, 1400-1410 (stream 30's 1400-1405 inside it), 1500-1520, 1600-1620
+    assert t.busy_ms == pytest.approx(0.450) and t.busy_share == pytest.approx(450 / 720)
+    # stream 7: 1000-1330 (the kernel without a correlation at 1320-1330 included), 1400-1410, 1500-1520
+    assert t.by_stream == pytest.approx({7: 0.360, 25: 0.220, 30: 0.005})
+    # stream 25's 1200-1350 beside stream 7's 1200-1330, stream 30's 1400-1405 beside stream 7's
+    assert t.side_by_side_ms == pytest.approx(0.135)
     assert t.steps == 2
-    assert t.by_range == pytest.approx({"trueface.augment": 0.150, "trueface.train_step": 0.300,
+    assert t.by_range == pytest.approx({"trueface.augment": 0.150, "trueface.train_step": 0.300 + 0.020,
                                         "trueface.optimizer_step": 0.020, "trueface.ema_update": 0.010,
-                                        OTHER: 0.050 + 0.010 + 0.010})  # the copy, the other thread's, no correlation
+                                        # the copies before and after the augmentation, autograd's outside a
+                                        # step, the kernel without a correlation
+                                        OTHER: 0.050 + 0.020 + 0.005 + 0.010})
     line = t.describe()
-    assert line.startswith("GPU busy 68.9% of 0.6 ms (2 steps;")
-    assert "stream 7 0.3 ms, stream 25 0.2 ms (side by side 0.1 ms)" in line
-    assert "trueface.augment 0.07 ms, trueface.train_step 0.15 ms" in line  # a step: halves of the totals
+    assert line.startswith("GPU busy 62.5% of 0.7 ms (2 steps;")
+    assert "stream 7 0.4 ms, stream 25 0.2 ms, stream 30 0.0 ms (side by side 0.1 ms)" in line
+    assert "trueface.augment 0.07 ms, trueface.train_step 0.16 ms" in line  # a step: halves of the totals
 
 
 def test_a_trace_without_device_work_has_no_gpu_time():

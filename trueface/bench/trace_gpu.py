@@ -11,7 +11,8 @@ Why: the GPU busy row reads nvml, which needs pynvml and a driver that answers; 
 kernel's start and duration, so it gives the same share without either, and says what the busy
 time went to. Each kernel and copy is put under the named range its launch was made in
 (``trueface.augment``, ``trueface.train_step``, ``trueface.optimizer_step``,
-``trueface.ema_update``, through the launch's correlation id), and the time of each stream is
+``trueface.ema_update``, through the launch's correlation id; the backward's, which autograd
+launches from a thread of its own on CUDA, under the training step), and the time of each stream is
 summed, so one trace says how much of a step's GPU time the augmentation takes and how much of
 it ran beside the training step on its own stream (``trueface.augment_ahead``).
 
@@ -104,18 +105,24 @@ def union_us(spans: list[tuple[float, float]]) -> float:
 
 
 def _launch_ranges(events: list[dict]) -> dict[object, str]:
-    """Correlation id -> the named range (``RANGES``) on the launching thread that holds the launch."""
+    """Correlation id -> the named range (``RANGES``) that holds the launch: on the launching
+    thread where it has named ranges of its own (the training loop, the augmentation thread), else
+    on the training loop's thread (the one with ``STEP_RANGE``) at the launch's time. On CUDA,
+    autograd runs the backward on a device thread of its own, which has no ranges: its launches
+    belong to the training step whose ``backward()`` waits for them (on a CPU the calling thread
+    runs the backward itself)."""
     ranges: dict[tuple, list[tuple[float, float, str]]] = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") in RANGES:
             ranges[(e.get("pid"), e.get("tid"))].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
     for spans in ranges.values():
         spans.sort()
+    loop = next((thread for thread, spans in ranges.items() if any(name == STEP_RANGE for *_, name in spans)), None)
     found = {}
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in LAUNCH_CATEGORIES or "correlation" not in e.get("args", {}):
             continue
-        spans, ts = ranges.get((e.get("pid"), e.get("tid")), []), float(e["ts"])
+        spans, ts = ranges.get((e.get("pid"), e.get("tid"))) or ranges.get(loop, []), float(e["ts"])
         i = bisect.bisect_right(spans, (ts, float("inf"), "")) - 1  # the last range starting at or before the launch
         if i >= 0 and spans[i][0] <= ts < spans[i][1]:
             found[e["args"]["correlation"]] = spans[i][2]
