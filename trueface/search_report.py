@@ -134,7 +134,7 @@ def param_importances(rows: list[dict], space: SearchSpace, seed: int = 0) -> Im
     dists = {p.name: p.distribution() for p in space.params}
     trials = [optuna.trial.create_trial(params={p.name: _sampled(p, dists[p.name], r[p.key]) for p in space.params},
                                         distributions=dists, value=float(r[SCORE])) for r in scored]
-    study = _quiet_study(optuna)
+    study = _quiet_study()
     study.add_trials(trials)
     by_name = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
@@ -142,10 +142,12 @@ def param_importances(rows: list[dict], space: SearchSpace, seed: int = 0) -> Im
     return Importances({keys[n]: float(v) for n, v in by_name.items()}, len(scored))
 
 
-def _quiet_study(optuna):
+def _quiet_study():
     """An in-memory study for the importances, created without Optuna's "A new study created in
     memory with name: no-name-..." on stderr: printed under a search's final report, it read as a
     second search starting. Optuna's verbosity is put back as it was."""
+    import optuna
+
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
