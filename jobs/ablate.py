@@ -281,7 +281,7 @@ def ablation_worker(config: dict) -> None:
     paths.run_mirror().pull(f"stage{stage}/stage.json")
     if finished_stage(paths.stage_dir(stage)) is None:
         ray_train.stage_worker(config)
-    di = ray_train._worker_setup(cfg)
+    cfg, di = ray_train._worker_setup(cfg)
     checkpoint = fetch(paths.location(f"stage{stage}/best.pt"), cfg.data.cache_dir)
     layout = discover_layout(cfg.data.root, cfg.data.exclude)
     for ev in config.get("evaluations", []):

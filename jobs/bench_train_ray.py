@@ -82,7 +82,7 @@ def bench_worker(config: dict) -> None:
     """Ray Train worker: the engine's steps on the same batches (rebuilt from the same seed),
     reported as the median img/s."""
     cfg, size = from_dict(config["cfg"]), config["size"]
-    _worker_setup(cfg)  # torch threads = scaling.cpus_per_worker, as in training
+    cfg, _ = _worker_setup(cfg)  # torch threads = scaling.cpus_per_worker, as in training
     engine = EngineLoop(cfg)
     feed = BatchFeed(make_batches(size["image_size"], size["batch_size"]))
     engine.run(feed.take(WARMUP_STEPS))

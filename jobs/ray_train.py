@@ -91,25 +91,36 @@ def _driver_sigint_handler_kept():
         signal.signal(signal.SIGINT, previous)
 
 
-def _worker_setup(cfg: Config) -> DistInfo:
+def _worker_setup(cfg: Config) -> tuple[Config, DistInfo]:
+    """The config this Ray Train worker runs with, and its rank. A worker Ray gave a GPU trains on
+    that one (``get_device``); a worker given none trains on the CPU with
+    ``scaling.cpus_per_worker`` threads, ``runtime.device: auto`` made ``cpu``: Ray 2.60 leaves
+    ``CUDA_VISIBLE_DEVICES`` as it is for a worker without GPUs (``scaling.use_gpu: false`` on a
+    GPU node), so torch there still sees the node's GPUs, and auto would train on one Ray gave
+    to another worker."""
     # Train V2 logs every report's full metrics dict at INFO; the engine prints its own epoch line.
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
-        torch.cuda.set_device(ray.train.torch.get_device())
+        if cfg.runtime.device == "cuda":
+            raise ValueError("runtime.device=cuda, but Ray gave this worker no GPU: set scaling.use_gpu=true "
+                             "(or auto, on a cluster with GPUs), or runtime.device=auto")
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+        cfg = replace(cfg, runtime=replace(cfg.runtime, device="cpu"))
     ctx = ray.train.get_context()
-    return DistInfo(ctx.get_world_rank(), ctx.get_world_size())
+    return cfg, DistInfo(ctx.get_world_rank(), ctx.get_world_size())
 
 
 def stage_worker(config: dict) -> None:
     """Train one stage on this worker; resumes from Ray's checkpoint after a worker failure, or from
     the stage's ``last.pt``. With a URI storage, rank 0 uploads each epoch's files before reporting
     (a scheduler may stop the trial right after a report) and the stage summary at the end."""
-    cfg, stage = from_dict(config["cfg"]), int(config["stage"])
-    di = _worker_setup(cfg)
+    cfg, di = _worker_setup(from_dict(config["cfg"]))
+    stage = int(config["stage"])
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
     layout = discover_layout(cfg.data.root, cfg.data.exclude)
@@ -162,8 +173,7 @@ def evaluate(cfg: Config, name: str, checkpoint: str | Path, data_root: str | Pa
 def evaluate_worker(config: dict) -> None:
     """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation), then
     the robustness sweep's perturbed copies, if any, at the same thresholds."""
-    cfg = from_dict(config["cfg"])
-    di = _worker_setup(cfg)
+    cfg, di = _worker_setup(from_dict(config["cfg"]))
     checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
     pull_beside(config["checkpoint"], cfg.data.cache_dir)  # a URI checkpoint's saved thresholds, if any
     out = Mirror.of(config["out"], cfg.data.cache_dir)

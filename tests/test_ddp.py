@@ -16,6 +16,7 @@ the eager run's weights.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from PIL import Image
 from trueface.checkpoint import load_checkpoint
 from trueface.config import load_config
 from trueface.data.layout import discover_layout
-from trueface.distributed import DistInfo
+from trueface.distributed import DistInfo, mean_over_ranks
 from trueface.evaluation import load_models
 from trueface.inference import predict_scores
 from trueface.metrics import roc_auc
@@ -210,3 +211,22 @@ def test_ddp_around_the_compiled_model_trains_the_weights_the_eager_one_does(run
     assert len(seen0) == len(seen1) == EPOCHS
     for a, b in zip(seen0, seen1):
         assert all(torch.equal(a[w][k], b[w][k]) for w in ("raw", "ema") for k in a[w])
+
+
+def _mean_worker(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    di = DistInfo(rank, WORLD)
+    finite = mean_over_ranks(torch.tensor(1.0 + 2 * rank), di)  # 1 and 3
+    one_diverged = mean_over_ranks(torch.tensor(float("nan") if rank == 1 else 0.5), di)
+    torch.save({"finite": finite.item(), "diverged": one_diverged.item()}, Path(out) / f"mean{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_mean_over_ranks_is_the_same_on_every_rank_a_non_finite_one_included(tmp_path):
+    # train_one_epoch decides divergence on it: rank 1's NaN must stop rank 0 too (tests/test_engine.py)
+    mp.spawn(_mean_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
+    seen = [torch.load(tmp_path / f"mean{r}.pt") for r in range(WORLD)]
+    assert [s["finite"] for s in seen] == [2.0, 2.0]
+    assert all(math.isnan(s["diverged"]) for s in seen)
+    one = torch.tensor(0.25)
+    assert mean_over_ranks(one, DistInfo()) is one  # one process: no collective, no copy

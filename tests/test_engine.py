@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trueface.checkpoint import finished_stage, load_checkpoint
+import trueface.train as train
 from trueface.train import StageError, make_optimizer, micro_batch_size, run_stage
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.predict import Predictor
@@ -91,6 +92,22 @@ def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resu
     monkeypatch.undo()
     _stage1(tiny_cfg, tmp_path)
     assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["best.pt", "last.pt", "stage.json"]
+
+
+def test_a_diverged_epoch_stops_with_an_error_decided_on_the_loss_over_all_ranks(tiny_cfg, tmp_path, monkeypatch):
+    # every rank must raise together (tests/test_ddp.py checks the mean itself with two processes):
+    # here this rank's own losses are finite, and the mean over the ranks is not
+    reduced = []
+
+    def other_rank_diverged(value, di):
+        reduced.append(value.item())
+        return torch.full_like(value, float("nan"))
+
+    monkeypatch.setattr(train, "mean_over_ranks", other_rank_diverged)
+    with pytest.raises(StageError) as failed:
+        _stage1(tiny_cfg, tmp_path)
+    assert len(reduced) == 1 and reduced[0] > 0  # the epoch's loss sum, reduced once, finite here
+    assert str(failed.value).startswith("stage1: training diverged (mean loss nan) in epoch 1; lower stage1.lr (now 0.001)")
 
 
 def test_stage2_refuses_to_start_without_stage1(tiny_cfg, tmp_path):

@@ -4,6 +4,7 @@ Usage::
 
     di = DistInfo.current()                  # rank 0 of 1 without torch.distributed
     average_buffers(model, di)               # every rank now holds the same BatchNorm statistics
+    mean_over_ranks(loss_sum, di)            # the same number on every rank
 
 Ray Train (or torchrun, or a test's torch.multiprocessing) initialises the process group; this
 module only reads it, so the same code runs with one process and no process group at all.
@@ -48,6 +49,17 @@ def average_buffers(model: nn.Module, di: DistInfo) -> None:
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+def mean_over_ranks(value: torch.Tensor, di: DistInfo) -> torch.Tensor:
+    """``value``'s mean over the ranks (``value`` itself on one rank). Every rank gets the same
+    number, so every rank takes the same branch on it: a decision one rank made alone from its own
+    numbers (a non-finite loss) would leave the others waiting in the next collective."""
+    if di.world_size == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / di.world_size
 
 
 def barrier(di: DistInfo) -> None:

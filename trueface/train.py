@@ -54,7 +54,7 @@ from trueface.data.epoch_keys import EpochKeyedSampler, EpochSeededDataset
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
-from trueface.distributed import DistInfo, average_buffers, barrier
+from trueface.distributed import DistInfo, average_buffers, barrier, mean_over_ranks
 from trueface.ema import ModelEma
 from trueface.explain import validation_grid
 from trueface.host_memory import freeze_inherited_objects, keep_freed_memory
@@ -483,7 +483,10 @@ def train_one_epoch(state: TrainState, plan: StepPlan, loader: DataLoader, step:
             with record_function("trueface.ema_update"):
                 decay = state.ema.update(state.model, step)
             window.step_done(step, epoch, lr, decay)
-    mean_loss = loss_sum.item() / plan.steps_per_epoch
+    # The mean over every rank's micro-batches, the same number on each: a rank that alone saw a
+    # non-finite loss and raised would leave the others waiting in average_buffers' all-reduce
+    # until the collective's timeout (30 minutes under Ray Train's NCCL).
+    mean_loss = mean_over_ranks(loss_sum, window.di).item() / plan.steps_per_epoch
     if not math.isfinite(mean_loss):
         raise StageError(f"{plan.key}: training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; "
                          f"lower {plan.key}.lr (now {st.lr:g}) or raise {plan.key}.batch_size")
