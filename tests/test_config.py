@@ -45,6 +45,17 @@ def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
         load_config("demo", [override])
 
 
+def test_gpus_per_worker_is_one_gpu_at_most_and_a_fraction_only_for_one_worker():
+    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker: must be > 0 and at most 1: a worker trains on one GPU"):
+        load_config("paper", ["scaling.gpus_per_worker=2"])
+    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker: must be 1 with scaling\.num_workers=2: .*NCCL"):
+        load_config("paper", ["scaling.num_workers=2", "scaling.gpus_per_worker=0.5"])
+    # what stays allowed: one worker sharing a GPU (tune's trials), a whole GPU per rank, CPU workers
+    assert load_config("paper", ["scaling.gpus_per_worker=0.25"]).scaling.gpus_per_worker == 0.25
+    assert load_config("paper", ["scaling.num_workers=4"]).scaling.gpus_per_worker == 1
+    assert load_config("demo", ["scaling.num_workers=2", "scaling.gpus_per_worker=0.5", "scaling.use_gpu=false"])
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_overrides(["stage1.epochs"])

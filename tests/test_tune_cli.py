@@ -115,8 +115,10 @@ def test_concurrency_follows_the_scarcest_resource():
 def test_per_trial_resources_and_local_cpus(monkeypatch):
     cfg = load_config("tune-demo")  # 1 worker x 1 CPU
     assert ray_tune.per_trial_resources(cfg, use_gpu=False) == {"CPU": 1 + ray_tune.TRIAL_DRIVER_CPUS}
-    gpu = load_config("paper", ["scaling.num_workers=2", "scaling.gpus_per_worker=0.5"])
-    assert ray_tune.per_trial_resources(gpu, use_gpu=True)["GPU"] == 1.0
+    gpu = load_config("paper", ["scaling.num_workers=3"])
+    assert ray_tune.per_trial_resources(gpu, use_gpu=True)["GPU"] == 3.0
+    shared = load_config("paper", ["scaling.gpus_per_worker=0.5"])  # one worker, half a GPU: two trials a GPU
+    assert ray_tune.per_trial_resources(shared, use_gpu=True)["GPU"] == 0.5
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     # two 1-CPU trials side by side on 2 cores, plus room for the trial functions' shares
     assert ray_tune.local_cpus(cfg, None, 8) == 3

@@ -303,7 +303,15 @@ def validate(cfg: Config) -> None:
     check(sc.num_workers >= 1, "scaling.num_workers", "must be >= 1")
     check(sc.use_gpu in ("auto", "true", "false"), "scaling.use_gpu", "must be auto, true or false")
     check(sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1")
-    check(sc.gpus_per_worker > 0, "scaling.gpus_per_worker", "must be > 0")
+    check(0 < sc.gpus_per_worker <= 1, "scaling.gpus_per_worker",
+          "must be > 0 and at most 1: a worker trains on one GPU (DDP runs a process a GPU); "
+          "scaling.num_workers sets how many GPUs a run uses")
+    # Ray may put two fractional workers of one group on the same GPU, and NCCL refuses two ranks
+    # on one device. Fractions are for one-worker trials sharing a GPU (jobs.tune --gpus-per-worker).
+    check(sc.num_workers == 1 or sc.gpus_per_worker == 1 or sc.use_gpu == "false", "scaling.gpus_per_worker",
+          f"must be 1 with scaling.num_workers={sc.num_workers}: Ray may place two workers with a fraction of "
+          "a GPU each on the same GPU, and NCCL refuses two ranks on one device; fractions suit one-worker "
+          "trials sharing a GPU")
     check(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     check(sc.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = retry forever)")
     check(cfg.runtime.device in ("auto", "cpu", "cuda"), "runtime.device", "must be auto, cpu or cuda")
