@@ -17,6 +17,7 @@ the eager run's weights.
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,36 @@ def test_the_mean_over_ranks_is_the_same_on_every_rank_a_non_finite_one_included
     assert all(math.isnan(s["diverged"]) for s in seen)
     one = torch.tensor(0.25)
     assert mean_over_ranks(one, DistInfo()) is one  # one process: no collective, no copy
+
+
+def _resume_worker(rank: int, root: str, out: str, rendezvous: str, last: str) -> None:
+    """Rank 0 resumes from the trained run's last.pt, rank 1 finds none of its own: as two nodes
+    whose copies of last.pt differ."""
+    torch.set_num_threads(1)
+    # without the check the ranks would wait at mismatched collectives: fail in a minute, not 30
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    import trueface.train as train
+
+    cfg = _config(Path(root), Path(out), accum_steps=1)
+    try:
+        train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / f"rank{rank}" / "stage1",
+                        dist_info=DistInfo(rank, WORLD), resume_from=Path(last) if rank == 0 else None)
+        outcome = "trained"
+    except train.StageError as exc:
+        outcome = str(exc)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"resume{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_resume_from_different_checkpoints_both_stop_saying_where_each_stood(runs):
+    tmp, last = runs["tmp"], runs["tmp"] / "two" / "ddp" / "stage1" / "last.pt"
+    mp.spawn(_resume_worker, args=(str(tmp / "data"), str(tmp / "resume"), str(tmp / "rendezvous-resume"), str(last)),
+             nprocs=WORLD, join=True)
+    said = [(tmp / "resume" / f"resume{r}.txt").read_text() for r in range(WORLD)]
+    assert said[0] == said[1]  # both ranks stop, with the same words, before any step
+    assert said[0].startswith(f"stage1: the workers resumed from different checkpoints (rank 0 at epoch {EPOCHS}, "
+                              f"step {EPOCHS * STEPS_PER_EPOCH}, from {last}; rank 1 at epoch 0, step 0, from no checkpoint)")
+    assert not (tmp / "resume" / "rank1" / "stage1" / "last.pt").exists()  # rank 0 wrote nothing either
+    assert not (tmp / "resume" / "rank0" / "stage1" / "last.pt").exists()

@@ -62,6 +62,15 @@ def mean_over_ranks(value: torch.Tensor, di: DistInfo) -> torch.Tensor:
     return total / di.world_size
 
 
+def gather_objects(value: object, di: DistInfo) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if di.world_size == 1:
+        return [value]
+    out: list = [None] * di.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(di: DistInfo) -> None:
     if di.world_size > 1:
         dist.barrier()

@@ -54,7 +54,7 @@ from trueface.data.epoch_keys import EpochKeyedSampler, EpochSeededDataset
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
-from trueface.distributed import DistInfo, average_buffers, barrier, mean_over_ranks
+from trueface.distributed import DistInfo, average_buffers, barrier, gather_objects, mean_over_ranks
 from trueface.ema import ModelEma
 from trueface.explain import validation_grid
 from trueface.host_memory import freeze_inherited_objects, keep_freed_memory
@@ -193,6 +193,7 @@ def run_stage(
     if resume_path is not None:
         progress = state.restore(resume_path, stage)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
+    _check_resumed_alike(progress, resume_path, di, key)
 
     data = training_data(cfg, stage, train_samples, state.runtime, di, augment_on_device)
     plan = _step_plan(st, key, len(data.sampler), di)
@@ -338,6 +339,22 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     sampler = BalancedSampler(dataset.labels, dataset.domains, st.balance, st.samples_per_epoch, di.rank,
                               di.world_size, cfg.seed)
     return TrainingData(dataset, sampler, DeviceAugment(st.augment, dtype=runtime.augment_dtype) if on_device else None)
+
+
+def _check_resumed_alike(progress: Progress, resume_path: Path | None, di: DistInfo, key: str) -> None:
+    """Every rank resumes from the same point, or the stage stops with an error that says where
+    each one stood. With a URI storage each node keeps its own copy of ``last.pt``, and a node's
+    copy can be newer than the storage's (a save whose upload a crash cut off): a rank resuming
+    from it would train on from another epoch than the rest, DDP would make their weights rank 0's
+    without a word, and the ranks would then wait at collectives the others never reach."""
+    points = gather_objects((progress.epoch, progress.step, str(resume_path) if resume_path else None), di)
+    if len({(epoch, step) for epoch, step, _ in points}) > 1:
+        where = "; ".join(f"rank {rank} at epoch {epoch}, step {step}, from {path or 'no checkpoint'}"
+                          for rank, (epoch, step, path) in enumerate(points))
+        raise StageError(f"{key}: the workers resumed from different checkpoints ({where}). Each node keeps its own "
+                         f"copy of the stage's last.pt; delete the copies that differ from the storage's (with a URI "
+                         f"storage, under data.cache_dir on those nodes) and rerun: every rank then resumes from the "
+                         f"storage's last.pt")
 
 
 def _describe_prepared(dataset: ImageDataset) -> str:
