@@ -39,10 +39,12 @@ def test_unknown_key_names_it_and_suggests():
     ("eval.threshold_policy=median", r"eval\.threshold_policy"),
     ("stage1.augment.blur_kernel=4", r"blur_kernel: must be an odd"),
     ("run_name=a/b", r"run_name"),
+    ("scaling.sync_batchnorm=true runtime.compile=true",
+     r"scaling\.sync_batchnorm: cannot be combined with runtime\.compile=true: torch\.compile breaks its graph"),
 ])
 def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("demo", [override])
+        load_config("demo", override.split(" "))
 
 
 def test_gpus_per_worker_is_one_gpu_at_most_and_a_fraction_only_for_one_worker():

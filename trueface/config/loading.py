@@ -312,6 +312,11 @@ def validate(cfg: Config) -> None:
           f"must be 1 with scaling.num_workers={sc.num_workers}: Ray may place two workers with a fraction of "
           "a GPU each on the same GPU, and NCCL refuses two ranks on one device; fractions suit one-worker "
           "trials sharing a GPU")
+    # dynamo graph-breaks at every SyncBatchNorm (pytorch/pytorch#161302, open), 53 of them in
+    # ResNet-50, and DDP with SyncBatchNorm has failed to compile (pytorch/pytorch#107372, open)
+    check(not (sc.sync_batchnorm and cfg.runtime.compile), "scaling.sync_batchnorm",
+          "cannot be combined with runtime.compile=true: torch.compile breaks its graph at every SyncBatchNorm "
+          "(pytorch/pytorch#161302), 53 times in ResNet-50, which leaves compiling little to fuse; set one of them false")
     check(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     check(sc.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = retry forever)")
     check(cfg.runtime.device in ("auto", "cpu", "cuda"), "runtime.device", "must be auto, cpu or cuda")
