@@ -11,7 +11,8 @@ are off, and micro-batches hold one image (so BatchNorm's batch statistics are t
 in both runs): what is left to differ is the order of floating-point sums in the all-reduce.
 
 The two processes train once more with ``runtime.compile=true`` (DDP around the compiled model), to
-the eager run's weights.
+the eager run's weights. Two that resume from different checkpoints both stop before a step, and a
+NaN on one rank is a NaN on both in the loss the divergence check reads.
 """
 
 from __future__ import annotations
@@ -262,5 +263,6 @@ def test_ranks_that_resume_from_different_checkpoints_both_stop_saying_where_eac
     assert said[0] == said[1]  # both ranks stop, with the same words, before any step
     assert said[0].startswith(f"stage1: the workers resumed from different checkpoints (rank 0 at epoch {EPOCHS}, "
                               f"step {EPOCHS * STEPS_PER_EPOCH}, from {last}; rank 1 at epoch 0, step 0, from no checkpoint)")
-    assert not (tmp / "resume" / "rank1" / "stage1" / "last.pt").exists()  # rank 0 wrote nothing either
+    # neither rank trained on and saved: rank 0 stopped too, though its own resume was fine
     assert not (tmp / "resume" / "rank0" / "stage1" / "last.pt").exists()
+    assert not (tmp / "resume" / "rank1" / "stage1" / "last.pt").exists()
