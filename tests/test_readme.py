@@ -4,8 +4,9 @@ Every ``python -m jobs.NAME --flag`` the READMEs show (in code blocks, continuat
 and in inline code) must be an option of that job's own parser, with a value among the option's
 choices where it has them; every dotted config key they name (``stage1.augment.strength``,
 ``stageN.batch_size``, ``data.synthetic``) must be in the schema; every ``make`` target they show
-must be in the Makefile, and every source file they name must exist. A flag, key or file renamed
-in the code would otherwise leave the README telling users to type something that fails.
+must be in the Makefile, and every source file they name must exist; every link to a section
+(here and in results/) must land on a heading. A flag, key, file or heading renamed would otherwise
+leave the README telling users to type something that fails, or pointing nowhere.
 """
 
 from __future__ import annotations
@@ -122,3 +123,30 @@ def test_every_source_file_the_readmes_name_exists():
     named = {path for p in READMES for path in re.findall(pattern, p.read_text())}
     assert len(named) > 40  # the scan finds them
     assert sorted(path for path in named if not (REPO / path).exists() and not (REPO / "docker" / path).exists()) == []
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for a markdown file's headings: lower case, punctuation dropped, spaces as
+    hyphens, a repeated heading's anchor numbered (-1, -2, ...)."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_section_link_in_the_readmes_and_the_record_lands_on_a_heading():
+    # README.md and results/benchmarks.md link into each other's sections (the record moved out of
+    # the README): a renamed heading would leave a link that goes nowhere
+    files = [*READMES, REPO / "results" / "README.md", REPO / "results" / "benchmarks.md"]
+    anchors = {p.resolve(): _anchors(p.read_text()) for p in files}
+    links, broken = 0, []
+    for p in files:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", p.read_text()):
+            dest = (p.parent / target).resolve() if target else p.resolve()
+            links += 1
+            if anchor not in anchors.get(dest, set()):
+                broken.append(f"{p.relative_to(REPO)}: {target}#{anchor}")
+    assert links > 20  # the scan finds them
+    assert broken == []
