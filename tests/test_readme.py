@@ -32,7 +32,7 @@ JOB = re.compile(r"\bjobs\.(\w+)(?![.\w])([^`\n]*)")  # jobs.NAME and what follo
 
 def _command_lines(text: str) -> list[str]:
     """Code blocks' lines (shell continuations joined, comments dropped) and each inline code span."""
-    lines, spans = [], []
+    lines = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
         lines += [re.sub(r"(^|\s)#.*", "", line) for line in block.replace("\\\n", " ").splitlines()]  # no comments
     prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)

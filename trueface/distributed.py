@@ -42,9 +42,7 @@ def average_buffers(model: nn.Module, di: DistInfo) -> None:
     buffers = [b for b in model.buffers() if b.dtype.is_floating_point]
     if not buffers:
         return
-    flat = torch.cat([b.reshape(-1).double() for b in buffers])  # one collective, exact enough in float64
-    dist.all_reduce(flat)
-    flat /= di.world_size
+    flat = mean_over_ranks(torch.cat([b.reshape(-1).double() for b in buffers]), di)  # one collective, exact enough in float64
     offset = 0
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,7 +24,7 @@ from trueface.config import Config
 from trueface.data.dataset import ImageDataset, load_rgb
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
-from trueface.distributed import DistInfo
+from trueface.distributed import DistInfo, gather_objects
 from trueface.host_memory import freeze_inherited_objects
 from trueface.model import fake_probability
 from trueface.precision import Runtime
@@ -60,10 +59,8 @@ def predict_scores(model: nn.Module, samples: Sequence[Sample], image_size: int,
         scores = _score_loader(model, loader, runtime, cfg.eval.hflip_tta)
     if di.world_size == 1:
         return scores
-    gathered: list = [None] * di.world_size
-    dist.all_gather_object(gathered, (mine, scores))
     full = np.empty(len(samples), dtype=np.float64)
-    for idx, sc in gathered:
+    for idx, sc in gather_objects((mine, scores), di):
         full[idx] = sc
     return full
 
