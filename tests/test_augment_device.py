@@ -9,6 +9,7 @@ about a sixth of the statistic's spread, while uint8 rounding in the per-sample 
 statistic by under 1 % of it). Seeds are fixed, so every run sees the same draws.
 """
 
+import importlib
 import random
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from trueface.config import ConfigError, load_config
 from trueface.jpeg_tensor import jpeg_tensor
 from trueface.config.schema import AugmentConfig
 from trueface.precision import Runtime
+from trueface.randaugment_batch import BatchRandAugment
 
 N = 400
 STRENGTH = 0.5  # every knob below is halved: a path that ignored strength fails the rates
@@ -367,6 +369,47 @@ def test_the_gpu_path_reads_the_device_once_a_batch(monkeypatch):
     assert "lift_fresh" not in log.names
     assert "nonzero_static" in log.names and reads == [1]  # the strong batch's; a light one reads nothing
     assert torch.equal(out, _batched(load_config("demo").stage1.augment, images, seed=3)[0])  # as without the log
+
+
+class _DeviceKernels(TorchDispatchMode):
+    """Names the ops that compute on ``device`` tensors: everything but views and copies from the host."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.names = device, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        source = args[1] if name == "copy_" else args[0] if name == "_to_copy" else None  # copy_(self, src)
+        from_host = source is not None and source.device.type == "cpu"
+        if any(t.device == self.device for t in tensors) and not func.is_view and not from_host:
+            self.names.append(name)
+        return out
+
+
+@pytest.mark.parametrize("constant", ["randaugment_batch._base_grid", "randaugment_batch._theta_table",
+                                      "randaugment_batch._signed", "randaugment_batch._sharpness_kernel",
+                                      "jpeg_tensor._base_tables", "jpeg_tensor.dct_kron",
+                                      "augment_device._hue_channel_offsets", "augment_device._mean_std"])
+def test_the_per_device_constants_are_copied_from_the_host_never_built_by_device_kernels(constant):
+    # The augmentation runs a batch ahead on a side stream (trueface.augment_ahead), the step on
+    # its own: a cached constant built by kernels on the device is whole only on the stream that
+    # queued them, and the other may read it first. Copied from the host (a copy the host waits
+    # for), it is whole on every stream. "meta" stands for the GPU: its tensors show where ops run.
+    module, name = constant.split(".")
+    build = getattr(importlib.import_module(f"trueface.{module}"), name)
+    meta = torch.device("meta")
+    args = {"_base_grid": (meta, 24, 40), "_theta_table": (BatchRandAugment(2, 9), meta, 24, 40),
+            "_hue_channel_offsets": (meta, torch.float16), "_mean_std": (meta, torch.float16)}.get(name, (meta,))
+    build.cache_clear()
+    with _DeviceKernels(meta) as log:
+        built = build(*args)
+    assert log.names == []
+    assert all(t.device == meta for t in torch.utils._pytree.tree_leaves(built))
+    host = build(*(torch.device("cpu") if a is meta else a for a in args))
+    assert [t.shape for t in torch.utils._pytree.tree_leaves(built)] == [t.shape for t in torch.utils._pytree.tree_leaves(host)]
 
 
 def test_normalise_is_torchvisions_bit_for_bit():

@@ -83,7 +83,9 @@ def quant_tables(quality: torch.Tensor) -> torch.Tensor:
 
 
 # Built once per device: a tensor made from host data on a GPU is a copy the host waits for,
-# and this runs on every batch.
+# and this runs on every batch. Every constant here is built on the host and copied (never by
+# kernels on the device): once the copy returns it is whole for every stream, the augmentation's
+# side stream and the step's alike.
 @functools.lru_cache(maxsize=8)
 def _base_tables(device: torch.device) -> torch.Tensor:
     return torch.tensor([LUMA_TABLE, CHROMA_TABLE], dtype=torch.float64).view(1, 2, 8, 8).to(device)
@@ -169,8 +171,8 @@ def compress_planes(planes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def dct_kron(device: torch.device) -> torch.Tensor:
     """kron(D, D) (64 x 64, float64): a row-major 8x8 block's coefficients are kron(D, D) @ block."""
-    d = dct_matrix(device)
-    return torch.kron(d, d)
+    d = dct_matrix(torch.device("cpu"))
+    return torch.kron(d, d).to(device)  # a host copy, ready for every stream: see _base_tables
 
 
 def jpeg_tensor(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:

@@ -170,11 +170,14 @@ def _theta_table(ra: BatchRandAugment, device: torch.device, height: int, width:
 @functools.lru_cache(maxsize=8)
 def _base_grid(device: torch.device, height: int, width: int) -> torch.Tensor:
     """``_affine_grid``'s (1, H*W, 3) base grid: pixel centres about the image centre, then 1."""
-    base = torch.empty(1, height, width, 3, device=device)
-    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=device))
-    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device).unsqueeze_(-1))
+    base = torch.empty(1, height, width, 3)
+    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width))
+    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    return base.view(1, height * width, 3)
+    # built on the host (half-integers: exact anywhere) and copied: the copy returns when the grid
+    # is on the device, so any stream may read it; built by kernels, only the stream that queued
+    # them would be sure to see it whole (the augmentation runs on a side stream ahead of the step)
+    return base.view(1, height * width, 3).to(device)
 
 
 @functools.lru_cache(maxsize=8)
