@@ -11,13 +11,15 @@ are off, and micro-batches hold one image (so BatchNorm's batch statistics are t
 in both runs): what is left to differ is the order of floating-point sums in the all-reduce.
 
 The two processes train once more with ``runtime.compile=true`` (DDP around the compiled model), to
-the eager run's weights. Two that resume from different checkpoints both stop before a step, and a
-NaN on one rank is a NaN on both in the loss the divergence check reads.
+the eager run's weights. Two that resume from different checkpoints both go on from rank 0's, to
+the weights of the run without a resume, and a NaN on one rank is a NaN on both in the loss the
+divergence check reads.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -96,6 +98,26 @@ def _worker(rank: int, root: str, out: str, rendezvous: str, compile_backend: st
             return lookup_backend(compile_backend)(gm, example_inputs)
 
         torch.compile = lambda model, **kw: real_compile(model, backend=counting, **kw)
+    _record_validation(train, seen)
+    cfg = _config(Path(root), Path(out), accum_steps=1, compiling=compile_backend is not None)
+    di = DistInfo(rank, WORLD)
+
+    def report(metrics: dict, path: Path | None) -> None:
+        reports.append(metrics)
+        if path is not None and metrics["epoch"] == 1:  # rank 0's last.pt after epoch 1: a point to resume from
+            shutil.copy(path, Path(out) / "epoch1.pt")
+
+    train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / "ddp" / "stage1",
+                    dist_info=di, report=report)
+    # predict_scores over 2 ranks with a sample count that does not divide by 2
+    model = load_models(load_checkpoint(Path(out) / "ddp" / "stage1" / "best.pt"), cfg)["ema"]
+    scores = predict_scores(model, _samples(cfg, "valid")[:7], 64, Runtime.create("cpu", "fp32"), cfg, di)
+    torch.save({"seen": seen, "reports": reports, "scores": scores, "graphs": graphs}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _record_validation(train, seen: list) -> None:
+    """Makes ``train.validate`` append the state dicts of the models it validates to ``seen``."""
     real_validate = train.validate
 
     def recording_validate(models, *args, **kwargs):
@@ -103,15 +125,6 @@ def _worker(rank: int, root: str, out: str, rendezvous: str, compile_backend: st
         return real_validate(models, *args, **kwargs)
 
     train.validate = recording_validate
-    cfg = _config(Path(root), Path(out), accum_steps=1, compiling=compile_backend is not None)
-    di = DistInfo(rank, WORLD)
-    train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / "ddp" / "stage1",
-                    dist_info=di, report=lambda metrics, path: reports.append(metrics))
-    # predict_scores over 2 ranks with a sample count that does not divide by 2
-    model = load_models(load_checkpoint(Path(out) / "ddp" / "stage1" / "best.pt"), cfg)["ema"]
-    scores = predict_scores(model, _samples(cfg, "valid")[:7], 64, Runtime.create("cpu", "fp32"), cfg, di)
-    torch.save({"seen": seen, "reports": reports, "scores": scores, "graphs": graphs}, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -234,35 +247,46 @@ def test_the_mean_over_ranks_is_the_same_on_every_rank_a_non_finite_one_included
     assert mean_over_ranks(one, DistInfo()) is one  # one process: no collective, no copy
 
 
-def _resume_worker(rank: int, root: str, out: str, rendezvous: str, last: str) -> None:
-    """Rank 0 resumes from the trained run's last.pt, rank 1 finds none of its own: as two nodes
-    whose copies of last.pt differ."""
+def _resume_worker(rank: int, root: str, out: str, rendezvous: str, checkpoints: list[str]) -> None:
+    """Rank r resumes from ``checkpoints[r]``, as nodes whose copies of last.pt differ would."""
     torch.set_num_threads(1)
-    # without the check the ranks would wait at mismatched collectives: fail in a minute, not 30
+    # ranks that went on from different epochs would wait at mismatched collectives: fail in a
+    # minute, not 30
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     import trueface.train as train
 
+    seen, reports = [], []
+    _record_validation(train, seen)
     cfg = _config(Path(root), Path(out), accum_steps=1)
-    try:
-        train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / f"rank{rank}" / "stage1",
-                        dist_info=DistInfo(rank, WORLD), resume_from=Path(last) if rank == 0 else None)
-        outcome = "trained"
-    except train.StageError as exc:
-        outcome = str(exc)
+    train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / f"rank{rank}" / "stage1",
+                    dist_info=DistInfo(rank, WORLD), report=lambda metrics, path: reports.append(metrics),
+                    resume_from=Path(checkpoints[rank]))
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"resume{rank}.txt").write_text(outcome)
+    torch.save({"seen": seen, "reports": reports}, Path(out) / f"resumed{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_ranks_that_resume_from_different_checkpoints_both_stop_saying_where_each_stood(runs):
-    tmp, last = runs["tmp"], runs["tmp"] / "two" / "ddp" / "stage1" / "last.pt"
-    mp.spawn(_resume_worker, args=(str(tmp / "data"), str(tmp / "resume"), str(tmp / "rendezvous-resume"), str(last)),
-             nprocs=WORLD, join=True)
-    said = [(tmp / "resume" / f"resume{r}.txt").read_text() for r in range(WORLD)]
-    assert said[0] == said[1]  # both ranks stop, with the same words, before any step
-    assert said[0].startswith(f"stage1: the workers resumed from different checkpoints (rank 0 at epoch {EPOCHS}, "
-                              f"step {EPOCHS * STEPS_PER_EPOCH}, from {last}; rank 1 at epoch 0, step 0, from no checkpoint)")
-    # neither rank trained on and saved: rank 0 stopped too, though its own resume was fine
-    assert not (tmp / "resume" / "rank0" / "stage1" / "last.pt").exists()
-    assert not (tmp / "resume" / "rank1" / "stage1" / "last.pt").exists()
+def test_ranks_that_resume_from_different_checkpoints_all_go_on_from_rank_0s(runs, capfd):
+    # Rank 0 finds the two-process run's last.pt after epoch 1; rank 1 a newer one, after epoch 2
+    # (as a node whose upload a crash cut off). Both go on from rank 0's: they train epoch 2 again,
+    # to the weights the run reached without a resume.
+    tmp = runs["tmp"]
+    first, last = tmp / "two" / "epoch1.pt", tmp / "two" / "ddp" / "stage1" / "last.pt"
+    mp.spawn(_resume_worker, args=(str(tmp / "data"), str(tmp / "resume"), str(tmp / "rendezvous-resume"),
+                                   [str(first), str(last)]), nprocs=WORLD, join=True)
+    assert (f"stage1: the workers resumed from different checkpoints (rank 0 at epoch 1, step {STEPS_PER_EPOCH}, "
+            f"from {first}; rank 1 at epoch {EPOCHS}, step {EPOCHS * STEPS_PER_EPOCH}, from {last}): every rank goes "
+            f"on from rank 0's, at epoch 1, step {STEPS_PER_EPOCH}.") in capfd.readouterr().out
+    resumed = [torch.load(tmp / "resume" / f"resumed{r}.pt", weights_only=False) for r in range(WORLD)]
+    for rank in resumed:  # each trained epoch 2 alone, to the step the uninterrupted run ended at
+        assert [(m["epoch"], m["step"]) for m in rank["reports"]] == [(EPOCHS, EPOCHS * STEPS_PER_EPOCH)]
+    # rank 1 validated the model rank 0 did, and that is the uninterrupted run's epoch 2
+    uninterrupted = runs["ranks"][1]["seen"][-1]
+    for weights in ("raw", "ema"):
+        for key, value in uninterrupted[weights].items():
+            for rank in resumed:
+                torch.testing.assert_close(rank["seen"][-1][weights][key], value, atol=ATOL, rtol=RTOL,
+                                           msg=lambda m: f"{weights}.{key}: {m}")
+    saved = load_checkpoint(tmp / "resume" / "rank0" / "stage1" / "last.pt")
+    assert saved["epoch"] == EPOCHS and [h["epoch"] for h in saved["history"]] == [1, 2]

@@ -5,6 +5,7 @@ Usage::
     di = DistInfo.current()                  # rank 0 of 1 without torch.distributed
     average_buffers(model, di)               # every rank now holds the same BatchNorm statistics
     mean_over_ranks(loss_sum, di)            # the same number on every rank
+    broadcast_object(state, di)              # rank 0's state on every rank
 
 Ray Train (or torchrun, or a test's torch.multiprocessing) initialises the process group; this
 module only reads it, so the same code runs with one process and no process group at all.
@@ -67,6 +68,16 @@ def gather_objects(value: object, di: DistInfo) -> list:
     out: list = [None] * di.world_size
     dist.all_gather_object(out, value)
     return out
+
+
+def broadcast_object(value: object, di: DistInfo) -> object:
+    """Rank 0's ``value`` (picklable; the others pass anything), on every rank. On NCCL the
+    pickled bytes travel through the current GPU: tensors inside are best on the CPU."""
+    if di.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(di: DistInfo) -> None:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
@@ -54,7 +55,7 @@ from trueface.data.epoch_keys import EpochKeyedSampler, EpochSeededDataset
 from trueface.data.layout import Sample
 from trueface.data.prepared import PreparedImages
 from trueface.data.sampler import BalancedSampler
-from trueface.distributed import DistInfo, average_buffers, barrier, gather_objects, mean_over_ranks
+from trueface.distributed import DistInfo, average_buffers, barrier, broadcast_object, gather_objects, mean_over_ranks
 from trueface.ema import ModelEma
 from trueface.explain import validation_grid
 from trueface.host_memory import freeze_inherited_objects, keep_freed_memory
@@ -107,6 +108,10 @@ class TrainState:
         state = load_checkpoint(path)
         if state["stage"] != stage:
             raise CheckpointError(f"{path} is a Stage {state['stage']} checkpoint, cannot resume Stage {stage} from it")
+        return self.apply(state)
+
+    def apply(self, state: dict) -> "Progress":
+        """Takes on a saved ``checkpoint()``'s weights, EMA and optimizer; returns where it stood."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -193,7 +198,7 @@ def run_stage(
     if resume_path is not None:
         progress = state.restore(resume_path, stage)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
-    _check_resumed_alike(progress, resume_path, di, key)
+    progress = _resume_alike(state, progress, resume_path, cfg, stage, di)
 
     data = training_data(cfg, stage, train_samples, state.runtime, di, augment_on_device)
     plan = _step_plan(st, key, len(data.sampler), di)
@@ -341,20 +346,28 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     return TrainingData(dataset, sampler, DeviceAugment(st.augment, dtype=runtime.augment_dtype) if on_device else None)
 
 
-def _check_resumed_alike(progress: Progress, resume_path: Path | None, di: DistInfo, key: str) -> None:
-    """Every rank resumes from the same point, or the stage stops with an error that says where
-    each one stood. With a URI storage each node keeps its own copy of ``last.pt``, and a node's
-    copy can be newer than the storage's (a save whose upload a crash cut off): a rank resuming
-    from it would train on from another epoch than the rest, DDP would make their weights rank 0's
-    without a word, and the ranks would then wait at collectives the others never reach."""
+def _resume_alike(state: TrainState, progress: Progress, resume_path: Path | None, cfg: Config, stage: int,
+                  di: DistInfo) -> Progress:
+    """Every rank goes on from where rank 0 resumed. With a URI storage each node keeps its own
+    copy of ``last.pt``, and a node's copy can be newer than the storage's (a save whose upload a
+    crash cut off): ranks resuming from different epochs would train on from them, DDP would make
+    their weights rank 0's without a word, and the ranks would then wait at collectives the others
+    never reach. Where they differ, rank 0 sends its whole restored state (a complete checkpoint,
+    its own or the storage's) to the others, which take it on: one consistent run, said in the log."""
     points = gather_objects((progress.epoch, progress.step, str(resume_path) if resume_path else None), di)
-    if len({(epoch, step) for epoch, step, _ in points}) > 1:
-        where = "; ".join(f"rank {rank} at epoch {epoch}, step {step}, from {path or 'no checkpoint'}"
-                          for rank, (epoch, step, path) in enumerate(points))
-        raise StageError(f"{key}: the workers resumed from different checkpoints ({where}). Each node keeps its own "
-                         f"copy of the stage's last.pt; delete the copies that differ from the storage's (with a URI "
-                         f"storage, under data.cache_dir on those nodes) and rerun: every rank then resumes from the "
-                         f"storage's last.pt")
+    if len({(epoch, step) for epoch, step, _ in points}) == 1:
+        return progress
+    where = "; ".join(f"rank {rank} at epoch {epoch}, step {step}, from {path or 'no checkpoint'}"
+                      for rank, (epoch, step, path) in enumerate(points))
+    _log(di, f"stage{stage}: the workers resumed from different checkpoints ({where}): every rank goes on from "
+             f"rank 0's, at epoch {progress.epoch}, step {progress.step}. (Each node keeps its own copy of the stage's "
+             f"last.pt, under data.cache_dir with a URI storage; a copy newer than the storage's was left by an "
+             f"upload a crash cut off.)")
+    saved = state.checkpoint(cfg, stage, progress) if di.rank == 0 else None
+    # on the CPU: NCCL carries the pickle through this rank's GPU, and a CUDA tensor unpickles onto
+    # the device it left, which on another node's worker may be another worker's GPU
+    saved = broadcast_object(tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, saved), di)
+    return progress if di.rank == 0 else state.apply(saved)
 
 
 def _describe_prepared(dataset: ImageDataset) -> str:
