@@ -79,11 +79,16 @@ def _samples(cfg, split: str):
     return layout.gather(layout.domains, split)
 
 
+def _join(rank: int, rendezvous: str, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """This process as rank ``rank`` of WORLD gloo processes, on one thread (two share the cores)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timeout)
+
+
 def _worker(rank: int, root: str, out: str, rendezvous: str, compile_backend: str | None = None) -> None:
     """One rank: train Stage I, recording what validation sees; then score 7 samples with 2 ranks.
     ``compile_backend``: train with runtime.compile=true, torch.compile using that backend."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    _join(rank, rendezvous)
     import trueface.train as train
 
     seen, reports, graphs = [], [], []
@@ -229,7 +234,7 @@ def test_ddp_around_the_compiled_model_trains_the_weights_the_eager_one_does(run
 
 
 def _mean_worker(rank: int, rendezvous: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    _join(rank, rendezvous)
     di = DistInfo(rank, WORLD)
     finite = mean_over_ranks(torch.tensor(1.0 + 2 * rank), di)  # 1 and 3
     one_diverged = mean_over_ranks(torch.tensor(float("nan") if rank == 1 else 0.5), di)
@@ -249,11 +254,9 @@ def test_the_mean_over_ranks_is_the_same_on_every_rank_a_non_finite_one_included
 
 def _resume_worker(rank: int, root: str, out: str, rendezvous: str, checkpoints: list[str]) -> None:
     """Rank r resumes from ``checkpoints[r]``, as nodes whose copies of last.pt differ would."""
-    torch.set_num_threads(1)
     # ranks that went on from different epochs would wait at mismatched collectives: fail in a
     # minute, not 30
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    _join(rank, rendezvous, timeout=timedelta(seconds=60))
     import trueface.train as train
 
     seen, reports = [], []
