@@ -112,6 +112,25 @@ def test_the_cache_is_reused_and_a_changed_or_missing_file_rebuilt(root, tmp_pat
     assert (mirror / "train/fake/b.png").read_bytes() == encode_normalized(load_rgb(changed), 90, 64)
 
 
+def test_copies_of_files_no_longer_wanted_leave_the_mirror(root, tmp_path, monkeypatch):
+    # The run's layout is read from the mirror: a copy whose source was deleted, moved (here from
+    # train to test) or excluded would be trained on, or sit in two splits.
+    mirror = build(root, tmp_path)
+    (mirror / "valid" / "real").mkdir(parents=True)
+    noise(8, 8).save(mirror / "valid" / "real" / "orphan.png")  # a killed build's copy, never recorded
+    (root / "test" / "fake").mkdir(parents=True)
+    (root / "train" / "fake" / "c.png").rename(root / "test" / "fake" / "c.png")
+    calls = []
+    real_write = normalize._write_one
+    monkeypatch.setattr(normalize, "_write_one", lambda job: (calls.append(job[0]), real_write(job)))
+    wanted = ["train/real/a.jpg", "test/fake/c.png"]  # b.png deleted at the source (or excluded)
+    assert normalized_root(root, wanted, SPEC, tmp_path / "cache", workers=1, progress=False) == mirror
+    images = sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*.*") if p.name != normalize.MANIFEST)
+    assert images == sorted(wanted)
+    assert sorted(json.loads((mirror / normalize.MANIFEST).read_text())["files"]) == sorted(wanted)
+    assert calls == [str(root / "test/fake/c.png")]  # a.jpg's copy kept as it was
+
+
 def test_an_interrupted_build_leaves_no_partial_file(root, tmp_path, monkeypatch):
     real_fsync, count = os.fsync, []
 

@@ -20,8 +20,9 @@ PIL in one pass (``reducing_gap=None``). Everything is deterministic for one Pil
 The cache mirrors ``root`` under ``<cache_dir>/normalized/<root name>-<spec>-<key>/`` with the same
 relative paths (a ``.png`` keeps its name but holds JPEG data: PIL reads the content, not the
 suffix). ``manifest.json`` there records each source's size and mtime, so only missing or changed
-files are rebuilt; every file is written to a temporary name and renamed, so an interrupted build
-leaves no partial file. The Predictor's ``load_normalized`` encodes with the same function, so it
+files are rebuilt, and a copy of a file no longer asked for (moved, deleted, excluded) is deleted;
+every file is written to a temporary name and renamed, so an interrupted build leaves no partial
+file. The Predictor's ``load_normalized`` encodes with the same function, so it
 gives exactly the pixels the cached copy gives.
 """
 
@@ -43,6 +44,7 @@ from PIL import Image
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config.choices import parse_normalize
 from trueface.data.decode import ImageReadError, load_rgb, prepare_rgb
+from trueface.data.layout import IMAGE_SUFFIXES
 
 #: Bump when the recipe changes (filter, encoder settings): the cache folder's key changes with it.
 RECIPE_VERSION = 1
@@ -107,6 +109,7 @@ def normalized_root(root: Path, relpaths: Sequence[str], spec: str, cache_dir: P
     out = normalized_folder(root, spec, cache_dir)
     manifest = _read_manifest(out)
     wanted = {rel: _source_stamp(root, rel) for rel in map(_checked_relpath, relpaths)}
+    stale = _remove_unwanted(out, wanted)
     todo = [rel for rel, stamp in wanted.items()
             if manifest["files"].get(rel) != stamp or not (out / rel).is_file()]
     done: dict[str, list[int]] = {rel: manifest["files"][rel] for rel in wanted if rel not in todo}
@@ -114,9 +117,25 @@ def normalized_root(root: Path, relpaths: Sequence[str], spec: str, cache_dir: P
         for rel in _build(root, out, todo, quality, size, workers, progress, f"normalizing {root.name} ({spec})"):
             done[rel] = wanted[rel]
     finally:  # keep what was finished, even when interrupted, so a rerun does only the rest
-        if todo:
-            _write_manifest(out, spec, root, {**manifest["files"], **done})
+        if todo or stale:
+            kept = {rel: stamp for rel, stamp in manifest["files"].items() if rel in wanted}
+            _write_manifest(out, spec, root, {**kept, **done})
     return out
+
+
+def _remove_unwanted(out: Path, wanted: dict[str, list[int]]) -> list[str]:
+    """Deletes the mirror's copies of files not in ``wanted`` (moved, deleted, or now excluded by
+    the data check at the source) and returns their relpaths. The run's layout is read from the
+    mirror: a copy left behind would be trained on, and one whose source moved from train to test
+    would sit in both. Every image file counts, recorded or not (a build killed before its
+    manifest was written leaves copies it never recorded)."""
+    if not out.is_dir():
+        return []
+    stale = sorted(rel for rel in (p.relative_to(out).as_posix() for p in out.rglob("*")
+                                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) if rel not in wanted)
+    for rel in stale:
+        (out / rel).unlink()
+    return stale
 
 
 def _build(root: Path, out: Path, todo: list[str], quality: int, size: int, workers: int | None,
