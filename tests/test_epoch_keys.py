@@ -122,13 +122,16 @@ def test_the_draws_are_the_samples_seed_and_the_trainers_generators_are_left_alo
     expected_torch, expected_random = torch.rand(()).item(), random.random()
     torch.manual_seed(123)
     random.seed(123)
-    row, _, index = keyed[(3, 7)]  # read in the training process, as with loader_workers=0
+    row, _, index = keyed[(3, 7, 0)]  # read in the training process, as with loader_workers=0
     assert index == 7 and (torch.rand(()).item(), random.random()) == (expected_torch, expected_random)
     torch.manual_seed(sample_seed(5, 1, 3, 7))
     random.seed(sample_seed(5, 1, 3, 7))
     assert row[1:3].tolist() == [torch.rand(()).item(), random.random()]
-    assert keyed[(3, 7)][0][1] != EpochSeededDataset(ds, seed=5, rank=0)[(3, 7)][0][1]  # ranks draw apart
-    assert keyed[(3, 7)][0][1] != keyed[(4, 7)][0][1] and keyed[(3, 7)][0][1] != keyed[(3, 8)][0][1]
+    assert keyed[(3, 7, 0)][0][1] != EpochSeededDataset(ds, seed=5, rank=0)[(3, 7, 0)][0][1]  # ranks draw apart
+    assert keyed[(3, 7, 0)][0][1] != keyed[(4, 7, 0)][0][1] and keyed[(3, 7, 0)][0][1] != keyed[(3, 8, 0)][0][1]
+    # an image's second and third draw in the epoch: draws of their own, each reproducible
+    repeats = [keyed[(3, 7, k)][0][1].item() for k in range(3)]
+    assert len(set(repeats)) == 3 and keyed[(3, 7, 2)][0][1].item() == repeats[2]
 
 
 def test_an_error_inside_the_seeded_block_still_puts_the_generators_back():
@@ -147,5 +150,17 @@ def test_the_keyed_sampler_reads_the_epoch_when_its_iteration_starts():
     sampler.set_epoch(3)
     keys = iter(keyed)
     sampler.set_epoch(4)  # an epoch set later does not reach an iteration already started
-    assert [k for k in keys] == [(3, i) for i in sampler.epoch_indices(3).tolist()]
+    assert [k for k in keys] == [(3, i, 0) for i in sampler.epoch_indices(3).tolist()]
     assert len(keyed) == len(sampler) == 8
+
+
+def test_an_image_drawn_several_times_in_an_epoch_gets_a_key_for_each_draw():
+    # 2 reals against 6 fakes, balanced by class: each real is drawn about 3 times an epoch
+    sampler = BalancedSampler([0, 0] + [1] * 6, ["a"] * 8, "class", None, 0, 1, 0)
+    sampler.set_epoch(1)
+    keys = list(EpochKeyedSampler(sampler))
+    indices = sampler.epoch_indices(1).tolist()
+    assert [index for _, index, _ in keys] == indices and {epoch for epoch, _, _ in keys} == {1}
+    for index in set(indices):
+        assert [k for _, i, k in keys if i == index] == list(range(indices.count(index)))
+    assert max(indices.count(0), indices.count(1)) >= 2  # the case this is for: a repeated image

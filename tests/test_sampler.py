@@ -27,6 +27,22 @@ def test_domain_class_balance_and_repetitions():
     assert max(reps.values()) - min(reps.values()) <= 1
 
 
+@pytest.mark.parametrize("size,draws", [(10, 12), (10, 7), (3, 100), (7, 7)])
+def test_an_image_is_drawn_within_two_of_the_others_an_epoch_and_evenly_over_epochs(size, draws):
+    # m whole permutations in an epoch's slice (k or k - 1), plus at most the end of one and the
+    # start of the next: m to m + 2 draws of each image; epoch 0 starts at a permutation's start
+    s = BalancedSampler([0] * size, ["d"] * size, "class", samples_per_epoch=draws, seed=0)
+    k, total = draws // size, Counter()
+    for epoch in range(size):  # size epochs: size * draws positions, a whole number of permutations
+        counts = Counter(s.epoch_indices(epoch).tolist())
+        per_image = [counts.get(i, 0) for i in range(size)]
+        low, high = (k, k + 1) if epoch == 0 else (k - 1, k + 2)
+        assert low <= min(per_image) and max(per_image) <= high and max(per_image) - min(per_image) <= 2, \
+            (epoch, per_image)
+        total.update(counts)
+    assert set(total.values()) == {draws}  # over the stream every image as often as any other
+
+
 def test_large_cells_are_subsampled_and_covered_over_epochs():
     labels, domains = _data()
     s = BalancedSampler(labels, domains, "domain_class", samples_per_epoch=40, seed=0)

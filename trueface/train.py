@@ -607,9 +607,10 @@ def validation_metrics(labels: np.ndarray, domains: Sequence[str], scores: dict[
 
 def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, rank: int) -> DataLoader:
     # One loader a stage, its workers forked once (persistent): each sample comes by an (epoch,
-    # index) key, picks the epoch's transform (light -> strong) and seeds its draws from (seed,
-    # rank, epoch, index), so an epoch draws the same however it was reached (resumed or not)
-    # and however many workers read it.
+    # index, occurrence) key, picks the epoch's transform (light -> strong) and seeds its draws
+    # from the key, the seed and the rank, so an epoch draws the same however it was reached
+    # (resumed or not) and however many workers read it, and an image drawn twice in an epoch
+    # is augmented twice.
     workers = cfg.data.loader_workers
     return DataLoader(EpochSeededDataset(ds, cfg.seed, rank), batch_size=micro, sampler=EpochKeyedSampler(sampler),
                       num_workers=workers, drop_last=True, pin_memory=runtime.device.type == "cuda",

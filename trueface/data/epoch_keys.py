@@ -14,8 +14,11 @@ optimizer state, EMA) on its first write. On a 2-core CPU the first ResNet-50 st
 took 1.65 s instead of 0.21 s, once per epoch (the demo's epochs are ten steps). Persistent
 workers fork once per stage. Their random generators would then run on from one epoch into the
 next, so a run resumed at epoch k would draw differently from one that got there: instead each
-sample's draws are seeded from (seed, rank, epoch, index). That also makes them independent of
-how many workers there are and of which worker gets which batch.
+sample's draws are seeded from (seed, rank, epoch, index, occurrence). That also makes them
+independent of how many workers there are and of which worker gets which batch. The occurrence
+counts an image's draws within the rank's epoch (0, 1, ...): domain balancing draws a small
+cell's images several times an epoch, and each repeat must get crops and flips of its own, or the
+oversampling would add copies and no variety.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ class EpochSampler(Protocol):
     def __len__(self) -> int: ...
 
 
-def sample_seed(seed: int, rank: int, epoch: int, index: int) -> int:
-    """A 64-bit seed mixed from the four (splitmix64's finaliser after each): the same on every
-    machine and Python version, and 2 us where numpy's SeedSequence takes 9 (once per image)."""
+def sample_seed(seed: int, rank: int, epoch: int, index: int, occurrence: int = 0) -> int:
+    """A 64-bit seed mixed from the parts (splitmix64's finaliser after each): the same on every
+    machine and Python version, and 2 us where numpy's SeedSequence takes 9 (once per image). An
+    image's first draw of an epoch mixes four parts, as before occurrences were counted, so runs
+    without repeats draw as they did."""
     h = _SALT
-    for part in (seed, rank, epoch, index):
+    for part in (seed, rank, epoch, index, occurrence)[:5 if occurrence else 4]:
         h = (h ^ (part & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
         h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
@@ -81,23 +86,31 @@ def _seed(seed: int) -> None:
 
 
 class EpochKeyedSampler(Sampler):
-    """``sampler``'s indices as (epoch, index) keys, the epoch read from ``sampler.epoch`` when an
-    epoch's iteration starts (in the training process, where ``set_epoch`` is called)."""
+    """``sampler``'s indices as (epoch, index, occurrence) keys, the epoch read from
+    ``sampler.epoch`` when an epoch's iteration starts (in the training process, where
+    ``set_epoch`` is called); occurrence: how often the index came before in this epoch."""
 
     def __init__(self, sampler: EpochSampler) -> None:
         self.sampler = sampler
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.sampler.epoch
-        return ((epoch, index) for index in self.sampler)
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return _keys(self.sampler.epoch, iter(self.sampler))
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
+def _keys(epoch: int, indices: Iterator[int]) -> Iterator[tuple[int, int, int]]:
+    drawn: dict[int, int] = {}
+    for index in indices:
+        occurrence = drawn.get(index, 0)
+        drawn[index] = occurrence + 1
+        yield epoch, index, occurrence
+
+
 class EpochSeededDataset(Dataset):
-    """``dataset[index]`` for a key (epoch, index), with the epoch's transform (light or strong)
-    and the sample's draws seeded from (seed, rank, epoch, index)."""
+    """``dataset[index]`` for a key (epoch, index, occurrence), with the epoch's transform (light
+    or strong) and the sample's draws seeded from (seed, rank, epoch, index, occurrence)."""
 
     def __init__(self, dataset: Dataset, seed: int, rank: int) -> None:
         self.dataset, self.seed, self.rank = dataset, seed, rank
@@ -105,9 +118,9 @@ class EpochSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, index, occurrence = key
         transform: EpochTransform = self.dataset.transform
         transform.set_epoch(epoch)  # this process's copy: a worker's, or the trainer's with no workers
-        with seeded(sample_seed(self.seed, self.rank, epoch, index)):
+        with seeded(sample_seed(self.seed, self.rank, epoch, index, occurrence)):
             return self.dataset[index]

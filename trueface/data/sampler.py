@@ -9,8 +9,13 @@ Usage::
 The original drew its tiny DALL-E split a third of the time with replacement and ignored the
 classes inside a domain (flaw 3). Here every (domain, class) cell gets the same share of the
 epoch, drawn WITHOUT replacement from an endless stream of fresh permutations of the cell: a
-small cell is repeated evenly (each image k or k+1 times), a large cell is sub-sampled and the
-next epoch continues where this one stopped, so over epochs every image is seen.
+small cell is repeated about evenly, a large cell is sub-sampled, and the next epoch continues
+where this one stopped, so over epochs every image is seen as often as any other. Within one
+epoch an image is drawn m, m+1 or m+2 times, m the number of whole permutations inside the
+epoch's slice of the stream: the slice may also end one permutation and begin the next, each
+holding the image once. With k = draws // cell size, m is k or k - 1; epoch 0 starts at a
+permutation's start, so there each image is drawn k or k+1 times. A sub-sampled cell can thus
+draw an image twice in a later epoch.
 
 The epoch's index list is a pure function of (seed, epoch), identical on every rank; rank r takes
 positions r, r + W, r + 2W, ... so the ranks' shards are disjoint and cover the epoch.
