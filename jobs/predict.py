@@ -43,15 +43,17 @@ from tqdm import tqdm
 from jobs.common import add_ray_arguments
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError
+from trueface.config.schema import DataConfig
 from trueface.predict import Predictor, expand_inputs
 from trueface.storage import StorageError
-from trueface.thresholds import ThresholdsError
+from trueface.thresholds import ThresholdsError, fetch_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    # a str: Path("s3://b/k") would become "s3:/b/k", no longer a URI
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or its s3:// / gs:// URI")
     parser.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
@@ -71,14 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobs import predict_ray
 
         try:
-            return predict_ray.run(str(args.checkpoint), args.input, args.out, args.weights, args.domain, args.address)
+            return predict_ray.run(args.checkpoint, args.input, args.out, args.weights, args.domain, args.address)
         except (CheckpointError, ThresholdsError, StorageError) as exc:
             sys.exit(f"error: {exc}")
     if not args.inputs:
         parser.error("give image files or folders to score (or --ray --input DIR_OR_URI)")
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.weights, args.device, domain=args.domain)
-    except (CheckpointError, ThresholdsError) as exc:
+        local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)
+        predictor = Predictor.from_checkpoint(local, args.weights, args.device, domain=args.domain)
+    except (CheckpointError, ThresholdsError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(args.weights), file=sys.stderr)
     print(predictor.describe_calibration(args.weights), file=sys.stderr)

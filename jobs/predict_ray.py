@@ -33,7 +33,8 @@ from trueface.data.decode import ImageReadError
 from trueface.data.layout import IMAGE_SUFFIXES
 from trueface.config.schema import DataConfig
 from trueface.predict import expand_inputs
-from trueface.storage import fetch, is_uri, open_filesystem
+from trueface.storage import is_uri, open_filesystem
+from trueface.thresholds import fetch_checkpoint
 
 SCHEMA = pa.schema([("path", pa.string()), ("p_generated", pa.float64()), ("p_calibrated", pa.float64()),
                     ("label", pa.string()), ("threshold", pa.float64()), ("error", pa.string())])
@@ -50,7 +51,9 @@ class Scorer:
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
-        self.predictor = Predictor.from_checkpoint(Path(checkpoint), weights, domain=domain)
+        # a URI is fetched by each actor, on its own node, with the thresholds file beside it
+        self.predictor = Predictor.from_checkpoint(fetch_checkpoint(checkpoint, DataConfig().cache_dir), weights,
+                                                   domain=domain)
         self.scheme = scheme  # "s3://" for a bucket: pyarrow's paths have none
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -88,14 +91,21 @@ def run(checkpoint: str, location: str, out: Path, weights: str = "ema", domain:
     from jobs.common import init_ray
     from trueface.checkpoint import load_checkpoint
     from trueface.config import from_dict
+    from trueface.predict import Predictor
 
-    local_ckpt = fetch(checkpoint, DataConfig().cache_dir) if is_uri(checkpoint) else Path(checkpoint)
+    local_ckpt = fetch_checkpoint(checkpoint, DataConfig().cache_dir)
     cfg = from_dict(load_checkpoint(local_ckpt)["config"])
+    # built here once too: a thresholds file or --domain it refuses stops the job with its message
+    # before any actor starts, and the console says which threshold and temperature label the rows
+    predictor = Predictor.from_checkpoint(local_ckpt, weights, "cpu", domain=domain)
+    print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(weights), file=sys.stderr)
+    print(predictor.describe_calibration(weights), file=sys.stderr)
+    del predictor
     paths, fs = list_images(location)
     if not paths:
         raise SystemExit(f"error: no images found under {location}")
     init_ray(address, cfg, num_cpus=local_cpus())
-    failed = score_paths(local_ckpt, paths, fs, out, weights, domain, location)
+    failed = score_paths(checkpoint if is_uri(checkpoint) else local_ckpt, paths, fs, out, weights, domain, location)
     return 1 if failed else 0
 
 
@@ -115,16 +125,18 @@ def actor_pool() -> tuple[int, int]:
     return gpus or max(1, int(resources.get("CPU", 1)) - 1), gpus
 
 
-def score_paths(checkpoint: Path, paths: list[str], fs, out: Path, weights: str = "ema", domain: str | None = None,
-                source: str = "") -> int:
-    """Score ``paths`` (in ``fs``, a pyarrow filesystem, or local) into ``out`` on a running Ray;
-    returns how many could not be read."""
+def score_paths(checkpoint: str | Path, paths: list[str], fs, out: Path, weights: str = "ema",
+                domain: str | None = None, source: str = "") -> int:
+    """Score ``paths`` (in ``fs``, a pyarrow filesystem, or local) into ``out`` on a running Ray with
+    ``checkpoint`` (a path every node can read, or a URI each actor fetches); returns how many could
+    not be read."""
     import ray
 
     scheme = source.split("://")[0] + "://" if fs is not None else ""
     actors, gpus = actor_pool()
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).absolute()),
+    location = str(checkpoint) if is_uri(checkpoint) else str(Path(checkpoint).absolute())
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint": location,
                                                        "weights": weights, "domain": domain, "threads": 1,
                                                        "scheme": scheme},
                         batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),

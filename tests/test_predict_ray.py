@@ -3,6 +3,7 @@ row with its error (never a failed job), and a bucket is read through pyarrow (m
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.model import build_model
 from trueface.predict import Predictor, expand_inputs
 from trueface.run import resolve_run
+from trueface.thresholds import thresholds_path
 
 pytestmark = [pytest.mark.ray]
 
@@ -42,7 +44,8 @@ def scored(module_tmp):
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")
     plain = {r.path: r for r in predictor.score(expand_inputs([folder]))}
-    return {"ckpt": ckpt, "folder": folder, "plain": plain, "tmp": tmp, "threshold": predictor.threshold}
+    return {"ckpt": ckpt, "folder": folder, "plain": plain, "tmp": tmp, "threshold": predictor.threshold,
+            "temperature": predictor.temperature}
 
 
 def _check_rows(rows, scored, prefix: str = "") -> None:
@@ -72,17 +75,35 @@ def test_ray_data_scores_a_folder_as_the_plain_predictor_does(ray_session, score
 
 
 @pytest.mark.timeout(300)
-def test_ray_data_reads_a_bucket(s3_server, ray_session, scored):
+def test_ray_data_reads_a_bucket_with_the_checkpoint_and_its_thresholds_in_it(s3_server, ray_session, scored,
+                                                                             capsys):
     client = s3_server["client"]
     for path in expand_inputs([scored["folder"]]):
         key = f"faces/{path.relative_to(scored['folder']).as_posix()}"
         client.put_object(Bucket=s3_server["bucket"], Key=key, Body=path.read_bytes())
+    ckpt, thresholds = scored["ckpt"], thresholds_path(scored["ckpt"])
+    for local in (ckpt, thresholds):  # the run as the pipeline leaves it in a bucket
+        client.put_object(Bucket=s3_server["bucket"], Key=f"runs/t/stage2/{local.name}", Body=local.read_bytes())
     out = scored["tmp"] / "bucket.parquet"
     # The suite's Ray started after the local S3 put its credentials in the environment: its workers
     # have them from the environment alone, as a cluster's workers do (nothing passes them along).
-    assert predict_job.main(["--ray", "--checkpoint", str(scored["ckpt"]), "--input",
+    assert predict_job.main(["--ray", "--checkpoint", "s3://trueface-test/runs/t/stage2/best.pt", "--input",
                              "s3://trueface-test/faces/", "--out", str(out)]) == 1
+    # the bucket's thresholds file labels and calibrates the rows, as the local one does the plain
+    # predictor's: read alone, the checkpoint gave a temperature of 1 (p_calibrated = p_generated)
+    assert scored["temperature"] != pytest.approx(1.0)
     _check_rows(pq.read_table(out).to_pylist(), scored, prefix="s3://trueface-test/faces/")
+    err = capsys.readouterr().err
+    assert f"labelling at {scored['threshold']:.4f}: the ema weights' " in err and "p_calibrated: temperature " in err
+    # the plain predictor takes the bucket's checkpoint the same way
+    table = scored["tmp"] / "bucket.csv"
+    assert predict_job.main(["--checkpoint", "s3://trueface-test/runs/t/stage2/best.pt", str(scored["folder"]),
+                             "--out", str(table)]) == 1
+    plain = {r["path"]: r for r in csv.DictReader(table.open())}
+    assert all(float(r["temperature"]) == pytest.approx(scored["temperature"]) for r in plain.values())
+    for path, want in scored["plain"].items():
+        if not want.error:
+            assert abs(float(plain[str(path)]["p_calibrated"]) - want.calibrated) < 1e-6
 
 
 def test_ray_arguments_are_checked(scored):

@@ -42,7 +42,7 @@ from trueface.atomic import atomic_write_text
 from trueface.calibration import Temperatures, domain_or_pooled, fit_temperature
 from trueface.config.choices import THRESHOLD_SCOPES
 from trueface.metrics import choose_threshold
-from trueface.storage import Mirror, is_uri, split_file
+from trueface.storage import Mirror, fetch, is_uri, split_file
 
 FORMAT_VERSION = 1
 #: Valid values of ``eval.threshold_scope``.
@@ -241,6 +241,15 @@ def pull_beside(location: str, cache_dir: str | Path) -> None:
     if is_uri(location):
         parent, name = split_file(location)
         Mirror.of(parent, cache_dir).pull(thresholds_path(name).name)
+
+
+def fetch_checkpoint(location: str | Path, cache_dir: str | Path) -> Path:
+    """A local file for the checkpoint at ``location`` (the path itself, or a URI's file staged by
+    ``trueface.storage.fetch``), with its thresholds file beside it where it has one: a scorer that
+    read a URI's checkpoint alone would label at 0.5, uncalibrated, without a word."""
+    local = fetch(location, cache_dir)
+    pull_beside(str(location), cache_dir)
+    return local
 
 
 def push_beside(location: str, cache_dir: str | Path) -> None:
