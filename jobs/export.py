@@ -23,13 +23,15 @@ from pathlib import Path
 
 from trueface.checkpoint import CheckpointError
 from trueface.export import FORMATS, ExportError, export_checkpoint
-from trueface.thresholds import ThresholdsError
+from trueface.config.schema import DataConfig
+from trueface.storage import StorageError
+from trueface.thresholds import ThresholdsError, fetch_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or its s3:// / gs:// URI")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="onnx: onnxruntime, TensorRT and other runtimes; pt2: PyTorch without this package "
                              "(torch.export.load(path).module()); torchscript: LibTorch and older PyTorch "
@@ -38,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args(argv)
     try:
-        meta = export_checkpoint(args.checkpoint, args.format, args.out, args.weights)
-    except (CheckpointError, ThresholdsError, ExportError) as exc:
+        local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)  # a URI's, with its thresholds file
+        meta = export_checkpoint(local, args.format, args.out, args.weights)
+    except (CheckpointError, ThresholdsError, ExportError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     size = meta["input"]["shape"][-1]
     print(f"exported {args.weights} weights of {args.checkpoint} -> {args.out} ({args.format}; input images "

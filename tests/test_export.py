@@ -25,7 +25,7 @@ from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.model import build_model
 from trueface.predict import Predictor
 from trueface.run import resolve_run
-from trueface.thresholds import read_thresholds
+from trueface.thresholds import read_thresholds, thresholds_path
 
 TOLERANCE = 1e-4  # issue 12: max |p_export - p_torch|
 
@@ -149,6 +149,20 @@ def test_bad_input_is_named(detector, tmp_path):
     assert not (tmp_path / "x.pt").exists()
     with pytest.raises(SystemExit):
         export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "tflite", "--out", str(tmp_path / "x")])
+
+
+def test_a_checkpoint_in_a_bucket_exports_with_its_thresholds_and_temperature(detector, s3_server, tmp_path):
+    ckpt = detector["ckpt"]
+    for local in (ckpt, thresholds_path(ckpt)):
+        s3_server["client"].put_object(Bucket=s3_server["bucket"], Key=f"exported/stage2/{local.name}",
+                                       Body=local.read_bytes())
+    out = tmp_path / "detector.pt"
+    assert export_job.main(["--checkpoint", "s3://trueface-test/exported/stage2/best.pt", "--format", "torchscript",
+                            "--out", str(out)]) == 0
+    meta, saved = json.loads(Path(f"{out}.json").read_text()), read_thresholds(ckpt)
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta["threshold"]["value"] == saved.threshold("ema")[0] and meta["threshold"]["source"] == "pooled validation"
+    assert meta["temperature"]["value"] == saved.temperature("ema")[0] != 1.0
 
 
 def test_the_scoring_module_and_its_model_are_in_inference_mode():
