@@ -18,7 +18,7 @@ from trueface.checkpoint import load_checkpoint, save_checkpoint
 from trueface.config import to_dict
 from trueface.evaluation import load_models
 from trueface.explain import grad_cam, top_region, validation_grid
-from trueface.model import build_model
+from trueface.model import build_model, fake_probability
 from trueface.run import resolve_run
 from trueface.tensorboard import NullLogger
 
@@ -39,9 +39,11 @@ def _image(rng, quadrant: str | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _artefact_detector(cfg) -> torch.nn.Module:
+def _artefact_detector(cfg, through: str = "fake") -> torch.nn.Module:
     """A random ResNet-18 whose head is the mean layer4 feature of images with the patch minus that
-    of images without: its fake logit is the patch, wherever it is."""
+    of images without: the patch, wherever it is, raises the fake logit (``through`` "fake"),
+    lowers the real one ("real"; P(generated) rises as much), or raises the real one twice as much
+    as the fake one ("both": P(generated) falls)."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(cfg.model, arch="resnet18", weights="none")).eval()
@@ -52,13 +54,16 @@ def _artefact_detector(cfg) -> torch.nn.Module:
     linear = head[1]
     linear.weight.zero_()
     linear.bias.zero_()
-    linear.weight[1] = direction / direction.norm()
+    unit = direction / direction.norm()
+    linear.weight[1], linear.weight[0] = {"fake": (unit, 0), "real": (0, -unit), "both": (unit, 2 * unit)}[through]
     model.fc = head
     return model
 
 
-def test_the_map_peaks_in_the_quadrant_that_holds_the_artefact(tiny_cfg):
-    model = _artefact_detector(tiny_cfg)
+@pytest.mark.parametrize("through", ["fake", "real"])
+def test_the_map_peaks_in_the_quadrant_that_holds_the_artefact(tiny_cfg, through):
+    # the score follows the patch whichever logit carries it, and so does the map
+    model = _artefact_detector(tiny_cfg, through)
     rng = np.random.default_rng(1)
     for quadrant in QUADRANTS:
         images = torch.stack([_image(rng, quadrant) for _ in range(3)])
@@ -71,6 +76,20 @@ def test_the_map_peaks_in_the_quadrant_that_holds_the_artefact(tiny_cfg):
             means = {q: float(cam[r * half:(r + 1) * half, c * half:(c + 1) * half].mean()) for q, (r, c) in QUADRANTS.items()}
             assert max(means, key=means.get) == quadrant, means  # the map's weight too, not just its peak
     assert model.training is False and all(p.grad is None for p in model.parameters())
+
+
+def test_a_region_that_lowers_the_score_is_not_on_the_map(tiny_cfg):
+    model = _artefact_detector(tiny_cfg, "both")  # the patch raises the fake logit, the real one more
+    rng = np.random.default_rng(1)
+    patched = torch.stack([_image(rng, quadrant) for quadrant in QUADRANTS])
+    with torch.no_grad():
+        lowered = fake_probability(model(patched)) < fake_probability(model(torch.stack([_image(rng, None)] * 4)))
+    assert bool(lowered.all())
+    maps = grad_cam(model, patched)
+    half = SIZE // 2
+    for cam, (r, c) in zip(maps, QUADRANTS.values()):  # the map's weight is not where the patch is
+        inside = float(cam[r * half:(r + 1) * half, c * half:(c + 1) * half].mean())
+        assert inside <= float(cam.mean()), (inside, float(cam.mean()))
 
 
 def test_predict_explain_writes_an_overlay_and_the_region_per_readable_image(tiny_cfg, tmp_path):

@@ -9,9 +9,12 @@ Usage::
 
 A short hook-based implementation rather than the ``grad-cam`` package: the method is a dozen
 lines (Selvaraju et al. 2017: the last residual stage's activations, weighted by the spatial
-mean of the gradient of the fake logit, summed over channels, ReLU), the package would pin
+mean of the gradient of the class score, summed over channels, ReLU), the package would pin
 another dependency for that, and this one runs on the model exactly as scoring runs it (eval
-mode, the checkpoint's head). The map is for the fake class: what made the score go up.
+mode, the checkpoint's head). The map is for the fake class: what made the score go up. The
+class score differentiated is the fake logit minus the real one, the log-odds that P(generated)
+= softmax(z)[1] is a function of: the fake logit alone would also credit a region that raises
+both logits, or the real one more, and so lowers the score.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = N
         with torch.enable_grad():
             logits = model(images.detach().requires_grad_(True))  # EMA weights need no grad: the input does
             acts = captured[-1]
-            grads, = torch.autograd.grad(logits[:, 1].sum(), acts)
+            grads, = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), acts)  # the score's log-odds
     finally:
         handle.remove()
         model.train(was_training)
