@@ -65,6 +65,15 @@ def test_fit_temperature_at_the_edges():
         fit_temperature([0, 1], [0.2, 1.5])
 
 
+def test_a_very_confident_score_keeps_its_own_logit_and_calibrates_exactly():
+    # sigmoid(logit(p) / T) = p**(1/T) / (p**(1/T) + (1-p)**(1/T)): about p**(1/T) for a tiny p
+    assert logit(1e-300) < logit(1e-30) < logit(1e-20) < logit(2.0**-53)
+    assert logit(1e-30) == pytest.approx(math.log(1e-30), rel=1e-12) and np.isfinite(logit(0.0))
+    for p, t in ((1e-30, 2.0), (1e-300, 4.0), (1e-30, 20.0)):
+        want = p ** (1 / t) / (p ** (1 / t) + (1 - p) ** (1 / t))
+        assert float(apply_temperature(p, t)) == pytest.approx(want, rel=1e-9)
+
+
 def test_apply_temperature_is_monotone_and_keeps_every_decision():
     scores = np.array([0.0, 1e-20, 0.01, 0.3, 0.5, 0.6, 0.999, 1.0])
     assert apply_temperature(scores, 1.0).tolist() == scores.tolist()  # uncalibrated: the very same numbers

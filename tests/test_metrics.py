@@ -181,6 +181,8 @@ def test_youden_tie_prefers_closest_to_half():
 def test_equidistant_tie_takes_lower_threshold():
     # Reals 0.1, 0.6; fakes 0.25, 0.75: J = 1/2 at t = 0.25 and t = 0.75 (J = 0 at 0.5), both 0.25 from 0.5.
     assert choose_threshold([0, 1, 0, 1], [0.1, 0.25, 0.6, 0.75], "youden") == 0.25
+    # equally close only up to rounding (0.5 - 0.3 = 0.2, 0.7 - 0.5 = 0.19999999999999996)
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.3, 0.6, 0.7], "youden") == 0.3
 
 
 def test_max_accuracy_can_predict_everything_real():

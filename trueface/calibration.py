@@ -19,8 +19,10 @@ temperature only changes the probabilities reported (ECE, Brier, ``jobs.predict`
 validation images and with the same scope, and keeps them in ``thresholds.json``.
 
 Scores are P(fake) in [0, 1]; their logit ``log(p / (1 - p))`` is taken after clipping them to
-``[EPS, 1 - EPS]`` (EPS = 2**-53, the gap below 1.0 in float64, so no two scores below 1 share a
-logit and a score of exactly 0 or 1 gets a large finite one instead of an infinite one).
+``[TINY, 1 - EPS]`` (TINY = 2**-1022, float64's smallest normal number; EPS = 2**-53, the gap
+below 1.0), so every normal score below 1 keeps a logit of its own (a very confident real's
+1e-30 is -69, not the -36.7 a clip at EPS gave every score below 1e-16), and a score of exactly
+0 or 1 gets a large finite one instead of an infinite one.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from trueface.metrics import brier_score, labelled_probabilities
 
-__all__ = ["EPS", "T_RANGE", "UNCALIBRATED", "Temperatures", "apply_temperature", "brier_score", "domain_or_pooled",
+__all__ = ["EPS", "TINY", "T_RANGE", "UNCALIBRATED", "Temperatures", "apply_temperature", "brier_score", "domain_or_pooled",
            "fit_temperature", "logit"]
 
-#: Scores are clipped to [EPS, 1 - EPS] before their logit is taken.
+#: Scores are clipped to [TINY, 1 - EPS] before their logit is taken.
 EPS = 2.0 ** -53
+TINY = float(np.finfo(np.float64).tiny)
 #: The temperatures fit_temperature searches (a bound is returned when the optimum lies beyond it).
 T_RANGE = (1e-3, 1e3)
 #: The source of temperature 1 where none was fitted.
@@ -48,14 +52,15 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def logit(scores: Any) -> np.ndarray:
-    """``log(p / (1 - p))`` of each score, clipped to [EPS, 1 - EPS] first (finite everywhere)."""
-    p = np.clip(np.asarray(scores, dtype=np.float64), EPS, 1.0 - EPS)
+    """``log(p / (1 - p))`` of each score, clipped to [TINY, 1 - EPS] first (finite everywhere)."""
+    p = np.clip(np.asarray(scores, dtype=np.float64), TINY, 1.0 - EPS)
     return np.log(p) - np.log1p(-p)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # tanh form: no overflow for any finite z (1 / (1 + exp(-z)) overflows exp for z < -709).
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    # scipy's expit: no overflow for any z, and full relative precision far below 0.5 (a tanh
+    # form, 0.5 * (1 + tanh(z / 2)), rounds everything under about 1e-17 to 0)
+    return expit(z)
 
 
 def _check_temperature(temperature: Any) -> np.ndarray:
@@ -86,8 +91,9 @@ def fit_temperature(labels: Any, scores: Any) -> float:
     ``apply_temperature(scores, T)``, searched over log T (golden section).
 
     The NLL is convex in 1/T, so it has one minimum along log T and the search cannot stop at a
-    wrong one. Bounds are reached when the scores order the validation images perfectly (T falls
-    to the lower bound) or not at all / backwards (T rises to the upper: every probability ~0.5).
+    wrong one. Bounds are reached when the scores separate the validation images perfectly at
+    0.5 (every fake above, every real below: T falls to the lower bound; a perfect order alone is
+    not enough) or carry nothing / point backwards (T rises to the upper: every probability ~0.5).
     Scores that carry nothing (all exactly 0.5) give 1.0. One class only is allowed, but a
     temperature fitted on it is meaningless; trueface.thresholds fits a domain's own only when
     its validation images hold both classes."""

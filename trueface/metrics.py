@@ -225,8 +225,9 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> flo
 
     Each image's predicted class is fake when ``p >= 0.5`` and its confidence is the
     probability of that class, ``max(p, 1 - p)``.  Confidences are put in ``n_bins``
-    equal-width bins over [0, 1], bin m being ``((m-1)/M, m/M]`` (so bins below 0.5 stay
-    empty and a confidence of exactly 0.5 lands in the bin ending at 0.5); then
+    equal-width bins over [0, 1], bin m being ``((m-1)/M, m/M]`` (so bins wholly below 0.5 stay
+    empty, and a confidence of exactly 0.5 lands in the bin that holds it: the one ending at 0.5
+    where M is even, (7/15, 8/15] at the default 15); then
 
         ECE = sum over bins b of  |b| / n * |accuracy(b) - mean confidence(b)|.
 
@@ -357,4 +358,5 @@ def choose_threshold(labels: Any, scores: Any, policy: str) -> float:
     value = _objective(policy, tp, fp, len(fake), len(real))
     best = candidates[value >= value.max() - _TIE_ATOL]
     distance = np.abs(best - 0.5)
-    return float(best[distance == distance.min()].min())
+    # equally close within rounding: 0.5 - 0.3 is 0.2 but 0.7 - 0.5 is 0.19999999999999996
+    return float(best[distance <= distance.min() + _TIE_ATOL].min())

@@ -83,7 +83,7 @@ def perceptual_hash(img: Image.Image) -> str:
     2-D DCT-II, the top-left 8x8 coefficients (the DC term included), each bit = coefficient >
     their median. The same algorithm as ``imagehash.phash``; we do not depend on ``imagehash``
     because it is this one small function, and that package would bring PyWavelets with it.
-    Pixels are hashed as stored (no EXIF rotation), as the training loader reads them.
+    The data check hashes what ``load_rgb`` returns (EXIF rotation applied), as training reads it.
     """
     gray = _grayscale(img)
     pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
