@@ -32,6 +32,28 @@ def test_val_alias_and_any_domain_name(tmp_path: Path):
     assert len(layout.samples("Some Generator", "valid")) == 2
 
 
+def test_images_where_none_is_read_are_named_in_warnings(tmp_path: Path):
+    root = write_tiny_root(tmp_path / "faces", {"": "lower"}, per_class=2)
+    before = discover_layout(root).counts()
+    nested = root / "train" / "real" / "batch2"
+    nested.mkdir()
+    for i in range(3):
+        (nested / f"{i}.png").write_bytes((root / "train" / "real").glob("*.png").__next__().read_bytes())
+    (root / "train" / "loose.png").write_bytes(b"")
+    for name in ("a.gif", "b.jfif", "c.jfif", "labels"):
+        (root / "train" / "fake" / name).write_bytes(b"")
+    (root / "train" / "fake" / ".DS_Store").write_bytes(b"")  # hidden: not worth a word
+    layout = discover_layout(root)
+    assert layout.counts() == before  # what is read is unchanged
+    said = sorted((p.path, p.problem, p.severity) for p in layout.problems)
+    assert said == [
+        ("train", "ignored: 1 image file(s) right in this folder (images go in its real/ and fake/ folders)", "warning"),
+        ("train/fake", "ignored: 4 file(s) with no image suffix (.gif 1, .jfif 2, no suffix 1; read are .bmp, .jpeg, "
+                       ".jpg, .png, .tif, .tiff, .webp)", "warning"),
+        ("train/real/batch2", "ignored: subfolder with 3 entries (images must sit directly in real/)", "warning"),
+    ]
+
+
 def test_errors_name_the_folder(tmp_path: Path):
     with pytest.raises(DataLayoutError, match="does not exist"):
         discover_layout(tmp_path / "missing")

@@ -162,6 +162,7 @@ class _Reader:
     def _split(self, domain: str, split: str, split_dir: Path) -> list[Sample]:
         samples: list[Sample] = []
         label_dirs: dict[int, Path] = {}
+        self._report_loose_files(split_dir, "images go in its real/ and fake/ folders")
         for child in sorted(split_dir.iterdir()):
             label = LABELS.get(child.name.lower())
             if not child.is_dir():
@@ -184,10 +185,24 @@ class _Reader:
             return []
         return samples
 
+    def _report_loose_files(self, folder: Path, where: str) -> None:
+        """One warning for the image files right in ``folder``, where none is read."""
+        loose = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                 and p.is_file()]
+        if loose:
+            self.problem(folder, f"ignored: {len(loose)} image file(s) right in this folder ({where})", "warning")
+
     def _images_in(self, folder: Path) -> list[Path]:
-        out = []
+        out, subfolders, unknown = [], [], {}
         for p in sorted(folder.iterdir()):
-            if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            if p.name.startswith("."):
+                continue
+            if p.suffix.lower() not in IMAGE_SUFFIXES:  # the suffix first: no stat for an image's name
+                if p.is_dir() and not p.is_symlink():
+                    subfolders.append(p)
+                else:
+                    kind = p.suffix.lower() or "no suffix"
+                    unknown[kind] = unknown.get(kind, 0) + 1
                 continue
             if self._excluded(p):
                 continue
@@ -199,6 +214,14 @@ class _Reader:
                 self.problem(p, f"refused: it resolves to {p.resolve()}, outside the data root")
             elif p.is_file():
                 out.append(p)
+        for sub in subfolders:  # not searched: a label folder's images sit directly in it
+            n = sum(1 for _ in sub.rglob("*"))
+            self.problem(sub, f"ignored: subfolder with {n} entries (images must sit directly in {folder.name}/)",
+                         "warning")
+        if unknown:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(unknown.items()))
+            self.problem(folder, f"ignored: {sum(unknown.values())} file(s) with no image suffix ({kinds}; read are "
+                                 f"{', '.join(sorted(IMAGE_SUFFIXES))})", "warning")
         return out
 
     def _excluded(self, path: Path) -> bool:
