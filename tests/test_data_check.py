@@ -143,6 +143,12 @@ def test_rescan_reads_the_cache_and_notices_a_changed_file(corpus, checked, monk
     monkeypatch.setattr(scan_module, "inspect_image", lambda *a: rescanned.append(a[0]) or real(*a))
     scan_and_check(layout, cfg, progress=False)
     assert rescanned == [str(victim)]
+    # a chmod changes neither size nor mtime: a file made unreadable, or readable again, is read again
+    other = corpus.root / "faces/valid/real/valid_real_1.jpg"
+    other.chmod(other.stat().st_mode)
+    rescanned.clear()
+    scan_and_check(layout, cfg, progress=False)
+    assert rescanned == [str(other)]
 
 
 def test_training_under_skip_never_meets_a_bad_file(corpus, checked):

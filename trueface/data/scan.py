@@ -34,10 +34,10 @@ from trueface.data.layout import DataLayout, Sample, display_path
 from trueface.data.leakage import perceptual_hash, thumbnail
 
 #: Bump when a row's meaning changes: cached rows of another version are scanned again.
-SCAN_VERSION = 2  # 2: thumb
+SCAN_VERSION = 3  # 2: thumb; 3: ctime_ns
 
 COLUMNS = ("path", "relpath", "domain", "split", "label", "format", "width", "height", "mode", "jpeg_quality",
-           "exif", "exif_orientation", "file_size", "mtime_ns", "sha1", "phash", "thumb",
+           "exif", "exif_orientation", "file_size", "mtime_ns", "ctime_ns", "sha1", "phash", "thumb",
            "error", "warning")
 
 # The IJG standard luminance quantisation table (JPEG Annex K), in zigzag-independent raster order:
@@ -72,11 +72,11 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     row = {c: None for c in COLUMNS} | {
         "path": display_path(path), "relpath": display_path(relpath), "format": "", "width": -1, "height": -1,
         "mode": "", "jpeg_quality": -1, "exif": False, "exif_orientation": 1, "file_size": -1, "mtime_ns": -1,
-        "sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
+        "ctime_ns": -1, "sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
     }
     try:
         st = os.stat(path)
-        row["file_size"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
+        row["file_size"], row["mtime_ns"], row["ctime_ns"] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         with open(path, "rb") as f:
             row["sha1"] = hashlib.sha1(f.read()).hexdigest()
     except OSError as exc:
@@ -128,7 +128,7 @@ _SCHEMA = pa.schema([
     ("path", pa.string()), ("relpath", pa.string()), ("domain", pa.string()), ("split", pa.string()),
     ("label", pa.int8()), ("format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("mode", pa.string()), ("jpeg_quality", pa.int16()), ("exif", pa.bool_()), ("exif_orientation", pa.int16()),
-    ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("sha1", pa.string()), ("phash", pa.string()),
+    ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("sha1", pa.string()), ("phash", pa.string()),
     ("thumb", pa.binary()), ("error", pa.string()), ("warning", pa.string()),
 ], metadata={b"scan_version": str(SCAN_VERSION).encode()})
 
@@ -157,7 +157,7 @@ def _inspect(job: tuple[str, str]) -> dict:
 def scan_layout(layout: DataLayout, cache_file: Path | None = None, workers: int | None = None,
                 progress: bool = True) -> list[dict]:
     """One row per sample of ``layout`` (in the layout's order), from the cache where the file's
-    size and mtime are unchanged, else inspected in a pool of ``workers`` processes."""
+    size, mtime and ctime are unchanged, else inspected in a pool of ``workers`` processes."""
     samples = layout.all_samples()
     cached = read_cache(cache_file) if cache_file else {}
     rows: list[dict | None] = []
@@ -168,7 +168,10 @@ def scan_layout(layout: DataLayout, cache_file: Path | None = None, workers: int
             st = os.stat(s.path)
         except OSError:
             st = None
-        fresh = row is not None and st is not None and (row["file_size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+        # ctime too: a chmod changes neither size nor mtime, and a file made unreadable (or
+        # readable again) must not keep its clean (or its error) row
+        fresh = row is not None and st is not None and (
+            (row["file_size"], row["mtime_ns"], row["ctime_ns"]) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         rows.append(row if fresh else None)
         if not fresh:
             todo.append((i, s))
