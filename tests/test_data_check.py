@@ -19,7 +19,7 @@ import trueface.data.scan as scan_module
 from tests.conftest import MINI_140K, REPO, tiny_overrides
 from tests.data_corpus import write_corpus
 from trueface.config import load_config
-from trueface.data.check import DataCheckError, scan_and_check
+from trueface.data.check import DataCheckError, _duplicate_findings, scan_and_check
 from trueface.data.report import write_report
 from trueface.run import RunPaths, describe_plan, prepare_run, resolve_layout
 
@@ -149,6 +149,26 @@ def test_rescan_reads_the_cache_and_notices_a_changed_file(corpus, checked, monk
     rescanned.clear()
     scan_and_check(layout, cfg, progress=False)
     assert rescanned == [str(other)]
+
+
+def _copy(domain: str, split: str) -> dict:
+    return {"relpath": f"{domain}/{split}/real/x.png", "domain": domain, "split": split, "label": 0, "sha1": "abc",
+            "error": ""}
+
+
+@pytest.mark.parametrize("copies,warned", [
+    ([("A", "test"), ("B", "test")], "A/test/real/x.png"),
+    ([("A", "train"), ("A", "test"), ("B", "test")], "A/test/real/x.png"),  # the train copy is left out
+    ([("A", "train"), ("B", "train"), ("C", "test")], None),  # left: the test copy alone
+    ([("A", "train"), ("B", "test"), ("A", "test")], "B/test/real/x.png"),
+])
+def test_copies_kept_in_several_domains_are_warned_of_once(copies, warned):
+    findings = _duplicate_findings([_copy(d, s) for d, s in copies])
+    errors = [f.path for f in findings if f.severity == "error"]
+    assert errors == [f"{d}/{s}/real/x.png" for d, s in copies if s == "train"]  # the leaked copies
+    warnings = [(f.path, f.problem) for f in findings if f.severity == "warning"]
+    others = [f"{d}/{s}/real/x.png" for d, s in copies if s == "test" and f"{d}/{s}/real/x.png" != warned]
+    assert warnings == ([(warned, "the same file is in several domains: " + ", ".join(others))] if warned else [])
 
 
 def test_training_under_skip_never_meets_a_bad_file(corpus, checked):

@@ -201,14 +201,15 @@ def _duplicate_findings(rows: list[dict]) -> list[Finding]:
                                        f"{others} (which label is right is unknown)"))
             continue
         last = max(SPLIT_ORDER[r["split"]] for r in group)
+        kept = [r for r in group if SPLIT_ORDER[r["split"]] == last]  # the copies not left out
         for r in group:
             later = [o for o in group if SPLIT_ORDER[o["split"]] > SPLIT_ORDER[r["split"]]]
             if later:
                 out.append(_finding(r, f"the same file is also in {later[0]['split']}/: {later[0]['relpath']} "
                                        f"(leaks {later[0]['split']} into {r['split']}; this copy is the one left out)"))
-            elif SPLIT_ORDER[r["split"]] == last and len({o["domain"] for o in group}) > 1 and r is group[0]:
+            elif r is kept[0] and len({o["domain"] for o in kept}) > 1:
                 out.append(_finding(r, "the same file is in several domains: "
-                                       + ", ".join(o["relpath"] for o in group[1:]), "warning"))
+                                       + ", ".join(o["relpath"] for o in kept[1:]), "warning"))
     return out
 
 
