@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"error: {exc}")
     size = meta["input"]["shape"][-1]
     print(f"exported {args.weights} weights of {args.checkpoint} -> {args.out} ({args.format}; input images "
-          f"[batch, 3, {size}, {size}] float32 normalised, output p_generated)")
+          f"[batch, 3, {size}, {size}] float32 normalised, outputs p_generated and log_odds)")
     print(f"metadata: {args.out}.json (threshold {meta['threshold']['value']:.4f} from {meta['threshold']['source']}; "
           f"temperature {meta['temperature']['value']:.4g}, {meta['temperature']['source']})")
     return 0

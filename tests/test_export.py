@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit
 from torchvision.transforms.v2 import functional as F
 
 from jobs import export as export_job
@@ -25,6 +26,7 @@ from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.model import build_model
 from trueface.predict import Predictor
 from trueface.run import resolve_run
+from trueface.export import ScoringModule
 from trueface.thresholds import read_thresholds, thresholds_path
 
 TOLERANCE = 1e-4  # issue 12: max |p_export - p_torch|
@@ -66,12 +68,15 @@ def _in_batches(score, x: torch.Tensor, size: int) -> np.ndarray:
 
 
 def _assert_scores_as_the_predictor(detector, score) -> None:
-    """``score`` (prepared images -> P(generated)) gives the predictor's scores at batch sizes 1 and 8."""
+    """``score`` (prepared images -> (P(generated), its log-odds)) gives the predictor's scores at
+    batch sizes 1 and 8, and log-odds whose sigmoid is that score."""
     want, x = _torch_scores(detector), _inputs(detector)
     with torch.no_grad():
         for batch in (1, 8):
-            got = _in_batches(score, x, batch)
+            got = _in_batches(lambda b: score(b)[0], x, batch)
             assert np.abs(got - want).max() < TOLERANCE, batch
+            log_odds = _in_batches(lambda b: score(b)[1], x, batch)
+            assert np.abs(expit(log_odds) - want).max() < TOLERANCE, batch
 
 
 def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, capsys):
@@ -81,8 +86,9 @@ def test_onnx_in_onnxruntime_scores_as_the_predictor_at_batch_1_and_8(detector, 
     assert export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "onnx", "--out", str(out)]) == 0
     assert f"-> {out} (onnx" in capsys.readouterr().out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["p_generated"]
-    _assert_scores_as_the_predictor(detector, lambda b: session.run(None, {"images": b.numpy()})[0])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["p_generated", "log_odds"]
+    _assert_scores_as_the_predictor(detector, lambda b: session.run(None, {"images": b.numpy()}))
     # the metadata: inside the file and beside it, the same
     embedded = session.get_modelmeta().custom_metadata_map
     assert json.loads(embedded["trueface"]) == json.loads(Path(f"{out}.json").read_text())
@@ -109,7 +115,7 @@ def test_a_pt2_file_scores_in_a_process_that_cannot_import_this_package(detector
     script = ("import sys, torch; sys.modules['trueface'] = sys.modules['jobs'] = None  # import trueface fails\n"
               f"scorer = torch.export.load({str(out)!r}).module()\n"
               "with torch.inference_mode():\n"
-              f"    torch.save(scorer(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'p.pt')!r})")
+              f"    torch.save(scorer(torch.load({str(tmp_path / 'x.pt')!r}))[0], {str(tmp_path / 'p.pt')!r})")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "p.pt").numpy()
@@ -167,9 +173,34 @@ def test_a_checkpoint_in_a_bucket_exports_with_its_thresholds_and_temperature(de
 
 def test_the_scoring_module_and_its_model_are_in_inference_mode():
     # what is traced or exported: BatchNorm's running statistics and no dropout, wrapper included
-    from trueface.export import ScoringModule
     model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Dropout(0.7))
     scorer = ScoringModule(model.train(), hflip=False)
     assert not scorer.training and not any(m.training for m in scorer.modules())
     x = torch.randn(3, 4)
-    assert torch.equal(scorer(x), scorer(x))  # dropout would differ between calls
+    assert all(torch.equal(a, b) for a, b in zip(scorer(x), scorer(x)))  # dropout would differ between calls
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_the_log_odds_calibrate_as_the_predictor_where_float32_rounds_the_score_to_1(detector, hflip):
+    # an over-confident head: logit gaps up to 30, where float32's P(generated) is exactly 1.0 (from
+    # about 17) and float64's is not yet (37: the predictor's own calibration is exact to there)
+    predictor = Predictor.from_checkpoint(detector["ckpt"], device="cpu")
+    x = _inputs(detector)
+    head = predictor.model.fc[1]
+    with torch.no_grad():
+        gaps = predictor.model(x) @ torch.tensor([-1.0, 1.0])  # z1 - z0
+        head.bias[1] -= gaps.median()  # about half the images each side of 0.5
+        scale = 30 / (gaps - gaps.median()).abs().max()
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    predictor.hflip, predictor.temperature = hflip, 8.0
+    want = np.array([p.calibrated for p in predictor.score_loaded([(str(i), image) for i, image in enumerate(x)])])
+    with torch.no_grad():
+        p, log_odds = ScoringModule(predictor.model, hflip)(x)
+    assert (want[(p == 1.0).numpy()] < 0.99).any()  # the case: a saturated score, not a saturated calibration
+    assert np.abs(expit(log_odds.numpy().astype(np.float64) / 8.0) - want).max() < TOLERANCE
+    # the formula on p itself, as the metadata gave it before log_odds, is far off there
+    p64 = p.numpy().astype(np.float64)
+    with np.errstate(divide="ignore"):
+        from_p = 1 / (1 + ((1 - p64) / p64) ** (1 / 8.0))
+    assert np.abs(from_p - want).max() > 0.02

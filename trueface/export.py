@@ -18,10 +18,14 @@ float32, RGB, the eval preprocessing already applied (decode to RGB, resize the 
 with antialiasing, centre crop S x S, scale to [0, 1], normalise with the ImageNet mean and std)
 -> ``p_generated`` (N,), float32: the softmax's fake class, averaged with the horizontally
 flipped image's where the checkpoint's ``eval.hflip_tta`` is on, exactly as the predictor
-averages. The batch axis is dynamic. The metadata says all that in numbers, plus the calibrated
-temperature and the thresholds chosen on validation (pooled, and per domain where chosen), so
-a deployment outside Python can compute ``p_calibrated = 1 / (1 + ((1 - p) / p) ** (1 / T))``
-and the label ``p >= threshold`` without this package. Only the preprocessing before the
+averages; and ``log_odds`` (N,), float32: log(p / (1 - p)) of that score, computed from the
+logits (log-sigmoids), not from p. The batch axis is dynamic. The metadata says all that in
+numbers, plus the calibrated temperature and the thresholds chosen on validation (pooled, and per
+domain where chosen), so a deployment outside Python can compute ``p_calibrated = 1 / (1 +
+exp(-log_odds / T))`` and the label ``p_generated >= threshold`` without this package. Why the
+second output: float32 rounds P(generated) to exactly 1.0 once the logit gap passes about 17,
+and the calibration formula on such a p gives 1.0 where the predictor (float64) gives, at T = 8
+and a gap of 25, 0.958. Only the preprocessing before the
 tensor stays outside the file, as its steps are named in the metadata.
 """
 
@@ -33,6 +37,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trueface.atomic import atomic_open, atomic_write_text
@@ -41,23 +46,30 @@ from trueface.predict import Predictor
 from trueface.thresholds import file_sha256
 
 FORMATS = ("onnx", "pt2", "torchscript")
-INPUT, OUTPUT = "images", "p_generated"
+INPUT, OUTPUT, LOG_ODDS = "images", "p_generated", "log_odds"
 OPSET = 18
 
 
 class ScoringModule(nn.Module):
-    """Normalised images -> P(generated), with the predictor's flip averaging."""
+    """Normalised images -> (P(generated), its log-odds), with the predictor's flip averaging."""
 
     def __init__(self, model: nn.Module, hflip: bool) -> None:
         super().__init__()
         self.model, self.hflip = model, hflip
         self.eval()  # the wrapper too: the exporter warns about (and traces) a module in training mode
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.model(images), dim=1)[:, 1]
-        if self.hflip:
-            p = (p + torch.softmax(self.model(torch.flip(images, dims=[3])), dim=1)[:, 1]) / 2
-        return p
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        p, gap = torch.softmax(logits, dim=1)[:, 1], logits[:, 1] - logits[:, 0]
+        if not self.hflip:
+            return p, gap  # P(fake) = sigmoid(gap): the gap is the log-odds
+        flipped = self.model(torch.flip(images, dims=[3]))
+        p = (p + torch.softmax(flipped, dim=1)[:, 1]) / 2
+        other = flipped[:, 1] - flipped[:, 0]
+        # log of the mean of two sigmoids, and of their complements, each a logaddexp of log-sigmoids
+        log_odds = (torch.logaddexp(F.logsigmoid(gap), F.logsigmoid(other))
+                    - torch.logaddexp(F.logsigmoid(-gap), F.logsigmoid(-other)))
+        return p, log_odds
 
 
 class ExportError(RuntimeError):
@@ -87,8 +99,12 @@ def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: s
     return {
         "format": fmt,
         "input": {"name": INPUT, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"},
-        "output": {"name": OUTPUT, "shape": ["batch"], "dtype": "float32",
-                   "meaning": "P(generated), flip-averaged" if predictor.hflip else "P(generated)"},
+        "outputs": [
+            {"name": OUTPUT, "shape": ["batch"], "dtype": "float32",
+             "meaning": "P(generated), flip-averaged" if predictor.hflip else "P(generated)"},
+            {"name": LOG_ODDS, "shape": ["batch"], "dtype": "float32",
+             "meaning": f"log({OUTPUT} / (1 - {OUTPUT})), from the logits: exact where {OUTPUT} rounds to 1"},
+        ],
         "preprocess": {
             "decode": "RGB (alpha over black, EXIF orientation applied)",
             "reduce_before_resize": (f"shrink by the largest power of two keeping the shorter side >= "
@@ -106,7 +122,7 @@ def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: s
                         "per_domain": _per_domain(saved, weights, "temperature")},
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       "per_domain": _per_domain(saved, weights, "threshold")},
-        "calibrated": "p_calibrated = 1 / (1 + ((1 - p) / p) ** (1 / T)); label = fake where p >= threshold",
+        "calibrated": (f"p_calibrated = 1 / (1 + exp(-{LOG_ODDS} / T)); label = fake where {OUTPUT} >= threshold"),
         "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
     }
 
@@ -121,7 +137,7 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, meta: str) -> bytes:
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:  # torch's exporter needs both, and would say so from deep inside
         raise ExportError(f"ONNX export needs the {' and '.join(missing)} package(s): pip install -e '.[export]'")
-    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT, LOG_ODDS],
                                 dynamic_shapes=_dynamic_batch(), opset_version=OPSET, verbose=False)
     model = program.model_proto
     model.metadata_props.add(key="trueface", value=meta)
