@@ -7,7 +7,7 @@ Usage::
     python -m jobs.aggregate runs/tune/<name> --out /tmp/report --no-test
     python -m jobs.aggregate s3://bucket/tune/<name>       # a search kept in S3
     python -m jobs.aggregate runs/a runs/b results/abl-x --reference full   # a comparison
-    python -m jobs.aggregate results/abl-x --out results/abl-x-raw --weights raw
+    python -m jobs.aggregate runs/a runs/b --weights raw --out /tmp/raw   # the raw weights' table
 
 One path that holds a search (``trueface-tune.json``) aggregates that search, as below. Anything
 else (several paths; a run, an evaluation report or an ablation) is compared: trueface.compare
@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", metavar="LABEL",
                         help="comparison only: the row every other is compared with (default: an ablation's own)")
     parser.add_argument("--weights", choices=WEIGHTS,
-                        help="comparison only: weights read where a path does not say which (default: ema)")
+                        help="comparison only: weights read where a path does not say which (default: ema; an "
+                             "ablation's rows say their own)")
     args = parser.parse_args(argv)
     try:
         if len(args.paths) == 1 and _is_search(args.paths[0]):

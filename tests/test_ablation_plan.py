@@ -111,11 +111,30 @@ def test_stage2_only_plans_start_every_trial_from_the_given_checkpoint():
     ({"ema": {"when_off": {"stages": [3]}}}, "when_off.stages: expected a list of stages"),
     ({"ema": {"when_off": {"set": {}}, "wat": 1}}, "components.ema: unknown key 'wat' (did you mean 'what'?)"),
     ({}, "'components' must map names"),
+    # Stage II starts from Stage I's weights: "no Stage I" would score the reference's run again
+    ({"stage1": {"when_off": {"stages": [2]}}}, "stages [2] trains Stage II without Stage I"),
 ])
 def test_bad_specs_are_refused_naming_the_file_component_and_key(components, words):
     with pytest.raises(AblationSpecError) as err:
-        plan_ablation(spec(components), demo(), (1,))
+        plan_ablation(spec(components), demo(), (1, 2))
     assert words in str(err.value) and "test.yaml" in str(err.value)
+
+
+def test_checkpoint_selection_is_trained_for_and_thresholds_alone_are_dropped():
+    plan = plan_ablation(spec({
+        "selection": {"what": "mean-domain selection", "when_off": {"set": {"eval.select_on": "pooled"}}},
+        "youden": {"what": "Youden's J", "when_off": {"set": {"eval.threshold_policy": "max_f1"}}},
+        "tta": {"what": "flip TTA", "when_off": {"set": {"eval.hflip_tta": False}}},
+    }), demo("eval.hflip_tta=true"), (1, 2))
+    # select_on picks best.pt and stops early: trials of its own, in both stages, scored as trained
+    group, ev, _ = evaluation_of(plan, "no-selection")
+    assert group.name == "no-selection" and group.values == {"eval.select_on": "pooled"} and ev.eval_values == {}
+    assert {(g.name, g.stage) for g in plan.groups} == {("full", 1), ("full", 2), ("no-selection", 1), ("no-selection", 2)}
+    # the flip is a scoring protocol: the reference's checkpoint, scored without it
+    group, ev, _ = evaluation_of(plan, "no-tta")
+    assert group.name == "full" and ev.eval_values == {"eval.hflip_tta": False}
+    assert dict(plan.dropped)["no-youden"] == ("changes nothing here: eval.threshold_policy (thresholds change no AUC, "
+                                               "the number an ablation compares)")
 
 
 def test_leave_one_domain_out_plans_one_fine_tuning_per_domain_from_one_stage1():

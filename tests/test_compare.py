@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -263,6 +264,34 @@ def test_an_evaluation_folder_and_repeated_labels(ablation_folder, tmp_path):
     assert mine["seeds"] == "7"  # the seed of its config.yaml
     # no seed in common with full (0, 1): each one's first seed, over the images both scored
     assert mine["diff_pairing"] == f"seed 7 vs seed 0, {2 * PER_CLASS} images in common"
+
+
+def test_an_ablations_reference_renamed_for_a_taken_label_is_still_its_reference(ablation_folder, tmp_path):
+    other = write_run(tmp_path, "full", 0.3)  # a run named like the ablation's reference row, given first
+    found = units_from_paths([other, ablation_folder])
+    assert [u.label for u in found.units] == ["full", "abl-x/full", "no-ema", "no-mixup"]
+    assert found.reference == "abl-x/full"  # the ablation's rows are compared with its own full row
+    # --weights raw acts on the run; on ablations alone it would act on nothing, and says so
+    with pytest.raises(CompareError, match="weights raw: every path given is an ablation"):
+        units_from_paths([ablation_folder], weights="raw")
+    assert units_from_paths([other, ablation_folder], weights="raw").units[0].evaluations[0].weights == "raw"
+
+
+def test_a_domain_fewer_seeds_were_tested_on_says_its_own_interval_method(tmp_path):
+    # seed 0 tested on every domain, seeds 1 and 2 on dalle alone: dalle's is a t over 3 seeds,
+    # the other domains' a bootstrap of seed 0's images, and the interval column says each
+    reports = [SeedReport(write_evaluation(tmp_path / f"seed{s}", 1.2, s), s) for s in (0, 1, 2)]
+    for report in reports[1:]:
+        table = pq.read_table(report.dir / "predictions.parquet").to_pylist()
+        pq.write_table(pa.Table.from_pylist([r for r in table if r["domain"] == "dalle"]),
+                       report.dir / "predictions.parquet")
+        metrics = pq.read_table(report.dir / "metrics.parquet").to_pylist()
+        pq.write_table(pa.Table.from_pylist([r for r in metrics if r["domain"] == "dalle"]),
+                       report.dir / "metrics.parquet")
+    rows = comparison_rows([Unit("A", tuple(reports))], n_boot=100)
+    assert {r["domain"]: r["n_seeds"] for r in rows}["dalle"] == 3
+    line = next(x for x in comparison_markdown(rows, n_boot=100).splitlines() if x.startswith("| A |"))
+    assert "dalle: t over 3 seeds" in line and "bootstrap over images (1 seed)" in line
 
 
 def test_unknown_paths_and_missing_pieces_get_clear_errors(tmp_path, capsys):

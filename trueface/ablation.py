@@ -29,13 +29,17 @@ A spec file (``search_spaces/ablation*.yaml``)::
 ``when_off`` (not ``off``: YAML reads that as false) takes ``set`` (config values, dotted keys as in search spaces), ``weights: raw`` (score
 the raw weights instead of the EMA ones) and ``stages`` (train and score only these stages).
 
-What is trained is as little as the table needs. Keys under ``eval.`` and ``weights: raw`` change
-how a checkpoint is scored, not how it is trained; ``stages: [1]`` scores Stage I's checkpoint,
+What is trained is as little as the table needs. Keys under ``eval.`` (but ``eval.select_on``,
+which picks best.pt and stops early: a training key) and ``weights: raw`` change how a checkpoint
+is scored, not how it is trained (``eval.hflip_tta`` is an evaluation protocol here: the
+reference's checkpoint, scored without the flip); ``stages: [1]`` scores Stage I's checkpoint,
 which the full recipe's run has trained already (same config, same seed). So such variants are
 evaluations of the reference run, and only variants that change training get trials of their
 own. A component that changes nothing in this config (its value is the config's already, or its
-keys belong to a stage that is not trained) is dropped with the reason, never run as a copy of
-the reference.
+keys belong to a stage that is not trained, or only move thresholds, which change no AUC) is
+dropped with the reason, never run as a copy of the reference. ``stages`` must keep Stage I
+where Stage II is trained: Stage II always starts from Stage I's weights, so "Stage II alone"
+would be the reference again, and the spec is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ WEIGHTS = ("ema", "raw")
 _TOP_KEYS = {"description", "reference", "plain", "components"}
 _COMPONENT_KEYS = {"what", "when_off"}
 _OFF_KEYS = {"set", "weights", "stages"}
+# eval.* keys that change training: what picks best.pt and stops early
+_TRAINING_EVAL_KEYS = frozenset({"eval.select_on"})
+# eval.* keys that change no AUC, the one number an ablation compares
+_NO_AUC_KEYS = {"eval.threshold_policy": "thresholds change no AUC, the number an ablation compares",
+                "eval.threshold_scope": "thresholds change no AUC, the number an ablation compares",
+                "eval.batch_size": "the scoring batch size changes no score"}
 
 
 class AblationSpecError(ConfigError):
@@ -281,6 +291,10 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
         else:
             values[key] = value
     kept = tuple(s for s in (c.stages or stages) if s in stages) or stages
+    if kept != stages[:len(kept)]:
+        raise AblationSpecError(f"{where}: stages {list(c.stages)} trains Stage II without Stage I, but Stage II "
+                                f"always starts from Stage I's weights: it would be the reference again. "
+                                f"stages [1] scores Stage I's checkpoint without Stage II")
     if c.stages is not None and kept == stages:
         idle.append(f"stages {list(c.stages)} (the recipe trains {list(stages)})")
     off = _Off(values, c.weights, kept)
@@ -290,7 +304,9 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
 
 
 def _cannot_act(key: str, base: Config) -> str:
-    """Why changing ``key`` cannot change training on ``base`` (a knob that never acts), else ''."""
+    """Why changing ``key`` cannot change the table on ``base`` (a knob that never acts), else ''."""
+    if key in _NO_AUC_KEYS:
+        return _NO_AUC_KEYS[key]
     stage = _stage_of(key)
     if stage is None:
         return ""
@@ -314,8 +330,8 @@ class _Builder:
         self._groups: dict[tuple[int, str], TrainingGroup] = {}  # (stage, name) -> group
 
     def add(self, name: str, description: str, off: _Off) -> None:
-        training = {k: v for k, v in off.values.items() if not k.startswith("eval.")}
-        scoring = {k: v for k, v in off.values.items() if k.startswith("eval.")}
+        scoring = {k: v for k, v in off.values.items() if k.startswith("eval.") and k not in _TRAINING_EVAL_KEYS}
+        training = {k: v for k, v in off.values.items() if k not in scoring}
         stage = off.stages[-1]
         evaluation = Evaluation(name, stage, scoring)
         owner = self._group(stage, name, training if stage == 2 else _stage1_values(training))

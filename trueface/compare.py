@@ -368,9 +368,15 @@ def cell_text(row: dict, prefix: str, confidence: float = 0.95, signed: bool = F
 
 
 def _unit_method(rows: list[dict]) -> str:
-    """The interval column of a unit: its method and seed count."""
-    n = max(r["n_seeds"] for r in rows)
-    return f"t over {n} seeds" if n >= 2 else "bootstrap over images (1 seed)"
+    """The interval column of a unit: its method and seed count, or each domain's where they
+    differ (a domain that fewer seeds were tested on)."""
+    def method(n: int) -> str:
+        return f"t over {n} seeds" if n >= 2 else "bootstrap over images (1 seed)"
+
+    counts = [r["n_seeds"] for r in rows]
+    if len(set(counts)) == 1:
+        return method(counts[0])
+    return "; ".join(f"{r['domain']}: {method(r['n_seeds'])}" for r in rows)
 
 
 def comparison_markdown(rows: list[dict], reference: str | None = None, *, confidence: float = 0.95,
@@ -636,16 +642,23 @@ def units_from_paths(paths: list[str | Path], weights: str = "ema", cache_dir: s
     cache = cache_dir or _default_cache()
     units: list[Unit] = []
     reference = None
+    ablations = 0  # paths whose rows say their own weights (only an ablation names a reference)
     for path in paths:
         location = absolute(path)
         found = _units_of(location, cache, weights)
-        reference = reference or found.reference
+        ablations += found.reference is not None
         source = Path(location.partition("?")[0].rstrip("/")).name
         for unit in found.units:
-            units.append(Unit(_unique_label(unit.label, source, {u.label for u in units}), unit.evaluations,
-                              unit.description))
+            label = _unique_label(unit.label, source, {u.label for u in units})
+            if reference is None and unit.label == found.reference:
+                reference = label  # the ablation's own reference row, renamed where its name was taken
+            units.append(Unit(label, unit.evaluations, unit.description))
     if not units:
         raise CompareError("no units to compare: give at least one path")
+    if weights != "ema" and ablations == len(paths):
+        raise CompareError(f"weights {weights}: every path given is an ablation, whose rows say which weights each "
+                           "reads (its no-ema row reads the raw ones), so it would change nothing; give it with a "
+                           "run, search or evaluation path")
     return Units(units, reference)
 
 
