@@ -128,7 +128,7 @@ def _outcome(info: TrialInfo, results: list[dict], spec: dict) -> str:
         return "unfinished"
     last = results[-1] if results else {}
     if last.get("stage") == spec["stages"][-1] and last.get("stage_done"):
-        cfg = from_dict(spec["config"])
+        cfg = ray_tune.trial_config(spec, info.params, info.path.name)  # its own epochs, where they are searched
         stopped = [s for s in spec["stages"] if any(
             r.get("stage") == s and r.get("stage_done") and r["epoch"] < cfg.stage(s).epochs for r in results)]
         return f"early-stopped (patience, stage {stopped[-1]})" if stopped else "completed"

@@ -19,6 +19,7 @@ TensorBoard logs; ``results/<name>/`` gets the aggregated tables at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -35,7 +36,7 @@ from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
-from trueface.config.search_space import load_search_space
+from trueface.config.search_space import SearchSpace, load_search_space
 from trueface.data.layout import DataLayout, DataLayoutError
 from trueface.data.check import DataCheckError
 from trueface.run import planned_steps_per_epoch, prepare_run
@@ -192,7 +193,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
         "seed": cfg.seed, "startup_trials": args.startup_trials or min(10, max(2, args.num_samples // 2)),
         "grace_period": grace, "reduction_factor": args.reduction_factor,
-        "steps_per_epoch": steps_per_epoch(cfg, layout, stages),
+        "steps_per_epoch": steps_per_epoch(cfg, layout, stages, space),
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
 
@@ -208,9 +209,27 @@ def _check_schedule(spec: dict) -> None:
                  f"config on the data in {data})")
 
 
-def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int]) -> dict[str, int]:
-    """Optimizer steps per epoch of each stage (as trueface.train counts them); JSON keys, so strings."""
-    return {str(stage): planned_steps_per_epoch(cfg, layout, stage) for stage in stages}
+# searched keys that change a stage's optimizer steps per epoch
+STEP_KEYS = ("samples_per_epoch", "batch_size", "accum_steps", "balance")
+
+
+def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int], space: SearchSpace | None = None) -> dict[str, int]:
+    """Optimizer steps per epoch of each stage (as trueface.train counts them); JSON keys, so strings.
+    Where ``space`` searches a key that changes them, the fewest any trial takes (every combination of
+    those keys' range ends): an effect counted in steps then falls in its latest epoch, which is the
+    one the schedule's check must see."""
+    out = {}
+    for stage in stages:
+        params = [p for p in (space.params if space else ()) if p.key in {f"stage{stage}.{k}" for k in STEP_KEYS}]
+        counts = []
+        for values in itertools.product(*(p.extremes() for p in params)):
+            try:
+                trial = apply_values(cfg, {p.key: v for p, v in zip(params, values)})
+            except ConfigError:  # a combination the config refuses is no trial's
+                continue
+            counts.append(planned_steps_per_epoch(trial, layout, stage))
+        out[str(stage)] = min(counts, default=planned_steps_per_epoch(cfg, layout, stage))
+    return out
 
 
 def _refuse_existing(exp: Mirror, name: str, storage_flag: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -64,6 +66,14 @@ def test_outcomes(tmp_path):
     assert row["outcome"] == "stopped by ASHA at Stage II epoch 1"
     assert row["final_stage"] == 2 and row["best_auc_ema"] == pytest.approx(0.7)
     assert row["objective"] == pytest.approx(0.65)
+    # a searched stage1.epochs: each trial's own epochs tell completed from stopped by patience
+    searched = {**spec(), "space": parse_search_space({"params": {"stage1.epochs": {"int": [2, 4]}}}, "s.yaml").to_dict()}
+    ran_both = trial(tmp_path / "f", [report(1, 1, 0.6, 0.6), report(1, 2, 0.7, 0.7, done=1.0)])
+    ran_both = dataclasses.replace(ran_both, params={"stage1.epochs": 2})
+    assert aggregate.trial_row(ran_both, searched)["outcome"] == "completed"
+    patience = trial(tmp_path / "g", [report(1, e, 0.6, 0.6, done=float(e == 3)) for e in (1, 2, 3)])
+    patience = dataclasses.replace(patience, params={"stage1.epochs": 4})
+    assert aggregate.trial_row(patience, searched)["outcome"] == "early-stopped (patience, stage 1)"
 
 
 def test_a_both_stages_trial_is_ranked_on_stage_two_alone(tmp_path):

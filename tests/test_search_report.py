@@ -30,6 +30,9 @@ def test_ranking_puts_the_furthest_stage_first_then_the_best_score_and_nan_last(
     ranked = rank_trials(rows)
     assert [r["trial"] for r in ranked] == ["d", "c", "e", "a", "b"]
     assert [r["rank"] for r in ranked] == [1, 2, 3, 4, 5]
+    # a trial that failed (diverged, crashed) after scoring well is no best config: it goes last
+    ranked = rank_trials([*rows, row("f", 0.97, final_stage=2, outcome="error")])
+    assert [r["trial"] for r in ranked] == ["d", "c", "e", "a", "b", "f"]
 
 
 def test_console_table_lists_every_trial_and_parameter():

@@ -99,7 +99,8 @@ def test_errors_name_the_key_and_the_problem(params, message):
 def test_stage_one_keys_are_refused_when_trials_fine_tune_stage_two():
     with pytest.raises(SearchSpaceError, match="--stage 1"):
         space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}}).check(load_config("demo"), (2,))
-    space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}, "seed": {"int": [0, 3]}}).check(load_config("demo"), (1, 2))
+    space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}, "runtime.log_every": {"int": [1, 3]}}).check(
+        load_config("demo"), (1, 2))
 
 
 @pytest.mark.parametrize("data, message", [
@@ -157,6 +158,18 @@ def test_augmentation_that_never_starts_is_flagged():
     assert got["stage1.augment.strength"].epoch == 5
 
 
+def test_the_length_and_floor_of_the_lr_schedule_act_after_its_warm_up():
+    # the cosine starts at the base LR at the warm-up's end, whatever epochs and final_lr are:
+    # 10 steps an epoch, 1.5 warm-up epochs (15 steps): step 16 (0-based) is the first to differ
+    got = effects({"stage1.final_lr": {"loguniform": [1e-6, 1e-4]}, "stage1.epochs": {"int": [4, 6]},
+                   "stage1.lr": {"loguniform": [1e-4, 1e-2]}}, ["stage1.warmup_epochs=1.5"])
+    assert got["stage1.final_lr"].epoch == got["stage1.epochs"].epoch == 2 and got["stage1.lr"].epoch == 1
+    assert "until 15 warm-up steps are over" in got["stage1.final_lr"].why
+    assert effects({"stage1.final_lr": {"loguniform": [1e-6, 1e-4]}}, ["stage1.warmup_epochs=2"])["stage1.final_lr"].epoch == 3
+    late = effects({"stage1.final_lr": {"loguniform": [1e-6, 1e-4]}}, ["stage1.warmup_epochs=4", "stage1.epochs=4"])
+    assert late["stage1.final_lr"].epoch is None and "after Stage I's 4 epochs" in late["stage1.final_lr"].why
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999])
 def test_first_step_above_matches_the_ema_warmup(decay):
     """Before that step the warm-up caps every decay >= ``decay`` at the same value; from it on not."""
@@ -192,6 +205,21 @@ def test_grace_period_in_the_file():
 def test_the_objective_s_own_definition_cannot_be_searched():
     with pytest.raises(SearchSpaceError, match="eval.select_on: cannot be searched.*compared on one measure"):
         space({"eval.select_on": {"choice": ["mean_domain", "pooled"]}}).check(load_config("demo"), (1,))
+    with pytest.raises(SearchSpaceError, match="eval.hflip_tta: cannot be searched: it changes how the validation"):
+        space({"eval.hflip_tta": {"choice": [True, False]}}).check(load_config("demo"), (1,))
+
+
+@pytest.mark.parametrize("key, spec, why", [
+    ("seed", {"int": [0, 9]}, "every trial trains with the search's seed"),
+    ("data.normalize", {"choice": ["none", "jpeg:90@48"]}, "generated once, before the trials"),
+    ("data.synthetic.artefact_strength", {"uniform": [5.0, 30.0]}, "generated once, before the trials"),
+    ("eval.threshold_policy", {"choice": ["youden", "max_f1"]}, "thresholds move no validation AUC"),
+])
+def test_keys_no_trial_acts_on_cannot_be_searched(key, spec, why):
+    with pytest.raises(SearchSpaceError) as err:
+        space({key: spec}).check(load_config("demo"), (1,))
+    assert f"{key}: cannot be searched: no trial acts on it (" in str(err.value) and why in str(err.value)
+    space({"data.decode_draft": {"choice": [True, False]}}).check(load_config("demo"), (1,))  # one that does act
 
 
 @pytest.mark.parametrize("name, stages, steps", [

@@ -103,6 +103,20 @@ def test_resume_of_an_unknown_search_lists_the_known_ones(tmp_path, no_ray):
     assert "no search named 'nope'" in str(exc.value) and "old" in str(exc.value)
 
 
+def test_steps_per_epoch_are_the_fewest_any_trial_takes(tiny_root):
+    # an EMA decay or the LR warm-up acts at a step: its epoch is latest with the fewest steps per epoch
+    from trueface.run import resolve_run
+
+    def planned(*overrides: str, space=None) -> int:
+        cfg, layout = resolve_run(load_config("demo", [*tiny_overrides(tiny_root, tiny_root.parent),
+                                                       "stage1.batch_size=2", *overrides]), data_check=False)
+        return tune_job.steps_per_epoch(cfg, layout, [1], space)["1"]
+
+    searched = parse_search_space({"params": {"stage1.samples_per_epoch": {"int": [4, 64]},
+                                              "stage1.batch_size": {"choice": [2, 4]}}}, "t.yaml")
+    assert planned(space=searched) == planned("stage1.samples_per_epoch=4", "stage1.batch_size=4") == 1 < planned()
+
+
 def test_concurrency_follows_the_scarcest_resource():
     cpu_trial = {"CPU": 2.1}
     assert ray_tune.derive_max_concurrent({"CPU": 16.0}, cpu_trial, 100) == 7

@@ -38,7 +38,9 @@ OUTCOME_COLOURS = {"completed": "tab:green", "early-stopped": "tab:olive", "stop
 
 
 def rank_trials(rows: list[dict]) -> list[dict]:
-    """Best first by the objective (NaN last), trials that got further first among equals.
+    """Best first by the objective (NaN last), trials that got further first among equals, and
+    trials that failed after every other: Optuna was told they failed, and the best config must
+    not be one that diverged or crashed, however well it scored before.
 
     Only the final stage reports an objective, so a ``--stage both`` trial that ended in Stage I
     has none and ranks below every trial that was scored.
@@ -46,7 +48,8 @@ def rank_trials(rows: list[dict]) -> list[dict]:
     def key(row: dict) -> tuple:
         score = row.get(SCORE)
         valid = score is not None and not math.isnan(score)
-        return (-int(row.get("final_stage") or 0), not valid, -(score if valid else 0.0), row["trial"])
+        return (row.get("outcome") == "error", -int(row.get("final_stage") or 0), not valid,
+                -(score if valid else 0.0), row["trial"])
 
     return [{**row, "rank": i + 1} for i, row in enumerate(sorted(rows, key=key))]
 

@@ -50,7 +50,25 @@ FORMS = {
 
 
 # Keys that define what trials are compared on: a search over them compares unlike scores.
-OBJECTIVE_KEYS = {"eval.select_on": "it chooses the validation AUC that is the search's objective"}
+OBJECTIVE_KEYS = {"eval.select_on": "it chooses the validation AUC that is the search's objective",
+                  "eval.hflip_tta": "it changes how the validation AUC that is the search's objective is measured"}
+# Keys no trial acts on, by exact key or by prefix (ending in "."), with the reason: a search over
+# them would compare copies of one trial.
+_DATA_ONCE = "the data is checked, normalised and (the embedded set) generated once, before the trials"
+_UNSEARCHABLE = {
+    "seed": "every trial trains with the search's seed (search seeds by rerunning it with seed=N)",
+    "run_name": "the search names its trials", "output.": "the search places its trials' files",
+    "data.root": _DATA_ONCE, "data.exclude": _DATA_ONCE, "data.normalize": _DATA_ONCE, "data.synthetic.": _DATA_ONCE,
+    "data.test_domains": "test domains are never scored during a search",
+    "data.on_bad_image": _DATA_ONCE, "data.min_image_side": _DATA_ONCE, "data.cache_dir": _DATA_ONCE,
+    "data.prepared": "the prepared cache holds the same pixels as the files",
+    "eval.threshold_policy": "thresholds move no validation AUC", "eval.threshold_scope": "thresholds move no validation AUC",
+    "eval.batch_size": "the scoring batch size moves no score",
+}
+
+
+def _why_unsearchable(key: str) -> str:
+    return next((why for k, why in _UNSEARCHABLE.items() if key == k or (k.endswith(".") and key.startswith(k))), "")
 
 
 class SearchSpaceError(ConfigError):
@@ -176,6 +194,9 @@ class SearchSpace:
             if p.key in OBJECTIVE_KEYS:
                 raise SearchSpaceError(f"{where}: cannot be searched: {OBJECTIVE_KEYS[p.key]}, and trials must "
                                        f"be compared on one measure; set it for the whole search ({p.key}=VALUE)")
+            if why := _why_unsearchable(p.key):
+                raise SearchSpaceError(f"{where}: cannot be searched: no trial acts on it ({why}); set it for the "
+                                       f"whole search ({p.key}=VALUE)")
             stage = _stage_of(p.key)
             if stage is not None and stage not in stages:
                 trains = " and ".join(f"Stage {'I' * s}" for s in stages)
@@ -193,7 +214,8 @@ class SearchSpace:
         ``stageN.augment.*`` from epoch ``light_epochs + 1`` (light augmentation before); an EMA
         decay from the epoch where the decay warm-up passes the range's low end (the step count
         restarts each stage; ``steps_per_epoch`` maps a stage to its optimizer steps per epoch);
-        ``stageN.light_epochs`` from epoch low + 1; every other key from epoch 1 of its stage,
+        ``stageN.light_epochs`` from epoch low + 1; ``stageN.epochs`` and ``stageN.final_lr`` from
+        the epoch of the first step after the LR warm-up; every other key from epoch 1 of its stage,
         or of the trial's first stage for keys outside ``stageN.*``. Where a searched key moves
         ``light_epochs`` or ``epochs``, the latest start and the longest stage count."""
         return [self._first_effect(p, cfg, tuple(stages), steps_per_epoch) for p in self.params]
@@ -218,6 +240,15 @@ class SearchSpace:
                                why if first <= epochs else f"{why}, after {name}'s {epochs} epochs")
         if p.key == f"{key}.ema_decay" and self._may_be(f"{key}.ema_warmup", st.ema_warmup, True):
             return _decay_effect(p, stage, epochs, int(steps_per_epoch[stage]))
+        if p.key in (f"{key}.epochs", f"{key}.final_lr"):
+            # the cosine starts at the warm-up's end at the base LR, whatever its length and floor
+            # (trueface.schedule.lr_at): the first step that differs is the one after the warm-up
+            spe = int(steps_per_epoch[stage])
+            warmup = round(float(self._most(f"{key}.warmup_epochs", st.warmup_epochs)) * spe)
+            first = (warmup + 1) // spe + 1
+            why = f"the LR schedule is the same for every value until {warmup} warm-up steps are over"
+            return FirstEffect(p.key, stage, first if first <= epochs else None,
+                               why if first <= epochs else f"{why}, after {name}'s {epochs} epochs")
         return FirstEffect(p.key, stage, 1)
 
     def _most(self, key: str, default: Any) -> Any:
