@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)  # a URI's, with its thresholds file
-        meta = export_checkpoint(local, args.format, args.out, args.weights)
+        meta = export_checkpoint(local, args.format, args.out, args.weights, source=args.checkpoint)
     except (CheckpointError, ThresholdsError, ExportError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     size = meta["input"]["shape"][-1]

@@ -76,15 +76,17 @@ class ExportError(RuntimeError):
     """The export could not be made; the message says why and what to do."""
 
 
-def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema") -> dict:
+def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema", source: str | None = None) -> dict:
     """Write the scorer of ``checkpoint``'s ``weights`` to ``out`` (and ``out``.json); returns the
-    metadata. The file appears complete or not at all (written to a temporary name first)."""
+    metadata. The file appears complete or not at all (written to a temporary name first).
+    ``source``: where the checkpoint was given from (a URI staged locally), as the metadata names it."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
     predictor = Predictor.from_checkpoint(Path(checkpoint), weights, device="cpu")
     module = ScoringModule(predictor.model.float().to(memory_format=torch.contiguous_format), predictor.hflip)
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
     meta = export_metadata(predictor, Path(checkpoint), weights, fmt)
+    meta["checkpoint"]["path"] = source or meta["checkpoint"]["path"]
     text = json.dumps(meta, indent=1, sort_keys=True)
     data = {"onnx": _onnx_bytes, "pt2": _pt2_bytes, "torchscript": _torchscript_bytes}[fmt](module, example, text)
     with atomic_open(out) as f:
