@@ -32,7 +32,7 @@ from trueface.robustness_report import FOLDER as ROBUSTNESS_FOLDER
 from trueface.robustness_report import run_sweep
 from trueface.run import RunPaths
 from trueface.storage import Mirror, absolute, fetch, join
-from trueface.thresholds import pull_beside, push_beside
+from trueface.thresholds import fetch_checkpoint, push_beside
 from trueface.train import run_stage
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -174,8 +174,7 @@ def evaluate_worker(config: dict) -> None:
     """Evaluate a checkpoint on a data root into the results folder (see trueface.evaluation), then
     the robustness sweep's perturbed copies, if any, at the same thresholds."""
     cfg, di = _worker_setup(from_dict(config["cfg"]))
-    checkpoint = fetch(config["checkpoint"], cfg.data.cache_dir)
-    pull_beside(config["checkpoint"], cfg.data.cache_dir)  # a URI checkpoint's saved thresholds, if any
+    checkpoint = fetch_checkpoint(config["checkpoint"], cfg.data.cache_dir)  # with a URI's saved thresholds, if any
     out = Mirror.of(config["out"], cfg.data.cache_dir)
     request = ThresholdRequest(**config["thresholds"])
     # The run's config (cfg) decides policy and scope, not the one saved in the checkpoint: a rerun

@@ -235,9 +235,7 @@ class SearchSpace:
             return FirstEffect(p.key, stage, light + 1, why)
         if p.key == f"{key}.light_epochs":
             first = int(min(p.extremes())) + 1
-            why = "light augmentation ends after the lowest value"
-            return FirstEffect(p.key, stage, first if first <= epochs else None,
-                               why if first <= epochs else f"{why}, after {name}'s {epochs} epochs")
+            return _within_stage(p.key, stage, first, epochs, "light augmentation ends after the lowest value")
         if p.key == f"{key}.ema_decay" and self._may_be(f"{key}.ema_warmup", st.ema_warmup, True):
             return _decay_effect(p, stage, epochs, int(steps_per_epoch[stage]))
         if p.key in (f"{key}.epochs", f"{key}.final_lr"):
@@ -246,9 +244,8 @@ class SearchSpace:
             spe = int(steps_per_epoch[stage])
             warmup = round(float(self._most(f"{key}.warmup_epochs", st.warmup_epochs)) * spe)
             first = (warmup + 1) // spe + 1
-            why = f"the LR schedule is the same for every value until {warmup} warm-up steps are over"
-            return FirstEffect(p.key, stage, first if first <= epochs else None,
-                               why if first <= epochs else f"{why}, after {name}'s {epochs} epochs")
+            return _within_stage(p.key, stage, first, epochs,
+                                 f"the LR schedule is the same for every value until {warmup} warm-up steps are over")
         return FirstEffect(p.key, stage, 1)
 
     def _most(self, key: str, default: Any) -> Any:
@@ -267,6 +264,13 @@ class SearchSpace:
 
     def describe(self) -> str:
         return "\n".join(f"  {p.describe()}" for p in self.params)
+
+
+def _within_stage(key: str, stage: int, first: int, epochs: int, why: str) -> FirstEffect:
+    """``key`` first acts in epoch ``first`` of ``stage``, or never where that is past its ``epochs``."""
+    if first <= epochs:
+        return FirstEffect(key, stage, first, why)
+    return FirstEffect(key, stage, None, f"{why}, after Stage {'I' * stage}'s {epochs} epochs")
 
 
 def warmup_decay(step: int) -> float:

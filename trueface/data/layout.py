@@ -162,10 +162,11 @@ class _Reader:
     def _split(self, domain: str, split: str, split_dir: Path) -> list[Sample]:
         samples: list[Sample] = []
         label_dirs: dict[int, Path] = {}
-        self._report_loose_files(split_dir, "images go in its real/ and fake/ folders")
+        loose = 0  # image files right in the split folder, where none is read
         for child in sorted(split_dir.iterdir()):
             label = LABELS.get(child.name.lower())
             if not child.is_dir():
+                loose += child.suffix.lower() in IMAGE_SUFFIXES and not child.name.startswith(".") and child.is_file()
                 continue
             if label is None:
                 n = sum(1 for _ in child.iterdir())
@@ -177,6 +178,9 @@ class _Reader:
                                     f"both are read")
             label_dirs[label] = child
             samples += [Sample(str(p), label, domain, split) for p in self._images_in(child)]
+        if loose:
+            self.problem(split_dir, f"ignored: {loose} image file(s) right in this folder (images go in its real/ and "
+                                    f"fake/ folders)", "warning")
         present = {s.label for s in samples}
         if present != {0, 1}:
             missing = [LABEL_NAMES[y] for y in (0, 1) if y not in present]
@@ -184,13 +188,6 @@ class _Reader:
                                     f"needs both classes, so it is left out")
             return []
         return samples
-
-    def _report_loose_files(self, folder: Path, where: str) -> None:
-        """One warning for the image files right in ``folder``, where none is read."""
-        loose = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                 and p.is_file()]
-        if loose:
-            self.problem(folder, f"ignored: {len(loose)} image file(s) right in this folder ({where})", "warning")
 
     def _images_in(self, folder: Path) -> list[Path]:
         out, subfolders, unknown = [], [], {}
