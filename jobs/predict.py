@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(local, args.weights, args.device, domain=args.domain)
     except (CheckpointError, ThresholdsError, StorageError) as exc:
         sys.exit(f"error: {exc}")
-    print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(args.weights), file=sys.stderr)
-    print(predictor.describe_calibration(args.weights), file=sys.stderr)
+    print(predictor.describe_labelling(args.weights), file=sys.stderr)
     paths = expand_inputs(args.inputs)
     if not paths:
         sys.exit(f"error: no images found in {' '.join(args.inputs)}")

@@ -98,8 +98,7 @@ def run(checkpoint: str, location: str, out: Path, weights: str = "ema", domain:
     # built here once too: a thresholds file or --domain it refuses stops the job with its message
     # before any actor starts, and the console says which threshold and temperature label the rows
     predictor = Predictor.from_checkpoint(local_ckpt, weights, "cpu", domain=domain)
-    print(("" if predictor.threshold_saved else "warning: ") + predictor.describe_threshold(weights), file=sys.stderr)
-    print(predictor.describe_calibration(weights), file=sys.stderr)
+    print(predictor.describe_labelling(weights), file=sys.stderr)
     del predictor
     paths, fs = list_images(location)
     if not paths:

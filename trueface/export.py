@@ -85,8 +85,7 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema
     predictor = Predictor.from_checkpoint(Path(checkpoint), weights, device="cpu")
     module = ScoringModule(predictor.model.float().to(memory_format=torch.contiguous_format), predictor.hflip)
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
-    meta = export_metadata(predictor, Path(checkpoint), weights, fmt)
-    meta["checkpoint"]["path"] = source or meta["checkpoint"]["path"]
+    meta = export_metadata(predictor, Path(checkpoint), weights, fmt, source)
     text = json.dumps(meta, indent=1, sort_keys=True)
     data = {"onnx": _onnx_bytes, "pt2": _pt2_bytes, "torchscript": _torchscript_bytes}[fmt](module, example, text)
     with atomic_open(out) as f:
@@ -95,7 +94,7 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, weights: str = "ema
     return meta
 
 
-def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: str) -> dict:
+def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: str, source: str | None = None) -> dict:
     saved = predictor.saved
     size = predictor.image_size
     return {
@@ -125,7 +124,7 @@ def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: s
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       "per_domain": _per_domain(saved, weights, "threshold")},
         "calibrated": (f"p_calibrated = 1 / (1 + exp(-{LOG_ODDS} / T)); label = fake where {OUTPUT} >= threshold"),
-        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "checkpoint": {"path": source or str(checkpoint), "sha256": file_sha256(checkpoint)},
     }
 
 

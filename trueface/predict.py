@@ -123,6 +123,12 @@ class Predictor:
                    decode_size=decode_size(cfg, image_size), normalize=parse_normalize(cfg.data.normalize),
                    temperature=pick_temperature(saved, weights, domain))
 
+    def describe_labelling(self, weights: str) -> str:
+        """The console's two lines before scoring: the threshold (a warning where none was saved) and
+        the temperature."""
+        warning = "" if self.threshold_saved else "warning: "
+        return f"{warning}{self.describe_threshold(weights)}\n{self.describe_calibration(weights)}"
+
     def describe_threshold(self, weights: str) -> str:
         """One line for the console: the threshold, where it came from, and what else there is."""
         if self.saved is None:
