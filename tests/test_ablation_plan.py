@@ -133,7 +133,7 @@ def test_checkpoint_selection_is_trained_for_and_thresholds_alone_are_dropped():
     # the flip is a scoring protocol: the reference's checkpoint, scored without it
     group, ev, _ = evaluation_of(plan, "no-tta")
     assert group.name == "full" and ev.eval_values == {"eval.hflip_tta": False}
-    assert dict(plan.dropped)["no-youden"] == ("changes nothing here: eval.threshold_policy (thresholds change no AUC, "
+    assert dict(plan.dropped)["no-youden"] == ("changes nothing here: eval.threshold_policy (thresholds move no AUC, "
                                                "the number an ablation compares)")
 
 

@@ -213,7 +213,7 @@ def test_the_objective_s_own_definition_cannot_be_searched():
     ("seed", {"int": [0, 9]}, "every trial trains with the search's seed"),
     ("data.normalize", {"choice": ["none", "jpeg:90@48"]}, "generated once, before the trials"),
     ("data.synthetic.artefact_strength", {"uniform": [5.0, 30.0]}, "generated once, before the trials"),
-    ("eval.threshold_policy", {"choice": ["youden", "max_f1"]}, "thresholds move no validation AUC"),
+    ("eval.threshold_policy", {"choice": ["youden", "max_f1"]}, "thresholds move no AUC"),
 ])
 def test_keys_no_trial_acts_on_cannot_be_searched(key, spec, why):
     with pytest.raises(SearchSpaceError) as err:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from trueface.config import Config, ConfigError, apply_values, flatten, to_dict
+from trueface.config.choices import NO_AUC_EVAL_KEYS
 from trueface.config.loading import read_yaml_file
 
 REFERENCE = "full"
@@ -60,10 +61,6 @@ _COMPONENT_KEYS = {"what", "when_off"}
 _OFF_KEYS = {"set", "weights", "stages"}
 # eval.* keys that change training: what picks best.pt and stops early
 _TRAINING_EVAL_KEYS = frozenset({"eval.select_on"})
-# eval.* keys that change no AUC, the one number an ablation compares
-_NO_AUC_KEYS = {"eval.threshold_policy": "thresholds change no AUC, the number an ablation compares",
-                "eval.threshold_scope": "thresholds change no AUC, the number an ablation compares",
-                "eval.batch_size": "the scoring batch size changes no score"}
 
 
 class AblationSpecError(ConfigError):
@@ -305,8 +302,8 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
 
 def _cannot_act(key: str, base: Config) -> str:
     """Why changing ``key`` cannot change the table on ``base`` (a knob that never acts), else ''."""
-    if key in _NO_AUC_KEYS:
-        return _NO_AUC_KEYS[key]
+    if key in NO_AUC_EVAL_KEYS:
+        return f"{NO_AUC_EVAL_KEYS[key]}, the number an ablation compares"
     stage = _stage_of(key)
     if stage is None:
         return ""

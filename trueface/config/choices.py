@@ -19,6 +19,12 @@ SELECT_MODES = ("mean_domain", "worst_domain", "pooled")
 #: Valid values of ``eval.threshold_scope`` (see trueface.thresholds).
 THRESHOLD_SCOPES = ("pooled", "per_domain")
 
+#: eval.* keys that move no AUC, with the reason: neither a search (its objective is a validation
+#: AUC) nor an ablation (it compares test AUCs) can tell their values apart.
+NO_AUC_EVAL_KEYS = {"eval.threshold_policy": "thresholds move no AUC",
+                    "eval.threshold_scope": "thresholds move no AUC",
+                    "eval.batch_size": "the scoring batch size moves no score"}
+
 
 def _policy_error(policy: Any, detail: str = "") -> ValueError:
     valid = ", ".join(THRESHOLD_POLICIES)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 
+from trueface.config.choices import NO_AUC_EVAL_KEYS
 from trueface.config.loading import ConfigError, apply_values, flatten, read_yaml_file, to_dict
 from trueface.config.schema import Config
 
@@ -62,8 +63,7 @@ _UNSEARCHABLE = {
     "data.test_domains": "test domains are never scored during a search",
     "data.on_bad_image": _DATA_ONCE, "data.min_image_side": _DATA_ONCE, "data.cache_dir": _DATA_ONCE,
     "data.prepared": "the prepared cache holds the same pixels as the files",
-    "eval.threshold_policy": "thresholds move no validation AUC", "eval.threshold_scope": "thresholds move no validation AUC",
-    "eval.batch_size": "the scoring batch size moves no score",
+    **NO_AUC_EVAL_KEYS,
 }
 
 
