@@ -94,10 +94,12 @@ def run(checkpoint: str, location: str, out: Path, weights: str = "ema", domain:
     from trueface.predict import Predictor
 
     local_ckpt = fetch_checkpoint(checkpoint, DataConfig().cache_dir)
-    cfg = from_dict(load_checkpoint(local_ckpt)["config"])
+    state = load_checkpoint(local_ckpt)
+    cfg = from_dict(state["config"])
     # built here once too: a thresholds file or --domain it refuses stops the job with its message
     # before any actor starts, and the console says which threshold and temperature label the rows
-    predictor = Predictor.from_checkpoint(local_ckpt, weights, "cpu", domain=domain)
+    predictor = Predictor.from_state(state, local_ckpt, weights, "cpu", domain=domain)
+    del state
     print(predictor.describe_labelling(weights), file=sys.stderr)
     del predictor
     paths, fs = list_images(location)

@@ -111,7 +111,13 @@ class Predictor:
                         domain: str | None = None) -> "Predictor":
         """``domain``: label at that domain's own threshold (per_domain scope) instead of the pooled one.
         A thresholds file left from an earlier training of this checkpoint raises ThresholdsError."""
-        state = load_checkpoint(path)
+        return cls.from_state(load_checkpoint(path), path, weights, device, domain)
+
+    @classmethod
+    def from_state(cls, state: dict, path: Path, weights: str = "ema", device: str = "auto",
+                   domain: str | None = None) -> "Predictor":
+        """from_checkpoint on a checkpoint already read from ``path`` (for a caller that reads its
+        config too, so the file is read once)."""
         saved = read_thresholds(Path(path))
         threshold, source = pick_threshold(saved, Path(path), weights, domain)
         cfg = from_dict(state["config"])
