@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from jobs.ray_tune import trial_result  # the search owns its report keys (objective, ASHA clock)
 from trueface.config import Config, from_dict, to_dict
 from trueface.data.layout import discover_layout
-from trueface.distributed import DistInfo
+from trueface.distributed import DistInfo, barrier
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint
 from trueface.robustness_report import FOLDER as ROBUSTNESS_FOLDER
 from trueface.robustness_report import run_sweep
@@ -141,6 +141,9 @@ def stage_worker(config: dict) -> None:
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is None:
         run.pull(f"stage{stage}/last.pt")  # another node (or a lost one) may have written it
+        # ranks on one node share its staging folder: rank 0 removes the partial files of killed
+        # writers there (run_stage), which must not catch another rank's download in flight
+        barrier(di)
     with (ray_ckpt.as_directory() if ray_ckpt else contextlib.nullcontext(None)) as ckpt_dir:
         resume = Path(ckpt_dir) / CHECKPOINT_FILE if ckpt_dir else None
         run_stage(cfg, stage, train, val, paths.stage_dir(stage), dist_info=di, report=report,

@@ -66,6 +66,39 @@ def test_exists_delete_and_fetch(s3_server, tmp_path):
         storage.fetch("s3://trueface-test/misc/run/stage1/best.pt", tmp_path / "elsewhere")
 
 
+def test_a_file_deleted_at_the_uri_leaves_the_working_copy_too(s3_server, tmp_path):
+    """The URI is where the files are kept: a stage deleted there (as the pipeline says to do, to
+    train it again) must not stay finished in a node's staged copy, nor a deleted checkpoint or
+    thresholds file be served from it."""
+    mirror = Mirror.of("s3://trueface-test/gone/run", tmp_path / "cache")
+    for name in ("stage1/stage.json", "stage1/last.pt", "stage1/best.pt", "stage1/thresholds.json", "keep.txt"):
+        write(mirror.local / name, b"x")
+    mirror.push()
+    client = s3_server["client"]
+    for key in ("stage1/stage.json", "stage1/last.pt", "stage1/best.pt", "stage1/thresholds.json"):
+        client.delete_object(Bucket=s3_server["bucket"], Key=f"gone/run/{key}")
+    storage._MIRRORS.clear()  # a new process on the same node
+    again = Mirror.of("s3://trueface-test/gone/run", tmp_path / "cache")
+    assert again.pull("stage1/stage.json", "stage1/last.pt", "stage2/stage.json") == []
+    assert not (again.local / "stage1" / "stage.json").exists() and not (again.local / "stage1" / "last.pt").exists()
+    with pytest.raises(StorageError, match="gone/run/stage1/best.pt does not exist"):
+        storage.fetch("s3://trueface-test/gone/run/stage1/best.pt", tmp_path / "cache")
+    from trueface.thresholds import pull_beside
+
+    pull_beside("s3://trueface-test/gone/run/stage1/best.pt", tmp_path / "cache")
+    assert not (again.local / "stage1" / "thresholds.json").exists()
+    # a folder pull keeps what it was not asked about, and a file still kept there stays
+    assert again.pull("tensorboard", "keep.txt") == [] and (again.local / "keep.txt").read_bytes() == b"x"
+
+
+def test_file_uris_are_paths_on_this_machine(tmp_path):
+    spaced = tmp_path / "dir with space" / "best.pt"
+    assert storage.as_path(spaced.as_uri()) == spaced
+    assert storage.as_path(f"file://localhost{tmp_path}/x") == tmp_path / "x"
+    with pytest.raises(StorageError, match="file:///path"):
+        storage.as_path("file://otherhost/x")
+
+
 def test_an_upload_cut_off_never_replaces_the_good_object(s3_server, tmp_path, monkeypatch):
     mirror = Mirror.of("s3://trueface-test/cut/run", tmp_path / "cache")
     write(mirror.local / "last.pt", b"good")

@@ -54,8 +54,18 @@ def is_uri(location: str | Path) -> bool:
 
 
 def as_path(location: str | Path) -> Path:
+    """A path, or a ``file://`` URI's path (percent-escapes decoded, as ``Path.as_uri`` writes them)."""
     text = str(location)
-    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser().absolute()
+    if text.startswith("file://"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{text}: a file:// URI names a file on this machine (file:///path), "
+                               f"not on host {parsed.netloc!r}")
+        text = url2pathname(parsed.path)
+    return Path(text).expanduser().absolute()
 
 
 def absolute(location: str | Path) -> str:
@@ -182,8 +192,11 @@ class Mirror:
 
     def pull(self, *relpaths: str, skip_suffixes: tuple[str, ...] = ()) -> list[str]:
         """Download the remote files under ``relpaths`` (none: everything) that are missing here,
-        differ in size or are older here than remotely; those that do not exist remotely are
-        skipped. Returns what was downloaded."""
+        differ in size or are older here than remotely. A file named in ``relpaths`` that no longer
+        exists remotely is removed here too: the URI is where the files are kept and this folder
+        only a copy, so a stage, checkpoint or thresholds file deleted there must not live on in
+        the copy (a pipeline would skip the deleted stage, a scorer use deleted thresholds).
+        Returns what was downloaded."""
         if self.remote is None:
             return []
         fs, root = self._remote_root()
@@ -191,6 +204,9 @@ class Mirror:
         for rel in relpaths or ("",):
             try:
                 infos = self._remote_infos(fs, root, rel)
+                if rel and not infos and (self.local / rel).is_file():
+                    (self.local / rel).unlink(missing_ok=True)
+                    self._pushed.pop(rel, None)
                 for info in infos:
                     name = info.path[len(root) + 1:]
                     local = self.local / name
