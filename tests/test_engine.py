@@ -56,8 +56,12 @@ def test_stage1_writes_checkpoints_summary_and_tensorboard(tiny_cfg, tmp_path):
     assert len(events.Scalars("val/auc_ema")) == 2  # one point per epoch
 
 
-def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path):
-    cfg = dataclasses.replace(tiny_cfg, stage1=dataclasses.replace(tiny_cfg.stage1, epochs=2, patience=0))
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path, loader_workers):
+    # with loader workers, the DataLoader's first iterator once drew its seed from the global
+    # generator (the resumed run's first epoch is the straight run's second)
+    cfg = dataclasses.replace(tiny_cfg, stage1=dataclasses.replace(tiny_cfg.stage1, epochs=2, patience=0),
+                              data=dataclasses.replace(tiny_cfg.data, loader_workers=loader_workers))
     _stage1(cfg, tmp_path / "straight")
     one = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, epochs=1))
     _stage1(one, tmp_path / "resumed")

@@ -610,11 +610,14 @@ def _train_loader(ds, sampler, micro: int, cfg: Config, runtime: Runtime, rank: 
     # index, occurrence) key, picks the epoch's transform (light -> strong) and seeds its draws
     # from the key, the seed and the rank, so an epoch draws the same however it was reached
     # (resumed or not) and however many workers read it, and an image drawn twice in an epoch
-    # is augmented twice.
+    # is augmented twice. Its own generator: without one, the first iterator takes its workers'
+    # base seed from the global generator, one draw in the first epoch a process runs, so a
+    # resumed epoch's dropout (on the CPU) would not be the uninterrupted run's.
     workers = cfg.data.loader_workers
     return DataLoader(EpochSeededDataset(ds, cfg.seed, rank), batch_size=micro, sampler=EpochKeyedSampler(sampler),
                       num_workers=workers, drop_last=True, pin_memory=runtime.device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=freeze_inherited_objects)
+                      persistent_workers=workers > 0, worker_init_fn=freeze_inherited_objects,
+                      generator=torch.Generator().manual_seed(_mix_seed(cfg.seed, rank, 0x10AD)))
 
 
 def _mix_seed(*parts: int) -> int:
