@@ -43,11 +43,11 @@ from trueface.atomic import atomic_write_text
 from trueface.compare import WEIGHTS, CompareError, compare, units_from_paths
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
-from trueface.search_report import format_trials, param_importances, rank_trials, write_search_report
+from trueface.search_report import (TEST_DIR, TESTED_FILE, format_trials, param_importances, rank_trials,
+                                    stale_test_report, write_search_report)
 from trueface.storage import Mirror, StorageError, absolute, fetch, join
 
 Evaluator = Callable[[Config, str, Mirror], None]  # (trial config, checkpoint location, results folder)
-TEST_DIR = "test"
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
 
 def _best_trial_test(spec: dict, best: TrialInfo, stamp: dict, out: Mirror, evaluate: Evaluator) -> str:
     """The best trial's test table (evaluated once per best checkpoint, then read back)."""
-    marker = out.local / "evaluated.json"
+    marker = out.local / TESTED_FILE
     if not (marker.is_file() and json.loads(marker.read_text()) == stamp and (out.local / "summary.md").is_file()):
         print(f"scoring the best trial ({best.path.name}) on the test splits ...", flush=True)
         evaluate(ray_tune.trial_config(spec, best.params, best.path.name), stamp["checkpoint"], out)
@@ -233,7 +233,11 @@ def print_summary(report: Mirror, experiment: Mirror) -> None:
     spec = json.loads((experiment.local / ray_tune.SPEC_FILE).read_text())
     keys = ray_tune.search_space(spec).keys
     print("\n" + format_trials(rows, keys))
-    if (out_dir / TEST_DIR / "metrics.parquet").is_file():
+    stale = stale_test_report(out_dir)
+    if stale:
+        print(f"\nno test table: {stale}. Run python -m jobs.aggregate {experiment.location} without --no-test "
+              "to score the best trial")
+    elif (out_dir / TEST_DIR / "metrics.parquet").is_file():
         print(f"\nbest trial {rows[0]['trial']} on the test splits:\n" + metrics_table(out_dir / TEST_DIR))
     print(f"\nreport:      {report.location}/summary.md (+ trials.csv, trials.parquet, params.png, importances.png, test/)")
     print(f"best config: python -m jobs.pipeline --config {out_dir}/best_config.yaml")

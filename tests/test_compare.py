@@ -294,6 +294,48 @@ def test_a_domain_fewer_seeds_were_tested_on_says_its_own_interval_method(tmp_pa
     assert "dalle: t over 3 seeds" in line and "bootstrap over images (1 seed)" in line
 
 
+def _rewrite_predictions(report: SeedReport, change) -> None:
+    table = pq.read_table(report.dir / "predictions.parquet").to_pylist()
+    pq.write_table(pa.Table.from_pylist([change(r) for r in table]), report.dir / "predictions.parquet")
+
+
+def test_seeds_scored_on_other_images_are_not_compared(tmp_path):
+    """A t over seeds pairs AUCs: B's seeds scored the same domains' other images (another data
+    root), so a difference to A means nothing, however large; so is combined over another set of
+    domains. The same AUC-level numbers on the same images are compared as before."""
+    a = seeds_unit(tmp_path, "A", 1.2, seeds=(0, 1))
+    b = seeds_unit(tmp_path, "B", 0.3, seeds=(0, 1))
+    for report in b.evaluations:
+        _rewrite_predictions(report, lambda r: {**r, "path": r["path"].replace("/data/", "/other-root/")})
+    rows = comparison_rows([a, b], "A", n_boot=100)
+    words = {r["domain"]: r["diff_words"] for r in rows if r["unit"] == "B"}
+    assert words == {d: "not comparable (scored on different test images)" for d in (*DOMAINS, "combined")}
+    assert all(math.isnan(r["diff_mean"]) for r in rows if r["unit"] == "B")
+    assert "seed 0 scored other images" in next(r for r in rows if r["unit"] == "B")["diff_pairing"]
+    # C's seed 1 was tested on dalle alone: dalle compares, combined (over other domains) does not
+    c = seeds_unit(tmp_path, "C", 0.3, seeds=(0, 1))
+    c1 = c.evaluations[1].dir
+    for name in ("predictions.parquet", "metrics.parquet"):
+        table = pq.read_table(c1 / name).to_pylist()
+        pq.write_table(pa.Table.from_pylist([r for r in table if r["domain"] != "tpdne"]), c1 / name)
+    words = {r["domain"]: r["diff_words"] for r in comparison_rows([a, c], "A", n_boot=100) if r["unit"] == "C"}
+    assert not words["dalle"].startswith("not comparable")
+    assert words["combined"] == "not comparable (scored on different test images)"
+
+
+def test_a_domain_a_unit_was_not_tested_on_says_so_in_the_interval_column(tmp_path):
+    a = seeds_unit(tmp_path, "A", 1.2, seeds=(0,))
+    report = a.evaluations[0]
+    _rewrite_predictions(report, lambda r: r)  # unchanged: A has both domains
+    b = Unit("B", (SeedReport(write_evaluation(tmp_path / "B", 1.2, 0), 0),))
+    metrics = pq.read_table(b.evaluations[0].dir / "metrics.parquet").to_pylist()
+    pq.write_table(pa.Table.from_pylist([r for r in metrics if r["domain"] != "tpdne"]),
+                   b.evaluations[0].dir / "metrics.parquet")
+    line = next(x for x in comparison_markdown(comparison_rows([a, b], n_boot=100), n_boot=100).splitlines()
+                if x.startswith("| B |"))
+    assert "tpdne: not tested" in line and "dalle: bootstrap over images (1 seed)" in line
+
+
 def test_unknown_paths_and_missing_pieces_get_clear_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -350,6 +392,33 @@ def test_a_search_report_folder_reads_its_test_report(tmp_path):
     (spec_folder / "trueface-tune.json").write_text(json.dumps({"name": "s", "results_dir": str(tmp_path / "r2")}))
     with pytest.raises(CompareError, match=r"search s: no test report at .*r2/test; run python -m jobs.aggregate"):
         units_from_paths([spec_folder, report])
+
+
+def test_a_test_report_of_a_trial_no_longer_best_is_not_shown_as_the_best_ones(tmp_path, capsys):
+    """An aggregation that scored no trial (--no-test) keeps test/ of the trial that was best
+    before: neither the console nor a comparison may present it as the new best trial's."""
+    from trueface.search_report import stale_test_report
+
+    report = tmp_path / "results" / "s"
+    write_evaluation(report / "test", 1.0, 3, run_name="s-T1")
+    (report / "test" / "evaluated.json").write_text(json.dumps({"trial": "T1", "checkpoint": "T1/stage1/best.pt"}))
+    pq.write_table(pa.Table.from_pylist([{"trial": "T1"}, {"trial": "T2"}]), report / "trials.parquet")
+    assert stale_test_report(report) == "" and units_from_paths([report]).units[0].label == "s"
+    pq.write_table(pa.Table.from_pylist([{"trial": "T2"}, {"trial": "T1"}]), report / "trials.parquet")
+    assert "trial T1, which was best when it was scored; the best trial is now T2" in stale_test_report(report)
+    with pytest.raises(CompareError, match=r"search s .*test/ holds the test scores of trial T1.*without --no-test"):
+        units_from_paths([report])
+    experiment = tmp_path / "runs" / "tune" / "s"
+    experiment.mkdir(parents=True)
+    (experiment / "trueface-tune.json").write_text(json.dumps({"space": {"params": {"stage1.lr": {"loguniform": [1e-4, 1e-2]}}},
+                                                                  "space_source": "test"}))
+    pq.write_table(pa.Table.from_pylist([{"trial": t, "stage1.lr": 1e-3, "objective": 0.9} for t in ("T2", "T1")]),
+                   report / "trials.parquet")
+    from trueface.storage import Mirror
+
+    aggregate.print_summary(Mirror(report), Mirror(experiment))
+    out = capsys.readouterr().out
+    assert "no test table: its test/ holds the test scores of trial T1" in out and "on the test splits" not in out
 
 
 def test_an_ablation_kept_in_s3_is_compared_into_s3(s3_server, ablation_folder, tmp_path, monkeypatch, capsys):

@@ -69,6 +69,7 @@ from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.results import COMBINED, csv_text, figure_png, markdown_table, parquet_bytes
 from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_SEEDS, T_SEEDS, Interval,
                             bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff, t_interval)
+from trueface.search_report import TEST_DIR, TESTED_FILE, stale_test_report
 from trueface.storage import Mirror, absolute, join
 
 __all__ = ["ABLATION_FILE", "Comparison", "CompareError", "SeedReport", "Unit", "Units", "cell_text", "compare",
@@ -78,7 +79,6 @@ __all__ = ["ABLATION_FILE", "Comparison", "CompareError", "SeedReport", "Unit", 
 ABLATION_FILE = "ablation.json"
 ABLATION_JOB_FILE = "trueface-ablate.json"  # jobs.ablate's job file, in the ablation's storage folder
 SEARCH_FILE = "trueface-tune.json"  # jobs.tune's spec file (jobs.ray_tune.SPEC_FILE; trueface/ never imports jobs/)
-SEARCH_TEST_DIR = "test"  # jobs.aggregate's folder of the best trial's test report
 REPORT_FILES = ("metrics.parquet", "predictions.parquet", "config.yaml")
 WEIGHTS = ("ema", "raw")
 
@@ -231,6 +231,8 @@ def _load_unit(unit: Unit) -> list[_Seed]:
 def plain_words(diff: Interval, reference: str) -> str:
     """The difference in words: whether its interval shows one, and which way."""
     if math.isnan(diff.mean):
+        if diff.n == 0 and diff.method == PAIRED_T_SEEDS:  # a seed of each scored other images
+            return "not comparable (scored on different test images)"
         if diff.n == 0:  # a pairing over images found none: the two were scored on different test data
             return "not comparable (no test images in common: scored on different data)"
         return "not comparable (AUC undefined: one class only)"
@@ -263,10 +265,16 @@ def _difference(mine: list[_Seed], ref: list[_Seed], domain: str, confidence: fl
     a, b = {s.seed: s for s in mine}, {s.seed: s for s in ref}
     common = sorted(set(a) & set(b))
     if len(common) >= 2:
+        pairing = f"seeds {_seed_list(common)}"
+        # a t over seeds pairs AUCs, not images: it means something only where each seed of the
+        # two scored the same images (not another data root, nor another set of domains for combined)
+        differing = [k for k in common if not _same_images(a[k], b[k], domain)]
+        if differing:
+            return _nan_interval(0, PAIRED_T_SEEDS, confidence), f"{pairing}; seed {differing[0]} scored other images"
         x, y = [a[k].auc(domain) for k in common], [b[k].auc(domain) for k in common]
         if any(math.isnan(v) for v in x + y):
-            return _nan_interval(len(common), PAIRED_T_SEEDS, confidence), f"seeds {_seed_list(common)}"
-        return paired_t_diff(x, y, confidence), f"seeds {_seed_list(common)}"
+            return _nan_interval(len(common), PAIRED_T_SEEDS, confidence), pairing
+        return paired_t_diff(x, y, confidence), pairing
     sa, sb = (a[common[0]], b[common[0]]) if common else (mine[0], ref[0])
     paths_a, labels_a, scores_a = sa.predictions(domain)
     paths_b, labels_b, scores_b = sb.predictions(domain)
@@ -278,6 +286,14 @@ def _difference(mine: list[_Seed], ref: list[_Seed], domain: str, confidence: fl
     if len(set(labels_a[ia].tolist())) < 2:
         return _nan_interval(len(ia), PAIRED_BOOTSTRAP_IMAGES, confidence), pairing
     return paired_bootstrap_auc_diff(labels_a[ia], scores_a[ia], scores_b[ib], n_boot, confidence=confidence), pairing
+
+
+def _same_images(x: _Seed, y: _Seed, domain: str) -> bool:
+    """Whether two evaluations scored the same (image, label) pairs in ``domain``."""
+    paths_x, labels_x, _ = x.predictions(domain)
+    paths_y, labels_y, _ = y.predictions(domain)
+    return len(paths_x) == len(paths_y) and (
+        sorted(zip(paths_x.tolist(), labels_x.tolist())) == sorted(zip(paths_y.tolist(), labels_y.tolist())))
 
 
 def _seed_list(seeds: list[int]) -> str:
@@ -371,7 +387,7 @@ def _unit_method(rows: list[dict]) -> str:
     """The interval column of a unit: its method and seed count, or each domain's where they
     differ (a domain that fewer seeds were tested on)."""
     def method(n: int) -> str:
-        return f"t over {n} seeds" if n >= 2 else "bootstrap over images (1 seed)"
+        return f"t over {n} seeds" if n >= 2 else "bootstrap over images (1 seed)" if n == 1 else "not tested"
 
     counts = [r["n_seeds"] for r in rows]
     if len(set(counts)) == 1:
@@ -576,7 +592,13 @@ def _from_search(location: str, cache: str, weights: str, spec_file: bool) -> Un
         folder.pull(SEARCH_FILE)
         spec = json.loads((folder.local / SEARCH_FILE).read_text())
         name, report_location = str(spec.get("name", name)), str(spec["results_dir"])
-    test = join(report_location, SEARCH_TEST_DIR)
+    test = join(report_location, TEST_DIR)
+    report_folder = Mirror.of(report_location, cache)
+    report_folder.pull("trials.parquet", f"{TEST_DIR}/{TESTED_FILE}")
+    stale = stale_test_report(report_folder.local)
+    if stale:
+        raise CompareError(f"search {name} ({report_location}): {stale}. Run python -m jobs.aggregate {location} "
+                           "(without --no-test) to score it first")
     try:
         report = _evaluation(test, cache, None, weights)
     except CompareError as exc:
@@ -593,7 +615,7 @@ def _kind(folder: Mirror) -> str:
         return "ablation storage"
     if folder.exists(SEARCH_FILE):
         return "search"
-    if folder.exists("trials.parquet") and folder.exists(SEARCH_TEST_DIR):
+    if folder.exists("trials.parquet") and folder.exists(TEST_DIR):
         return "search report"
     if folder.exists("metrics.parquet"):
         return "evaluation"

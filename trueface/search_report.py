@@ -26,12 +26,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config.search_space import SearchSpace
 from trueface.results import csv_text, figure_png, markdown_table, parquet_bytes
 
 SCORE = "objective"
+TEST_DIR = "test"  # in the report folder: the best trial's test report (jobs.aggregate)
+TESTED_FILE = "evaluated.json"  # in TEST_DIR: the trial and checkpoint it scored
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA's forest needs a few points to split on
 OUTCOME_COLOURS = {"completed": "tab:green", "early-stopped": "tab:olive", "stopped by ASHA": "tab:orange",
                    "error": "tab:red", "unfinished": "tab:grey"}
@@ -226,3 +229,20 @@ def write_search_report(out_dir: Path, rows: list[dict], params: list[tuple[str,
            f"    python -m jobs.pipeline --config {out_dir / 'best_config.yaml'}", ""]
     written["summary.md"] = atomic_write_text(out_dir / "summary.md", "\n".join(md))
     return written
+
+
+def stale_test_report(report_dir: Path) -> str:
+    """Why ``report_dir``'s test report is not its best trial's ('' when it is, or there is none).
+    An aggregation that scored no trial (--no-test, or the best trial's checkpoint gone) keeps the
+    test report of the trial that was best before, which must not be shown as the new best's."""
+    import json
+
+    marker, trials = report_dir / TEST_DIR / TESTED_FILE, report_dir / "trials.parquet"
+    if not (marker.is_file() and trials.is_file()):
+        return ""
+    tested = json.loads(marker.read_text()).get("trial")
+    names = pq.read_table(trials, columns=["trial"]).column("trial").to_pylist()
+    best = names[0] if names else None
+    if tested == best:
+        return ""
+    return f"its {TEST_DIR}/ holds the test scores of trial {tested}, which was best when it was scored; the best trial is now {best}"
