@@ -38,8 +38,8 @@ from pathlib import Path
 
 from jobs import ray_tune
 from jobs.ablate_report import job_seeds, trained_text, write_ablation_report
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
-                         warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
+                         exit_on_batch_problems, init_ray, warn_if_outputs_vanish)
 from jobs.tune import (STAGE_CHOICES, _check_init, _refuse_settings_with_resume, add_trial_arguments, parse_with_storage,
                        trial_resources)
 from trueface.ablation import (AblationPlan, AblationSpecError, Evaluation, TrainingGroup, load_ablation_spec,
@@ -122,13 +122,14 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
         base = apply_values(base, trial_resources(args))
         prepared = prepare_run(base)
         spec_data = None if args.leave_one_domain_out else _spec_data(args.spec, args.components)
-    except (ConfigError, DataLayoutError) as exc:
+    except (ConfigError, DataLayoutError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     except DataCheckError as exc:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
     if prepared.check.findings:
         print(prepared.check.summary(), flush=True)
     cfg = prepared.cfg
+    exit_on_batch_problems(cfg, prepared.layout, stages)
     init = _check_init(args, stages, cfg.data.cache_dir)
     name = args.name or f"{'lodo' if args.leave_one_domain_out else 'abl'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):

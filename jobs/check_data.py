@@ -25,6 +25,7 @@ from jobs.common import add_config_arguments, config_from_args
 from trueface.data.layout import DataLayoutError
 from trueface.data.check import scan_and_check
 from trueface.run import resolve_layout
+from trueface.storage import StorageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (default: <output.results_dir>/<root name>-data)")
     parser.add_argument("--workers", type=int, help="scanning processes (default: one per core)")
     parser.add_argument("--dry-run", action="store_true", help="print the summary; write no report")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     cfg = config_from_args(args)
     started = time.time()
     try:
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check = scan_and_check(layout, cfg, workers=args.workers)
     except DataLayoutError as exc:
         sys.exit(f"data error: {exc}")
+    except StorageError as exc:
+        sys.exit(f"storage error: {exc}")
     print(check.summary(limit=20))
     if not args.dry_run:
         from trueface.data.report import write_report

@@ -195,6 +195,15 @@ def print_metrics_table(results_dir: Path) -> None:
     print("\n" + metrics_table(results_dir))
 
 
+def exit_on_batch_problems(cfg: Config, layout, stages) -> None:
+    """End the job, before Ray starts, where the workers could not share a stage's batches."""
+    from trueface.run import batch_problems
+
+    problems = batch_problems(cfg, layout, stages)
+    if problems:
+        sys.exit("config error:\n  " + "\n  ".join(problems))
+
+
 def prepared_run_or_exit(cfg: Config):
     """``trueface.run.prepare_run`` (data check, exclusions, normalisation), a bad root, a failed
     data check or an unusable storage ending the job with its message and what to run next."""

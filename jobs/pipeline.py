@@ -19,8 +19,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
-                         prepared_run_or_exit, print_metrics_table, warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, exit_on_batch_problems,
+                         init_ray, prepared_run_or_exit, print_metrics_table, warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
@@ -37,13 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "s3://bucket/trueface (credentials from the environment)")
     add_ray_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; train nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     if args.storage:
         args.overrides += [f"output.runs_dir={join(args.storage, 'runs')}", f"output.results_dir={join(args.storage, 'results')}"]
     cfg = config_from_args(args)
     warn_if_outputs_vanish(cfg)
     prepared = prepared_run_or_exit(cfg)
     cfg, layout, check = prepared.cfg, prepared.layout, prepared.check
+    exit_on_batch_problems(cfg, layout, (1, 2))
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
     if args.dry_run:

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_ray_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     cfg = config_from_args(args)
     prepared = prepared_run_or_exit(cfg)
     init_ray(args.address, prepared.cfg)

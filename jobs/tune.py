@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs import ray_tune
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
-                         warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
+                         exit_on_batch_problems, init_ray, warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
@@ -79,7 +79,7 @@ def parse_with_storage(parser: argparse.ArgumentParser, argv: Sequence[str] | No
                        ) -> tuple[argparse.Namespace, list[str], str]:
     """Parsed arguments, the argument list (for the record), and ``--storage`` checked and absolute."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     try:
         check_location(args.storage, "--storage")
     except StorageError as exc:
@@ -167,10 +167,11 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         prepared = prepare_run(base)
         cfg, layout = prepared.cfg, prepared.layout
         space.check(cfg, stages)
-    except (ConfigError, DataLayoutError) as exc:
+    except (ConfigError, DataLayoutError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     except DataCheckError as exc:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
+    exit_on_batch_problems(cfg, layout, stages)
     if prepared.check.findings:  # every trial trains on what the check let through: say what that is
         print(prepared.check.summary(), flush=True)
     init = _check_init(args, stages, cfg.data.cache_dir)

@@ -120,11 +120,14 @@ def test_demo_preset_end_to_end_on_ray_train_then_resume_evaluate_predict(ray_se
     assert "broken.png" in capsys.readouterr().err
 
 
+PAPER_TINY = ["--config", "paper", "data.synthetic.train_per_class=2", "data.synthetic.valid_per_class=1",
+              "data.synthetic.test_per_class=1", "data.synthetic.image_size=16"]
+
+
 def test_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
-    assert pipeline.main(["--config", "paper", "--dry-run", f"output.runs_dir={tmp_path}/runs",
-                          f"data.cache_dir={tmp_path}/cache", "data.synthetic.train_per_class=2",
-                          "data.synthetic.valid_per_class=1", "data.synthetic.test_per_class=1",
-                          "data.synthetic.image_size=16"]) == 0
+    # 12 training images: Stage I's batch of 200 takes its epochs of 400 drawn from them
+    assert pipeline.main([*PAPER_TINY, "--dry-run", f"output.runs_dir={tmp_path}/runs", f"data.cache_dir={tmp_path}/cache",
+                          "stage1.samples_per_epoch=400"]) == 0
     out = capsys.readouterr().out
     assert "image_size: 1024" in out and "mixup_alpha: 0.2" in out and "ema_decay: 0.9999" in out
     assert "stage 1: 224 px on 140k-real-vs-fake" in out and "stage 2: 1024 px" in out
@@ -139,6 +142,22 @@ def test_bad_key_fails_before_ray_starts(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         pipeline.main(["stage2.mixup_alfa=0.3"])
     assert "stage2.mixup_alfa" in str(exc.value) and "did you mean 'stage2.mixup_alpha'" in str(exc.value)
+
+
+def test_batches_the_workers_cannot_share_fail_before_ray_starts(tmp_path, monkeypatch):
+    """The worker refuses these too, but Stage II's only after Stage I has trained: the README's
+    8-GPU recipe raises Stage I's batch and keeps Stage II's 12, which 8 workers cannot share."""
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    base = [*PAPER_TINY, f"data.cache_dir={tmp_path}/cache", "stage1.samples_per_epoch=800"]
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main([*base, "scaling.num_workers=8", "stage1.batch_size=400"])
+    assert str(exc.value) == ("config error:\n  stage2.batch_size=12 is the global batch and must be divisible by "
+                              "workers x accum_steps = 8 x 1; change one of them")
+    with pytest.raises(SystemExit, match=r"stage2.mixup_alpha=0.2 mixes the images within each worker's micro-batch"
+                                         r".* 6 x 2 leaves one image in it"):
+        pipeline.main([*base, "scaling.num_workers=6", "stage2.accum_steps=2", "stage1.batch_size=240"])
+    with pytest.raises(SystemExit, match=r"stage1: 4 samples per worker per epoch is less than one step of 200 x 1"):
+        pipeline.main([*PAPER_TINY, f"data.cache_dir={tmp_path}/cache"])
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):

@@ -95,6 +95,15 @@ def test_a_storage_uri_is_planned_offline_and_one_holding_credentials_is_refused
     assert "hunter2" not in str(exc.value)
 
 
+@pytest.mark.parametrize("job", ["tune", "ablate", "check_data"])
+def test_an_output_location_no_filesystem_opens_is_a_message_not_a_traceback(job, tmp_path, no_ray):
+    import importlib
+
+    main = importlib.import_module(f"jobs.{job}").main
+    with pytest.raises(SystemExit, match=r"error: output.results_dir: cannot open ftp://host/results"):
+        main(["--dry-run", "output.results_dir=ftp://host/results", f"data.cache_dir={tmp_path}"])
+
+
 def test_resume_of_an_unknown_search_lists_the_known_ones(tmp_path, no_ray):
     (tmp_path / "tune" / "old").mkdir(parents=True)
     (tmp_path / "tune" / "old" / ray_tune.SPEC_FILE).write_text("{}")

@@ -176,15 +176,36 @@ def write_data_check(check: DataCheck | None, paths: RunPaths) -> None:
     paths.results_mirror().push(DATA_CHECK_DIR)
 
 
+def _samples_per_worker(cfg: Config, layout: DataLayout, stage: int) -> int:
+    st = cfg.stage(stage)
+    train = layout.gather(st.domains, "train")
+    return len(BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
+                               st.samples_per_epoch, 0, cfg.scaling.num_workers, cfg.seed))
+
+
 def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
     """Optimizer steps per epoch of ``stage``, counted as trueface.train counts them: rank 0's share
-    of the epoch over micro-batch x accumulation (at least 1 here: training refuses 0 itself)."""
-    st, workers = cfg.stage(stage), cfg.scaling.num_workers
-    train = layout.gather(st.domains, "train")
-    sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
-                              st.samples_per_epoch, 0, workers, cfg.seed)
-    micro = max(1, st.batch_size // (workers * st.accum_steps))
-    return max(1, len(sampler) // (micro * st.accum_steps))
+    of the epoch over micro-batch x accumulation (at least 1 here: batch_problems says why not)."""
+    st = cfg.stage(stage)
+    micro = max(1, st.batch_size // (cfg.scaling.num_workers * st.accum_steps))
+    return max(1, _samples_per_worker(cfg, layout, stage) // (micro * st.accum_steps))
+
+
+def batch_problems(cfg: Config, layout: DataLayout, stages: tuple[int, ...] | list[int]) -> list[str]:
+    """What training would refuse about the stages' batches on the configured workers, found
+    before any worker starts: otherwise Stage II's refusal comes after Stage I has trained."""
+    from trueface.train import batch_split_problem, too_few_samples  # torch: only where a job checks
+
+    problems = []
+    for stage in stages:
+        st, key, workers = cfg.stage(stage), f"stage{stage}", cfg.scaling.num_workers
+        problem = batch_split_problem(st, workers, key)
+        samples = _samples_per_worker(cfg, layout, stage)
+        micro = st.batch_size // (workers * st.accum_steps)
+        if not problem and samples < micro * st.accum_steps:
+            problem = too_few_samples(key, samples, micro, st.accum_steps)
+        problems += [problem] if problem else []
+    return problems
 
 
 def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> str:

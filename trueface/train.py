@@ -73,14 +73,26 @@ class StageError(RuntimeError):
     """A stage cannot run as configured; the message says what to change."""
 
 
-def micro_batch_size(st: StageConfig, world_size: int, key: str) -> int:
+def batch_split_problem(st: StageConfig, world_size: int, key: str) -> str:
+    """Why ``world_size`` workers cannot share ``st``'s global batch ('' when they can). MixUp mixes
+    the images of one worker's micro-batch, so a micro-batch of one image would switch it off."""
     per_step = world_size * st.accum_steps
     if st.batch_size % per_step:
-        raise StageError(
-            f"{key}.batch_size={st.batch_size} is the global batch and must be divisible by "
-            f"workers x accum_steps = {world_size} x {st.accum_steps}; change one of them"
-        )
-    return st.batch_size // per_step
+        return (f"{key}.batch_size={st.batch_size} is the global batch and must be divisible by "
+                f"workers x accum_steps = {world_size} x {st.accum_steps}; change one of them")
+    if st.mixup_alpha > 0 and st.batch_size // per_step < 2:
+        return (f"{key}.mixup_alpha={st.mixup_alpha:g} mixes the images within each worker's micro-batch, and "
+                f"{key}.batch_size={st.batch_size} over workers x accum_steps = {world_size} x {st.accum_steps} "
+                f"leaves one image in it; raise {key}.batch_size, lower {key}.accum_steps or the workers, "
+                f"or set {key}.mixup_alpha=0")
+    return ""
+
+
+def micro_batch_size(st: StageConfig, world_size: int, key: str) -> int:
+    problem = batch_split_problem(st, world_size, key)
+    if problem:
+        raise StageError(problem)
+    return st.batch_size // (world_size * st.accum_steps)
 
 
 @dataclass
@@ -409,12 +421,16 @@ def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) 
     return TrainState(model, ema, make_optimizer(model, cfg.stage(stage)), runtime, train_model)
 
 
+def too_few_samples(key: str, samples_per_worker: int, micro: int, accum_steps: int) -> str:
+    return (f"{key}: {samples_per_worker} samples per worker per epoch is less than one step of "
+            f"{micro} x {accum_steps}; lower {key}.batch_size (or raise {key}.samples_per_epoch)")
+
+
 def _step_plan(st: StageConfig, key: str, samples_per_worker: int, di: DistInfo) -> StepPlan:
     micro = micro_batch_size(st, di.world_size, key)
     steps_per_epoch = samples_per_worker // (micro * st.accum_steps)
     if steps_per_epoch < 1:
-        raise StageError(f"{key}: {samples_per_worker} samples per worker per epoch is less than one step of "
-                         f"{micro} x {st.accum_steps}; lower {key}.batch_size")
+        raise StageError(too_few_samples(key, samples_per_worker, micro, st.accum_steps))
     return StepPlan(st, key, micro, steps_per_epoch, round(st.warmup_epochs * steps_per_epoch))
 
 
