@@ -242,6 +242,22 @@ def test_mixup_targets_are_the_same_mix_as_the_images():
     assert lam1 == 1.0 and torch.equal(same, x) and torch.equal(ysame, y)
 
 
+@pytest.mark.parametrize("n", [2, 3, 12])
+def test_mixup_pairs_every_image_with_another(n):
+    """A micro-batch of 3 (Stage II's 12 on 4 workers) left a third of its images unmixed when an
+    image could draw itself; each image is now mixed, and every image is some image's partner."""
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    y = soft_targets(torch.arange(n) % 2, 2, 0.0)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        mx, _, lam = mixup(x, y, 100.0, rng)  # lambda near 0.5: the partner reads back exactly
+        partner = ((mx[:, 0, 0, 0] - lam * x[:, 0, 0, 0]) / (1 - lam)).round().long()
+        assert (partner != torch.arange(n)).all() and sorted(partner.tolist()) == list(range(n))
+        seen.add(tuple(partner.tolist()))
+    assert len(seen) == (1 if n == 2 else 2 if n == 3 else 200)  # every cycle through the batch is drawn
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_to_float_image_is_torchvisions_conversion_bit_for_bit_and_contiguous(mode):
     img = _image(4, size=20).convert(mode)

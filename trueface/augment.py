@@ -174,7 +174,9 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     faces140k-mini). About 10x faster than PIL's (issue 11's profile)."""
     cv2 = _opencv()
     hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.array(hue_factor * 255).astype(np.uint8)  # wraps modulo 256, as torchvision's
+    # through int32, as torchvision does: a negative float cast straight to uint8 is undefined in C
+    # (it wraps on x86, gives 0 on ARM, so half the hue draws did nothing there)
+    hsv[..., 0] += np.int32(hue_factor * 255).astype(np.uint8)  # wraps modulo 256, as torchvision's
     return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL), "RGB")
 
 
@@ -382,15 +384,21 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
 def mixup(
     images: torch.Tensor, targets: torch.Tensor, alpha: float, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """MixUp with one lambda per batch (the paper's): x = l*x + (1-l)*x[perm], same for targets.
+    """MixUp with one lambda per batch (the paper's): x = l*x + (1-l)*x[partner], same for targets.
 
+    Each image's partner is another image: a random permutation would pair an image with itself
+    with chance 1/n, leaving a third of a micro-batch of 3 unmixed (a worker's share of Stage II's
+    batch of 12). The partners follow one random cycle through the batch.
     Returns (images, targets, lambda); alpha <= 0 returns the inputs unchanged with lambda 1.
     ``rng`` is the rank's seeded generator, so a run is reproducible.
     """
     if alpha <= 0 or len(images) < 2:
         return images, targets, 1.0
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(images)))
+    order = rng.permutation(len(images))
+    partner = np.empty_like(order)
+    partner[order] = np.roll(order, 1)
+    perm = torch.from_numpy(partner)
     if images.is_cuda:  # pinned, so the copy does not wait for the kernels queued before it
         perm = perm.pin_memory()
     perm = perm.to(images.device, non_blocking=True)
