@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from trueface.config import ConfigError, Config, flatten, from_dict, load_config, parse_overrides, to_dict, to_yaml
+from trueface.config.loading import read_yaml_file
 
 
 def test_paper_preset_is_the_papers_settings():
@@ -41,10 +42,32 @@ def test_unknown_key_names_it_and_suggests():
     ("run_name=a/b", r"run_name"),
     ("scaling.sync_batchnorm=true runtime.compile=true",
      r"scaling\.sync_batchnorm: cannot be combined with runtime\.compile=true: torch\.compile breaks its graph"),
+    # inf and nan passed every range check and failed in a worker; 1_0e-4 is Python's spelling, not a config's
+    ("stage1.warmup_epochs=.inf", r"stage1\.warmup_epochs: must be a finite number"),
+    ("stage1.mixup_alpha=inf", r"stage1\.mixup_alpha: must be a finite number"),
+    ("stage1.lr=nan", r"stage1\.lr: must be a finite number"),
+    ("stage1.weight_decay=1_0e-4", r"stage1\.weight_decay: expected a number"),
+    # numpy's SeedSequence refuses negative seeds, inside a worker
+    ("seed=-1", r"seed: must be >= 0"),
+    ("data.synthetic.seed=-5", r"data\.synthetic\.seed: must be >= 0"),
+    # YAML reads an unquoted on as true; run_name became 'true' without a word
+    ("run_name=on", r"run_name: expected text, got a yes/no value \(true\).*quote the text"),
 ])
 def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", override.split(" "))
+
+
+def test_gpu_settings_every_ray_worker_would_refuse_are_errors():
+    with pytest.raises(ConfigError, match=r"runtime\.device: is cuda, but scaling\.use_gpu=false gives the workers no GPU"):
+        load_config("paper", ["runtime.device=cuda", "scaling.use_gpu=false"])
+    for cpu in ("scaling.use_gpu=false", "runtime.device=cpu"):
+        with pytest.raises(ConfigError, match=r"scaling\.sync_batchnorm: needs GPUs: torch's SyncBatchNorm runs on CUDA only"):
+            load_config("paper", ["scaling.sync_batchnorm=true", "scaling.num_workers=2", cpu])
+    # use_gpu=auto gives GPUs where the cluster has them: only the workers can tell
+    assert load_config("paper", ["runtime.device=cuda"]).scaling.use_gpu == "auto"
+    assert load_config("paper", ["scaling.sync_batchnorm=true", "scaling.num_workers=2"]).scaling.sync_batchnorm
+    assert load_config("demo", ["scaling.sync_batchnorm=true", "scaling.use_gpu=false"])  # one worker: nothing to sync
 
 
 def test_gpus_per_worker_is_one_gpu_at_most_and_a_fraction_only_for_one_worker():
@@ -105,3 +128,44 @@ def test_true_false_given_to_a_text_key_is_read_as_that_text():
     assert load_config("demo", ["scaling.use_gpu=false"]).scaling.use_gpu == "false"
     with pytest.raises(ConfigError, match="scaling.use_gpu: must be auto, true or false"):
         load_config("demo", ["scaling.use_gpu=yes please"])
+
+
+def test_key_given_twice_in_a_file_is_an_error(tmp_path: Path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("base: demo\nstage1:\n  epochs: 3\nstage1:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: .*key 'stage1' given twice \(lines 2 and 4\)"):
+        load_config(str(f))
+    f.write_text("stage1:\n  augment:\n    strength: 0.3\n    strength: 0.4\n")
+    with pytest.raises(ConfigError, match=r"key 'strength' given twice \(lines 3 and 4\)"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match=r"dup\.yaml: .*key 'strength' given twice"):
+        read_yaml_file(f, ConfigError, "search space")
+    # a merge key's values are meant to be overridden
+    f.write_text("stage1: &s1\n  epochs: 3\nstage2:\n  <<: *s1\n  epochs: 2\n")
+    assert load_config(str(f)).stage2.epochs == 2
+
+
+def test_base_is_found_next_to_the_file_that_names_it(tmp_path: Path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.yaml").write_text("base: demo\nstage1:\n  epochs: 7\n")
+    (tmp_path / "sub" / "child.yaml").write_text("base: parent.yaml\nstage1:\n  lr: 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("sub/child.yaml")
+    assert (cfg.stage1.epochs, cfg.stage1.lr, cfg.run_name) == (7, 0.5, "demo")
+    (tmp_path / "paper").mkdir()  # a folder is not a config file: the preset of that name is meant
+    assert load_config("paper") == load_config()
+    (tmp_path / "sub" / "child.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: base: config file nowhere\.yaml does not exist"):
+        load_config("sub/child.yaml")
+
+
+def test_a_file_that_is_not_a_config_is_an_error_naming_it(tmp_path: Path):
+    f = tmp_path / "best.pt"
+    f.write_bytes(b"PK\x03\x04\x80\x02\xff\xfe binary")
+    with pytest.raises(ConfigError, match=r"best\.pt is not a YAML text file \(a checkpoint"):
+        load_config(str(f))
+    f = tmp_path / "mine.yaml"
+    for base in ("[demo]", "5"):
+        f.write_text(f"base: {base}\n")
+        with pytest.raises(ConfigError, match=r"mine\.yaml: base must be one config name or path, got"):
+            load_config(str(f))

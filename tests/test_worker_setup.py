@@ -53,6 +53,6 @@ def test_a_worker_given_no_gpu_trains_on_the_cpu_though_the_node_has_gpus(worker
 
 
 def test_runtime_device_cuda_on_a_worker_given_no_gpu_names_the_keys(worker):
-    cfg = load_config("paper", ["runtime.device=cuda", "scaling.use_gpu=false"])
+    cfg = load_config("paper", ["runtime.device=cuda"])
     with pytest.raises(ValueError, match=r"runtime\.device=cuda, but Ray gave this worker no GPU: set scaling\.use_gpu=true"):
         _worker_setup(cfg)

@@ -28,16 +28,48 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key (or file) and the problem."""
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names one key twice (YAML forbids it; PyYAML would keep the last silently)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the last one
+    without a word, so a second ``stage1:`` would silently drop every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise _DuplicateKeyError(f"key {key!r} given twice (lines {first_line[key]} and {line}): "
+                                             "only the last would count; merge them into one")
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path, error: type[ConfigError], what: str) -> typing.Any:
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not a YAML text file (a checkpoint or other binary file?): "
+                    f"give the path of a YAML {what}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
 def read_yaml_file(path: str | Path, error: type[ConfigError], what: str) -> typing.Any:
     """The content of the YAML file ``path`` (a search space, an ablation spec, ...); ``error``
     names the file and what is wrong when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML: {exc}") from exc
+    return _read_yaml(path, error, what)
 
 
 def preset_names() -> list[str]:
@@ -56,32 +88,39 @@ def load_config(source: str | Path | None = None, overrides: typing.Sequence[str
     return cfg
 
 
-def _load_layers(source: str | Path, seen: tuple[str, ...]) -> list[dict]:
+def _load_layers(source: str | Path, seen: tuple[str, ...], named_by: Path | None = None) -> list[dict]:
     """The chain of YAML mappings a source stands for, base first (``base:`` names its parent)."""
-    path = _resolve_source(source)
-    if str(path) in seen:
+    path = _resolve_source(source, named_by)
+    if str(path.resolve()) in seen:  # resolved: ./a.yaml and ../dir/a.yaml are one file
         raise ConfigError(f"{path}: 'base' chain loops back on itself: {' -> '.join(seen)}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = _read_yaml(path, ConfigError, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     base = data.pop("base", None)
-    parents = _load_layers(base, seen + (str(path),)) if base else []
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be one config name or path, got {base!r}; "
+                          "write e.g. base: demo or base: ../mine.yaml")
+    parents = _load_layers(base, seen + (str(path.resolve()),), path) if base else []
     return parents + [data]
 
 
-def _resolve_source(source: str | Path) -> Path:
+def _resolve_source(source: str | Path, named_by: Path | None = None) -> Path:
+    """A YAML file or a preset's. A relative ``base:`` is looked up next to the file that names it
+    first, so a config and its base can be moved together, then from the current folder."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+    if named_by is not None and not path.is_absolute() and (named_by.parent / path).is_file():
+        return named_by.parent / path
+    if path.is_file():
         return path
+    origin = f"{named_by}: base: " if named_by is not None else ""
+    if path.suffix in (".yaml", ".yml"):
+        where = f", neither next to {named_by} nor in the current folder" if named_by and not path.is_absolute() else ""
+        raise ConfigError(f"{origin}config file {path} does not exist{where}")
+    # not a file (a folder named like a preset, say): the preset of that name
     preset = PRESETS_DIR / f"{source}.yaml"
     if not preset.is_file():
         raise ConfigError(
-            f"unknown config {source!r}: neither a YAML file nor a preset "
+            f"{origin}unknown config {source!r}: neither a YAML file nor a preset "
             f"(presets: {', '.join(preset_names())})"
         )
     return preset
@@ -110,7 +149,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
         node = tree
@@ -163,6 +202,10 @@ def _unknown_key_message(key: str, valid: list[str]) -> str:
     return f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}"
 
 
+# Text keys whose values include true and false: YAML's bool is read back as that text.
+_TRUE_FALSE_TEXT = frozenset({"scaling.use_gpu"})
+
+
 def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
     """Check ``value`` against the field's type; the only conversions are lossless ones."""
     if dataclasses.is_dataclass(hint):
@@ -179,16 +222,22 @@ def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
         # YAML 1.1 reads 1e-4 (no dot) as a string, so numeric strings are accepted for floats.
         number = _as_float(value)
         if number is not None:
+            # inf and nan pass every range check (nan compares false) and fail later, in a worker
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return number
     elif hint is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool):  # YAML reads scaling.use_gpu=true as a bool; the field says "true"
-            return "true" if value else "false"
+        if isinstance(value, bool):
+            if key in _TRUE_FALSE_TEXT:  # YAML reads scaling.use_gpu=true as a bool; the field says "true"
+                return "true" if value else "false"
+            raise ConfigError(f"{key}: expected text, got a yes/no value ({str(value).lower()}): YAML reads an unquoted "
+                              f"true/false/yes/no/on/off as one; quote the text, e.g. {key.rpartition('.')[2]}: 'on' "
+                              f"in a file or \"{key}='on'\" on a command line")
     elif typing.get_origin(hint) is tuple:
         return _coerce_tuple(value, typing.get_args(hint), key)
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
 
 
 def _as_float(value: Any) -> float | None:
@@ -196,7 +245,8 @@ def _as_float(value: Any) -> float | None:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, str):
+    # Python's float() also reads "1_0" and non-ASCII digits; inf and nan are refused by the caller
+    if isinstance(value, str) and value.isascii() and "_" not in value:
         try:
             return float(value)
         except ValueError:
@@ -269,6 +319,8 @@ def validate(cfg: Config) -> None:
             errors.append(f"{key}: {message}")
 
     check(is_run_name(cfg.run_name), "run_name", f"{cfg.run_name!r} must be a non-empty name of letters, digits, '-', '_', '.', '=', ','")
+    # numpy's SeedSequence takes non-negative seeds only, and fails in the worker that seeds first
+    check(cfg.seed >= 0, "seed", "must be >= 0")
     for number in (1, 2):
         _validate_stage(cfg.stage(number), f"stage{number}", check)
     check(cfg.model.arch in MODEL_ARCHS, "model.arch", f"{cfg.model.arch!r} must be one of {', '.join(MODEL_ARCHS)}")
@@ -288,6 +340,7 @@ def validate(cfg: Config) -> None:
         errors.append(f"data.normalize: {exc}")
     syn = cfg.data.synthetic
     check(syn.image_size >= 16, "data.synthetic.image_size", "must be >= 16")
+    check(syn.seed >= 0, "data.synthetic.seed", "must be >= 0")
     check(syn.artefact_strength >= 0, "data.synthetic.artefact_strength", "must be >= 0")
     for split in ("train", "valid", "test"):
         check(getattr(syn, f"{split}_per_class") >= 1, f"data.synthetic.{split}_per_class", "must be >= 1")
@@ -317,6 +370,14 @@ def validate(cfg: Config) -> None:
     check(not (sc.sync_batchnorm and cfg.runtime.compile), "scaling.sync_batchnorm",
           "cannot be combined with runtime.compile=true: torch.compile breaks its graph at every SyncBatchNorm "
           "(pytorch/pytorch#161302), 53 times in ResNet-50, which leaves compiling little to fuse; set one of them false")
+    # The next two fail in every Ray worker otherwise (jobs.ray_train, trueface.train); checked here
+    # only where the answer is certain: use_gpu=auto depends on the cluster the job runs on.
+    check(not (cfg.runtime.device == "cuda" and sc.use_gpu == "false"), "runtime.device",
+          "is cuda, but scaling.use_gpu=false gives the workers no GPU: set scaling.use_gpu=true (or auto), "
+          "or runtime.device=auto or cpu")
+    check(not (sc.sync_batchnorm and sc.num_workers > 1 and (sc.use_gpu == "false" or cfg.runtime.device == "cpu")),
+          "scaling.sync_batchnorm", "needs GPUs: torch's SyncBatchNorm runs on CUDA only, and scaling.use_gpu=false "
+          "or runtime.device=cpu trains on the CPU; set scaling.sync_batchnorm=false")
     check(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     check(sc.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = retry forever)")
     check(cfg.runtime.device in ("auto", "cpu", "cuda"), "runtime.device", "must be auto, cpu or cuda")
