@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -46,13 +47,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo")
                         help="dotted config overrides, e.g. stage2.mixup_alpha=0.3 stage1.epochs=2")
 
 
+def text_override(key: str, value: str) -> str:
+    """``key=value`` with the value quoted: a flag's value is text as given, where an override's
+    is read as YAML (``--data-root "/data/faces #2"`` would lose its comment, ``--run-name on``
+    become true)."""
+    return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted string
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config the arguments describe; exits with the error message on a bad key or value."""
     overrides = list(args.overrides)
     if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+        overrides.append(text_override("data.root", args.data_root))
     if args.run_name:
-        overrides.append(f"run_name={args.run_name}")
+        overrides.append(text_override("run_name", args.run_name))
     try:
         return load_config(args.config, overrides)
     except ConfigError as exc:

@@ -42,7 +42,7 @@ from trueface.config import Config, from_dict
 from trueface.config.choices import parse_normalize
 from trueface.data.check import scan_and_check
 from trueface.data.decode import ImageReadError
-from trueface.data.layout import DataLayout, DataLayoutError, discover_layout
+from trueface.data.layout import DataLayout, DataLayoutError, discover_layout, pick_domains
 from trueface.data.normalize import normalized_root
 from trueface.data.overlap import overlap_counts, training_hashes
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
@@ -92,13 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or join(cfg.output.results_dir, f"{cfg.run_name}-on-{layout.root.resolve().name}")
         check_writable(out, "--out")
         layout, exclude, overlap = checked_test_root(layout, cfg, args)
+        # before any image is scored (the scoring asks for them after the validation splits)
+        domains = tuple(d.strip() for d in args.test_domains.split(",") if d.strip())
+        pick_domains(layout, domains, "test")
         if not args.no_ray:
             init_ray(args.address, cfg)  # before the sweep: its perturbations are Ray tasks
         sweep = perturbed_test_roots(args.data_root, exclude, cfg, on_ray=not args.no_ray) if args.robustness else None
     except (CheckpointError, DataLayoutError, StorageError, ThresholdsError, ImageReadError) as exc:
         sys.exit(f"error: {exc}")
     results = Mirror.of(out, cfg.data.cache_dir)
-    domains = tuple(d for d in args.test_domains.split(",") if d)
     if args.no_ray:
         report = evaluate_checkpoint(checkpoint, layout, results.local, test_domains=domains, thresholds=ThresholdRequest(
             args.threshold_from, scope=cfg.eval.threshold_scope, save=args.save_thresholds, chosen_by="jobs.evaluate"),

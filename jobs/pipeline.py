@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, exit_on_batch_problems,
-                         init_ray, prepared_run_or_exit, print_metrics_table, warn_if_outputs_vanish)
+                         init_ray, prepared_run_or_exit, print_metrics_table, text_override, warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; train nothing")
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     if args.storage:
-        args.overrides += [f"output.runs_dir={join(args.storage, 'runs')}", f"output.results_dir={join(args.storage, 'results')}"]
+        args.overrides += [text_override("output.runs_dir", join(args.storage, "runs")),
+                           text_override("output.results_dir", join(args.storage, "results"))]
     cfg = config_from_args(args)
     warn_if_outputs_vanish(cfg)
     prepared = prepared_run_or_exit(cfg)

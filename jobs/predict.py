@@ -49,6 +49,21 @@ from trueface.storage import StorageError
 from trueface.thresholds import ThresholdsError, fetch_checkpoint
 
 
+def _device(text: str) -> str:
+    """--device's value: auto, cpu, cuda or cuda:N, where torch sees that GPU."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if text not in ("auto", "cpu") and not (kind == "cuda" and (not index or index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here; use auto or cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                                         f"numbered from 0")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="auto (a GPU where torch sees one), cpu, cuda or cuda:N")
     parser.add_argument("--domain", help="label at this domain's own threshold (eval.threshold_scope per_domain); "
                                          "default: the pooled one")
     parser.add_argument("--explain", type=Path, metavar="OUT_DIR",

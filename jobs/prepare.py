@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m jobs.prepare                                       # the demo's data, both stages' sizes
-    python -m jobs.prepare --data-root /data/faces --config paper
-    python -m jobs.prepare --address auto --data-root /data/faces --config paper   # on a cluster
+    python -m jobs.prepare data.prepared=uint8                   # the demo's data, both stages' sizes
+    python -m jobs.prepare --data-root /data/faces --config paper data.prepared=uint8
+    python -m jobs.prepare --address auto --data-root /data/faces --config paper data.prepared=uint8  # on a cluster
 
 What it prepares: the training and validation images of each stage's domains, at that stage's
 decode size (trueface.data.prepared stores exactly what the decode path gives, so training from
@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ray_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
     cfg = config_from_args(args)
+    if cfg.data.prepared == "none":  # a cache no run with these arguments would read (up to 3 MB an image)
+        sys.exit("error: data.prepared is none here, so a run with these arguments decodes the files and never "
+                 "reads the cache; pass data.prepared=uint8, here and to the runs that should read it")
     prepared = prepared_run_or_exit(cfg)
     init_ray(args.address, prepared.cfg)
     prepare_with_ray(prepared.cfg, prepared.layout)

@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 def _refuse_settings_with_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A resumed search keeps the settings it was started with; silently ignoring others would mislead."""
     allowed = {"resume", "storage", "address", "dry_run"}
-    given = [f"--{k.replace('_', '-')}" if k != "overrides" else "KEY=VALUE overrides"
-             for k, v in vars(args).items() if k not in allowed and v != parser.get_default(k) and v != []]
+    given = sorted(f"--{k.replace('_', '-')}" if k != "overrides" else "KEY=VALUE overrides"
+                   for k, v in vars(args).items() if k not in allowed and v != parser.get_default(k) and v != [])
     if given:
         sys.exit(f"error: --resume continues a search with the settings it was started with; drop {', '.join(given)} "
                  f"(or start a new search with --name)")
@@ -176,7 +176,8 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         print(prepared.check.summary(), flush=True)
     init = _check_init(args, stages, cfg.data.cache_dir)
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--grace-period", args.grace_period, 1),
-                             ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):
+                             ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1),
+                             ("--startup-trials", args.startup_trials, 0)):
         if value is not None and value < low:
             sys.exit(f"error: {flag} must be >= {low}, got {value}")
     grace = args.grace_period or space.grace_period or 1
@@ -192,7 +193,8 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
         "stages": stages, "init": init,
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-        "seed": cfg.seed, "startup_trials": args.startup_trials or min(10, max(2, args.num_samples // 2)),
+        "seed": cfg.seed, "startup_trials": (min(10, max(2, args.num_samples // 2)) if args.startup_trials is None
+                                                             else args.startup_trials),
         "grace_period": grace, "reduction_factor": args.reduction_factor,
         "steps_per_epoch": steps_per_epoch(cfg, layout, stages, space),
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,

@@ -43,6 +43,21 @@ def test_bad_files_are_named(tmp_path: Path):
         load_checkpoint(tmp_path / "plain.pt")
 
 
+def test_a_saved_config_this_version_cannot_load_is_named_as_the_checkpoints(tmp_path: Path, capsys):
+    """A checkpoint from another version of TrueFace (a key this one lacks) is refused by every
+    reader with its file named, not a config error that suggests a key to the user."""
+    from jobs import predict as predict_job
+
+    state = _state(1.0)
+    state["config"] = {"stage1": {"grad_clip": 1.0}}
+    save_checkpoint(tmp_path / "best.pt", state)
+    with pytest.raises(CheckpointError, match=r"best.pt: its saved config does not load in this version of "
+                                              r"TrueFace \(written by another version\?\): .*stage1.grad_clip"):
+        load_checkpoint(tmp_path / "best.pt")
+    with pytest.raises(SystemExit, match="error: .*best.pt: its saved config does not load"):
+        predict_job.main(["--checkpoint", str(tmp_path / "best.pt"), str(tmp_path)])
+
+
 def test_unwrap_strips_wrappers():
     inner = torch.nn.Linear(1, 1)
 

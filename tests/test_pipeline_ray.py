@@ -160,6 +160,20 @@ def test_batches_the_workers_cannot_share_fail_before_ray_starts(tmp_path, monke
         pipeline.main([*PAPER_TINY, f"data.cache_dir={tmp_path}/cache"])
 
 
+def test_flag_values_are_text_as_given():
+    """--data-root, --run-name (and --storage, through the same override) are not read as YAML: a
+    '#' began a comment that cut the path, 'on' became true, a date a date."""
+    import argparse
+
+    from jobs.common import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--data-root", "/data/faces #2", "--run-name", "on"]))
+    assert (cfg.data.root, cfg.run_name) == ("/data/faces #2", "on")
+    assert config_from_args(parser.parse_args(["--run-name", "2024-06-01"])).run_name == "2024-06-01"
+
+
 def test_missing_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"data error: data root .*nowhere does not exist"):
         pipeline.main(["--data-root", str(tmp_path / "nowhere")])

@@ -115,6 +115,18 @@ def test_ray_arguments_are_checked(scored):
     assert not (scored["tmp"] / "x.parquet").exists()
 
 
+def test_a_device_torch_cannot_use_is_named_before_anything_loads(tmp_path, capsys):
+    import torch
+
+    cases = [("gpu", "'gpu' is not auto, cpu, cuda or cuda:N"), ("cuda:x", "is not auto, cpu, cuda")]
+    if not torch.cuda.is_available():  # make test hides a GPU
+        cases.append(("cuda", "cuda: torch sees no CUDA device here; use auto or cpu"))
+    for device, why in cases:
+        with pytest.raises(SystemExit):
+            predict_job.main(["--checkpoint", str(tmp_path / "none.pt"), "--device", device, str(tmp_path)])
+        assert why in capsys.readouterr().err
+
+
 @pytest.mark.timeout(300)
 def test_infer_benchmark_ray_row_times_ray_data_beside_the_predictor(ray_session, tmp_path, monkeypatch):
     import json

@@ -166,4 +166,6 @@ def test_jobs_prepare_builds_on_ray_tasks_what_the_engine_reads(ray_session, tmp
         assert images.load(p, 64).tobytes() == load_rgb(p, 64).tobytes()
     assert prepare_job.main(args) == 0  # up to date: nothing again
     assert "(decode size 64): 0 images prepared" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="data.prepared is none here, so a run with these arguments"):
+        prepare_job.main([a for a in args if a != "data.prepared=uint8"])  # a cache no run would read
     assert maps == [4, 7]  # shards of 10 images, as Ray tasks; none the second time

@@ -198,6 +198,14 @@ def test_the_pipelines_evaluation_and_jobs_evaluate_never_rewrite_best_pt(run, t
     assert _sha256(ckpt) == before
 
 
+def test_a_test_domain_the_root_lacks_stops_jobs_evaluate_before_it_scores(run, tmp_path, monkeypatch):
+    cfg, layout, ckpt = run
+    monkeypatch.setattr(evaluate_job, "evaluate_checkpoint", lambda *a, **k: pytest.fail("images were scored"))
+    with pytest.raises(SystemExit, match=r"error: test domain\(s\) tpdn not found under .*found: 140k-real-vs-fake"):
+        evaluate_job.main(["--checkpoint", str(ckpt), "--data-root", str(layout.root), "--out", str(tmp_path / "r"),
+                           "--no-ray", "--test-domains", "dalle, tpdn"])
+
+
 def test_per_domain_scope_end_to_end_and_predict_picks_a_domain(run, tmp_path, capsys):
     cfg, layout, ckpt = run
     assert evaluate_job.main(["--checkpoint", str(ckpt), "--data-root", str(layout.root), "--out", str(tmp_path / "r"),

@@ -43,6 +43,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_root, tmp_path, capsys,
     assert "stage1.ema_decay  epoch 1 (decays from 0.1 up differ from step 1, ~2 steps/epoch" in out
     assert f"tensorboard --logdir {tmp_path / 'tune' / 's'}" in out
     assert not (tmp_path / "tune").exists()
+    # --startup-trials 0 (TPE from the first trial) is a value, not "use the default"
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--num-samples", "5", "--startup-trials", "0")) == 0
+    assert "first 0 trials random" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, space, message", [
@@ -53,6 +56,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_root, tmp_path, capsys,
     (("--init", "x.pt"), SPACE, "--init is for --stage 2"),
     (("--num-samples", "0"), SPACE, "--num-samples must be >= 1"),
     (("--reduction-factor", "1"), SPACE, "--reduction-factor must be >= 2"),
+    (("--startup-trials", "-1"), SPACE, "--startup-trials must be >= 0"),
     (("--workers-per-trial", "0"), SPACE, "scaling.num_workers: must be >= 1"),
     (("--name", "a b"), SPACE, "--name 'a b' must be"),
 ])
@@ -79,7 +83,7 @@ def test_an_existing_name_is_refused_with_how_to_resume(tiny_root, tmp_path, no_
 
 
 def test_resume_refuses_new_settings(tmp_path, no_ray):
-    with pytest.raises(SystemExit, match="drop KEY=VALUE overrides, --num-samples"):
+    with pytest.raises(SystemExit, match="drop --num-samples, KEY=VALUE overrides"):
         tune_job.main(["--resume", "s", "--num-samples", "3", "stage1.lr=0.1"])
 
 

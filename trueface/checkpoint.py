@@ -118,6 +118,13 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     missing = {"model", "ema", "stage", "config"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a TrueFace checkpoint (missing {', '.join(sorted(missing))})")
+    from trueface.config import ConfigError, from_dict
+
+    try:  # every reader builds the saved config: say here, once, why one cannot be
+        from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its saved config does not load in this version of TrueFace (written by "
+                              f"another version?): {exc}") from None
     return state
 
 
