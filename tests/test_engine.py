@@ -1,6 +1,7 @@
 """Training, evaluation and prediction without Ray: stage runs, resume, Stage II's guard, evaluation and prediction."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,24 @@ def test_resume_gives_the_identical_next_epoch(tiny_cfg, tmp_path, loader_worker
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_a_retry_from_an_older_ray_checkpoint_goes_on_from_the_newer_last_pt(tiny_cfg, tmp_path, capsys):
+    """Ray hands a retried worker the checkpoint of the last epoch it was told of; a worker killed
+    after saving the next epoch but before its report left last.pt an epoch ahead. The retry must
+    go on from last.pt: training the epoch again rewrote its (here the finished stage's) checkpoints."""
+    one = dataclasses.replace(tiny_cfg, stage1=dataclasses.replace(tiny_cfg.stage1, epochs=1, patience=0))
+    two = dataclasses.replace(one, stage1=dataclasses.replace(one.stage1, epochs=2))
+    _stage1(one, tmp_path)
+    ray_copy = tmp_path / "ray-checkpoint.pt"
+    shutil.copy(tmp_path / "stage1" / "last.pt", ray_copy)  # what Ray was given with epoch 1's report
+    (tmp_path / "stage1" / "stage.json").unlink()
+    _stage1(two, tmp_path)  # epoch 2 saved, then the worker is "killed" before Ray hears of it
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stage1").glob("*.pt")}
+    capsys.readouterr()
+    _stage1(two, tmp_path, resume_from=ray_copy)
+    assert f"resumed from {tmp_path / 'stage1' / 'last.pt'} at epoch 2" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stage1").glob("*.pt")} == before  # not rewritten
 
 
 def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resume(tiny_cfg, tmp_path, monkeypatch):

@@ -206,7 +206,7 @@ def run_stage(
     if di.rank == 0 and files["last"].parent.is_dir():
         for partial in remove_partial_files(files["last"].parent):  # a writer killed mid-write left it
             _log(di, f"{key}: removed {partial.name}, a checkpoint whose writing was cut off")
-    resume_path = resume_from or (files["last"] if files["last"].is_file() else None)
+    resume_path = _latest_checkpoint(resume_from, files["last"])
     if resume_path is not None:
         progress = state.restore(resume_path, stage)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
@@ -356,6 +356,24 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     sampler = BalancedSampler(dataset.labels, dataset.domains, st.balance, st.samples_per_epoch, di.rank,
                               di.world_size, cfg.seed)
     return TrainingData(dataset, sampler, DeviceAugment(st.augment, dtype=runtime.augment_dtype) if on_device else None)
+
+
+def _latest_checkpoint(given: Path | None, last: Path) -> Path | None:
+    """Where to resume: ``given`` (Ray's checkpoint of the last epoch it was told of), or the
+    stage's ``last.pt`` where there is none or ``last.pt`` is further on. A worker killed after an
+    epoch's save but before Ray had its report leaves ``last.pt`` an epoch ahead; resuming from
+    Ray's would train that epoch again and rewrite its checkpoints (after a final epoch, those of a
+    finished stage)."""
+    if not last.is_file():
+        return given
+    if given is None:
+        return last
+
+    def point(path: Path) -> tuple[int, int]:
+        state = load_checkpoint(path)
+        return int(state["epoch"]), int(state["step"])
+
+    return last if point(last) > point(given) else given
 
 
 def _resume_alike(state: TrainState, progress: Progress, resume_path: Path | None, cfg: Config, stage: int,
