@@ -104,9 +104,10 @@ def held_out_markdown(rows: list[dict], reference: str) -> str:
         body.append([domain, held["role"] if held else "-", cell_text(held, "auc") if held else "-", in_domain,
                      cell_text(ref, "auc") if ref else "-", cell_text(held, "diff", signed=True) if held else "-",
                      held["diff_words"] if held else f"{domain} has no test split"])
-    table = markdown_table(["held-out domain", "its role in that run", "AUC on it (held out)",
+    table = markdown_table(["held-out domain", "its role in that run", "AUC on it (left out of Stage II)",
                             "same run, other test domains", f"{reference}: AUC on it (trained on it)",
                             "difference", "in plain words"], body)
     return "\n".join(["## Held-out domains", "",
                       "Each row fine-tuned Stage II without one domain and tested on it; the roles are the "
-                      "evaluation's (trained on / held out). Intervals as in the table below.", "", table])
+                      "evaluation's: a domain Stage I trained on is not held out of the whole run, and its role "
+                      "says so. Intervals as in the table below.", "", table])

@@ -172,6 +172,8 @@ def test_leave_one_domain_out_table_puts_each_held_out_domain_beside_the_same_ru
     assert cells == ["dalle", held, "0.550 [0.450, 0.650]", f"tpdne ({trained}) 0.910 [0.860, 0.960]",
                      "0.800 [0.700, 0.900]", "-0.250 [-0.350, -0.150]", "lower than full"]
     assert not any(x.startswith("| tpdne") for x in text.splitlines())  # no row held tpdne out
+    # the column says what was left out: Stage II; a domain Stage I trained on says so in its role
+    assert "| AUC on it (left out of Stage II) |" in text and "a domain Stage I trained on is not held out" in text
 
 
 def test_trials_get_their_seed_values_and_folder_and_the_manifest_lists_every_seed():
