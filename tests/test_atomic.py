@@ -55,3 +55,15 @@ def test_partial_files_of_a_killed_writer_are_removed_and_good_files_kept(tmp_pa
     assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert (tmp_path / "last.pt").read_bytes() == b"good"
+
+
+def test_the_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
+    """Without it a power loss can undo the rename: last.pt's could survive and best.pt's not."""
+    import stat
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: events.append(
+        "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or real_fsync(fd))
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert events == ["file", "replace", "folder"]

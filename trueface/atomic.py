@@ -7,8 +7,8 @@ Usage::
     atomic_write_text(path, "text")
 
 The data goes to a temporary file in the same folder (same file system, so ``os.replace`` is
-atomic), is flushed and fsynced, then replaces ``path``. On any error, KeyboardInterrupt
-included, the temporary file is removed and ``path`` keeps its previous content.
+atomic), is flushed and fsynced, then replaces ``path``, and the folder is fsynced. On any error,
+KeyboardInterrupt included, the temporary file is removed and ``path`` keeps its previous content.
 """
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ def atomic_open(path: Path | str) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The rename lasts through a power loss only once the folder is on disk too (so best.pt,
+    written before last.pt, is there whenever last.pt is)."""
+    with contextlib.suppress(OSError):  # a file system that cannot open or sync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
