@@ -57,6 +57,9 @@ def text_override(key: str, value: str) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config the arguments describe; exits with the error message on a bad key or value."""
     overrides = list(args.overrides)
+    if args.data_root is not None and not args.data_root.strip():  # the embedded set would train instead
+        sys.exit("error: --data-root is empty (an unset variable?); give the data root, or leave the flag out "
+                 "to use the embedded synthetic set")
     if args.data_root:
         overrides.append(text_override("data.root", args.data_root))
     if args.run_name:

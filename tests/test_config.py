@@ -52,6 +52,9 @@ def test_unknown_key_names_it_and_suggests():
     ("data.synthetic.seed=-5", r"data\.synthetic\.seed: must be >= 0"),
     # YAML reads an unquoted on as true; run_name became 'true' without a word
     ("run_name=on", r"run_name: expected text, got a yes/no value \(true\).*quote the text"),
+    # an unset variable: the files went to the current folder
+    ("output.runs_dir=", r"output\.runs_dir: must be a folder or URI, not empty"),
+    ("data.cache_dir=", r"data\.cache_dir: must be a folder or URI, not empty"),
 ])
 def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -172,6 +172,8 @@ def test_flag_values_are_text_as_given():
     cfg = config_from_args(parser.parse_args(["--data-root", "/data/faces #2", "--run-name", "on"]))
     assert (cfg.data.root, cfg.run_name) == ("/data/faces #2", "on")
     assert config_from_args(parser.parse_args(["--run-name", "2024-06-01"])).run_name == "2024-06-01"
+    with pytest.raises(SystemExit, match="--data-root is empty .*leave the flag out to use the embedded"):
+        config_from_args(parser.parse_args(["--data-root", ""]))  # $DATA unset: not the embedded set silently
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):

@@ -328,6 +328,9 @@ def validate(cfg: Config) -> None:
     check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
     check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    for key, value in (("output.runs_dir", cfg.output.runs_dir), ("output.results_dir", cfg.output.results_dir),
+                       ("data.cache_dir", cfg.data.cache_dir)):  # empty: the files would land in the current folder
+        check(bool(str(value).strip()), key, "must be a folder or URI, not empty (an unset variable?)")
     check(cfg.data.prepared in PREPARED, "data.prepared",
           f"{cfg.data.prepared!r} must be none (decode the files each epoch) or uint8 (decode once into the "
           "prepared cache under data.cache_dir)")
