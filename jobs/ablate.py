@@ -129,7 +129,6 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
     if prepared.check.findings:
         print(prepared.check.summary(), flush=True)
     cfg = prepared.cfg
-    exit_on_batch_problems(cfg, prepared.layout, stages)
     init = _check_init(args, stages, cfg.data.cache_dir)
     name = args.name or f"{'lodo' if args.leave_one_domain_out else 'abl'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
@@ -142,9 +141,10 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
     try:
-        job_plan(job)
+        plan = job_plan(job)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
+    exit_on_batch_problems([group.config(cfg, 0) for group in plan.groups], prepared.layout, stages)
     exp = experiment_mirror(job)
     if exp.local.exists() or (exp.remote and exp.exists(SPEC_FILE)):
         sys.exit(f"error: an ablation named {name!r} already exists at {exp.location}.\n"

@@ -206,11 +206,14 @@ def print_metrics_table(results_dir: Path) -> None:
     print("\n" + metrics_table(results_dir))
 
 
-def exit_on_batch_problems(cfg: Config, layout, stages) -> None:
-    """End the job, before Ray starts, where the workers could not share a stage's batches."""
+def exit_on_batch_problems(configs: list[Config], layout, stages) -> None:
+    """End the job, before Ray starts, where the workers could not share a stage's batches in one
+    of ``configs`` (a run's; each a search's trials may draw, or each row of an ablation)."""
     from trueface.run import batch_problems
 
-    problems = batch_problems(cfg, layout, stages)
+    problems: list[str] = []
+    for cfg in configs:
+        problems += [p for p in batch_problems(cfg, layout, stages) if p not in problems]
     if problems:
         sys.exit("config error:\n  " + "\n  ".join(problems))
 

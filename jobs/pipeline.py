@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_if_outputs_vanish(cfg)
     prepared = prepared_run_or_exit(cfg)
     cfg, layout, check = prepared.cfg, prepared.layout, prepared.check
-    exit_on_batch_problems(cfg, layout, (1, 2))
+    exit_on_batch_problems([cfg], layout, (1, 2))
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
     if args.dry_run:

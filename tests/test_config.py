@@ -172,3 +172,12 @@ def test_a_file_that_is_not_a_config_is_an_error_naming_it(tmp_path: Path):
         f.write_text(f"base: {base}\n")
         with pytest.raises(ConfigError, match=r"mine\.yaml: base must be one config name or path, got"):
             load_config(str(f))
+
+
+def test_a_saved_config_with_an_empty_folder_is_still_applied():
+    """Empty output folders are refused where a job loads its config, not when a checkpoint saved
+    by an older version with one is scored (evaluation applies values to its saved config)."""
+    from trueface.config import apply_values, from_dict
+
+    saved = from_dict({"output": {"runs_dir": ""}})
+    assert apply_values(saved, {"eval.batch_size": 4}).eval.batch_size == 4

@@ -59,11 +59,34 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_root, tmp_path, capsys,
     (("--startup-trials", "-1"), SPACE, "--startup-trials must be >= 0"),
     (("--workers-per-trial", "0"), SPACE, "scaling.num_workers: must be >= 1"),
     (("--name", "a b"), SPACE, "--name 'a b' must be"),
+    # a trial drawing MixUp 0.2 on micro-batches of one image (8 over 8 workers) would fail in its worker
+    (("--workers-per-trial", "8"), "params:\n  stage1.mixup_alpha: {choice: [0.0, 0.2]}\n",
+     "stage1.mixup_alpha=0.2 mixes the images within each worker's micro-batch"),
 ])
 def test_mistakes_are_refused_before_ray_starts(tiny_root, tmp_path, no_ray, extra, space, message):
     with pytest.raises(SystemExit) as exc:
         tune_job.main(args_for(tiny_root, tmp_path, *extra, space=space))
     assert message in str(exc.value)
+
+
+def test_a_searched_batch_size_replaces_the_base_one_in_the_batch_check(tiny_root, tmp_path, no_ray):
+    # the base batch of 8 does not divide over 3 workers, but no trial trains it: 6 and 12 do
+    space = "params:\n  stage1.batch_size: {choice: [6, 12]}\n"
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--workers-per-trial", "3", space=space)) == 0
+    with pytest.raises(SystemExit, match=r"stage1.batch_size=8 is the global batch .* 3 x 1"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--workers-per-trial", "3"))
+
+
+def test_an_ablation_row_whose_batch_the_workers_cannot_share_is_refused_before_ray(tiny_root, tmp_path, no_ray):
+    from jobs import ablate as ablate_job
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("components:\n  big-batch:\n    what: a batch of 9\n"
+                    "    when_off: {set: {stage1.batch_size: 9}}\n")
+    args = ["--spec", str(spec), "--stage", "1", "--workers-per-trial", "2", "--storage", str(tmp_path / "abl"),
+            "--dry-run", *tiny_overrides(tiny_root, tmp_path)]
+    with pytest.raises(SystemExit, match=r"stage1.batch_size=9 is the global batch .* 2 x 1"):
+        ablate_job.main(args)
 
 
 def test_init_must_be_a_stage_one_checkpoint(tiny_root, tmp_path, no_ray):

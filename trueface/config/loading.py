@@ -85,7 +85,19 @@ def load_config(source: str | Path | None = None, overrides: typing.Sequence[str
         merged = _deep_merge(merged, layer)
     cfg = from_dict(merged)
     validate(cfg)
+    _check_folders(cfg)
     return cfg
+
+
+def _check_folders(cfg: Config) -> None:
+    """Where a job writes, refused empty (an unset variable): the files would land in the current
+    folder. Checked where a job's config is loaded, not in validate(): a checkpoint saved with an
+    empty one is still scored."""
+    empty = [key for key, value in (("output.runs_dir", cfg.output.runs_dir), ("output.results_dir",
+             cfg.output.results_dir), ("data.cache_dir", cfg.data.cache_dir)) if not str(value).strip()]
+    if empty:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key}: must be a folder or URI, not empty (an unset "
+                                                              "variable?)" for key in empty))
 
 
 def _load_layers(source: str | Path, seen: tuple[str, ...], named_by: Path | None = None) -> list[dict]:
@@ -328,9 +340,6 @@ def validate(cfg: Config) -> None:
     check(cfg.model.num_classes == 2, "model.num_classes", "must be 2 (real, fake)")
     check(bool(cfg.model.weights), "model.weights", "must be imagenet, none or a file path")
     check(cfg.data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
-    for key, value in (("output.runs_dir", cfg.output.runs_dir), ("output.results_dir", cfg.output.results_dir),
-                       ("data.cache_dir", cfg.data.cache_dir)):  # empty: the files would land in the current folder
-        check(bool(str(value).strip()), key, "must be a folder or URI, not empty (an unset variable?)")
     check(cfg.data.prepared in PREPARED, "data.prepared",
           f"{cfg.data.prepared!r} must be none (decode the files each epoch) or uint8 (decode once into the "
           "prepared cache under data.cache_dir)")
