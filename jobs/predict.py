@@ -50,18 +50,23 @@ from trueface.thresholds import ThresholdsError, fetch_checkpoint
 
 
 def _device(text: str) -> str:
-    """--device's value: auto, cpu, cuda or cuda:N, where torch sees that GPU."""
-    import torch
-
+    """--device's value: auto, cpu, cuda or cuda:N."""
     kind, _, index = text.partition(":")
     if text not in ("auto", "cpu") and not (kind == "cuda" and (not index or index.isdigit())):
         raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here; use auto or cpu")
-    if index and int(index) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                                         f"numbered from 0")
     return text
+
+
+def _device_problem(text: str) -> str:
+    """Why this machine cannot score on --device ``text`` ('' when it can)."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {text}: torch sees no CUDA device here; use auto or cpu"
+    if index and int(index) >= torch.cuda.device_count():
+        return f"--device {text}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit(f"error: {exc}")
     if not args.inputs:
         parser.error("give image files or folders to score (or --ray --input DIR_OR_URI)")
+    if _device_problem(args.device):  # here, not with --ray: the actors pick their own devices
+        parser.error(_device_problem(args.device))
     try:
         local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)
         predictor = Predictor.from_checkpoint(local, args.weights, args.device, domain=args.domain)

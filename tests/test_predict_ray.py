@@ -120,7 +120,7 @@ def test_a_device_torch_cannot_use_is_named_before_anything_loads(tmp_path, caps
 
     cases = [("gpu", "'gpu' is not auto, cpu, cuda or cuda:N"), ("cuda:x", "is not auto, cpu, cuda")]
     if not torch.cuda.is_available():  # make test hides a GPU
-        cases.append(("cuda", "cuda: torch sees no CUDA device here; use auto or cpu"))
+        cases.append(("cuda", "--device cuda: torch sees no CUDA device here; use auto or cpu"))
     for device, why in cases:
         with pytest.raises(SystemExit):
             predict_job.main(["--checkpoint", str(tmp_path / "none.pt"), "--device", device, str(tmp_path)])
