@@ -324,8 +324,9 @@ def test_job_command_passes_the_real_checks_with_dry_run(label, tmp_path, capsys
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper", "dalle": "lower"}, per_class=4)
     args = localized(argv, tmp_path, root)
     main = pipeline_job.main if argv[2] == "jobs.pipeline" else tune_job.main
-    if main is tune_job.main:  # epochs of the paper data's size (Stage I ~500 steps), or its EMA decays never act
-        args += ["stage1.samples_per_epoch=100000", "stage2.samples_per_epoch=24000"]
+    # epochs of the paper data's size (Stage I ~500 steps): the tiny root's 4 images per class are
+    # less than one step of the cluster's batches, and a search's EMA decays would never act
+    args += ["stage1.samples_per_epoch=100000", "stage2.samples_per_epoch=24000"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     shared = tmp_path / "shared"

@@ -109,7 +109,8 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path: Path):
 # --- static check: the loaders in the sources ---------------------------------------------------
 # Tests are exempt: they read back files they wrote themselves (e.g. test_ddp's per-rank results).
 SOURCES = ("trueface/**/*.py", "jobs/**/*.py", ".ci/*.py")
-SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader"}
+# the config loader's own: a SafeLoader that also refuses duplicate keys (checked below)
+SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "_StrictLoader"}
 UNSAFE_YAML = {"unsafe_load", "unsafe_load_all", "full_load", "full_load_all"}
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib"}
 
@@ -177,6 +178,16 @@ def test_static_check_catches_unsafe_loads():
         "from pickle import load",                         # 14
     ])
     assert [line for line, _ in unsafe_loads(source)] == [2, 3, 4, 6, 7, 10, 12, 13, 14]
+
+
+def test_the_config_loaders_own_yaml_loader_constructs_no_python_objects():
+    import yaml
+
+    from trueface.config.loading import _StrictLoader
+
+    assert issubclass(_StrictLoader, yaml.SafeLoader)
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.load("!!python/object/apply:os.system ['true']", Loader=_StrictLoader)
 
 
 def test_sources_load_only_safely():

@@ -24,4 +24,5 @@ def test_a_bucket_that_cannot_be_written_stops_the_pipeline_before_ray_starts(s3
     from jobs import pipeline
 
     with pytest.raises(SystemExit, match="storage error: output.runs_dir: cannot write to s3://no-such-bucket"):
-        pipeline.main(["--storage", "s3://no-such-bucket/x", *local_overrides(root, tmp_path, "nb")])
+        pipeline.main(["--storage", "s3://no-such-bucket/x", *local_overrides(root, tmp_path, "nb"),
+                       "stage1.samples_per_epoch=16"])  # a step of 8 from 2 images per class

@@ -205,11 +205,11 @@ def test_stage_two_trials_start_from_a_fixed_stage_one_checkpoint(ray_session, t
 def test_a_search_whose_trials_all_fail_says_where_the_errors_are(ray_session, tmp_path, capsys):
     root = write_tiny_root(tmp_path / "data", {"140k-real-vs-fake": "upper"}, per_class=4)
     (tmp_path / "space.yaml").write_text(SPACE)
-    # 8 is not divisible into 3 accumulation steps: every trial fails inside its Train worker
+    # a GPU asked of a cluster without one (use_gpu auto): every trial fails inside its Train worker
     args = ["--space", str(tmp_path / "space.yaml"), "--storage", str(tmp_path / "tune"), "--name", "bad",
-            "--num-samples", "1", *tiny_overrides(root, tmp_path), "scaling.max_failures=0", "stage1.accum_steps=3"]
+            "--num-samples", "1", *tiny_overrides(root, tmp_path), "scaling.max_failures=0", "runtime.device=cuda"]
     assert tune_job.main(args) == 1
     out = capsys.readouterr().out
     assert "1 trial(s) failed" in out and "error.txt" in out and "--resume bad" in out
     error_files = glob.glob(str(tmp_path / "tune" / "bad" / "*" / "error.txt"))
-    assert error_files and "divisible by workers x accum_steps" in Path(error_files[0]).read_text()
+    assert error_files and "runtime.device=cuda, but Ray gave this worker no GPU" in Path(error_files[0]).read_text()
