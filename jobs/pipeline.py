@@ -19,8 +19,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, exit_on_batch_problems,
-                         init_ray, prepared_run_or_exit, print_metrics_table, text_override, warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
+                         exit_on_batch_problems, init_ray, prepared_run_or_exit, print_metrics_table, text_override,
+                         warn_if_outputs_vanish)
 from trueface.config import Config, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest

@@ -181,6 +181,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         if value is not None and value < low:
             sys.exit(f"error: {flag} must be >= {low}, got {value}")
     grace = args.grace_period or space.grace_period or 1
+    startup = min(10, max(2, args.num_samples // 2)) if args.startup_trials is None else args.startup_trials
     name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
         sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
@@ -193,8 +194,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         "space": space.to_dict(), "space_source": str(_space_path(args.space)),
         "stages": stages, "init": init,
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-        "seed": cfg.seed, "startup_trials": (min(10, max(2, args.num_samples // 2)) if args.startup_trials is None
-                                                             else args.startup_trials),
+        "seed": cfg.seed, "startup_trials": startup,
         "grace_period": grace, "reduction_factor": args.reduction_factor,
         "steps_per_epoch": steps_per_epoch(cfg, layout, stages, space),
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
