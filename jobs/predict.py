@@ -99,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit(f"error: {exc}")
     if not args.inputs:
         parser.error("give image files or folders to score (or --ray --input DIR_OR_URI)")
-    if _device_problem(args.device):  # here, not with --ray: the actors pick their own devices
-        parser.error(_device_problem(args.device))
+    device_problem = _device_problem(args.device)  # here, not with --ray: the actors pick their own devices
+    if device_problem:
+        parser.error(device_problem)
     try:
         local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)
         predictor = Predictor.from_checkpoint(local, args.weights, args.device, domain=args.domain)

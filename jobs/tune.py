@@ -171,7 +171,8 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         sys.exit(f"error: {exc}")
     except DataCheckError as exc:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
-    exit_on_batch_problems([t for stage in stages for t in trial_configs(cfg, stage, space, BATCH_KEYS)], layout, stages)
+    exit_on_batch_problems([t for stage in stages for t in range_end_configs(cfg, stage, space, BATCH_KEYS)],
+                           layout, stages)
     if prepared.check.findings:  # every trial trains on what the check let through: say what that is
         print(prepared.check.summary(), flush=True)
     init = _check_init(args, stages, cfg.data.cache_dir)
@@ -217,7 +218,7 @@ STEP_KEYS = ("samples_per_epoch", "batch_size", "accum_steps", "balance")
 BATCH_KEYS = (*STEP_KEYS, "mixup_alpha")  # what decides whether the workers can share a trial's batches
 
 
-def trial_configs(cfg: Config, stage: int, space: SearchSpace | None, keys: tuple[str, ...]) -> list[Config]:
+def range_end_configs(cfg: Config, stage: int, space: SearchSpace | None, keys: tuple[str, ...]) -> list[Config]:
     """The trial configs at every combination of the range ends of the stage's searched ``keys``
     (just ``cfg`` where none is searched); a combination the config refuses is no trial's."""
     params = [p for p in (space.params if space else ()) if p.key in {f"stage{stage}.{k}" for k in keys}]
@@ -235,7 +236,8 @@ def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int], space: S
     Where ``space`` searches a key that changes them, the fewest any trial takes (every combination of
     those keys' range ends): an effect counted in steps then falls in its latest epoch, which is the
     one the schedule's check must see."""
-    return {str(stage): min((planned_steps_per_epoch(t, layout, stage) for t in trial_configs(cfg, stage, space, STEP_KEYS)),
+    return {str(stage): min((planned_steps_per_epoch(t, layout, stage)
+                             for t in range_end_configs(cfg, stage, space, STEP_KEYS)),
                             default=planned_steps_per_epoch(cfg, layout, stage)) for stage in stages}
 
 

@@ -116,8 +116,9 @@ class TrainState:
             "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs, "history": progress.history,
         }
 
-    def restore(self, path: Path, stage: int) -> "Progress":
-        state = load_checkpoint(path)
+    def restore(self, path: Path, stage: int, saved: dict | None = None) -> "Progress":
+        """Takes on the checkpoint at ``path`` (``saved``: its content, where already read)."""
+        state = saved if saved is not None else load_checkpoint(path)
         if state["stage"] != stage:
             raise CheckpointError(f"{path} is a Stage {state['stage']} checkpoint, cannot resume Stage {stage} from it")
         return self.apply(state)
@@ -206,9 +207,9 @@ def run_stage(
     if di.rank == 0 and files["last"].parent.is_dir():
         for partial in remove_partial_files(files["last"].parent):  # a writer killed mid-write left it
             _log(di, f"{key}: removed {partial.name}, a checkpoint whose writing was cut off")
-    resume_path = _latest_checkpoint(resume_from, files["last"])
+    resume_path, saved = _latest_checkpoint(resume_from, files["last"])
     if resume_path is not None:
-        progress = state.restore(resume_path, stage)
+        progress = state.restore(resume_path, stage, saved)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
     progress = _resume_alike(state, progress, resume_path, cfg, stage, di)
 
@@ -358,22 +359,20 @@ def training_data(cfg: Config, stage: int, samples: Sequence[Sample], runtime: R
     return TrainingData(dataset, sampler, DeviceAugment(st.augment, dtype=runtime.augment_dtype) if on_device else None)
 
 
-def _latest_checkpoint(given: Path | None, last: Path) -> Path | None:
+def _latest_checkpoint(given: Path | None, last: Path) -> tuple[Path | None, dict | None]:
     """Where to resume: ``given`` (Ray's checkpoint of the last epoch it was told of), or the
     stage's ``last.pt`` where there is none or ``last.pt`` is further on. A worker killed after an
     epoch's save but before Ray had its report leaves ``last.pt`` an epoch ahead; resuming from
     Ray's would train that epoch again and rewrite its checkpoints (after a final epoch, those of a
-    finished stage)."""
+    finished stage). With the chosen checkpoint's content where both were read to compare them."""
     if not last.is_file():
-        return given
+        return given, None
     if given is None:
-        return last
-
-    def point(path: Path) -> tuple[int, int]:
-        state = load_checkpoint(path)
-        return int(state["epoch"]), int(state["step"])
-
-    return last if point(last) > point(given) else given
+        return last, None
+    states = {path: load_checkpoint(path) for path in (given, last)}
+    point = {path: (int(st["epoch"]), int(st["step"])) for path, st in states.items()}
+    chosen = last if point[last] > point[given] else given
+    return chosen, states[chosen]
 
 
 def _resume_alike(state: TrainState, progress: Progress, resume_path: Path | None, cfg: Config, stage: int,
