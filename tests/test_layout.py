@@ -85,3 +85,53 @@ def test_real_140k_mini_sample_is_one_domain():
     assert list(counts) == ["faces140k-mini"]
     assert counts["faces140k-mini"]["train"] == {"real": 700, "fake": 700}
     assert counts["faces140k-mini"]["test"] == {"real": 150, "fake": 150}
+
+
+def test_symbolic_links_to_domain_folders_keep_their_own_names(tmp_path: Path):
+    # two versioned folders of the same name, linked in as two domains: two domains, each balanced
+    # apart (the links resolve inside the root, as every sample must)
+    root = tmp_path / "root"
+    store = root / "_versions"
+    write_tiny_root(store / "dalle", {"v2": "lower"}, per_class=1)
+    write_tiny_root(store / "tpdne", {"v2": "lower"}, per_class=3)
+    (root / "dalle").symlink_to(store / "dalle" / "v2")
+    (root / "tpdne").symlink_to(store / "tpdne" / "v2")
+    layout = discover_layout(root)
+    assert list(layout.domains) == ["dalle", "tpdne"]
+    for domain, n in (("dalle", 2), ("tpdne", 6)):
+        samples = layout.samples(domain, "train")
+        assert len(samples) == n and {s.domain for s in samples} == {domain}
+
+
+def test_domain_folders_beside_the_roots_own_splits_are_warned_of(tmp_path: Path):
+    root = write_tiny_root(tmp_path / "faces", {"": "lower"}, per_class=1)
+    write_tiny_root(root, {"dalle": "lower"}, per_class=1)
+    (root / "notes").mkdir()  # a folder without splits beside them is nothing to warn of
+    layout = discover_layout(root)
+    assert list(layout.domains) == ["faces"]
+    assert [(p.path, p.severity) for p in layout.problems] == [("dalle", "warning")]
+    assert "beside the root's own train/valid/test" in layout.problems[0].problem
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path, monkeypatch):
+    # chmod 000 stops nobody when the tests run as root (CI containers): refuse the listing instead
+    root = write_tiny_root(tmp_path / "data", {"140k": "upper", "dalle": "lower"}, per_class=1)
+    (root / "lost+found").mkdir()
+    locked = {root / "lost+found"}
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    # beside the domains (a mount point's lost+found): a warning, the domains are read
+    layout = discover_layout(root)
+    assert list(layout.domains) == ["140k", "dalle"]
+    assert [(p.path, p.severity) for p in layout.problems] == [("lost+found", "warning")]
+    assert "cannot list it (Permission denied)" in layout.problems[0].problem
+    # inside a domain: an error that names the folder and what to do, not a traceback
+    locked.add(root / "dalle" / "valid" / "fake")
+    with pytest.raises(DataLayoutError, match=r"cannot read .*dalle/valid/fake under data root .*read and execute"):
+        discover_layout(root)

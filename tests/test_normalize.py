@@ -3,6 +3,7 @@ in-memory copy of it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -15,11 +16,12 @@ from PIL import Image, JpegImagePlugin
 
 import trueface.atomic
 import trueface.data.normalize as normalize
+from tests.conftest import tiny_overrides, write_tiny_root
 from trueface.augment import eval_transform
 from trueface.config import load_config, to_dict
 from trueface.data.dataset import ImageDataset
 from trueface.data.decode import ImageReadError, load_rgb
-from trueface.data.layout import Sample
+from trueface.data.layout import Sample, discover_layout
 from trueface.data.normalize import (
     encode_normalized,
     load_normalized,
@@ -27,6 +29,7 @@ from trueface.data.normalize import (
     normalized_folder,
     normalized_root,
 )
+from trueface.data.overlap import training_hashes
 from trueface.predict import Predictor
 
 SPEC = "jpeg:90@64"
@@ -194,3 +197,23 @@ def test_predictor_from_checkpoint_honours_the_data_config(tmp_path, monkeypatch
     cfg = load_config("demo")
     p = Predictor.from_checkpoint(tmp_path / "best.pt", device="cpu")
     assert (p.decode_size, p.normalize) == (cfg.stage2.image_size, None)
+
+
+def test_overlap_with_a_mirror_trained_checkpoint_compares_the_source_bytes(tmp_path):
+    # A checkpoint trained with data.normalize names the mirror as its data root. Without the run's
+    # manifest beside it, the overlap check scans a data root: the source's, whose bytes a copied
+    # test file shares (the mirror's are re-encoded and share nobody's).
+    root = write_tiny_root(tmp_path / "data", {"": "lower"}, per_class=2)
+    layout = discover_layout(root)
+    mirror = normalized_root(root, [layout.relpath(s.path) for s in layout.all_samples()], SPEC,
+                             tmp_path / "cache", workers=1, progress=False)
+    cfg = load_config("demo", [*tiny_overrides(mirror, tmp_path), f"data.normalize={SPEC}",
+                               f"data.cache_dir={tmp_path / 'cache'}"])
+    alone = tmp_path / "copied" / "best.pt"  # copied out of its run: no manifest.parquet beside it
+    trained = training_hashes(str(alone), cfg)
+    train_file = layout.samples("data", "train")[0].path
+    assert hashlib.sha1(Path(train_file).read_bytes()).hexdigest() in trained.sha1
+    assert len(trained.sha1) == 8 and str(root) in trained.source  # train + valid of the source
+    # a mirror whose manifest is gone names no source: nothing to compare with, not the mirror's bytes
+    (mirror / normalize.MANIFEST).unlink()
+    assert training_hashes(str(alone), cfg) is None

@@ -1,5 +1,5 @@
 """The prepared cache (data.prepared: uint8): the decode path's pixels bit for bit, keyed by each
-file's size and mtime, whole shards only, built in parallel on Ray by jobs.prepare and used by the
+file's size, mtime and ctime, whole shards only, built in parallel on Ray by jobs.prepare and used by the
 engine for training and validation."""
 
 from __future__ import annotations
@@ -56,6 +56,22 @@ def test_the_cache_gives_the_decode_paths_pixels_exactly(tmp_path):
     # served from the shard, not decoded again
     shard = next(prepared_folder(tmp_path / "cache", 224).glob("*.u8"))
     assert shard.stat().st_size == sum(np.asarray(load_rgb(s.path, 224)).size for s in samples)
+
+
+def test_a_replacement_of_the_same_size_with_its_mtime_kept_is_never_served_stale(tmp_path):
+    # cp -p or rsync -a of a corrected image: an uncompressed format keeps the byte size exactly
+    path = tmp_path / "img" / "face.bmp"
+    path.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    samples = [Sample(str(path), 0, "d", "train")]
+    build_prepared(samples, None, tmp_path / "cache", progress=False)
+    before = path.stat()
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    images = PreparedImages.open(tmp_path / "cache", None)
+    assert images.coverage(samples) == 0
+    assert images.load(str(path), None).getpixel((0, 0)) == (200, 200, 200)
 
 
 def test_a_changed_file_is_prepared_again_and_never_served_stale(tmp_path):

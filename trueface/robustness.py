@@ -25,7 +25,7 @@ other machines give the same pixels (and the same bytes, for one Pillow build).
 The cache: ``<cache_dir>/robustness/<root name>-<key>/<perturbation>/<root name>/<domain>/test/<label>/``,
 the data root's layout with the file's suffix made to fit its format (``a.jpg`` saved as PNG is
 ``a.jpg.png``), so ``trueface.data.layout.discover_layout`` reads it and a single-domain root keeps its
-domain name. The key hashes every test file's relative path, size and mtime, the seed, ``RECIPE_VERSION``
+domain name. The key hashes every test file's relative path, size, mtime and ctime, the seed, ``RECIPE_VERSION``
 and Pillow's version: a changed test file means a new folder, and an unchanged one is reused as it is.
 Each perturbation is built in a hidden temporary folder beside it and renamed into place once complete,
 so a crash never leaves a half cache. ``run_chunks`` runs the chunks (jobs.evaluate: Ray tasks).
@@ -53,7 +53,7 @@ from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.checkpoint import load_checkpoint
 from trueface.config import from_dict
 from trueface.data.decode import ImageReadError, load_rgb
-from trueface.data.layout import DataLayout, DataLayoutError, Sample
+from trueface.data.layout import DataLayout, DataLayoutError, Sample, file_stamp
 from trueface.data.normalize import JPEG_SETTINGS
 from trueface.distributed import DistInfo
 from trueface.evaluation import EvaluationReport, load_models
@@ -194,14 +194,14 @@ class SweepPlan:
 
 
 def sweep_key(root: Path, relpaths: Sequence[str], seed: int) -> str:
-    """Hash of the test files (path, size, mtime), the seed, the recipe and Pillow's version."""
+    """Hash of the test files (path, size, mtime, ctime), the seed, the recipe and Pillow's version."""
     digest = hashlib.sha1(f"{seed}\n{RECIPE_VERSION}\n{PIL.__version__}\n".encode())
     for rel in relpaths:
         try:
-            st = (root / rel).stat()
+            stamp = file_stamp((root / rel).stat())
         except OSError as exc:
             raise ImageReadError(root / rel, f"cannot perturb it: {exc.strerror or exc}") from exc
-        digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        digest.update(f"{rel}\t{stamp}\n".encode())
     return digest.hexdigest()[:12]
 
 

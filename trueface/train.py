@@ -16,7 +16,10 @@ Augmentation runs in one of two places, chosen by ``stageN.augment.device`` (see
 ``trueface.augment_device.runs_on_device``): per sample in the DataLoader workers (float tensors
 out of the loader), or split, with crop and flip in the workers (uint8 tensors out, pinned
 on CUDA) and the rest batched on the training device (``DeviceAugment``, before MixUp) with a
-generator seeded from (seed, rank, epoch), so a resumed epoch draws the same as the original.
+generator seeded from (seed, rank, epoch), so a resumed epoch draws the same as the original
+(on CUDA, on the same GPU model: how far a large random draw, the noise, moves the generator
+depends on the GPU's number of multiprocessors, so a worker restarted on another model draws
+otherwise from its first noisy batch on).
 
 Model selection (best.pt, early stopping, a search's objective) follows ``val/select_auc_ema``,
 the EMA weights' validation AUC by ``eval.select_on``: by default the mean over the stage's

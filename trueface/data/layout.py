@@ -15,7 +15,10 @@ or escaping symbolic link, a file name that is not UTF-8, a one-class split, an 
 a missing split), each naming the path, and the data check (trueface.data.check) reports them and
 decides by ``data.on_bad_image``. A file whose link points outside the root is never read: every
 sample resolves inside its data root. ``exclude`` (relative paths) leaves out files the data check
-found bad; a split left with one class is dropped, as a problem.
+found bad; a split left with one class is dropped, as a problem. A domain is named by its folder's
+own name (a symbolic link's, not its target's). Domain folders beside a root's own splits are never
+read (a warning says so). A folder beside the domains that cannot be listed is a warning; one inside
+a domain stops discovery with an error that names it.
 """
 
 from __future__ import annotations
@@ -99,15 +102,29 @@ def discover_layout(root: Path | str, exclude: Iterable[str] = ()) -> DataLayout
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(f"data root {root} does not exist or is not a folder")
-    reader = _Reader(root, frozenset(exclude))
+    try:
+        return _discover(root, frozenset(exclude))
+    except PermissionError as exc:  # a folder this user cannot list: name it rather than a traceback
+        raise DataLayoutError(f"cannot read {exc.filename or root} under data root {root}: {exc.strerror or exc} "
+                              f"(give this user read and execute permission on it, or move it out of the root)") from exc
+
+
+def _discover(root: Path, exclude: frozenset[str]) -> DataLayout:
+    reader = _Reader(root, exclude)
     layout = DataLayout(root, problems=reader.problems)
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if _split_dirs(root):
-        layout.domains[_domain_name(root)] = reader.domain(root)
+        layout.domains[_domain_name(root)] = reader.domain(root, _domain_name(root))
+        for child in children:  # ROOT/dalle/train/... beside ROOT/train/...: a mistake, never read
+            if child.name.lower() not in SPLIT_ALIASES and reader.split_dirs(child):
+                reader.problem(child, "ignored: a domain folder beside the root's own train/valid/test folders (a "
+                                      "root holds either one domain's splits or one folder per domain)", "warning")
     else:
-        for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if _split_dirs(child):
-                layout.domains[child.name] = reader.domain(child)
-            else:
+        for child in children:
+            found = reader.split_dirs(child)
+            if found:
+                layout.domains[child.name] = reader.domain(child, child.name)
+            elif found is not None:
                 reader.problem(child, "ignored: it has no train/valid/test folder", "warning")
     layout.domains = {d: splits for d, splits in layout.domains.items() if splits}
     if not layout.domains:
@@ -118,6 +135,13 @@ def discover_layout(root: Path | str, exclude: Iterable[str] = ()) -> DataLayout
             f"*.jpg or ROOT/{{train,valid,test}}/{{real,fake}}/*.jpg (folder names in any case)" + found
         )
     return layout
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """(size, mtime_ns, ctime_ns): what a cache built from a file's content compares to know it is
+    still that file's. ctime too: a file replaced by another of the same size with its mtime kept
+    (``cp -p``, ``rsync -a``) changes neither size nor mtime, but the kernel sets ctime on every change."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _domain_name(root: Path) -> str:
@@ -146,8 +170,18 @@ class _Reader:
         """Recorded relative to the root, as the data check's report names files."""
         self.problems.append(LayoutProblem(display_path(os.path.relpath(path, self.root)), text, severity))
 
-    def domain(self, folder: Path) -> dict[str, list[Sample]]:
-        domain = _domain_name(folder)
+    def split_dirs(self, folder: Path) -> dict[str, Path] | None:
+        """``_split_dirs`` of a folder beside the domains; None, with a warning, when it cannot be
+        listed (a root at a mount point holds a lost+found only root reads)."""
+        try:
+            return _split_dirs(folder)
+        except PermissionError as exc:
+            self.problem(folder, f"ignored: cannot list it ({exc.strerror or exc})", "warning")
+            return None
+
+    def domain(self, folder: Path, domain: str) -> dict[str, list[Sample]]:
+        """``folder``'s splits, its samples named ``domain``: the name the layout keys them by (a
+        symbolic link's own name, not its target's, so two links to ``.../v2`` stay two domains)."""
         splits: dict[str, list[Sample]] = {}
         found = _split_dirs(folder)
         for split in SPLITS:

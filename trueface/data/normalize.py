@@ -19,7 +19,7 @@ PIL in one pass (``reducing_gap=None``). Everything is deterministic for one Pil
 
 The cache mirrors ``root`` under ``<cache_dir>/normalized/<root name>-<spec>-<key>/`` with the same
 relative paths (a ``.png`` keeps its name but holds JPEG data: PIL reads the content, not the
-suffix). ``manifest.json`` there records each source's size and mtime, so only missing or changed
+suffix). ``manifest.json`` there records each source's size, mtime and ctime, so only missing or changed
 files are rebuilt, and a copy of a file no longer asked for (moved, deleted, excluded) is deleted;
 every file is written to a temporary name and renamed, so an interrupted build leaves no partial
 file. The Predictor's ``load_normalized`` encodes with the same function, so it
@@ -44,7 +44,7 @@ from PIL import Image
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config.choices import parse_normalize
 from trueface.data.decode import ImageReadError, load_rgb, prepare_rgb
-from trueface.data.layout import IMAGE_SUFFIXES
+from trueface.data.layout import IMAGE_SUFFIXES, file_stamp
 
 #: Bump when the recipe changes (filter, encoder settings): the cache folder's key changes with it.
 RECIPE_VERSION = 1
@@ -186,12 +186,25 @@ def _checked_relpath(rel: str) -> str:
 
 
 def _source_stamp(root: Path, rel: str) -> list[int]:
-    """[size, mtime_ns] of the source: a rebuild is due when either changes."""
+    """The source's ``file_stamp`` (size, mtime, ctime): a rebuild is due when any of them changes."""
     try:
-        st = (root / rel).stat()
+        return list(file_stamp((root / rel).stat()))
     except OSError as exc:
         raise ImageReadError(root / rel, f"cannot normalise: {exc.strerror or exc}") from exc
-    return [st.st_size, st.st_mtime_ns]
+
+
+def mirror_source(folder: str | os.PathLike, spec: str) -> Path | None:
+    """The data root that ``folder``, a mirror built for ``spec``, was normalised from (its
+    manifest says), or None when ``folder`` is not such a mirror. A checkpoint trained with
+    ``data.normalize`` names its mirror as ``data.root``: the mirror's bytes are re-encoded, so a
+    comparison by content with test files must read the source's."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("spec") != spec or not isinstance(manifest.get("root"), str):
+        return None
+    return Path(manifest["root"])
 
 
 def _read_manifest(out: Path) -> dict:

@@ -7,7 +7,9 @@ Usage::
 
 The training data of a checkpoint is its run's ``manifest.parquet`` (the pipeline writes it beside
 the stage folders, with each file's sha1), or else the train and valid splits of the data root its
-config names, scanned through the data check's cache. Validation images count as training data:
+config names, scanned through the data check's cache (under ``data.normalize`` the config names the
+normalised mirror: the source root its manifest records is scanned, as test files share the
+source's bytes, never the re-encoded copies'). Validation images count as training data:
 they chose the best epoch and the thresholds.
 """
 
@@ -20,7 +22,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from trueface.config import Config
+from trueface.config.choices import parse_normalize
 from trueface.data.layout import DataLayoutError, discover_layout
+from trueface.data.normalize import mirror_source
 from trueface.storage import StorageError, fetch, is_uri
 
 TRAINING_SPLITS = ("train", "valid")
@@ -60,15 +64,22 @@ def _scanned_root(cfg: Config) -> TrainingData | None:
     from trueface.data.check import cache_file
     from trueface.data.scan import scan_layout
 
+    root = cfg.data.root
+    if parse_normalize(cfg.data.normalize) is not None:
+        # trained from a normalised mirror (its config names the mirror): the source's bytes are
+        # what test files are compared with; a mirror whose source is gone compares with nothing
+        root = mirror_source(root, cfg.data.normalize)
+        if root is None:
+            return None
     try:
-        layout = discover_layout(cfg.data.root, cfg.data.exclude)
+        layout = discover_layout(root, cfg.data.exclude)
     except DataLayoutError:
         return None
     layout.domains = {d: {s: xs for s, xs in splits.items() if s in TRAINING_SPLITS}
                       for d, splits in layout.domains.items()}
     rows = scan_layout(layout, cache_file(cfg, layout.root), progress=False)
     return TrainingData(frozenset(r["sha1"] for r in rows if r["sha1"]),
-                        f"train and valid splits of {cfg.data.root} ({len(rows)} images, scanned)")
+                        f"train and valid splits of {root} ({len(rows)} images, scanned)")
 
 
 def overlap_counts(test_rows: list[dict], trained: frozenset[str]) -> dict[str, int]:

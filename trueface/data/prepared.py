@@ -15,10 +15,10 @@ and augmentation still run per epoch on what it returns.
 
 Layout: ``<cache_dir>/prepared/uint8-<decode size>-v<recipe>/`` holds shards: ``<id>.u8`` (the
 images' bytes back to back, read with ``np.memmap``) and beside each its index ``<id>.json``
-(path, file size and mtime, offset, height, width of every image in it). Keyed by the manifest:
-an image is served from the cache only while its file has the size and mtime it was prepared
-from, so a changed, added or replaced file is prepared again by the next build and, until then,
-decoded from the file (never served stale). Each shard's ``.u8`` and then its ``.json`` are
+(path, file size, mtime and ctime, offset, height, width of every image in it). Keyed by the
+manifest: an image is served from the cache only while its file has the size, mtime and ctime it
+was prepared from (trueface.data.layout.file_stamp), so a changed, added or replaced file is
+prepared again by the next build and, until then, decoded from the file (never served stale). Each shard's ``.u8`` and then its ``.json`` are
 written to a temporary name and renamed, so an interrupted build leaves whole shards only, and a
 rerun prepares just the rest. Not safe for two builders at once on one folder: build it from the
 driver before training (jobs.pipeline, or ``python -m jobs.prepare``).
@@ -39,7 +39,7 @@ from PIL import Image
 
 from trueface.atomic import atomic_open, atomic_write_text
 from trueface.data.decode import ImageReadError, load_rgb
-from trueface.data.layout import Sample
+from trueface.data.layout import Sample, file_stamp
 
 #: Bump when what is stored changes: the folder name changes with it, so old caches are never read.
 RECIPE_VERSION = 1
@@ -61,7 +61,7 @@ class Entry:
     offset: int
     height: int
     width: int
-    stamp: tuple[int, int]  # the file's (size, mtime_ns) when prepared
+    stamp: tuple[int, ...]  # the file's file_stamp (size, mtime_ns, ctime_ns) when prepared
 
 
 def prepared_folder(cache_dir: str | os.PathLike, decode_size: int | None) -> Path:
@@ -70,12 +70,12 @@ def prepared_folder(cache_dir: str | os.PathLike, decode_size: int | None) -> Pa
     return Path(cache_dir) / "prepared" / f"uint8-{size}-v{RECIPE_VERSION}-pillow{PIL.__version__}"
 
 
-def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
+def path_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """The file's ``file_stamp``, or None when it cannot be read."""
     try:
-        st = os.stat(path)
+        return file_stamp(os.stat(path))
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
 
 
 def read_index(folder: str | os.PathLike) -> dict[str, list[Entry]]:
@@ -97,8 +97,8 @@ def read_index(folder: str | os.PathLike) -> dict[str, list[Entry]]:
 
 
 def current(index: dict[str, list[Entry]], path: str) -> Entry | None:
-    """The entry prepared from ``path`` as the file is now (same size and mtime), if any."""
-    stamp = file_stamp(path)
+    """The entry prepared from ``path`` as the file is now (same size, mtime and ctime), if any."""
+    stamp = path_stamp(path)
     return next((e for e in index.get(path, ()) if e.stamp == stamp), None)
 
 
@@ -117,7 +117,7 @@ def plan_shards(samples: Sequence[Sample], decode_size: int | None, cache_dir: s
     jobs = []
     for start in range(0, len(todo), SHARD_IMAGES):
         chunk = tuple(todo[start:start + SHARD_IMAGES])
-        stamps = "\n".join(f"{p}\t{file_stamp(p)}" for p in chunk)
+        stamps = "\n".join(f"{p}\t{path_stamp(p)}" for p in chunk)
         # Named by its content: a rerun after an interruption plans the same ids for what is left.
         shard_id = hashlib.sha1(f"{decode_size}\n{stamps}".encode()).hexdigest()[:16]
         jobs.append(ShardJob(str(folder), shard_id, chunk, decode_size))
@@ -132,7 +132,7 @@ def write_shard(job: ShardJob) -> int:
     rows, offset = [], 0
     with atomic_open(folder / f"{job.shard_id}.u8") as out:
         for path in job.paths:
-            stamp = file_stamp(path)  # before decoding: a file replaced meanwhile is stale, never newer
+            stamp = path_stamp(path)  # before decoding: a file replaced meanwhile is stale, never newer
             try:
                 pixels = np.asarray(load_rgb(path, job.decode_size), dtype=np.uint8)
             except ImageReadError as exc:
