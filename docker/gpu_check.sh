@@ -20,6 +20,9 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 python="${PYTHON:-$(command -v python || command -v python3)}"
 
+# the software the figures come from (a GPU image may ship other versions than the project's CPU machines)
+"$python" -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda available', torch.cuda.is_available())"
+
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi
 else

@@ -372,8 +372,10 @@ def test_a_loader_that_fails_to_start_costs_only_the_rows_that_need_it(tmp_path,
 
 
 @cpu_only
-def test_the_stages_finished_are_written_before_a_later_one_is_stopped(tmp_path, monkeypatch):
-    """gpu_check.sh's timeout kills the run mid-stage: Stage I's rows must be on disk by then."""
+@pytest.mark.parametrize("killed_in", ["Stage II", "Stage I's trace"])
+def test_the_stages_finished_are_written_before_a_later_one_is_stopped(tmp_path, monkeypatch, killed_in):
+    """gpu_check.sh's timeout kills the run mid-stage, or in the trace after a stage: Stage I's
+    rows must be on disk by then."""
 
     class Killed(BaseException):  # not an Exception: nothing in the run may catch it, as with a signal
         pass
@@ -385,9 +387,13 @@ def test_the_stages_finished_are_written_before_a_later_one_is_stopped(tmp_path,
             raise Killed
         return real_measure(cfg, stage, *a, **k)
 
+    def trace(*a, **k):
+        raise Killed
+
     monkeypatch.setattr(gpu, "measure_stage", measure)
+    monkeypatch.setattr(gpu, "trace_stage", trace)
     args = argparse.Namespace(quick=True, images=None, batch_size=None, image_size=None, data_root=None,
-                              prepared=False, trace=False, results_dir=tmp_path)
+                              prepared=False, trace=killed_in == "Stage I's trace", results_dir=tmp_path)
     with pytest.raises(Killed):
         gpu.run(args)
     payload = json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())

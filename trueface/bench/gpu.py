@@ -204,6 +204,7 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
         if out.trace and out.results_dir is not None:
+            bench.write(out.results_dir)  # the stage's rows kept should its trace be cut off by the timeout
             traced = diagnostic(f"{name} trace", bench.failed, None, lambda: trace_stage(
                 cfg, stage, result.state, images[stage], sizes[stage], out.results_dir / "bench-gpu"))
             if traced is not None:
