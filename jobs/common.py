@@ -98,6 +98,24 @@ def check_model_weights(cfg: Config) -> None:
         sys.exit(f"error: model.weights: {exc}")
 
 
+def output_problem(path: Path, flag: str, folder_wanted: bool = False) -> str:
+    """Why ``path`` cannot take the file (or with ``folder_wanted`` the folder) ``flag`` names, ''
+    when it can. Checked before the work: scoring a folder of images must not end in a traceback
+    at the write."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() != folder_wanted:
+        return (f"{flag} {path} is a file: give a folder" if folder_wanted else
+                f"{flag} {path} is a folder: give a file name inside it")
+    folder = path if folder_wanted else path.parent
+    while not folder.exists():  # the nearest folder that exists: the write creates the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{flag} {path}: {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag} {path}: this user cannot write in {folder}"
+    return ""
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs.common import output_problem
 from trueface.checkpoint import CheckpointError
 from trueface.export import FORMATS, ExportError, export_checkpoint
 from trueface.config.schema import DataConfig
@@ -39,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args(argv)
+    for path in (args.out, Path(f"{args.out}.json")):
+        problem = output_problem(path, "--out")
+        if problem:
+            parser.error(problem)
     try:
         local = fetch_checkpoint(args.checkpoint, DataConfig().cache_dir)  # a URI's, with its thresholds file
         meta = export_checkpoint(local, args.format, args.out, args.weights, source=args.checkpoint)

@@ -21,7 +21,8 @@ the threshold applies to ``p_generated``, and calibration is monotone.
 ``--explain OUT_DIR`` writes a Grad-CAM overlay PNG per image (the fake class's map over the image as
 the model saw it, trueface/explain.py) and adds the columns ``explanation`` (the PNG),
 ``cam_region`` (the quadrant of the map's peak) and ``cam_peak_x``/``cam_peak_y`` (in the prepared,
-centre-cropped image's pixels).
+centre-cropped image's pixels); an image where nothing raised the fake score has an empty map:
+region "none", no peak.
 
 ``--ray`` scores a folder or bucket on Ray Data into one parquet file (jobs/predict_ray.py).
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jobs.common import add_ray_arguments
+from jobs.common import add_ray_arguments, output_problem
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError
 from trueface.config.schema import DataConfig
@@ -88,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", help="with --ray: a folder or an s3:// / gs:// URI of images")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
+    for flag, path, folder in (("--out", args.out, False), ("--explain", args.explain, True)):
+        problem = path is not None and output_problem(path, flag, folder)
+        if problem:
+            parser.error(problem)
     if args.ray:
         if not args.input or args.inputs or not args.out or args.explain:
             parser.error("--ray takes --input DIR_OR_URI and --out FILE.parquet (no positional inputs, no --explain)")
@@ -145,7 +150,8 @@ def _csv(rows, predictor: Predictor, explained: dict | None = None) -> str:
                  f"{predictor.temperature:.6g}", predictor.temperature_source, r.error]
         if explained is not None:
             e = explained.get(r.path)
-            cells += [e.overlay, e.region, e.peak[0], e.peak[1]] if e else ["", "", "", ""]
+            peak = e.peak if e and e.peak else ("", "")  # an empty map has no peak
+            cells += [e.overlay, e.region, *peak] if e else ["", "", "", ""]
         writer.writerow(cells)
     return buf.getvalue()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from trueface.augment import normalize
 from trueface.checkpoint import load_checkpoint, save_checkpoint
 from trueface.config import to_dict
 from trueface.evaluation import load_models
-from trueface.explain import grad_cam, top_region, validation_grid
+from trueface.explain import Explanation, grad_cam, top_region, validation_grid
 from trueface.model import build_model, fake_probability
+from trueface.predict import Prediction
 from trueface.run import resolve_run
 from trueface.tensorboard import NullLogger
 
@@ -94,7 +96,7 @@ def test_a_region_that_lowers_the_score_is_not_on_the_map(tiny_cfg):
 
 def test_predict_explain_writes_an_overlay_and_the_region_per_readable_image(tiny_cfg, tmp_path):
     cfg, layout = resolve_run(tiny_cfg)
-    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    model = _fake_raised_by_every_channel(build_model(dataclasses.replace(cfg.model, weights="none")))
     ckpt = tmp_path / "best.pt"
     save_checkpoint(ckpt, {"model": model.state_dict(), "ema": model.state_dict(), "stage": 2, "config": to_dict(cfg)})
     images = sorted(layout.root.glob("dalle/test/*/*.png"))[:4]
@@ -118,6 +120,47 @@ def test_predict_explain_writes_an_overlay_and_the_region_per_readable_image(tin
             assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
         x, y = int(r["cam_peak_x"]), int(r["cam_peak_y"])
         assert r["cam_region"] == f"{'top' if y < 16 else 'bottom'}-{'left' if x < 16 else 'right'}"
+
+
+def _fake_raised_by_every_channel(model: torch.nn.Module, sign: float = 1.0) -> torch.nn.Module:
+    """``model`` with a head whose fake-minus-real score every layer4 channel raises (``sign`` -1:
+    lowers). Random weights alone leave it to chance whether an image's map is empty."""
+    with torch.no_grad():
+        head = model.fc[1]
+        head.weight[1] = sign * (head.weight[1].abs() + 1)
+        head.weight[0] = -sign * (head.weight[0].abs() + 1)
+    return model
+
+
+def test_an_empty_map_has_no_region_and_no_peak(tiny_cfg):
+    # a head that lowers the fake score through every layer4 channel: nothing raises it, the map is 0
+    model = _fake_raised_by_every_channel(build_model(dataclasses.replace(tiny_cfg.model, weights="none")), -1.0)
+    images = torch.stack([_image(np.random.default_rng(0), None) for _ in range(2)])
+    for cam in grad_cam(model, images):
+        assert float(cam.max()) == 0.0 and top_region(cam) == ("none", None)  # not "top-left" at (0, 0)
+    explained = {"a.png": Explanation("a.gradcam.png", "none", None)}
+    row = predict_job._csv([Prediction("a.png", 0.2, "real", calibrated=0.2)], _Labels(), explained).splitlines()[1]
+    assert row.endswith(",a.gradcam.png,none,,")
+
+
+class _Labels:
+    """What ``jobs.predict._csv`` reads of a Predictor."""
+    threshold, threshold_source, temperature, temperature_source = 0.5, "none chosen (0.5)", 1.0, "uncalibrated"
+
+
+def test_predict_refuses_outputs_it_could_not_write_before_scoring_anything(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for flags, why in ((["--out", str(tmp_path / "folder")], "--out .*folder is a folder: give a file name"),
+                       (["--explain", str(tmp_path / "a-file")], "--explain .*a-file is a file: give a folder"),
+                       (["--out", str(tmp_path / "a-file" / "x.csv")], "a-file is a file, not a folder")):
+        # the checkpoint does not exist: the refusal comes first, before anything is loaded or scored
+        with pytest.raises(SystemExit) as stop:
+            predict_job.main(["--checkpoint", str(tmp_path / "none.pt"), str(image), *flags])
+        assert stop.value.code == 2
+        assert re.search(why, capsys.readouterr().err), why
 
 
 def test_each_stage_logs_overlays_of_the_same_validation_images(tiny_cfg, tmp_path, monkeypatch):

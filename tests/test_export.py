@@ -138,6 +138,7 @@ def test_the_metadata_is_enough_to_prepare_the_input_and_label_it(detector, pt2_
     assert meta["threshold"]["per_domain"] == {d: saved.threshold("ema", d)[0] for d in ("140k-real-vs-fake", "dalle")}
     assert meta["hflip_tta"] is True and meta["input"]["shape"] == ["batch", 3, 32, 32]
     assert meta["checkpoint"]["sha256"] == hashlib.sha256(detector["ckpt"].read_bytes()).hexdigest()
+    assert "label = fake where log_odds >= log(threshold / (1 - threshold))" in meta["calibrated"]
     # the preprocessing, done from the metadata's numbers alone, gives the predictor's input
     pre = meta["preprocess"]
     size = meta["input"]["shape"][-1]
@@ -155,6 +156,16 @@ def test_bad_input_is_named(detector, tmp_path):
     assert not (tmp_path / "x.pt").exists()
     with pytest.raises(SystemExit):
         export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "tflite", "--out", str(tmp_path / "x")])
+
+
+def test_an_out_that_cannot_take_the_file_is_refused_before_the_export(detector, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out, why in ((tmp_path / "folder", "is a folder: give a file name inside it"),
+                     (tmp_path / "a-file" / "x.onnx", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as stop:
+            export_job.main(["--checkpoint", str(detector["ckpt"]), "--format", "onnx", "--out", str(out)])
+        assert stop.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_a_checkpoint_in_a_bucket_exports_with_its_thresholds_and_temperature(detector, s3_server, tmp_path):
@@ -205,3 +216,10 @@ def test_the_log_odds_calibrate_as_the_predictor_where_float32_rounds_the_score_
     with np.errstate(divide="ignore"):
         from_p = 1 / (1 + ((1 - p64) / p64) ** (1 / 8.0))
     assert np.abs(from_p - want).max() > 0.02
+    # the metadata's labelling rule, on log_odds, labels as the predictor does at a threshold just
+    # above the highest score, one that float32 rounds to 1.0: the rule on float32's p says fake
+    predictor.threshold = float(expit(log_odds.numpy().astype(np.float64).max() + 0.5))
+    labels = np.array([r.label for r in predictor.score_loaded([(str(i), image) for i, image in enumerate(x)])])
+    by_rule = np.where(log_odds.numpy() >= np.log(predictor.threshold / (1 - predictor.threshold)), "fake", "real")
+    assert (labels == by_rule).all() and (labels == "real").all()
+    assert (p >= predictor.threshold).any()  # what the rule on p would have labelled fake

@@ -69,8 +69,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = N
     return (cam / peak[:, None, None]).clamp(0, 1).cpu()
 
 
-def top_region(cam: torch.Tensor) -> tuple[str, tuple[int, int]]:
-    """The quadrant holding the map's peak ("top-left", ...) and the peak's (x, y) in pixels."""
+def top_region(cam: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
+    """The quadrant holding the map's peak ("top-left", ...) and the peak's (x, y) in pixels;
+    ("none", None) for an empty map (nothing in the image raised the fake score), which has no peak."""
+    if not bool(cam.max() > 0):
+        return "none", None
     h, w = cam.shape
     idx = int(torch.argmax(cam))
     y, x = divmod(idx, w)
@@ -106,8 +109,8 @@ def validation_grid(model: nn.Module, samples: Sequence[Sample], image_size: int
 @dataclass(frozen=True)
 class Explanation:
     overlay: str  # the PNG written
-    region: str  # the quadrant of the map's peak, in the prepared (centre-cropped) image
-    peak: tuple[int, int]  # (x, y) of the peak in that image, pixels
+    region: str  # the quadrant of the map's peak, in the prepared (centre-cropped) image; "none": empty map
+    peak: tuple[int, int] | None  # (x, y) of the peak in that image, pixels; None for an empty map
 
 
 def explain_files(model: nn.Module, load: Callable[[Path], torch.Tensor], paths: Sequence[str | Path],

@@ -123,7 +123,11 @@ def export_metadata(predictor: Predictor, checkpoint: Path, weights: str, fmt: s
                         "per_domain": _per_domain(saved, weights, "temperature")},
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       "per_domain": _per_domain(saved, weights, "threshold")},
-        "calibrated": (f"p_calibrated = 1 / (1 + exp(-{LOG_ODDS} / T)); label = fake where {OUTPUT} >= threshold"),
+        # the rule on the log-odds: float32's P(generated) rounds to 1 from a log-odds of about 17,
+        # so a threshold that close to 1 would label otherwise than jobs.predict's float64
+        "calibrated": (f"p_calibrated = 1 / (1 + exp(-{LOG_ODDS} / T)); label = fake where {LOG_ODDS} >= "
+                       f"log(threshold / (1 - threshold)), the same as {OUTPUT} >= threshold without float32's "
+                       "rounding near 1"),
         "checkpoint": {"path": source or str(checkpoint), "sha256": file_sha256(checkpoint)},
     }
 
