@@ -113,7 +113,7 @@ def _worker(rank: int, root: str, out: str, rendezvous: str, compile_backend: st
             shutil.copy(path, Path(out) / "epoch1.pt")
 
     train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / "ddp" / "stage1",
-                    dist_info=di, report=report)
+                    dist_info=di, report=report, log_dir=Path(out) / "tb")
     # predict_scores over 2 ranks with a sample count that does not divide by 2
     model = load_models(load_checkpoint(Path(out) / "ddp" / "stage1" / "best.pt"), cfg)["ema"]
     scores = predict_scores(model, _samples(cfg, "valid")[:7], 64, Runtime.create("cpu", "fp32"), cfg, di)
@@ -142,7 +142,8 @@ def runs(module_tmp):
 
     one_cfg = _config(root, tmp / "one", accum_steps=2)
     torch.set_num_threads(1)
-    one = train.run_stage(one_cfg, 1, _samples(one_cfg, "train"), _samples(one_cfg, "valid"), tmp / "one" / "ddp" / "stage1")
+    one = train.run_stage(one_cfg, 1, _samples(one_cfg, "train"), _samples(one_cfg, "valid"), tmp / "one" / "ddp" / "stage1",
+                          log_dir=tmp / "one" / "tb")
     ranks = [torch.load(tmp / "two" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return {"tmp": tmp, "cfg": one_cfg, "ranks": ranks, "one": one}
 
@@ -161,6 +162,20 @@ def test_two_processes_train_the_same_weights_as_one_with_accumulation(runs):
     print(f"largest |2 processes - 1 process| over all weights: {worst:.2e}")
     # the weights moved: a run that did not train would pass the comparison trivially
     assert not torch.allclose(two["model"]["fc.1.weight"], init.state_dict()["fc.1.weight"])
+
+
+def test_the_logged_step_loss_is_the_global_batchs_as_on_one_process(runs):
+    # every rank's micro-batches, as the epoch's loss: rank 0's alone was half of each global batch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def step_losses(folder: Path) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    two, one = step_losses(runs["tmp"] / "two" / "tb"), step_losses(runs["tmp"] / "one" / "tb")
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=RTOL, atol=ATOL)
 
 
 def test_both_ranks_validate_identical_ema_and_raw_models_buffers_included(runs):

@@ -156,7 +156,7 @@ def test_batches_the_workers_cannot_share_fail_before_ray_starts(tmp_path, monke
     with pytest.raises(SystemExit, match=r"stage2.mixup_alpha=0.2 mixes the images within each worker's micro-batch"
                                          r".* 6 x 2 leaves one image in it"):
         pipeline.main([*base, "scaling.num_workers=6", "stage2.accum_steps=2", "stage1.batch_size=240"])
-    with pytest.raises(SystemExit, match=r"stage1: 4 samples per worker per epoch is less than one step of 200 x 1"):
+    with pytest.raises(SystemExit, match=r"stage1: 4 samples per epoch is less than one step of 200 \(the global batch\)"):
         pipeline.main([*PAPER_TINY, f"data.cache_dir={tmp_path}/cache"])
 
 

@@ -3,7 +3,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_overrides
+from trueface.config import load_config
 from trueface.data.sampler import BalancedSampler
+from trueface.distributed import DistInfo
+from trueface.run import planned_steps_per_epoch, resolve_layout
+from trueface.train import _step_plan
 
 
 def _data():
@@ -95,3 +100,24 @@ def test_bad_arguments():
         BalancedSampler([0], ["a"], "domain")
     with pytest.raises(ValueError, match="rank 2"):
         BalancedSampler([0], ["a"], rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_an_epoch_has_the_same_steps_on_any_number_of_workers(tiny_root, tmp_path, accum_steps):
+    """Steps are the epoch's whole global batches: 10 draws in batches of 4 are 2 steps on 1, 2 or 4
+    workers (counted on a rank's padded share, 4 workers made it 3: a step of repeated images, and
+    the LR and EMA schedules moved with the worker count). Every rank's share holds those steps."""
+    for workers in (1, 2, 4):
+        cfg = load_config("demo", [*tiny_overrides(tiny_root, tmp_path), f"stage1.samples_per_epoch={10 * accum_steps}",
+                                   f"stage1.batch_size={4 * accum_steps}", f"stage1.accum_steps={accum_steps}",
+                                   f"scaling.num_workers={workers}", "stage1.mixup_alpha=0"])
+        cfg, layout = resolve_layout(cfg)
+        st = cfg.stage1
+        train = layout.gather(st.domains, "train")
+        for rank in range(workers):
+            sampler = BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
+                                      st.samples_per_epoch, rank, workers)
+            plan = _step_plan(st, "stage1", sampler.epoch_size, DistInfo(rank, workers))
+            assert plan.steps_per_epoch == 2, (workers, rank)
+            assert len(sampler) >= plan.steps_per_epoch * accum_steps * plan.micro
+        assert planned_steps_per_epoch(cfg, layout, 1) == 2

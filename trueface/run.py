@@ -176,19 +176,19 @@ def write_data_check(check: DataCheck | None, paths: RunPaths) -> None:
     paths.results_mirror().push(DATA_CHECK_DIR)
 
 
-def _samples_per_worker(cfg: Config, layout: DataLayout, stage: int) -> int:
+def _epoch_samples(cfg: Config, layout: DataLayout, stage: int) -> int:
     st = cfg.stage(stage)
     train = layout.gather(st.domains, "train")
-    return len(BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
-                               st.samples_per_epoch, 0, cfg.scaling.num_workers, cfg.seed))
+    return BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
+                           st.samples_per_epoch, 0, cfg.scaling.num_workers, cfg.seed).epoch_size
 
 
 def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
-    """Optimizer steps per epoch of ``stage``, counted as trueface.train counts them: rank 0's share
-    of the epoch over micro-batch x accumulation (at least 1 here: batch_problems says why not)."""
-    st = cfg.stage(stage)
-    micro = max(1, st.batch_size // (cfg.scaling.num_workers * st.accum_steps))
-    return max(1, _samples_per_worker(cfg, layout, stage) // (micro * st.accum_steps))
+    """Optimizer steps per epoch of ``stage``, counted as trueface.train counts them: the epoch's
+    whole global batches (at least 1 here: batch_problems says why not)."""
+    from trueface.train import steps_per_epoch  # torch: only where a job plans
+
+    return max(1, steps_per_epoch(_epoch_samples(cfg, layout, stage), cfg.stage(stage).batch_size))
 
 
 def batch_problems(cfg: Config, layout: DataLayout, stages: tuple[int, ...] | list[int]) -> list[str]:
@@ -200,10 +200,9 @@ def batch_problems(cfg: Config, layout: DataLayout, stages: tuple[int, ...] | li
     for stage in stages:
         st, key, workers = cfg.stage(stage), f"stage{stage}", cfg.scaling.num_workers
         problem = batch_split_problem(st, workers, key)
-        samples = _samples_per_worker(cfg, layout, stage)
-        micro = st.batch_size // (workers * st.accum_steps)
-        if not problem and samples < micro * st.accum_steps:
-            problem = too_few_samples(key, samples, micro, st.accum_steps)
+        samples = _epoch_samples(cfg, layout, stage)
+        if not problem and samples < st.batch_size:
+            problem = too_few_samples(key, samples, st.batch_size)
         problems += [problem] if problem else []
     return problems
 

@@ -217,7 +217,7 @@ def run_stage(
     progress = _resume_alike(state, progress, resume_path, cfg, stage, di)
 
     data = training_data(cfg, stage, train_samples, state.runtime, di, augment_on_device)
-    plan = _step_plan(st, key, len(data.sampler), di)
+    plan = _step_plan(st, key, data.sampler.epoch_size, di)
     _log(di, f"{key}: {len(data.dataset)} train images, {len(val_samples)} validation, {plan.steps_per_epoch} steps/epoch "
              f"of {st.batch_size} ({di.world_size} worker(s) x {st.accum_steps} x {plan.micro}), "
              f"{state.runtime.device} {state.runtime.precision}, strong augmentation "
@@ -441,17 +441,25 @@ def _build_state(cfg: Config, stage: int, init_from: Path | None, di: DistInfo) 
     return TrainState(model, ema, make_optimizer(model, cfg.stage(stage)), runtime, train_model)
 
 
-def too_few_samples(key: str, samples_per_worker: int, micro: int, accum_steps: int) -> str:
-    return (f"{key}: {samples_per_worker} samples per worker per epoch is less than one step of "
-            f"{micro} x {accum_steps}; lower {key}.batch_size (or raise {key}.samples_per_epoch)")
+def too_few_samples(key: str, epoch_samples: int, batch_size: int) -> str:
+    return (f"{key}: {epoch_samples} samples per epoch is less than one step of {batch_size} (the global batch); "
+            f"lower {key}.batch_size (or raise {key}.samples_per_epoch)")
 
 
-def _step_plan(st: StageConfig, key: str, samples_per_worker: int, di: DistInfo) -> StepPlan:
+def steps_per_epoch(epoch_samples: int, batch_size: int) -> int:
+    """Whole global batches in the epoch: the same for any number of workers. (Each rank's share is
+    padded to an equal length for DDP; counting steps on that share gave an extra step of repeated
+    images where the epoch does not divide by the workers: 10 samples in batches of 4 trained 2
+    steps on 1 or 2 workers and 3 on 4, and the LR and EMA schedules moved with it.)"""
+    return epoch_samples // batch_size
+
+
+def _step_plan(st: StageConfig, key: str, epoch_samples: int, di: DistInfo) -> StepPlan:
     micro = micro_batch_size(st, di.world_size, key)
-    steps_per_epoch = samples_per_worker // (micro * st.accum_steps)
-    if steps_per_epoch < 1:
-        raise StageError(too_few_samples(key, samples_per_worker, micro, st.accum_steps))
-    return StepPlan(st, key, micro, steps_per_epoch, round(st.warmup_epochs * steps_per_epoch))
+    steps = steps_per_epoch(epoch_samples, st.batch_size)
+    if steps < 1:
+        raise StageError(too_few_samples(key, epoch_samples, st.batch_size))
+    return StepPlan(st, key, micro, steps, round(st.warmup_epochs * steps))
 
 
 def _initial_model(cfg: Config, stage: int, init_from: Path | None) -> nn.Module:
@@ -581,7 +589,9 @@ class _ProgressWindow:
         if step % self.log_every:
             return
         elapsed = time.time() - self.start
-        mean_loss = self.loss.item() / self.steps
+        # every rank's micro-batches, as the epoch's train/loss: rank 0's alone would be half of
+        # each global batch on 2 workers (every rank reaches this step: the same steps, log_every)
+        mean_loss = mean_over_ranks(self.loss, self.di).item() / self.steps
         rate = self.images * self.di.world_size / elapsed
         # this rank's share of the wall time the training loop sat waiting for a batch: above a few
         # percent the input path (loader workers, augmentation) is what limits the img/s

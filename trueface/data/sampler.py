@@ -95,6 +95,11 @@ class BalancedSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def epoch_size(self) -> int:
+        """Draws in an epoch over all ranks, before the padding that evens the ranks' shares."""
+        return self._total
+
     def plan(self) -> EpochPlan:
         cells = tuple(
             CellPlan(domain, label, len(ix), draws)
