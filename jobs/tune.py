@@ -27,6 +27,7 @@ import time
 
 import yaml
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from jobs import ray_tune
@@ -173,6 +174,9 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
     exit_on_batch_problems([t for stage in stages for t in range_end_configs(cfg, stage, space, BATCH_KEYS)],
                            layout, stages)
+    inside = inner_batch_problems(cfg, stages, space)
+    if inside:
+        sys.exit("config error:\n  " + "\n  ".join(inside))
     if prepared.check.findings:  # every trial trains on what the check let through: say what that is
         print(prepared.check.summary(), flush=True)
     init = _check_init(args, stages, cfg.data.cache_dir)
@@ -229,6 +233,37 @@ def range_end_configs(cfg: Config, stage: int, space: SearchSpace | None, keys: 
         except ConfigError:
             continue
     return out
+
+
+def inner_batch_problems(cfg: Config, stages: list[int], space: SearchSpace) -> list[str]:
+    """Batch splits the workers refuse at a value inside a searched ``int`` range of a stage's
+    batch_size or accum_steps, which ``range_end_configs`` does not reach: over 2 workers, batch
+    sizes 16 and 64 divide and a trial's 37 would fail. At most one problem per stage."""
+    from trueface.train import batch_split_problem  # torch: only once the space is read
+
+    problems = []
+    for stage in stages:
+        key, st = f"stage{stage}", cfg.stage(stage)
+        params = {p.key.split(".", 1)[1]: p for p in space.params if p.key.startswith(f"{key}.")}
+        if not any(params[k].form == "int" for k in ("batch_size", "accum_steps") if k in params):
+            continue
+
+        def values(name: str, default):
+            param = params.get(name)
+            if param is None:
+                return [default]
+            return range(int(param.low), int(param.high) + 1) if param.form == "int" else param.extremes()
+
+        mixup = max([st.mixup_alpha] if "mixup_alpha" not in params else params["mixup_alpha"].extremes())
+        found = next((problem for batch in values("batch_size", st.batch_size)
+                      for accum in values("accum_steps", st.accum_steps)
+                      if (problem := batch_split_problem(replace(st, batch_size=int(batch), accum_steps=int(accum),
+                                                                 mixup_alpha=float(mixup)),
+                                                         cfg.scaling.num_workers, key))), "")
+        if found:
+            problems.append(f"{found} (a value inside a searched int range, which trials draw too: search "
+                            f"{key}.batch_size or {key}.accum_steps with choice: [...] of values that work)")
+    return problems
 
 
 def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int], space: SearchSpace | None = None) -> dict[str, int]:

@@ -96,10 +96,45 @@ def test_errors_name_the_key_and_the_problem(params, message):
     assert "test.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("key, spec, stages, message", [
+    ("stage1.samples_per_epoch", {"int": [32, 512]}, (1,), "how many images an epoch holds"),
+    ("stage1.balance", {"choice": ["class", "domain_class"]}, (1,), "balancing sets the epoch's size"),
+    ("data.loader_workers", {"int": [0, 4]}, (1,), "no trial acts on it"),
+    ("runtime.log_every", {"int": [1, 3]}, (1,), "no trial acts on it"),
+    ("scaling.max_failures", {"int": [0, 2]}, (1,), "no trial acts on it"),
+    ("model.weights", {"choice": ["imagenet", "none"]}, (2,), "Stage II starts from the Stage I checkpoint"),
+])
+def test_keys_that_make_trials_unlike_or_alike_are_refused(key, spec, stages, message):
+    cfg = load_config("demo", ["stage1.samples_per_epoch=0"])
+    with pytest.raises(SearchSpaceError, match=message):
+        space({key: spec}).check(cfg, stages)
+
+
+def test_balance_is_searchable_where_the_epoch_has_a_fixed_size_and_weights_where_stage_one_trains():
+    space({"stage1.balance": {"choice": ["class", "domain_class"]}}).check(
+        load_config("demo", ["stage1.samples_per_epoch=64"]), (1,))
+    space({"model.weights": {"choice": ["imagenet", "none"]}}).check(load_config("demo"), (1, 2))
+
+
+def test_patience_acts_only_once_its_lowest_value_above_zero_can_have_stopped_a_trial():
+    # epoch 1 always improves and the warm-up's epochs never count: patience 2 after 1 warm-up epoch
+    # can stop a trial after epoch 3 at the earliest, so two values differ from epoch 4
+    cfg = load_config("demo", ["stage1.epochs=8", "stage1.warmup_epochs=1"])
+    for spec in ({"int": [2, 4]}, {"choice": [0, 2, 3]}):
+        (effect,) = space({"stage1.patience": spec}).first_effects(cfg, (1,), {1: 10})
+        assert effect.epoch == 4, (spec, effect)
+    (effect,) = space({"stage1.patience": {"int": [0, 4]}}).first_effects(cfg, (1,), {1: 10})
+    assert effect.epoch == 3  # patience 1
+    (never,) = space({"stage1.patience": {"choice": [0]}}).first_effects(cfg, (1,), {1: 10})
+    assert never.epoch is None
+    (late,) = space({"stage1.patience": {"int": [7, 9]}}).first_effects(cfg, (1,), {1: 10})
+    assert late.epoch is None  # after the stage's 8 epochs
+
+
 def test_stage_one_keys_are_refused_when_trials_fine_tune_stage_two():
     with pytest.raises(SearchSpaceError, match="--stage 1"):
         space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}}).check(load_config("demo"), (2,))
-    space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}, "runtime.log_every": {"int": [1, 3]}}).check(
+    space({"stage1.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"uniform": [0.0, 0.5]}}).check(
         load_config("demo"), (1, 2))
 
 

@@ -77,6 +77,21 @@ def test_a_searched_batch_size_replaces_the_base_one_in_the_batch_check(tiny_roo
         tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--workers-per-trial", "3"))
 
 
+def test_a_batch_inside_a_searched_int_range_that_the_workers_cannot_share_is_refused(tiny_root, tmp_path, no_ray):
+    # 6 and 12 divide over 3 workers; 7 to 11, which trials draw too, mostly do not
+    space = "params:\n  stage1.batch_size: {int: [6, 12]}\n"
+    with pytest.raises(SystemExit, match=r"stage1.batch_size=7 is the global batch .* 3 x 1.*inside a searched int"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--workers-per-trial", "3", space=space))
+    # and accum_steps: a batch of 12 over 3 x 1..4 workers and steps breaks at 3 x 3 = 9
+    space = "params:\n  stage1.batch_size: {choice: [12]}\n  stage1.accum_steps: {int: [1, 4]}\n"
+    with pytest.raises(SystemExit, match=r"stage1.batch_size=12 .* 3 x 3.*inside a searched int"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--workers-per-trial", "3", "stage1.mixup_alpha=0",
+                               space=space))
+    # a range every value of which divides passes (1 worker)
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "stage1.mixup_alpha=0",
+                                  space="params:\n  stage1.batch_size: {int: [6, 12]}\n")) == 0
+
+
 def test_an_ablation_row_whose_batch_the_workers_cannot_share_is_refused_before_ray(tiny_root, tmp_path, no_ray):
     from jobs import ablate as ablate_job
 

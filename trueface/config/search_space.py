@@ -67,8 +67,35 @@ _UNSEARCHABLE = {
 }
 
 
+_UNSEARCHABLE.update({  # how a trial runs, not what it trains
+    "data.loader_workers": "it sets how many processes read the images, not which or how",
+    "runtime.log_every": "it sets how often progress is printed",
+    "runtime.keep_freed_memory": "it sets how the process keeps memory",
+    "scaling.max_failures": "it sets how often a failed worker group is restarted",
+})
+#: Epoch sizes: ASHA's rungs compare trials epoch by epoch, so an epoch must hold as many images in
+#: every trial, or the rung compares budgets, not values.
+_EPOCH_SIZE = ("it changes how many images an epoch holds, and ASHA compares trials epoch by epoch: a "
+               "rung would compare unequal amounts of training")
+
+
 def _why_unsearchable(key: str) -> str:
     return next((why for k, why in _UNSEARCHABLE.items() if key == k or (k.endswith(".") and key.startswith(k))), "")
+
+
+def _why_epoch_size(key: str, cfg: Config) -> str:
+    """Why searching ``key`` would make epochs unequal between trials ('' when it would not):
+    ``samples_per_epoch`` sets the epoch's size, and ``balance`` does where that is 0 (an epoch is
+    then the cells times the median cell, or every image)."""
+    stage = _stage_of(key)
+    if stage is None:
+        return ""
+    name = key.split(".", 1)[1]
+    if name == "samples_per_epoch":
+        return _EPOCH_SIZE
+    if name == "balance" and cfg.stage(stage).samples_per_epoch == 0:
+        return f"{_EPOCH_SIZE} (with stage{stage}.samples_per_epoch 0, the balancing sets the epoch's size: set it)"
+    return ""
 
 
 class SearchSpaceError(ConfigError):
@@ -197,6 +224,12 @@ class SearchSpace:
             if why := _why_unsearchable(p.key):
                 raise SearchSpaceError(f"{where}: cannot be searched: no trial acts on it ({why}); set it for the "
                                        f"whole search ({p.key}=VALUE)")
+            if why := _why_epoch_size(p.key, cfg):
+                raise SearchSpaceError(f"{where}: cannot be searched: {why}; set it for the whole search "
+                                       f"({p.key}=VALUE)")
+            if p.key == "model.weights" and stages == (2,):
+                raise SearchSpaceError(f"{where}: cannot be searched with --stage 2: no trial acts on it (Stage II "
+                                       f"starts from the Stage I checkpoint's weights)")
             stage = _stage_of(p.key)
             if stage is not None and stage not in stages:
                 trains = " and ".join(f"Stage {'I' * s}" for s in stages)
@@ -215,7 +248,8 @@ class SearchSpace:
         decay from the epoch where the decay warm-up passes the range's low end (the step count
         restarts each stage; ``steps_per_epoch`` maps a stage to its optimizer steps per epoch);
         ``stageN.light_epochs`` from epoch low + 1; ``stageN.epochs`` and ``stageN.final_lr`` from
-        the epoch of the first step after the LR warm-up; every other key from epoch 1 of its stage,
+        the epoch of the first step after the LR warm-up; ``stageN.patience`` from the epoch after
+        its lowest value above 0 can first have stopped a trial; every other key from epoch 1 of its stage,
         or of the trial's first stage for keys outside ``stageN.*``. Where a searched key moves
         ``light_epochs`` or ``epochs``, the latest start and the longest stage count."""
         return [self._first_effect(p, cfg, tuple(stages), steps_per_epoch) for p in self.params]
@@ -238,6 +272,9 @@ class SearchSpace:
             return _within_stage(p.key, stage, first, epochs, "light augmentation ends after the lowest value")
         if p.key == f"{key}.ema_decay" and self._may_be(f"{key}.ema_warmup", st.ema_warmup, True):
             return _decay_effect(p, stage, epochs, int(steps_per_epoch[stage]))
+        if p.key == f"{key}.patience":
+            return _patience_effect(p, stage, epochs, self._most(f"{key}.warmup_epochs", st.warmup_epochs),
+                                    int(steps_per_epoch[stage]))
         if p.key in (f"{key}.epochs", f"{key}.final_lr"):
             # the cosine starts at the warm-up's end at the base LR, whatever its length and floor
             # (trueface.schedule.lr_at): the first step that differs is the one after the warm-up
@@ -271,6 +308,23 @@ def _within_stage(key: str, stage: int, first: int, epochs: int, why: str) -> Fi
     if first <= epochs:
         return FirstEffect(key, stage, first, why)
     return FirstEffect(key, stage, None, f"{why}, after Stage {'I' * stage}'s {epochs} epochs")
+
+
+def _patience_effect(p: Param, stage: int, epochs: int, warmup_epochs: float, steps_per_epoch: int) -> FirstEffect:
+    """Patience only ends trials: every value trains and reports alike until the smallest one above
+    0 (0: never stop) can first have stopped a trial, and differs from the epoch after. Epoch 1 is
+    always an improvement and epochs inside the LR warm-up never count (trueface.train.Progress)."""
+    positive = ([int(v) for v in p.values if int(v) > 0] if p.form == "choice"
+                else [max(int(p.low), 1)] if p.high >= 1 else [])
+    if not positive:
+        return FirstEffect(p.key, stage, None, "patience 0 never stops a trial early; search values above 0")
+    spe = max(1, steps_per_epoch)
+    in_warmup = round(float(warmup_epochs) * spe) // spe  # epochs that end inside the LR warm-up
+    lowest = min(positive)
+    stop = max(1, in_warmup) + lowest
+    return _within_stage(p.key, stage, stop + 1, epochs,
+                         f"patience {lowest} can stop a trial after epoch {stop} at the earliest (epoch 1 always "
+                         f"improves, and the {in_warmup} warm-up epoch(s) never count)")
 
 
 def warmup_decay(step: int) -> float:
