@@ -49,7 +49,7 @@ from trueface.config import Config, ConfigError, apply_values, from_dict, to_dic
 from trueface.config.loading import is_run_name
 from trueface.data.check import DataCheckError
 from trueface.data.layout import DataLayoutError
-from trueface.run import RunPaths, prepare_run
+from trueface.run import RunPaths, epoch_samples, prepare_run
 from trueface.storage import Mirror, StorageError, check_writable, join
 
 SPEC_FILE = "trueface-ablate.json"  # how the ablation was started: what --resume reads
@@ -128,7 +128,7 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
     if prepared.check.findings:
         print(prepared.check.summary(), flush=True)
-    cfg = prepared.cfg
+    cfg = fixed_epoch_sizes(prepared.cfg, prepared.layout, stages)
     init = _check_init(args, stages, cfg.data.cache_dir)
     name = args.name or f"{'lodo' if args.leave_one_domain_out else 'abl'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
@@ -152,6 +152,18 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
                  + ("" if args.storage == "runs/ablate" else f" --storage {args.storage}")
                  + "\n  or start anew:   add --name <another name>")
     return job
+
+
+def fixed_epoch_sizes(cfg: Config, layout, stages) -> Config:
+    """``cfg`` with each trained stage's ``samples_per_epoch`` fixed at the reference's epoch where
+    it is 0, when the balancing and the domains set the epoch's size: a row that balances otherwise
+    (domain-balance) or leaves a domain out then trains as many images an epoch as the reference,
+    and the table compares the balancing or the domain, not the amount of training."""
+    fixed = {f"stage{s}.samples_per_epoch": epoch_samples(cfg, layout, s) for s in stages
+             if cfg.stage(s).samples_per_epoch == 0}
+    for key, size in fixed.items():
+        print(f"{key} fixed at {size}, the reference's epoch, for every row", flush=True)
+    return apply_values(cfg, fixed) if fixed else cfg
 
 
 def _spec_data(path: str, components: str | None) -> dict:

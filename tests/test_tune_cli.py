@@ -9,7 +9,7 @@ import pytest
 
 from jobs import ray_tune
 from jobs import tune as tune_job
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, write_tiny_root
 from trueface.checkpoint import save_checkpoint
 from trueface.config import load_config
 from trueface.config.search_space import parse_search_space
@@ -102,6 +102,32 @@ def test_an_ablation_row_whose_batch_the_workers_cannot_share_is_refused_before_
             "--dry-run", *tiny_overrides(tiny_root, tmp_path)]
     with pytest.raises(SystemExit, match=r"stage1.batch_size=9 is the global batch .* 2 x 1"):
         ablate_job.main(args)
+
+
+def test_an_ablation_gives_every_row_the_references_epoch_size(tmp_path, no_ray, capsys):
+    # Stage II's epoch is the balancing's (samples_per_epoch 0): 4 domain-class cells x the median
+    # cell (8) is 32 images, where class balancing would make it 2 x 10 = 20. Fixed at 32 for every row.
+    from jobs import ablate as ablate_job
+    from trueface.config import apply_values
+    from trueface.run import epoch_samples, resolve_layout
+
+    root = write_tiny_root(tmp_path / "data", {"big": "lower"}, per_class=8)
+    write_tiny_root(root, {"small": "lower"}, per_class=2)
+    overrides = [*tiny_overrides(root, tmp_path), "stage2.samples_per_epoch=0", "stage2.balance=domain_class",
+                 "stage1.domains=[big]", "stage2.domains=[big,small]"]
+    cfg, layout = resolve_layout(load_config("demo", overrides))
+    off = {"stage2.balance": "class"}
+    assert (epoch_samples(cfg, layout, 2), epoch_samples(apply_values(cfg, off), layout, 2)) == (32, 20)
+    fixed = ablate_job.fixed_epoch_sizes(cfg, layout, (1, 2))
+    assert epoch_samples(fixed, layout, 2) == epoch_samples(apply_values(fixed, off), layout, 2) == 32
+    assert fixed.stage1.samples_per_epoch == epoch_samples(cfg, layout, 1) == 16  # the same epoch, now named
+    # the job fixes it before it plans
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("components:\n  domain-balance:\n    what: domain balancing\n"
+                    "    when_off: {set: {stage2.balance: class}}\n")
+    assert ablate_job.main(["--spec", str(spec), "--stage", "both", "--storage", str(tmp_path / "abl"),
+                            "--dry-run", *overrides]) == 0
+    assert "stage2.samples_per_epoch fixed at 32, the reference's epoch, for every row" in capsys.readouterr().out
 
 
 def test_init_must_be_a_stage_one_checkpoint(tiny_root, tmp_path, no_ray):

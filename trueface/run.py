@@ -176,7 +176,9 @@ def write_data_check(check: DataCheck | None, paths: RunPaths) -> None:
     paths.results_mirror().push(DATA_CHECK_DIR)
 
 
-def _epoch_samples(cfg: Config, layout: DataLayout, stage: int) -> int:
+def epoch_samples(cfg: Config, layout: DataLayout, stage: int) -> int:
+    """Images drawn in an epoch of ``stage`` over all workers (``samples_per_epoch``, or where it is 0
+    the size the balancing gives)."""
     st = cfg.stage(stage)
     train = layout.gather(st.domains, "train")
     return BalancedSampler([s.label for s in train], [s.domain for s in train], st.balance,
@@ -188,7 +190,7 @@ def planned_steps_per_epoch(cfg: Config, layout: DataLayout, stage: int) -> int:
     whole global batches (at least 1 here: batch_problems says why not)."""
     from trueface.train import steps_per_epoch  # torch: only where a job plans
 
-    return max(1, steps_per_epoch(_epoch_samples(cfg, layout, stage), cfg.stage(stage).batch_size))
+    return max(1, steps_per_epoch(epoch_samples(cfg, layout, stage), cfg.stage(stage).batch_size))
 
 
 def batch_problems(cfg: Config, layout: DataLayout, stages: tuple[int, ...] | list[int]) -> list[str]:
@@ -200,7 +202,7 @@ def batch_problems(cfg: Config, layout: DataLayout, stages: tuple[int, ...] | li
     for stage in stages:
         st, key, workers = cfg.stage(stage), f"stage{stage}", cfg.scaling.num_workers
         problem = batch_split_problem(st, workers, key)
-        samples = _epoch_samples(cfg, layout, stage)
+        samples = epoch_samples(cfg, layout, stage)
         if not problem and samples < st.batch_size:
             problem = too_few_samples(key, samples, st.batch_size)
         problems += [problem] if problem else []
