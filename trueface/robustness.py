@@ -25,8 +25,9 @@ other machines give the same pixels (and the same bytes, for one Pillow build).
 The cache: ``<cache_dir>/robustness/<root name>-<key>/<perturbation>/<root name>/<domain>/test/<label>/``,
 the data root's layout with the file's suffix made to fit its format (``a.jpg`` saved as PNG is
 ``a.jpg.png``), so ``trueface.data.layout.discover_layout`` reads it and a single-domain root keeps its
-domain name. The key hashes every test file's relative path, size, mtime and ctime, the seed, ``RECIPE_VERSION``
-and Pillow's version: a changed test file means a new folder, and an unchanged one is reused as it is.
+domain name. The key hashes every test file's relative path, size, mtime and ctime, the seed,
+``RECIPE_VERSION`` and Pillow's version: a changed test file means a new folder, and an unchanged one
+is reused as it is.
 Each perturbation is built in a hidden temporary folder beside it and renamed into place once complete,
 so a crash never leaves a half cache. ``run_chunks`` runs the chunks (jobs.evaluate: Ray tasks).
 The tables and plot are in trueface.robustness_report.

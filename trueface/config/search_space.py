@@ -63,16 +63,13 @@ _UNSEARCHABLE = {
     "data.test_domains": "test domains are never scored during a search",
     "data.on_bad_image": _DATA_ONCE, "data.min_image_side": _DATA_ONCE, "data.cache_dir": _DATA_ONCE,
     "data.prepared": "the prepared cache holds the same pixels as the files",
-    **NO_AUC_EVAL_KEYS,
-}
-
-
-_UNSEARCHABLE.update({  # how a trial runs, not what it trains
+    # how a trial runs, not what it trains
     "data.loader_workers": "it sets how many processes read the images, not which or how",
     "runtime.log_every": "it sets how often progress is printed",
     "runtime.keep_freed_memory": "it sets how the process keeps memory",
     "scaling.max_failures": "it sets how often a failed worker group is restarted",
-})
+    **NO_AUC_EVAL_KEYS,
+}
 #: Epoch sizes: ASHA's rungs compare trials epoch by epoch, so an epoch must hold as many images in
 #: every trial, or the rung compares budgets, not values.
 _EPOCH_SIZE = ("it changes how many images an epoch holds, and ASHA compares trials epoch by epoch: a "

@@ -18,9 +18,9 @@ images' bytes back to back, read with ``np.memmap``) and beside each its index `
 (path, file size, mtime and ctime, offset, height, width of every image in it). Keyed by the
 manifest: an image is served from the cache only while its file has the size, mtime and ctime it
 was prepared from (trueface.data.layout.file_stamp), so a changed, added or replaced file is
-prepared again by the next build and, until then, decoded from the file (never served stale). Each shard's ``.u8`` and then its ``.json`` are
-written to a temporary name and renamed, so an interrupted build leaves whole shards only, and a
-rerun prepares just the rest. Not safe for two builders at once on one folder: build it from the
+prepared again by the next build and, until then, decoded from the file (never served stale).
+Each shard's ``.u8`` and then its ``.json`` are written to a temporary name and renamed, so an
+interrupted build leaves whole shards only, and a rerun prepares just the rest. Not safe for two builders at once on one folder: build it from the
 driver before training (jobs.pipeline, or ``python -m jobs.prepare``).
 """
 
