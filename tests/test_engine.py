@@ -129,7 +129,9 @@ def test_a_diverged_epoch_stops_with_an_error_decided_on_the_loss_over_all_ranks
     monkeypatch.setattr(train, "mean_over_ranks", other_rank_diverged)
     with pytest.raises(StageError) as failed:
         _stage1(tiny_cfg, tmp_path)
-    assert len(reduced) == 1 and reduced[0] > 0  # the epoch's loss sum, reduced once, finite here
+    # each progress line's loss (log_every 1: one per step), then the epoch's loss sum, finite here
+    *steps, epoch = reduced
+    assert steps and all(v > 0 for v in steps) and epoch == pytest.approx(sum(steps))
     assert str(failed.value).startswith("stage1: training diverged (mean loss nan) in epoch 1; lower stage1.lr (now 0.001)")
 
 
