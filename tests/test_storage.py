@@ -87,8 +87,10 @@ def test_a_file_deleted_at_the_uri_leaves_the_working_copy_too(s3_server, tmp_pa
 
     pull_beside("s3://trueface-test/gone/run/stage1/best.pt", tmp_path / "cache")
     assert not (again.local / "stage1" / "thresholds.json").exists()
-    # a folder pull keeps what it was not asked about, and a file still kept there stays
-    assert again.pull("tensorboard", "keep.txt") == [] and (again.local / "keep.txt").read_bytes() == b"x"
+    # a folder pull keeps what it was not asked about, and a file still kept there stays (whether
+    # it is downloaded again depends on the clocks: S3 keeps its upload time in whole seconds)
+    again.pull("tensorboard", "keep.txt")
+    assert (again.local / "keep.txt").read_bytes() == b"x"
 
 
 def test_file_uris_are_paths_on_this_machine(tmp_path):
