@@ -150,8 +150,7 @@ def _csv(rows, predictor: Predictor, explained: dict | None = None) -> str:
                  f"{predictor.temperature:.6g}", predictor.temperature_source, r.error]
         if explained is not None:
             e = explained.get(r.path)
-            peak = e.peak if e and e.peak else ("", "")  # an empty map has no peak
-            cells += [e.overlay, e.region, *peak] if e else ["", "", "", ""]
+            cells += [e.overlay, e.region, *(e.peak or ("", ""))] if e else ["", "", "", ""]  # empty map: no peak
         writer.writerow(cells)
     return buf.getvalue()
 

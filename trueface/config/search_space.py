@@ -246,8 +246,8 @@ class SearchSpace:
         restarts each stage; ``steps_per_epoch`` maps a stage to its optimizer steps per epoch);
         ``stageN.light_epochs`` from epoch low + 1; ``stageN.epochs`` and ``stageN.final_lr`` from
         the epoch of the first step after the LR warm-up; ``stageN.patience`` from the epoch after
-        its lowest value above 0 can first have stopped a trial; every other key from epoch 1 of its stage,
-        or of the trial's first stage for keys outside ``stageN.*``. Where a searched key moves
+        its lowest value above 0 can first have stopped a trial; every other key from epoch 1 of its
+        stage, or of the trial's first stage for keys outside ``stageN.*``. Where a searched key moves
         ``light_epochs`` or ``epochs``, the latest start and the longest stage count."""
         return [self._first_effect(p, cfg, tuple(stages), steps_per_epoch) for p in self.params]
 

@@ -113,8 +113,10 @@ def _discover(root: Path, exclude: frozenset[str]) -> DataLayout:
     reader = _Reader(root, exclude)
     layout = DataLayout(root, problems=reader.problems)
     children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if _split_dirs(root):
-        layout.domains[_domain_name(root)] = reader.domain(root, _domain_name(root))
+    own_splits = _split_dirs(root)
+    if own_splits:
+        name = _domain_name(root)
+        layout.domains[name] = reader.domain(root, name, own_splits)
         for child in children:  # ROOT/dalle/train/... beside ROOT/train/...: a mistake, never read
             if child.name.lower() not in SPLIT_ALIASES and reader.split_dirs(child):
                 reader.problem(child, "ignored: a domain folder beside the root's own train/valid/test folders (a "
@@ -123,7 +125,7 @@ def _discover(root: Path, exclude: frozenset[str]) -> DataLayout:
         for child in children:
             found = reader.split_dirs(child)
             if found:
-                layout.domains[child.name] = reader.domain(child, child.name)
+                layout.domains[child.name] = reader.domain(child, child.name, found)
             elif found is not None:
                 reader.problem(child, "ignored: it has no train/valid/test folder", "warning")
     layout.domains = {d: splits for d, splits in layout.domains.items() if splits}
@@ -179,11 +181,11 @@ class _Reader:
             self.problem(folder, f"ignored: cannot list it ({exc.strerror or exc})", "warning")
             return None
 
-    def domain(self, folder: Path, domain: str) -> dict[str, list[Sample]]:
-        """``folder``'s splits, its samples named ``domain``: the name the layout keys them by (a
-        symbolic link's own name, not its target's, so two links to ``.../v2`` stay two domains)."""
+    def domain(self, folder: Path, domain: str, found: dict[str, Path]) -> dict[str, list[Sample]]:
+        """``folder``'s splits (``found``: its ``_split_dirs``), its samples named ``domain``: the
+        name the layout keys them by (a symbolic link's own name, not its target's, so two links to
+        ``.../v2`` stay two domains)."""
         splits: dict[str, list[Sample]] = {}
-        found = _split_dirs(folder)
         for split in SPLITS:
             if split not in found:
                 self.problem(folder / split, f"domain {domain!r} has no {split}/ split ({_SPLIT_ROLE[split]})", "warning")

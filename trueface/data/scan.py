@@ -30,7 +30,7 @@ from PIL import Image
 
 from trueface.atomic import atomic_write_bytes
 from trueface.data.decode import ImageReadError, load_rgb
-from trueface.data.layout import DataLayout, Sample, display_path
+from trueface.data.layout import DataLayout, Sample, display_path, file_stamp
 from trueface.data.leakage import perceptual_hash, thumbnail
 
 #: Bump when a row's meaning changes: cached rows of another version are scanned again.
@@ -76,7 +76,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     }
     try:
         st = os.stat(path)
-        row["file_size"], row["mtime_ns"], row["ctime_ns"] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        row["file_size"], row["mtime_ns"], row["ctime_ns"] = file_stamp(st)
         with open(path, "rb") as f:
             row["sha1"] = hashlib.sha1(f.read()).hexdigest()
     except OSError as exc:
@@ -171,7 +171,7 @@ def scan_layout(layout: DataLayout, cache_file: Path | None = None, workers: int
         # ctime too: a chmod changes neither size nor mtime, and a file made unreadable (or
         # readable again) must not keep its clean (or its error) row
         fresh = row is not None and st is not None and (
-            (row["file_size"], row["mtime_ns"], row["ctime_ns"]) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            (row["file_size"], row["mtime_ns"], row["ctime_ns"]) == file_stamp(st))
         rows.append(row if fresh else None)
         if not fresh:
             todo.append((i, s))
