@@ -94,6 +94,33 @@ def test_a_retry_from_an_older_ray_checkpoint_goes_on_from_the_newer_last_pt(tin
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stage1").glob("*.pt")} == before  # not rewritten
 
 
+@pytest.mark.parametrize("epochs", [2, 3])
+def test_a_report_lost_to_a_kill_after_its_epoch_was_saved_is_sent_on_resume(tiny_cfg, tmp_path, epochs):
+    """A worker killed between saving epoch 2 and reporting it resumes after epoch 2: the search
+    must still get epoch 2's report (ASHA's rung; where it was the last epoch, Optuna's value and
+    the trial's outcome), before any later epoch's and, for a finished stage, after its stage.json."""
+    cfg = dataclasses.replace(tiny_cfg, stage1=dataclasses.replace(tiny_cfg.stage1, epochs=epochs, patience=0))
+    sent, lost = [], []
+
+    def killed_at_epoch_2(metrics, checkpoint):
+        if metrics["epoch"] == 2:
+            lost.append(metrics)
+            raise KeyboardInterrupt  # the worker dies after the save, before Ray hears of the epoch
+        sent.append(metrics)
+
+    with pytest.raises(KeyboardInterrupt):
+        _stage1(cfg, tmp_path, report=killed_at_epoch_2)
+    assert [m["epoch"] for m in sent] == [1] and load_checkpoint(tmp_path / "stage1" / "last.pt")["epoch"] == 2
+    (tmp_path / "stage1" / "stage.json").unlink(missing_ok=True)  # a kill before the summary's write
+    resumed = []
+    _stage1(cfg, tmp_path, report=lambda m, c: resumed.append((m, (tmp_path / "stage1" / "stage.json").is_file())))
+    assert [m["epoch"] for m, _ in resumed] == list(range(2, epochs + 1))
+    again, summary_written = resumed[0]
+    assert again == lost[0] and all(type(again[k]) is type(lost[0][k]) for k in ("stage", "epoch", "step"))
+    assert again["stage_done"] == float(epochs == 2) and summary_written == (epochs == 2)
+    assert finished_stage(tmp_path / "stage1").epochs_run == epochs
+
+
 def test_a_writer_killed_between_the_two_checkpoints_leaves_best_pt_for_its_resume(tiny_cfg, tmp_path, monkeypatch):
     """last.pt is what a resume starts from, so it is written last: once it exists, so does the
     best.pt of every epoch before it (a kill between the writes used to lose epoch 1's best.pt)."""

@@ -181,6 +181,26 @@ class Progress:
         return patience > 0 and self.bad_epochs >= patience
 
 
+def _epoch_report(metrics: dict, progress: Progress, st: StageConfig) -> dict:
+    """An epoch's metrics as reported: plus the stage's best so far and ``stage_done``, which lets
+    a scheduler that may kill the run right after this report tell "finished" apart."""
+    return {**metrics, "best/select_auc_ema": progress.best_auc, "best/epoch": progress.best_epoch,
+            "stage_done": float(progress.epoch >= st.epochs or progress.should_stop(st.patience))}
+
+
+def _resumed_report(progress: Progress, st: StageConfig) -> dict | None:
+    """The report of the epoch a resume goes on from, to send again: a worker killed between
+    saving an epoch and reporting it lost that report, and a search must see every epoch (ASHA
+    judges a rung by it, Optuna takes a trial's last report as its value, the search report reads
+    a trial's outcome from it). A report already had changes nothing: ASHA records a trial once
+    per rung, and the search report takes maxima and the last report. None before any epoch."""
+    if not progress.history or int(progress.history[-1]["epoch"]) != progress.epoch:
+        return None
+    last = dict(progress.history[-1])  # recorded as floats
+    last.update({k: int(last[k]) for k in ("stage", "epoch", "step", "world_size") if k in last})
+    return _epoch_report(last, progress, st)
+
+
 def run_stage(
     cfg: Config,
     stage: int,
@@ -244,6 +264,13 @@ def run_stage(
 
     result: StageResult | None = None
     try:
+        again = _resumed_report(progress, st) if report is not None and resume_path is not None else None
+        if again is not None:
+            _log(di, f"{key}: epoch {progress.epoch}'s report sent again (a worker killed before sending it lost it)")
+            if again["stage_done"]:  # as below: what the stage leaves is written before its last report
+                result = finish()
+            logger.flush()
+            report(again, None)
         for epoch in range(progress.epoch, st.epochs):
             if progress.should_stop(st.patience):  # resumed after an early stop that was not recorded
                 break
@@ -264,10 +291,7 @@ def run_stage(
                        **train_stats, **val,
                        "time/epoch_s": time.time() - t0}
             improved = progress.record(metrics, in_warmup=progress.step <= plan.warmup_steps)
-            metrics["best/select_auc_ema"] = progress.best_auc
-            metrics["best/epoch"] = progress.best_epoch
-            # Lets a scheduler that may kill the run right after this report tell "finished" apart.
-            metrics["stage_done"] = float(progress.epoch >= st.epochs or progress.should_stop(st.patience))
+            metrics = _epoch_report(metrics, progress, st)
             for name, value in metrics.items():
                 if name.startswith(("val/", "best/")):
                     logger.scalar(name, value, progress.step)
