@@ -9,6 +9,7 @@ Usage::
 Scans every image once (a process pool with a progress bar; cached by path, size and mtime, so a
 rerun on an unchanged root takes seconds) and writes ``<output.results_dir>/<root name>-data/``:
 ``report.md``, ``images.parquet``, ``problems.csv``, ``leakage.csv`` and a shortcut plot per domain.
+Any root is checked, whatever splits it has: a test-only root, or one without test/, too.
 The pipeline and jobs.tune run the same check before training. Exit status 1 when the check finds
 errors that would stop a run under ``data.on_bad_image`` (error, the default), else 0.
 """
@@ -22,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.common import add_config_arguments, config_from_args
-from trueface.data.layout import DataLayoutError
 from trueface.data.check import scan_and_check
-from trueface.run import resolve_layout
+from trueface.data.layout import DataLayoutError, discover_layout
+from trueface.run import data_root
 from trueface.storage import StorageError
 
 
@@ -39,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     started = time.time()
     try:
-        cfg, layout = resolve_layout(cfg)
+        # The layout as found, whatever splits it has: no training or test domains are chosen, so
+        # a test-only root (what jobs.evaluate asks to be checked) or one without test/ is checked too.
+        layout = discover_layout(data_root(cfg))
         # The check itself, never stopping on what it finds: judging is this job's output.
         check = scan_and_check(layout, cfg, workers=args.workers)
     except DataLayoutError as exc:

@@ -6,12 +6,14 @@ One corpus (tests/data_corpus.py) and one scan are shared by the module's tests;
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -128,6 +130,21 @@ def test_report_names_every_file(corpus, checked, tmp_path):
     assert all(p.is_file() for p in files)
 
 
+def test_report_docs_match_what_is_written(checked, tmp_path):
+    """The plot names the module promises are those written; exact copies inside one cell are
+    listed (the corpus has none, so one is added) and the report says so."""
+    import trueface.data.report as report_module
+    from trueface.data.leakage import LeakPair
+
+    _, _, check, _ = checked
+    files = write_report(check, tmp_path / "report")
+    plots = [p.name for p in files if p.suffix == ".png"]
+    assert plots and all(n.startswith("shortcuts_") for n in plots) and "shortcuts_<domain>.png" in report_module.__doc__
+    twin = LeakPair("exact", "faces/train/real/a.png", "faces/train/real/b.png", 0, "faces", "train", 0, "faces", "train", 0)
+    text = "\n".join(report_module._leak_section([twin]))
+    assert "faces/train/real/b.png" in text and "exact copies" in text and "listed even there" in text
+
+
 def test_rescan_reads_the_cache_and_notices_a_changed_file(corpus, checked, monkeypatch):
     cfg, layout, check, _ = checked
     calls = []
@@ -171,6 +188,82 @@ def test_copies_kept_in_several_domains_are_warned_of_once(copies, warned):
     assert warnings == ([(warned, "the same file is in several domains: " + ", ".join(others))] if warned else [])
 
 
+def _pixel_copy_root(tmp_path: Path, other_label: bool) -> tuple[Path, dict]:
+    """A tiny root plus one picture saved three ways: same pixels, different bytes each time."""
+    from PIL import Image, PngImagePlugin
+
+    from tests.conftest import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "pix", {"": "lower"}, per_class=3, size=48)
+    rng = np.random.default_rng(7)
+    picture = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
+    picture.save(root / "test/real/face.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "re-saved")
+    picture.save(root / "train/real/face_resaved.png", pnginfo=info, compress_level=9)  # metadata added
+    paths = {"test": "test/real/face.png", "train": "train/real/face_resaved.png"}
+    if other_label:
+        picture.save(root / "valid/fake/face_relabelled.png", compress_level=1)
+        paths["other"] = "valid/fake/face_relabelled.png"
+    return root, paths
+
+
+@pytest.mark.parametrize("other_label", [False, True])
+def test_pixel_identical_copies_with_other_bytes_count_as_copies(tmp_path, other_label):
+    """A re-saved PNG (other bytes, same pixels) leaks exactly as a byte copy does: an error, left
+    out under skip; under the other label every copy is an error."""
+    from trueface.data.check import check_data
+    from trueface.data.layout import discover_layout
+    from trueface.data.scan import scan_layout
+
+    root, paths = _pixel_copy_root(tmp_path, other_label)
+    assert len({hashlib.sha1((root / p).read_bytes()).hexdigest() for p in paths.values()}) == len(paths)
+    cfg = load_config("demo", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.on_bad_image=skip",
+                               "stage1.image_size=32", "stage2.image_size=32"])
+    layout = discover_layout(root)
+    rows = scan_layout(layout, tmp_path / "scan.parquet", workers=1, progress=False)
+    by_path = {r["relpath"]: r for r in rows}
+    assert len({by_path[p]["pixel_sha1"] for p in paths.values()}) == 1 and by_path[paths["test"]]["pixel_sha1"]
+    check = check_data(layout, rows, cfg)
+    errors = {f.path: f.problem for f in check.errors}
+    if other_label:
+        assert set(errors) == set(paths.values()) == set(check.excluded)
+        assert all("identical pixels" in e and "also labelled" in e for e in errors.values())
+    else:
+        assert set(errors) == {paths["train"]} and check.excluded == (paths["train"],)
+        assert "also in test/" in errors[paths["train"]] and "identical pixels" in errors[paths["train"]]
+    # judged once, as a copy, not also warned of as a near duplicate
+    assert not [f for f in check.warnings if f.path in paths.values()]
+    # the digest survives the scan's cache
+    cached = scan_layout(layout, tmp_path / "scan.parquet", workers=1, progress=False)
+    assert [r["pixel_sha1"] for r in cached] == [r["pixel_sha1"] for r in rows]
+
+
+def test_pixel_digest_is_the_decoded_picture_not_the_file(tmp_path):
+    from PIL import Image
+
+    from trueface.data.scan import inspect_image
+
+    img = Image.new("RGB", (40, 30), (10, 200, 30))
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "b.png", compress_level=0)
+    Image.new("RGB", (30, 40), (10, 200, 30)).save(tmp_path / "c.png")  # same bytes of pixels, other shape
+    a, b, c = (inspect_image(str(tmp_path / n)) for n in ("a.png", "b.png", "c.png"))
+    assert a["sha1"] != b["sha1"] and a["pixel_sha1"] == b["pixel_sha1"] != c["pixel_sha1"]
+
+
+def test_mpo_phone_jpeg_gets_its_quality(tmp_path):
+    """PIL opens a phone's multi-picture JPEG as MPO: its quantisation tables still give the quality."""
+    from PIL import Image
+
+    from trueface.data.scan import inspect_image
+
+    a, b = Image.new("RGB", (64, 64), (200, 120, 90)), Image.new("RGB", (64, 64), (20, 60, 90))
+    a.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[b], quality=85)
+    row = inspect_image(str(tmp_path / "phone.jpg"))
+    assert row["format"] == "MPO" and row["jpeg_quality"] == 85 and row["error"] == ""
+
+
 def test_training_under_skip_never_meets_a_bad_file(corpus, checked):
     from trueface.train import run_stage
 
@@ -191,6 +284,21 @@ def test_check_data_cli_exit_status_and_report(corpus, checked, tmp_path):
                              timeout=120)
     assert skipped.returncode == 0, skipped.stderr
     assert f"leaving out {len(corpus.excluded)} files" in skipped.stdout
+
+
+@pytest.mark.parametrize("splits", [("test",), ("train", "valid")])
+def test_check_data_cli_checks_roots_of_any_splits(tmp_path, capsys, splits):
+    """A test-only root (jobs.evaluate asks for it to be checked) and one without test/ are checked,
+    not refused for lacking a train/ split."""
+    from jobs.check_data import main
+    from tests.conftest import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "root", {"faces": "lower"}, per_class=3, size=32, splits=splits)
+    status = main(["--data-root", str(root), "--out", str(tmp_path / "r"), f"data.cache_dir={tmp_path / 'cache'}"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"data check of {root}: {len(splits) * 6} images, 0 errors" in out
+    assert (tmp_path / "r" / "report.md").is_file()
 
 
 def _format_root(tmp_path: Path) -> Path:

@@ -90,6 +90,15 @@ def test_audit_covers_every_domain_with_all_its_splits_and_refuses_mixed_domains
         audit_domain(rows)
 
 
+def test_mpo_phone_jpegs_keep_their_quality_in_the_audit():
+    """A phone's MPO (multi-picture JPEG) is a JPEG: a quality shortcut among MPOs is seen."""
+    rows = make_rows(30, 0, seed=30, size_kb=(30, 60), quality=95) + make_rows(30, 1, seed=31, size_kb=(30, 60), quality=70)
+    for r in rows:
+        r["format"] = "MPO"
+    result = audit_domain(rows)
+    assert result.field_auc["jpeg_quality"] == 1.0 and result.separating_field == "jpeg_quality" and result.warning
+
+
 def test_plot_shortcuts_writes_one_png_per_domain(tmp_path):
     rows = make_rows(20, 0, seed=18, domain="a/b") + make_rows(20, 1, seed=19, domain="a/b", fmt="PNG")
     rows += make_rows(20, 0, seed=20, domain="c") + make_rows(1, 1, seed=21, domain="c")  # too few fakes: still plotted

@@ -11,9 +11,10 @@ The rules, each finding naming the file and the problem:
 - **error** (a file that cannot be used): it does not decode (truncated, zero bytes, not an image,
   a decompression bomb over PIL's limit, unreadable, a broken link), its shorter side is below
   ``data.min_image_side``, its link leaves the data root, its name is not UTF-8, a split has one
-  class only; the same file (sha1) under real/ and fake/ (every copy: which label is right is
-  unknown); the same file in two splits (the copy in the earlier split, train < valid < test, so the
-  test split stays whole).
+  class only; the same image under real/ and fake/ (every copy: which label is right is unknown);
+  the same image in two splits (the copy in the earlier split, train < valid < test, so the test
+  split stays whole). "The same image" is the same decoded pixels (the scan's ``pixel_sha1``), so a
+  re-saved PNG or a copy with its metadata stripped counts as much as a byte-identical file.
 - **warning** (usable, worth knowing): near duplicates (perceptual hash) across splits, domains or
   labels; exact duplicates across domains within one split; images smaller than every crop they are
   trained at (upscaled); a domain whose file metadata alone separates real from fake (the format
@@ -141,7 +142,7 @@ def check_data(layout: DataLayout, rows: list[dict], cfg: Config) -> DataCheck:
     findings += _file_findings(rows, cfg)
     findings += _duplicate_findings(rows)
     leaks = find_leakage([r for r in rows if not r["error"]])
-    findings += _leak_warnings(leaks)
+    findings += _leak_warnings(leaks, rows)
     audits = audit(rows)
     check = DataCheck(str(layout.root), cfg.data.on_bad_image, rows, _dedupe(findings), leaks, audits,
                       layout.counts(), oddities=_oddities(rows))
@@ -186,39 +187,58 @@ def _file_findings(rows: list[dict], cfg: Config) -> list[Finding]:
     return out
 
 
+def _copy_key(row: dict) -> str:
+    """What makes two files copies of one image: the decoded pixels (``pixel_sha1``) where the
+    scan recorded them, so a re-saved or metadata-stripped copy counts as a copy; else the bytes."""
+    return f"pixels {row['pixel_sha1']}" if row.get("pixel_sha1") else f"bytes {row.get('sha1') or ''}"
+
+
+def _same(a: dict, b: dict) -> str:
+    """How two copies are the same, in words."""
+    if a.get("sha1") and a.get("sha1") == b.get("sha1"):
+        return "the same file"
+    return "the same image (identical pixels, other bytes)"
+
+
 def _duplicate_findings(rows: list[dict]) -> list[Finding]:
-    """Exact copies (same sha1) under two labels, in two splits, or in two domains."""
+    """Exact copies (same decoded pixels, or same sha1 where the pixels were not digested) under two
+    labels, in two splits, or in two domains."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        if r["sha1"] and not r["error"]:
-            groups[r["sha1"]].append(r)
+        if (r.get("pixel_sha1") or r["sha1"]) and not r["error"]:
+            groups[_copy_key(r)].append(r)
     out = []
     for group in (g for g in groups.values() if len(g) > 1):
         if len({r["label"] for r in group}) > 1:
             for r in group:
-                others = ", ".join(o["relpath"] for o in group if o is not r and o["label"] != r["label"])
-                out.append(_finding(r, f"the same file is also labelled {LABEL_NAMES[1 - int(r['label'])]}: "
-                                       f"{others} (which label is right is unknown)"))
+                others = [o for o in group if o is not r and o["label"] != r["label"]]
+                out.append(_finding(r, f"{_same(r, others[0])} is also labelled {LABEL_NAMES[1 - int(r['label'])]}: "
+                                       f"{', '.join(o['relpath'] for o in others)} (which label is right is unknown)"))
             continue
         last = max(SPLIT_ORDER[r["split"]] for r in group)
         kept = [r for r in group if SPLIT_ORDER[r["split"]] == last]  # the copies not left out
         for r in group:
             later = [o for o in group if SPLIT_ORDER[o["split"]] > SPLIT_ORDER[r["split"]]]
             if later:
-                out.append(_finding(r, f"the same file is also in {later[0]['split']}/: {later[0]['relpath']} "
+                out.append(_finding(r, f"{_same(r, later[0])} is also in {later[0]['split']}/: {later[0]['relpath']} "
                                        f"(leaks {later[0]['split']} into {r['split']}; this copy is the one left out)"))
             elif r is kept[0] and len({o["domain"] for o in kept}) > 1:
-                out.append(_finding(r, "the same file is in several domains: "
-                                       + ", ".join(o["relpath"] for o in kept[1:]), "warning"))
+                others = kept[1:]
+                what = "the same file" if all(_same(r, o) == "the same file" for o in others) else \
+                    "the same image (identical pixels)"
+                out.append(_finding(r, f"{what} is in several domains: "
+                                       + ", ".join(o["relpath"] for o in others), "warning"))
     return out
 
 
-def _leak_warnings(leaks: list[LeakPair]) -> list[Finding]:
-    """Near duplicates (the exact ones are judged above): warnings, since a perceptual hash can match
-    two different images; the pairs are listed in the report's leakage.csv."""
+def _leak_warnings(leaks: list[LeakPair], rows: list[dict] = ()) -> list[Finding]:
+    """Near duplicates (the exact ones, and those with identical pixels, are judged above):
+    warnings, since a perceptual hash can match two different images; the pairs are listed in the
+    report's leakage.csv."""
+    pixels = {r["relpath"]: r["pixel_sha1"] for r in rows if r.get("pixel_sha1")}
     out = []
     for p in leaks:
-        if p.kind != "near":
+        if p.kind != "near" or (p.a in pixels and pixels.get(p.a) == pixels.get(p.b)):
             continue
         relation = " and ".join(name for name, on in (("split", p.cross_split), ("domain", p.cross_domain),
                                                       ("label", p.cross_label)) if on)

@@ -5,7 +5,8 @@ Usage: ``paths = write_report(check, Path("results/faces-data"))``
 Files: ``report.md`` (the summary, per-split counts before and after leaving files out, every
 error, the leakage pairs, the format-shortcut audit with its plots, converted oddities),
 ``images.parquet`` (one row per scanned file: trueface.data.scan's columns), ``problems.csv``
-(every finding), ``leakage.csv`` (every duplicate pair) and ``shortcuts-<domain>.png``. Each file is
+(every finding), ``leakage.csv`` (every duplicate pair) and ``shortcuts_<domain>.png`` (the domain's
+name made safe for a file name). Each file is
 written atomically: a rerun never leaves half a report.
 """
 
@@ -96,7 +97,8 @@ def _leak_section(leaks: list[LeakPair]) -> list[str]:
           f"Exact duplicates share a sha1; near duplicates have perceptual hashes (64-bit DCT pHash) at most "
           f"{NEAR_DUPLICATE_BITS} bits apart, confirmed by a 16x16 thumbnail correlation of at least {NEAR_DUPLICATE_MIN_CORRELATION} "
           "(trueface.data.leakage states how both thresholds were measured, and what they miss). "
-          "Pairs inside one domain, split and label are not leakage and are not listed."]
+          "Near pairs inside one domain, split and label are not leakage and are not listed; exact copies "
+          "(same sha1) are listed even there, since such a file counts twice."]
     counts = leak_summary(leaks)
     md += ["", "```", "\n".join(f"{k}: {v}" for k, v in counts.items()), "```", ""]
     if not leaks:

@@ -6,8 +6,9 @@ Usage::
     row = inspect_image("/data/faces/train/real/1.jpg")
 
 Each row holds the facts the data check (trueface.data.check) judges: format, size, mode, JPEG
-quality (estimated from the quantisation tables), EXIF, file size, sha1 of the bytes, a perceptual
-hash and the error when the file cannot be used. A file is decoded exactly as training decodes it
+quality (estimated from the quantisation tables), EXIF, file size, sha1 of the bytes, sha1 of the
+decoded pixels (``pixel_sha1``: a re-saved PNG or a copy with its metadata stripped has other bytes
+but the same pixels), a perceptual hash and the error when the file cannot be used. A file is decoded exactly as training decodes it
 (trueface.data.decode.load_rgb), so "decodes here" means "decodes in the DataLoader".
 
 The scan is cached by (path, size, mtime): a rerun on an unchanged root reads only the cache, which
@@ -34,11 +35,11 @@ from trueface.data.layout import DataLayout, Sample, display_path, file_stamp
 from trueface.data.leakage import perceptual_hash, thumbnail
 
 #: Bump when a row's meaning changes: cached rows of another version are scanned again.
-SCAN_VERSION = 3  # 2: thumb; 3: ctime_ns
+SCAN_VERSION = 4  # 2: thumb; 3: ctime_ns; 4: pixel_sha1
 
 COLUMNS = ("path", "relpath", "domain", "split", "label", "format", "width", "height", "mode", "jpeg_quality",
-           "exif", "exif_orientation", "file_size", "mtime_ns", "ctime_ns", "sha1", "phash", "thumb",
-           "error", "warning")
+           "exif", "exif_orientation", "file_size", "mtime_ns", "ctime_ns", "sha1", "pixel_sha1", "phash",
+           "thumb", "error", "warning")
 
 # The IJG standard luminance quantisation table (JPEG Annex K), in zigzag-independent raster order:
 # PIL's ``quantization`` gives tables in the same order libjpeg stores them.
@@ -47,6 +48,9 @@ _STD_LUMINANCE = np.array([
     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
 _EXIF_ORIENTATION = 0x0112
+#: Formats whose quantisation tables give a JPEG quality: MPO is the multi-picture JPEG that phones
+#: write (PIL names it by its container; the first picture is a plain JPEG).
+JPEG_FORMATS = ("JPEG", "MPO")
 
 
 def _ijg_table(quality: int) -> np.ndarray:
@@ -72,7 +76,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     row = {c: None for c in COLUMNS} | {
         "path": display_path(path), "relpath": display_path(relpath), "format": "", "width": -1, "height": -1,
         "mode": "", "jpeg_quality": -1, "exif": False, "exif_orientation": 1, "file_size": -1, "mtime_ns": -1,
-        "ctime_ns": -1, "sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
+        "ctime_ns": -1, "sha1": "", "pixel_sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
     }
     try:
         st = os.stat(path)
@@ -85,7 +89,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     try:
         with Image.open(path) as img:
             row |= {"format": img.format or "", "width": img.width, "height": img.height, "mode": img.mode}
-            if img.format == "JPEG" and getattr(img, "quantization", None):
+            if img.format in JPEG_FORMATS and getattr(img, "quantization", None):
                 row["jpeg_quality"] = estimate_jpeg_quality(img.quantization)
             exif = img.getexif()
             row["exif"] = bool(exif)
@@ -95,10 +99,20 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     try:
         rgb = load_rgb(path)  # the training decoder: same checks, same conversion of oddities
         row["phash"], row["thumb"] = perceptual_hash(rgb), thumbnail(rgb)
+        row["pixel_sha1"] = pixel_digest(rgb)
     except ImageReadError as exc:
         row["error"] = _without_path(str(exc), path)
     row["warning"] = _oddity(row)
     return row
+
+
+def pixel_digest(rgb: Image.Image) -> str:
+    """sha1 of a decoded image's size, mode and pixels: equal for two files that decode to the
+    same picture whatever their bytes (PNG compression level, metadata, ancillary chunks).
+    ``rgb`` is what ``load_rgb`` returns, so the digest costs one pass over pixels already decoded."""
+    h = hashlib.sha1(f"{rgb.mode} {rgb.width}x{rgb.height}\n".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
 
 
 def _without_path(message: str, path: str) -> str:
@@ -128,7 +142,8 @@ _SCHEMA = pa.schema([
     ("path", pa.string()), ("relpath", pa.string()), ("domain", pa.string()), ("split", pa.string()),
     ("label", pa.int8()), ("format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("mode", pa.string()), ("jpeg_quality", pa.int16()), ("exif", pa.bool_()), ("exif_orientation", pa.int16()),
-    ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("sha1", pa.string()), ("phash", pa.string()),
+    ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("sha1", pa.string()),
+    ("pixel_sha1", pa.string()), ("phash", pa.string()),
     ("thumb", pa.binary()), ("error", pa.string()), ("warning", pa.string()),
 ], metadata={b"scan_version": str(SCAN_VERSION).encode()})
 

@@ -102,11 +102,15 @@ def audit_domain(rows: list[dict]) -> DomainAudit:
     return result
 
 
+_JPEG_FORMATS = ("JPEG", "MPO")  # as trueface.data.scan.JPEG_FORMATS
+
+
 def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Each metadata field as an array; JPEG quality is -1 for anything not a JPEG."""
+    """Each metadata field as an array; JPEG quality is -1 for anything not a JPEG (a phone's MPO,
+    the multi-picture JPEG, is one)."""
     formats = np.array([str(r.get("format") or "?") for r in rows], dtype=object)
     quality = np.array([int(r.get("jpeg_quality", -1)) for r in rows], dtype=float)
-    quality[formats != "JPEG"] = -1
+    quality[~np.isin(formats.astype(str), _JPEG_FORMATS)] = -1
     return {
         "format": formats,
         "width": np.array([float(r.get("width", -1)) for r in rows]),
