@@ -181,7 +181,7 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
     if not spec_path.is_file():
         raise SystemExit(f"error: {exp.location} is not a TrueFace search (no {ray_tune.SPEC_FILE}); "
                          f"pass <storage>/<name>, e.g. runs/tune/demo-20261127-101500")
-    spec = json.loads(spec_path.read_text())
+    spec = read_spec(spec_path, exp.location)
     cache = from_dict(spec["config"]).data.cache_dir
     exp.pull(skip_suffixes=(".pt",))  # reports, configs, TensorBoard: checkpoints stay where they are
     report = Mirror.of(absolute(out or spec["results_dir"]), cache)
@@ -200,7 +200,7 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
     space = ray_tune.search_space(spec)
     header = {
         "search": spec["name"], "trials": f"{len(rows)} of {spec['num_samples']}", "space": spec["space_source"],
-        "stages trained": ", ".join(map(str, spec["stages"])) + (f" (Stage II from {spec['init']})" if spec["init"] else ""),
+        "stages trained": ", ".join(map(str, spec["stages"])) + (f" (Stage II from {spec['init']})" if spec.get("init") else ""),
         "ranked by": f"objective: the best {from_dict(spec['config']).eval.select_on} validation AUC of the EMA "
                      f"weights ({ray_tune.SCORE}) in Stage {'I' * spec['stages'][-1]}, the search's final stage; "
                      f"a trial stopped by ASHA has the one it had when stopped",
@@ -213,6 +213,30 @@ def aggregate(experiment: str | Path, out: str | Path | None = None, evaluate: E
                         importances=param_importances(rows, space))
     report.push()
     return report
+
+
+# What aggregate reads of a search's spec file without a default (jobs.tune writes them all).
+SPEC_KEYS = ("name", "config", "results_dir", "stages", "space", "space_source", "num_samples")
+
+
+def read_spec(path: Path, location: str, keys: Sequence[str] = SPEC_KEYS) -> dict:
+    """A search's ``trueface-tune.json``, or an exit naming the file and what is wrong with it
+    (not JSON, not an object, or without one of ``keys``)."""
+    where = f"{location}/{path.name}"
+    try:
+        spec = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise SystemExit(f"error: {where}: not readable JSON ({exc}); python -m jobs.tune writes it when the search "
+                         f"starts: was it cut short (an interrupted copy, a full disk)? Restore it from the "
+                         f"search's storage; without it the search cannot be aggregated") from exc
+    if not isinstance(spec, dict):
+        raise SystemExit(f"error: {where}: expected a JSON object (as python -m jobs.tune writes), "
+                         f"got {type(spec).__name__}")
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise SystemExit(f"error: {where} lacks {', '.join(missing)}; it is not a complete search spec as "
+                         f"python -m jobs.tune writes it (was it edited by hand?); restore it")
+    return spec
 
 
 def _best_trial_test(spec: dict, best: TrialInfo, stamp: dict, out: Mirror, evaluate: Evaluator) -> str:
@@ -230,7 +254,7 @@ def print_summary(report: Mirror, experiment: Mirror) -> None:
 
     out_dir = report.local
     rows = pq.read_table(out_dir / "trials.parquet").to_pylist()
-    spec = json.loads((experiment.local / ray_tune.SPEC_FILE).read_text())
+    spec = read_spec(experiment.local / ray_tune.SPEC_FILE, experiment.location, ("space", "space_source"))
     keys = ray_tune.search_space(spec).keys
     print("\n" + format_trials(rows, keys))
     stale = stale_test_report(out_dir)

@@ -113,3 +113,18 @@ def test_best_config_is_the_base_config_with_the_best_values(tmp_path):
 def test_a_folder_that_is_not_a_search_is_named(tmp_path):
     with pytest.raises(SystemExit, match="is not a TrueFace search"):
         aggregate.aggregate(tmp_path)
+
+
+def test_a_damaged_search_spec_is_named_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec_file = tmp_path / ray_tune.SPEC_FILE
+    spec_file.write_text('{"name": "s", "conf')  # cut short
+    with pytest.raises(SystemExit, match=r"trueface-tune.json: not readable JSON .*Restore it"):
+        aggregate.aggregate(tmp_path)
+    spec_file.write_text('{"name": "s", "space": {}}')  # keys missing
+    with pytest.raises(SystemExit, match=r"trueface-tune.json lacks config, results_dir, stages, space_source, "
+                                         r"num_samples; it is not a complete search spec"):
+        aggregate.aggregate(tmp_path)
+    spec_file.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="expected a JSON object .*got list"):
+        aggregate.aggregate(tmp_path)

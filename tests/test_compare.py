@@ -147,6 +147,88 @@ def test_noise_between_units_is_reported_as_no_evidence(units, tmp_path):
     assert {r["diff_words"] for r in diffs} == {"interval includes 0: no evidence of a difference"}
 
 
+def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = student_t.ppf(0.975, df) * math.sqrt(va + vb)
+    mean = float(np.mean(a) - np.mean(b))
+    return mean, mean - half, mean + half
+
+
+def renumbered(unit: Unit, label: str, offset: int) -> Unit:
+    """The same reports under other seed numbers (as a run family against an ablation may have)."""
+    return Unit(label, tuple(SeedReport(e.dir, e.seed + offset, e.weights) for e in unit.evaluations))
+
+
+def test_units_without_2_seeds_in_common_are_compared_unpaired_over_all_their_seeds(units, tmp_path):
+    """Seeds 10,11,12 against 0,1,2: a Welch t over every seed of both (training noise included),
+    not one seed of each with a bootstrap over images, which is blind to it."""
+    later = renumbered(units[1], "weak-later", 10)
+    rows = comparison_rows([units[0], later, units[2]], "full", n_boot=100)
+    table = {(r["unit"], r["domain"]): r for r in rows}
+    for domain in (*DOMAINS, "combined"):
+        row, ref = table[("weak-later", domain)], table[("full", domain)]
+        mine = [row[f"auc_seed{s}"] for s in (10, 11, 12)]
+        theirs = [ref[f"auc_seed{s}"] for s in (0, 1, 2)]
+        assert row["diff_method"] == "Welch t over seeds" and row["diff_n"] == 6
+        assert row["diff_pairing"] == "seeds 10,11,12 vs seeds 0,1,2 (unpaired)"
+        assert [row["diff_mean"], row["diff_low"], row["diff_high"]] == pytest.approx(welch_by_hand(mine, theirs))
+        # the difference is the table's own means', every seed counted
+        assert row["diff_mean"] == pytest.approx(row["auc_mean"] - ref["auc_mean"])
+        assert row["diff_words"] == ("lower than full" if row["diff_high"] < 0 else
+                                     "interval includes 0: no evidence of a difference")
+    assert table[("weak-later", "combined")]["diff_words"] == "lower than full"
+    # a unit with one seed still gets the images of one seed each
+    assert table[("one-seed", "dalle")]["diff_method"] == "paired bootstrap over images"
+    text = comparison_markdown(rows, "full", n_boot=100)
+    assert "| Welch t over seeds | seeds 10,11,12 vs seeds 0,1,2 (unpaired) |" in text
+    assert "- Welch t over seeds (unpaired: both units have 2 or more seeds but fewer than 2 in common)" in text
+    # the same runs under other numbers: exactly no difference
+    same = comparison_rows([units[0], renumbered(units[0], "full-later", 10)], "full", n_boot=100)
+    assert {r["diff_mean"] for r in same if r["unit"] == "full-later"} == {0.0}
+    # one seed in common (2 against 0,1,2) is still fewer than 2: unpaired too
+    shifted = comparison_rows([units[0], renumbered(units[1], "weak-shifted", 2)], "full", n_boot=100)
+    assert {r["diff_method"] for r in shifted if r["unit"] == "weak-shifted"} == {"Welch t over seeds"}
+
+
+def test_unpaired_seeds_scored_on_other_images_are_not_compared(units, tmp_path):
+    """A Welch t compares AUCs like the paired t: one seed of the unit scored other images (another
+    data root), so no difference is given."""
+    for s in (0, 1, 2):
+        shutil.copytree(units[1].evaluations[s].dir, tmp_path / f"seed{s}")
+    other = Unit("other", tuple(SeedReport(tmp_path / f"seed{s}", s + 10) for s in (0, 1, 2)))
+    _rewrite_predictions(other.evaluations[2], lambda r: {**r, "path": r["path"].replace("/data/", "/other-root/")})
+    rows = [r for r in comparison_rows([units[0], other], "full", n_boot=100) if r["unit"] == "other"]
+    assert {r["diff_words"] for r in rows} == {"not comparable (scored on different test images)"}
+    assert all(math.isnan(r["diff_mean"]) and r["diff_method"] == "Welch t over seeds" for r in rows)
+    assert rows[0]["diff_pairing"] == "seeds 10,11,12 vs seeds 0,1,2 (unpaired); its seed 12 scored other images than its seed 10"
+
+
+def _set_aucs(report_dir: Path, domain: str, auc: float) -> None:
+    metrics = pq.read_table(report_dir / "metrics.parquet").to_pylist()
+    pq.write_table(pa.Table.from_pylist([{**r, "auc": auc} if r["domain"] == domain and r["weights"] == "ema" else r
+                                         for r in metrics]), report_dir / "metrics.parquet")
+
+
+def test_an_auc_interval_over_seeds_stays_within_0_and_1(units, tmp_path):
+    """Seeds 0.995, 0.999, 0.990: the t interval would end at 1.006; an AUC cannot, so it ends at 1.
+    The difference to the reference is not clipped."""
+    for s, auc in zip((0, 1, 2), (0.995, 0.999, 0.990)):
+        shutil.copytree(units[0].evaluations[s].dir, tmp_path / f"seed{s}")
+        _set_aucs(tmp_path / f"seed{s}", "dalle", auc)
+    high = Unit("high", tuple(SeedReport(tmp_path / f"seed{s}", s) for s in (0, 1, 2)))
+    rows = comparison_rows([units[1], high], "weak", n_boot=100)
+    row = next(r for r in rows if r["unit"] == "high" and r["domain"] == "dalle")
+    mean, low, unclipped = t_by_hand([0.995, 0.999, 0.990])
+    assert unclipped > 1.005
+    assert (row["auc_mean"], row["auc_low"], row["auc_high"]) == pytest.approx((mean, low, 1.0))
+    assert row["auc_high"] == 1.0
+    weak = next(r for r in rows if r["unit"] == "weak" and r["domain"] == "dalle")
+    d_mean, d_low, d_high = t_by_hand([a - weak[f"auc_seed{s}"] for s, a in zip((0, 1, 2), (0.995, 0.999, 0.990))])
+    assert (row["diff_mean"], row["diff_low"], row["diff_high"]) == pytest.approx((d_mean, d_low, d_high))
+    assert "its bounds clipped to [0, 1]" in comparison_markdown(rows, "weak", n_boot=100)
+
+
 def test_markdown_tables_say_the_method_and_the_words(units, tmp_path):
     result = compare(units, tmp_path / "out", reference="full", n_boot=500)
     text = (tmp_path / "out" / "comparison.md").read_text()
@@ -352,6 +434,40 @@ def test_unknown_paths_and_missing_pieces_get_clear_errors(tmp_path, capsys):
     assert "--no-test applies to one search" in capsys.readouterr().err
 
 
+def test_damaged_job_files_and_reports_exit_cleanly_naming_the_file(tmp_path, monkeypatch):
+    """A truncated trueface-tune.json (one search, or compared), a spec without results_dir, a
+    truncated trueface-ablate.json and a damaged metrics.parquet: an error naming the file and
+    what to do, not a traceback."""
+    monkeypatch.chdir(tmp_path)  # working copies under ./.cache
+    other = tmp_path / "other"
+    other.mkdir()
+    cut = tmp_path / "search-cut"
+    cut.mkdir()
+    (cut / "trueface-tune.json").write_text('{"name": "s", "resul')
+    with pytest.raises(SystemExit, match=r"search-cut/trueface-tune.json: not readable JSON .*python -m jobs.tune"):
+        aggregate.main([str(cut)])
+    with pytest.raises(SystemExit, match=r"error: .*search-cut/trueface-tune.json: not readable JSON"):
+        aggregate.main([str(cut), str(other)])
+    nokey = tmp_path / "search-nokey"
+    nokey.mkdir()
+    (nokey / "trueface-tune.json").write_text('{"name": "s"}')
+    with pytest.raises(SystemExit, match=r"search-nokey/trueface-tune.json names no results_dir"):
+        aggregate.main([str(nokey), str(other)])
+    (nokey / "trueface-tune.json").write_text('["s"]')
+    with pytest.raises(CompareError, match=r"trueface-tune.json: expected a JSON object .*got list"):
+        units_from_paths([nokey, other])
+    storage = tmp_path / "abl-storage"
+    storage.mkdir()
+    (storage / "trueface-ablate.json").write_text('{"results_dir": ')
+    with pytest.raises(SystemExit, match=r"abl-storage/trueface-ablate.json: not readable JSON .*jobs.ablate"):
+        aggregate.main([str(storage), str(other)])
+    damaged = tmp_path / "eval"
+    damaged.mkdir()
+    (damaged / "metrics.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SystemExit, match=r"eval/metrics.parquet: not a readable Parquet file .*ArrowInvalid.*again"):
+        aggregate.main([str(damaged), "--out", str(tmp_path / "o")])
+
+
 def test_bad_units_are_refused(units, tmp_path):
     with pytest.raises(CompareError, match="reference 'nope' is not one of the units: full, weak, one-seed"):
         comparison_rows(units, "nope")
@@ -449,3 +565,7 @@ def test_a_difference_without_a_value_says_why():
     assert plain_words(Interval(nan, nan, nan, 40, "paired bootstrap over images"), "full") == (
         "not comparable (AUC undefined: one class only)")
     assert plain_words(Interval(0.1, 0.05, 0.15, 40, "paired bootstrap over images"), "full") == "higher than full"
+    assert plain_words(Interval(nan, nan, nan, 0, "Welch t over seeds"), "full") == (
+        "not comparable (scored on different test images)")
+    assert plain_words(Interval(nan, nan, nan, 6, "Welch t over seeds"), "full") == (
+        "not comparable (AUC undefined: one class only)")

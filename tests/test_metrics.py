@@ -159,30 +159,50 @@ POLICY_SCORES = [0.1, 0.2, 0.6, 0.75, 0.9]
 @pytest.mark.parametrize(
     "policy, expected",
     [
-        ("youden", 0.75),
+        # J = 2/3 for every t in (0.6, 0.75]: its end nearest 0.5, just above the real 0.6
+        ("youden", np.nextafter(0.6, np.inf)),
         ("max_f1", 0.2),
-        # accuracy 4/5 at both 0.2 and 0.75: 0.75 is closer to 0.5
-        ("max_accuracy", 0.75),
+        # accuracy 4/5 in (0.1, 0.2] and in (0.6, 0.75]: just above 0.6 is closest to 0.5
+        ("max_accuracy", np.nextafter(0.6, np.inf)),
         ("fixed:0.3", 0.3),
         ("fixed:1", 1.0),
     ],
 )
 def test_choose_threshold_policies(policy, expected):
-    assert choose_threshold(POLICY_LABELS, POLICY_SCORES, policy) == pytest.approx(expected)
+    assert choose_threshold(POLICY_LABELS, POLICY_SCORES, policy) == expected
 
 
 def test_youden_tie_prefers_closest_to_half():
     # Separable: every t in (0.2, 0.8] gives J = 1, and 0.5 is among them.
     assert choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], "youden") == 0.5
-    # Separable with the gap above 0.5: the best t closest to 0.5 is the lowest fake score.
-    assert choose_threshold([0, 0, 1, 1], [0.55, 0.6, 0.8, 0.9], "youden") == 0.8
+    # Separable with the gap above 0.5: every t in (0.6, 0.8] gives J = 1; the one closest to
+    # 0.5 is the smallest that calls the highest real (0.6) real, not the lowest fake (0.8).
+    t = choose_threshold([0, 0, 1, 1], [0.55, 0.6, 0.8, 0.9], "youden")
+    assert t == np.nextafter(0.6, np.inf)
+    assert binary_metrics([0, 0, 1, 1], [0.55, 0.6, 0.8, 0.9], t)["fp"] == 0
+
+
+def test_a_best_range_above_half_gives_its_end_nearest_half():
+    """The mirror images of a best range below and above 0.5 both give the end nearest 0.5: a
+    threshold at the lowest validation fake would miss held-out fakes scored just below it."""
+    above = choose_threshold([0, 0, 1, 1], [0.55, 0.60, 0.95, 0.97], "youden")  # best t in (0.60, 0.95]
+    below = choose_threshold([0, 0, 1, 1], [0.03, 0.05, 0.40, 0.45], "youden")  # best t in (0.05, 0.40]
+    assert below == 0.40 and 0.60 < above < 0.60 + 1e-12
+    held_out_labels, held_out_scores = [0, 0, 1, 1, 1, 1], [0.50, 0.58, 0.70, 0.80, 0.90, 0.96]
+    assert binary_metrics(held_out_labels, held_out_scores, above)["recall"] == 1.0
+    for policy in ("max_f1", "max_accuracy"):
+        assert choose_threshold([0, 0, 1, 1], [0.55, 0.60, 0.95, 0.97], policy) == above
 
 
 def test_equidistant_tie_takes_lower_threshold():
-    # Reals 0.1, 0.6; fakes 0.25, 0.75: J = 1/2 at t = 0.25 and t = 0.75 (J = 0 at 0.5), both 0.25 from 0.5.
-    assert choose_threshold([0, 1, 0, 1], [0.1, 0.25, 0.6, 0.75], "youden") == 0.25
-    # equally close only up to rounding (0.5 - 0.3 = 0.2, 0.7 - 0.5 = 0.19999999999999996)
-    assert choose_threshold([0, 1, 0, 1], [0.1, 0.3, 0.6, 0.7], "youden") == 0.3
+    # Reals 0.1, 0.7; fakes 0.3, 0.8: J = 1/2 for t in (0.1, 0.3] and in (0.7, 0.8] (J = 0 at 0.5);
+    # the ends nearest 0.5, 0.3 and just above 0.7, are 0.2 from it up to rounding: the lower wins.
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.3, 0.7, 0.8], "youden") == 0.3
+    # 0.25 and just above 0.75: 0.25 from 0.5 up to one step of a float
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.25, 0.75, 0.8], "youden") == 0.25
+    # Reals 0.1, 0.6; fakes 0.25, 0.75: the upper range (0.6, 0.75] reaches 0.1 from 0.5, the
+    # lower one (0.1, 0.25] only 0.25: just above 0.6 wins
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.25, 0.6, 0.75], "youden") == np.nextafter(0.6, np.inf)
 
 
 def test_max_accuracy_can_predict_everything_real():

@@ -11,8 +11,8 @@ from scipy.stats import t as student_t
 
 from trueface.metrics import roc_auc
 from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_SEEDS, SINGLE_VALUE, T_SEEDS,
-                            Interval, bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff, resampled_aucs,
-                            t_interval)
+                            WELCH_T_SEEDS, Interval, bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff,
+                            resampled_aucs, t_interval, welch_t_diff)
 
 
 def model_scores(rng, n_per_class: int, separation: float):
@@ -96,6 +96,41 @@ def test_paired_t_diff_matches_a_hand_computation():
     assert got.method == PAIRED_T_SEEDS and got.n == 3
     with pytest.raises(ValueError, match="pair them by seed"):
         paired_t_diff([0.7, 0.8], [0.7])
+
+
+def test_welch_t_diff_matches_a_hand_computation_and_scipy():
+    """Unpaired seeds (0,1,2 against 10,11,12,13): the difference of the means, its standard error
+    from each side's own variance, Welch-Satterthwaite degrees of freedom."""
+    from scipy.stats import ttest_ind
+
+    a, b = [0.71, 0.74, 0.70], [0.69, 0.70, 0.69, 0.64]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 4
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    half = student_t.ppf(0.975, df) * math.sqrt(va + vb)
+    mean = np.mean(a) - np.mean(b)
+    got = welch_t_diff(a, b)
+    assert (got.mean, got.low, got.high) == pytest.approx((mean, mean - half, mean + half))
+    assert got.method == WELCH_T_SEEDS and got.n == 7 and WELCH_T_SEEDS == "Welch t over seeds"
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.9)
+    assert (welch_t_diff(a, b, 0.9).low, welch_t_diff(a, b, 0.9).high) == pytest.approx((ci.low, ci.high))
+    # a lower confidence gives a narrower interval
+    assert welch_t_diff(a, b, 0.8).high < got.high
+
+
+def test_welch_t_diff_without_spread_and_bad_input():
+    # no spread on either side: a zero-width interval at the difference (no division by zero)
+    flat = welch_t_diff([0.8, 0.8], [0.7, 0.7, 0.7])
+    assert (flat.mean, flat.low, flat.high) == pytest.approx((0.1, 0.1, 0.1)) and not flat.includes_zero
+    # no spread on one side: the other's t interval with n - 1 degrees of freedom
+    one = welch_t_diff([0.8, 0.8, 0.8], [0.70, 0.72, 0.74])
+    hand = t_interval([0.8 - v for v in (0.70, 0.72, 0.74)])
+    assert (one.mean, one.low, one.high) == pytest.approx((hand.mean, hand.low, hand.high))
+    with pytest.raises(ValueError, match="2 or more values on each side"):
+        welch_t_diff([0.7, 0.8], [0.7])
+    with pytest.raises(ValueError, match="NaN"):
+        welch_t_diff([0.7, float("nan")], [0.7, 0.8])
+    with pytest.raises(ValueError, match="confidence"):
+        welch_t_diff([0.7, 0.8], [0.7, 0.8], confidence=95)
 
 
 def test_a_difference_that_is_noise_includes_zero():

@@ -16,13 +16,15 @@ trueface.results.write_report: ``metrics.parquet``, ``predictions.parquet``, ``c
 the weights to read from it (``ema`` or ``raw``).
 
 **Intervals** (trueface.stats), per unit and domain: with 2 or more seeds, the mean of the seeds'
-AUCs with a Student-t interval over the seeds; with one seed, that seed's AUC with a percentile
-bootstrap over the test images (stratified by label; it measures only which test images were
-drawn, not training noise). The **difference** to the reference is paired:
-over the seeds both units have (paired t) when they share 2 or more, else over the test images
-both scored, matched by path, with one seed each (the first seed they share, else each one's
-first; a paired bootstrap). An interval that includes 0 is reported as "no evidence of a
-difference".
+AUCs with a Student-t interval over the seeds (its bounds clipped to [0, 1]); with one seed, that
+seed's AUC with a percentile bootstrap over the test images (stratified by label; it measures only
+which test images were drawn, not training noise). The **difference** to the reference: over the
+seeds both units have (paired t) when they share 2 or more; when each has 2 or more seeds but
+they share fewer, the difference of their mean AUCs over all their seeds (Welch t, unpaired);
+when either has one seed, over the test images both scored, matched by path, with one seed each
+(the first seed they share, else each one's first; a paired bootstrap, blind to training noise).
+The t methods compare AUCs, so they need every seed involved to have scored the same images. An
+interval that includes 0 is reported as "no evidence of a difference".
 
 **Paths** ``units_from_paths`` understands (a URI's files are pulled to ``<cache>/staging``):
 
@@ -56,7 +58,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,8 +69,9 @@ import yaml
 
 from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.results import COMBINED, csv_text, figure_png, markdown_table, parquet_bytes
-from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_SEEDS, T_SEEDS, Interval,
-                            bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff, t_interval)
+from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_SEEDS, T_SEEDS, WELCH_T_SEEDS,
+                            Interval, bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff, t_interval,
+                            welch_t_diff)
 from trueface.search_report import TEST_DIR, TESTED_FILE, stale_test_report
 from trueface.storage import Mirror, absolute, join
 
@@ -84,12 +87,17 @@ WEIGHTS = ("ema", "raw")
 
 _METHOD_TEXT = {
     T_SEEDS: "t over seeds: the mean of the seeds' AUCs +- t(n-1) x sd / sqrt(n), sd over the seeds "
-             "(their AUCs: columns auc_seed<k> of comparison.csv)",
+             "(their AUCs: columns auc_seed<k> of comparison.csv), its bounds clipped to [0, 1] (an AUC cannot "
+             "leave it; near 1 the interval is then shorter above the mean than below)",
     BOOTSTRAP_IMAGES: "bootstrap over images (one seed): {n_boot} resamples of the test images within each class, "
                       "the percentiles around the middle {pct}; it measures how much the AUC owes to which test "
                       "images were drawn, not training noise: another seed may land outside it",
     PAIRED_T_SEEDS: "paired t over seeds: the mean of the per-seed differences (seeds both units have) with its "
                     "t interval",
+    WELCH_T_SEEDS: "Welch t over seeds (unpaired: both units have 2 or more seeds but fewer than 2 in common): the "
+                   "difference of the two units' mean AUCs over all their seeds +- t(df) x sqrt(sd_a^2/n_a + "
+                   "sd_b^2/n_b), df by Welch-Satterthwaite; valid only where every seed of both scored the same "
+                   "images",
     PAIRED_BOOTSTRAP_IMAGES: "paired bootstrap over images (one seed each): the AUC difference on the same "
                              "{n_boot} resamples of the images both units scored (matched by path); like the "
                              "bootstrap above, it says nothing of whether the difference holds over seeds",
@@ -170,7 +178,12 @@ def _read_parquet(path: Path, what: str) -> pa.Table:
     if not path.is_file():
         raise CompareError(f"{path.parent}: no {path.name}, so it is not a complete evaluation report ({what}; "
                            f"trueface.results.write_report writes it)")
-    return pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:  # cut short, or not Parquet at all
+        raise CompareError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); the evaluation "
+                           f"report is damaged (an interrupted copy or write?): copy it again, or score the "
+                           f"checkpoint again (python -m jobs.evaluate)") from exc
 
 
 def _read_metrics(report: SeedReport) -> dict[str, dict]:
@@ -231,7 +244,7 @@ def _load_unit(unit: Unit) -> list[_Seed]:
 def plain_words(diff: Interval, reference: str) -> str:
     """The difference in words: whether its interval shows one, and which way."""
     if math.isnan(diff.mean):
-        if diff.n == 0 and diff.method == PAIRED_T_SEEDS:  # a seed of each scored other images
+        if diff.n == 0 and diff.method in (PAIRED_T_SEEDS, WELCH_T_SEEDS):  # a seed scored other images
             return "not comparable (scored on different test images)"
         if diff.n == 0:  # a pairing over images found none: the two were scored on different test data
             return "not comparable (no test images in common: scored on different data)"
@@ -252,11 +265,19 @@ def _auc_interval(seeds: list[_Seed], domain: str, confidence: float, n_boot: in
         aucs = [s.auc(domain) for s in seeds]
         if any(math.isnan(a) for a in aucs):
             return _nan_interval(len(aucs), T_SEEDS, confidence)
-        return t_interval(aucs, confidence)
+        return _within_unit(t_interval(aucs, confidence))
     _, labels, scores = seeds[0].predictions(domain)
     if len(set(labels.tolist())) < 2:
         return _nan_interval(len(labels), BOOTSTRAP_IMAGES, confidence)
     return bootstrap_auc(labels, scores, n_boot, confidence=confidence)
+
+
+def _within_unit(interval: Interval) -> Interval:
+    """An AUC interval with its bounds clipped to [0, 1]: a t interval over seeds near the ceiling
+    (0.995, 0.999, 0.990) would otherwise end above 1. Differences are never clipped."""
+    if not interval.has_bounds:
+        return interval
+    return replace(interval, low=min(max(interval.low, 0.0), 1.0), high=min(max(interval.high, 0.0), 1.0))
 
 
 def _difference(mine: list[_Seed], ref: list[_Seed], domain: str, confidence: float,
@@ -275,6 +296,22 @@ def _difference(mine: list[_Seed], ref: list[_Seed], domain: str, confidence: fl
         if any(math.isnan(v) for v in x + y):
             return _nan_interval(len(common), PAIRED_T_SEEDS, confidence), pairing
         return paired_t_diff(x, y, confidence), pairing
+    if len(mine) >= 2 and len(ref) >= 2:
+        # fewer than 2 seeds in common (e.g. 0,1,2 against 10,11,12): an unpaired t over every seed
+        # of both, so training noise is in the interval; like the paired t it compares AUCs, so
+        # every seed of both must have scored the same images
+        pairing = f"seeds {_seed_list([s.seed for s in mine])} vs seeds {_seed_list([s.seed for s in ref])} (unpaired)"
+        first = mine[0]
+        differing = [f"{who} seed {s.seed}" for who, seeds in (("its", mine[1:]), ("the reference's", ref))
+                     for s in seeds if not _same_images(first, s, domain)]
+        if differing:
+            return (_nan_interval(0, WELCH_T_SEEDS, confidence),
+                    f"{pairing}; {differing[0]} scored other images than its seed {first.seed}")
+        x, y = [s.auc(domain) for s in mine], [s.auc(domain) for s in ref]
+        if any(math.isnan(v) for v in x + y):
+            return _nan_interval(len(x) + len(y), WELCH_T_SEEDS, confidence), pairing
+        return welch_t_diff(x, y, confidence), pairing
+    # a unit with one seed: no spread over seeds to measure, so the images of one seed each
     sa, sb = (a[common[0]], b[common[0]]) if common else (mine[0], ref[0])
     paths_a, labels_a, scores_a = sa.predictions(domain)
     paths_b, labels_b, scores_b = sb.predictions(domain)
@@ -590,7 +627,11 @@ def _from_search(location: str, cache: str, weights: str, spec_file: bool) -> Un
     report_location = location
     if spec_file:
         folder.pull(SEARCH_FILE)
-        spec = json.loads((folder.local / SEARCH_FILE).read_text())
+        spec = _read_job_file(location, folder.local / SEARCH_FILE, "search", "python -m jobs.tune")
+        if not spec.get("results_dir"):
+            raise CompareError(f"{location}/{SEARCH_FILE} names no results_dir, so the search's report cannot be "
+                               f"found; give its report folder (results/<name>, with trials.parquet and test/) "
+                               f"instead, or restore the spec file python -m jobs.tune wrote")
         name, report_location = str(spec.get("name", name)), str(spec["results_dir"])
     test = join(report_location, TEST_DIR)
     report_folder = Mirror.of(report_location, cache)
@@ -605,6 +646,21 @@ def _from_search(location: str, cache: str, weights: str, spec_file: bool) -> Un
         raise CompareError(f"search {name}: no test report at {test}; run python -m jobs.aggregate {location} "
                            f"(without --no-test) to score its best trial first") from exc
     return Unit(name, (report,))
+
+
+def _read_job_file(location: str, path: Path, what: str, writer: str) -> dict:
+    """A job's JSON file (a search's spec, an ablation's job file) as a dict, or a CompareError
+    naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CompareError(f"{location}/{path.name}: not readable JSON ({exc}); {writer} writes it when the {what} "
+                           f"starts: was it cut short (an interrupted copy, a full disk)? Restore it, or give "
+                           f"the {what}'s results folder instead") from exc
+    if not isinstance(data, dict):
+        raise CompareError(f"{location}/{path.name}: expected a JSON object (as {writer} writes), "
+                           f"got {type(data).__name__}")
+    return data
 
 
 def _kind(folder: Mirror) -> str:
@@ -636,7 +692,8 @@ def _units_of(location: str, cache: str, weights: str) -> Units:
         return units_from_ablation(location, cache)
     if kind == "ablation storage":
         folder.pull(ABLATION_JOB_FILE)
-        results = json.loads((folder.local / ABLATION_JOB_FILE).read_text()).get("results_dir")
+        job = _read_job_file(location, folder.local / ABLATION_JOB_FILE, "ablation", "python -m jobs.ablate")
+        results = job.get("results_dir")
         if not results or not Mirror.of(results, cache).exists(ABLATION_FILE):
             raise CompareError(f"ablation {location}: no {ABLATION_FILE} in its results folder {results} yet; "
                                f"it is written when the ablation finishes (python -m jobs.ablate --resume)")

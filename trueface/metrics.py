@@ -305,15 +305,20 @@ def _as_threshold(threshold: Any) -> float:
 
 
 def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:
-    """Thresholds that realise every distinct prediction split of ``scores``, plus 0.5.
+    """Thresholds that realise every distinct prediction split of ``scores``, at both
+    ends of the range of thresholds giving it, plus 0.5.
 
-    Each observed score is the largest threshold that still flags it fake; one value
-    just above the maximum predicts everything real; 0.5 is added so that, when it is
-    among the best thresholds, it is returned exactly.
+    Each observed score s is the largest threshold that still flags it fake, and
+    ``nextafter(s, +inf)`` the smallest that calls it real: between two neighbouring
+    scores every threshold gives the same split, so both ends of each such range are
+    candidates and, among equally good ones, the end nearest 0.5 can win whichever side
+    of 0.5 the range lies on (the value just above the maximum predicts everything
+    real). 0.5 is added so that, when it is among the best thresholds, it is returned
+    exactly.
     """
     unique = np.unique(scores)
-    above_all = np.nextafter(unique[-1], np.inf)
-    return np.unique(np.concatenate([unique, [0.5, above_all]]))
+    just_above = np.nextafter(unique, np.inf)
+    return np.unique(np.concatenate([unique, just_above, [0.5]]))
 
 
 def _objective(policy: str, tp: np.ndarray, fp: np.ndarray, n_fake: int, n_real: int) -> np.ndarray:
@@ -339,8 +344,9 @@ def choose_threshold(labels: Any, scores: Any, policy: str) -> float:
     * ``fixed:<p>``: return ``p`` (must be in [0, 1]); the data are only validated.
 
     Among thresholds with the same best value the one closest to 0.5 wins (the lower
-    one if two are equally close).  Candidates are the observed scores, 0.5 and a value
-    just above the largest score.  When ``labels`` hold one class only, the non-fixed
+    one if two are equally close).  Candidates are the observed scores, the value just
+    above each (``nextafter(s, +inf)``: so a best range above 0.5 gives its lower end,
+    just above the highest validation real, not its upper one) and 0.5.  When ``labels`` hold one class only, the non-fixed
     policies are undefined and 0.5 is returned.
     """
     validate_threshold_policy(policy)

@@ -7,6 +7,7 @@ Usage::
     t_interval([0.71, 0.69, 0.74]).text()                 # '0.713 [0.651, 0.776]' (t over seeds)
     bootstrap_auc(labels, scores)                          # one run: resample the test images
     diff = paired_t_diff(aucs_variant, aucs_full)          # matched seeds
+    diff = welch_t_diff(aucs_variant, aucs_full)           # seeds not matched (unpaired)
     diff = paired_bootstrap_auc_diff(labels, scores_variant, scores_full)   # same images, one seed
     diff.includes_zero                                     # True: no evidence of a difference
 
@@ -38,18 +39,21 @@ __all__ = [
     "PAIRED_T_SEEDS",
     "SINGLE_VALUE",
     "T_SEEDS",
+    "WELCH_T_SEEDS",
     "Interval",
     "bootstrap_auc",
     "paired_bootstrap_auc_diff",
     "paired_t_diff",
     "resampled_aucs",
     "t_interval",
+    "welch_t_diff",
 ]
 
 #: ``Interval.method`` values.
 T_SEEDS = "t over seeds"
 BOOTSTRAP_IMAGES = "bootstrap over images"
 PAIRED_T_SEEDS = "paired t over seeds"
+WELCH_T_SEEDS = "Welch t over seeds"
 PAIRED_BOOTSTRAP_IMAGES = "paired bootstrap over images"
 SINGLE_VALUE = "single value"
 
@@ -122,6 +126,29 @@ def paired_t_diff(a: Any, b: Any, confidence: float = 0.95) -> Interval:
     if x.size != y.size:
         raise ValueError(f"paired_t_diff: a has {x.size} value(s), b {y.size}; pair them by seed first")
     return t_interval(x - y, confidence, PAIRED_T_SEEDS)
+
+
+def welch_t_diff(a: Any, b: Any, confidence: float = 0.95) -> Interval:
+    """Interval of mean(a) - mean(b), ``a`` and ``b`` from different seeds (unpaired, 2 or more
+    values each): the difference +- t_df * sqrt(sd_a^2 / n_a + sd_b^2 / n_b), sds with n - 1,
+    ``df`` from Welch-Satterthwaite (unequal variances). Two sets of identical values give a
+    zero-width interval; one set without spread gives df = n - 1 of the other. ``n``: n_a + n_b."""
+    from scipy.stats import t as student_t
+
+    _check_confidence(confidence)
+    x, y = _finite(a, "welch_t_diff a"), _finite(b, "welch_t_diff b")
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"welch_t_diff: needs 2 or more values on each side (a has {x.size}, b {y.size}); "
+                         "with one seed there is no spread to measure")
+    mean = float(x.mean() - y.mean())
+    var_x, var_y = float(x.var(ddof=1)) / x.size, float(y.var(ddof=1)) / y.size
+    se2 = var_x + var_y
+    n = int(x.size + y.size)
+    if se2 == 0.0:  # no spread on either side: nothing to widen the difference by
+        return Interval(mean, mean, mean, n, WELCH_T_SEEDS, confidence)
+    df = se2 ** 2 / (var_x ** 2 / (x.size - 1) + var_y ** 2 / (y.size - 1))
+    half = float(student_t.ppf((1 + confidence) / 2, df)) * math.sqrt(se2)
+    return Interval(mean, mean - half, mean + half, n, WELCH_T_SEEDS, confidence)
 
 
 # --------------------------------------------------------------------------- bootstrap
