@@ -12,8 +12,12 @@
 # augmentation on the GPU, train_one_epoch): Stage I >= 3500 img/s and Stage II >= 170 img/s on an
 # H100; the input path never the limit (engine >= 0.90 of the model alone on batches already on the
 # GPU; GPU busy >= 90% by nvml where pynvml is installed); peak GPU memory per stage.
+# The targets judge only this full run at the paper's sizes: with --quick, --images, --image-size or
+# --batch-size the target column says why none applies.
 # Exits with the benchmark's status (1: something was not measured, listed under "Not measured";
-# 124: it ran past its timeout, and bench.json holds the stages finished by then). PYTHON picks the interpreter
+# 124: it ran past its timeout, and bench.json holds the stages finished by then, each stage it did
+# not finish listed as "not finished"; bench.json is rewritten as the run starts, so an earlier
+# run's never passes for this one's). PYTHON picks the interpreter
 # (default: python, else python3, as on images that ship only python3).
 set -u
 
@@ -39,6 +43,6 @@ done
 timeout "$limit" "$python" -m jobs.benchmark gpu --results-dir "${OUT:-results}" "$@"
 status=$?
 if [ "$status" -eq 124 ]; then
-    echo "gpu_check: the benchmark ran past $limit s and was stopped; the stages it finished are in ${OUT:-results}/bench-gpu/" >&2
+    echo "gpu_check: the benchmark ran past $limit s and was stopped; the stages it finished are in ${OUT:-results}/bench-gpu/ (those it did not: 'not finished' under its failures)" >&2
 fi
 exit "$status"

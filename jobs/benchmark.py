@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"one or more of {', '.join(PARTS)} (default: input train)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few images: seconds, for CI")
     parser.add_argument("--data-root", type=Path, help="real images to read (input, infer); generated when absent")
-    parser.add_argument("--checkpoint", type=Path, help="infer: the checkpoint to score with (default: a fresh model)")
+    parser.add_argument("--checkpoint", help="infer: the checkpoint to score with, a file or its s3:// / gs:// URI "
+                                             "(default: a fresh model)")  # a str: Path would mangle s3:// to s3:/
     parser.add_argument("--images", type=int, help="images per measurement (each part has its default)")
     parser.add_argument("--batch-size", type=int, help="train/gpu: batch size (each part has its default)")
     parser.add_argument("--image-size", type=int, help="train: image size; gpu: Stage I's (each part has its default)")

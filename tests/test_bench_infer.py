@@ -43,3 +43,43 @@ def test_both_sides_give_nearly_the_same_probability(tmp_path):
 def test_bad_sizes_are_named():
     with pytest.raises(SystemExit, match="--image-size >= 32"):
         bench_infer.bench_size(benchmark.parse_args(["infer", "--image-size", "16"]))
+
+
+def test_a_checkpoint_that_cannot_be_had_is_a_one_line_error(tmp_path, monkeypatch):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["infer", "--quick", "--images", "2", "--checkpoint", str(missing),
+                        "--results-dir", str(tmp_path / "results")])
+    assert str(exc.value) == (f"infer: --checkpoint {missing}: checkpoint {missing} does not exist; give a checkpoint "
+                              "file a training run wrote (or its s3:// / gs:// URI), or leave --checkpoint out to time "
+                              "a fresh model")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=f"^infer: --checkpoint {junk}: .*leave --checkpoint out"):
+        bench_infer.run(benchmark.parse_args(["infer", "--quick", "--images", "2", "--checkpoint", str(junk)]))
+    # a URI reaches the stager whole (argparse's Path would make s3://b/x.pt s3:/b/x.pt), as in jobs.predict
+    from trueface.storage import StorageError
+    asked = []
+
+    def fetch(location, cache_dir):
+        asked.append(location)
+        raise StorageError(f"{location} does not exist")
+
+    monkeypatch.setattr(bench_infer, "fetch_checkpoint", fetch)
+    args = benchmark.parse_args(["infer", "--quick", "--images", "2", "--checkpoint", "s3://bucket/run/best.pt"])
+    assert args.checkpoint == "s3://bucket/run/best.pt"
+    with pytest.raises(SystemExit, match="^infer: --checkpoint s3://bucket/run/best.pt: s3://bucket/run/best.pt does "
+                                         "not exist; give a checkpoint"):
+        bench_infer.run(args)
+    assert asked == ["s3://bucket/run/best.pt"]
+
+
+def test_an_unreadable_image_under_data_root_is_named_before_either_side_runs(tmp_path):
+    from PIL import Image
+    train = tmp_path / "mini" / "train" / "REAL"
+    train.mkdir(parents=True)
+    Image.new("RGB", (256, 256), (120, 90, 60)).save(train / "a.jpg", quality=75)
+    (train / "b.jpg").write_bytes(b"\xff\xd8\xff")  # a cut-off JPEG
+    args = benchmark.parse_args(["infer", "--quick", "--images", "2", "--data-root", str(tmp_path / "mini")])
+    with pytest.raises(SystemExit, match=f"^--data-root: {train / 'b.jpg'} cannot be read as an image"):
+        bench_infer.run(args)

@@ -125,3 +125,26 @@ def test_parts_default_dedupe_and_an_unknown_one_is_named(capsys):
     assert "unknown part 'inputs': choose from input, train, infer, gpu" in capsys.readouterr().err
     assert benchmark.parse_args([]).parts == ["input", "train"]
     assert benchmark.parse_args(["input", "train", "input"]).parts == ["input", "train"]
+
+
+@pytest.mark.parametrize("bad", ["empty", "truncated", "not an image"])
+def test_an_unreadable_jpeg_under_data_root_is_named_in_one_line(tmp_path, bad):
+    # a zero-byte or cut-off download, or another file under a .jpg name: an exit that names the
+    # file and what to do, before anything is timed; not PIL's traceback from inside a measurement
+    train = tmp_path / "mini" / "train" / "REAL"
+    train.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(train / f"{i}.jpg", quality=75)
+    whole = (train / "0.jpg").read_bytes()
+    (train / "1.jpg").write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2],
+                                   "not an image": b"<html>404</html>"}[bad])
+    bad_file = str(train / "1.jpg")
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["input", "--quick", "--images", "3", "--data-root", str(tmp_path / "mini"),
+                        "--results-dir", str(tmp_path / "results")])
+    message = str(exc.value)
+    assert message.startswith(f"--data-root: {bad_file} cannot be read as an image (") and "\n" not in message
+    assert message.endswith("remove or replace it, or point --data-root at another set")
+    with pytest.raises(SystemExit, match="cannot be read as an image"):  # the gpu part picks its files the same way
+        bench_input.bench_images(tmp_path / "mini", {256: 3}, tmp_path / "work")

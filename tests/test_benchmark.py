@@ -245,3 +245,19 @@ def test_other_load_sees_a_busy_child_process():
         child.wait()
     # one core of os.cpu_count() spun for most of the block (more if another test ran beside it)
     assert load.share >= 0.6 / (os.cpu_count() or 1)
+
+
+def test_every_ratio_reads_how_many_times_better_the_project_is():
+    Row = bench_report.Row
+    time = Row("strong", 2.0, 8.0, "ms/img", 3.0)  # 4x less time: 4x better
+    rate = Row("engine", 90.0, 100.0, "img/s", 0.95)  # 10% slower: 0.90x
+    traffic = Row("augmentation memory traffic", 8.14, 11.1, "GB a batch", lower_is_better=True)
+    assert (time.lower_is_better, time.ratio, time.met) == (True, 4.0, True)
+    assert (rate.lower_is_better, rate.ratio, rate.met) == (False, pytest.approx(0.9), False)
+    assert traffic.ratio == pytest.approx(11.1 / 8.14) and traffic.ratio > 1  # fewer bytes: better
+    assert Row("peak", 3.0, None, "GiB", 4.0).met is True and Row("busy", 80.0, None, "%", 90.0).met is False
+    for unit in ("GB a batch", "s", "s/epoch", "bytes"):  # a unit of no known direction is never guessed
+        with pytest.raises(ValueError, match="say whether lower is better"):
+            Row("x", 1.0, 2.0, unit)
+    bench = bench_report.Bench("t", rows=[traffic, Row("engine", 1.0, None, "img/s", no_target="none: why")])
+    assert "| 1.36x |" in bench.markdown() and "| none: why |" in bench.markdown()

@@ -65,6 +65,10 @@ def test_the_traffic_part_counts_each_stage_with_the_gpus_jpeg(tmp_path, monkeyp
         pixels = size.batch * 3 * size.image**2
         assert row["project"] * 1e9 >= pixels * (1 + 2) and row["reference"] * 1e9 >= pixels * (1 + 4)
         assert row["project"] < 0.9 * row["reference"]
+        # fewer bytes is better: the ratio reads how many times fewer float16 moves, above 1, as
+        # every ratio reads "how many times better" (not fp16 / fp32 = 0.73x, "worse")
+        assert row["lower_is_better"] is True
+        assert row["ratio"] == pytest.approx(row["reference"] / row["project"]) and row["ratio"] > 1.1
         # the note's per-image figure agrees
         per_image = float(re.search(r"([\d,.]+) MB an image", row["note"]).group(1).replace(",", ""))
         assert per_image * size.batch / 1e3 == pytest.approx(row["project"], rel=0.01)

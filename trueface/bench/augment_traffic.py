@@ -64,7 +64,8 @@ def traffic_row(stage: str, size: StageSize, counts: list[Traffic], reference: l
     """``counts`` in float16 (a CUDA run's) against ``reference``, the same batches in float32."""
     per_batch, per_batch_fp32 = (statistics.fmean(c.bytes for c in cs) for cs in (counts, reference))
     ops = statistics.fmean(c.ops for c in counts)
-    return Row(f"{stage} augmentation memory traffic", per_batch / 1e9, per_batch_fp32 / 1e9, "GB a batch", note=(
+    return Row(f"{stage} augmentation memory traffic", per_batch / 1e9, per_batch_fp32 / 1e9, "GB a batch",
+               lower_is_better=True, note=(  # the ratio: how many times fewer bytes float16 moves
         f"DeviceAugment (strong) on batches of {size.batch} images of {size.image} px, mean of {len(counts)}, in "
         f"float16 (a CUDA run's under bf16 or fp16 autocast) against float32 (fp32 training) on the same batches: "
         f"{three_figures(per_batch / size.batch / 1e6)} MB an image in {ops:.0f} ops; at an H100 SXM's peak "

@@ -24,6 +24,10 @@ no loader and no augmentation: the compute ceiling. Rows per stage:
 - "training (engine)": img/s; on CUDA Stage I >= 3500 and Stage II >= 170 (issue 11);
 - "input path vs model alone": engine / model alone; Stage I >= 0.90 on CUDA: the input path never
   the limit, i.e. the GPU busy at least 90% of the time it would be with free input;
+- the targets judge only a full run at the paper's sizes (``no_target_why``): ``--quick``, a small
+  ``--images`` (its timed steps mostly served from the batches prepared during the warm-up),
+  ``--image-size`` and ``--batch-size`` print the figures with the target column saying why none
+  applies;
 - with ``--compile`` (``runtime.compile=true``), "model alone, compiled vs eager": the model-alone
   figure (compiled) against the same state's bare module, timed right after it, so one run says
   what compiling buys; the engine row's note gives the first step's seconds, which hold the compiling;
@@ -76,6 +80,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from trueface.atomic import atomic_open, atomic_write_text
 from trueface.augment_ahead import DEPTH as AHEAD_DEPTH
 from trueface.augment_ahead import InputTimes
 from trueface.bench.input import bench_images
@@ -135,12 +140,16 @@ SEED = 0
 TRACE_WARMUP, TRACE_STEPS = 2, 5  # engine steps --trace runs before it records, then records
 TRACE_TABLE_ROWS = 12
 
-#: issue 11's floors on an H100 (the paper preset's sizes and batches)
+#: issue 11's floors on an H100 (the paper preset's sizes and batches, a full run: no_target_why)
 RATE_TARGETS = {1: 3500.0, 2: 170.0}
 RATIO_TARGET = {1: 0.90}  # Stage I: the input path costs at most 10% of the model's own speed
 BUSY_TARGET = {1: 90.0}
+NOT_FINISHED = "not finished (the run was stopped before this stage ended: gpu_check.sh's timeout, a signal)"
 FIRST_STEP_WHY = "the loader's start, on CUDA cuDNN's algorithm search, with runtime.compile the compiling"
 CPU_NOTE = "CPU at small sizes: the targets apply on an H100"
+NO_TARGET_NOTE = (f"the targets apply at the paper's sizes over at least {PREFETCH_COVER}x as many timed steps as "
+                  "batches prepared before the clock (a full run: no --quick, --image-size, --batch-size or small "
+                  "--images)")
 
 
 def run(args: argparse.Namespace) -> Bench:
@@ -153,10 +162,12 @@ def run(args: argparse.Namespace) -> Bench:
     try:
         cfg = bench_config(sizes, workers, work, prepared=getattr(args, "prepared", False),
                            compile_model=getattr(args, "compile", False))
+        out = Outputs(getattr(args, "results_dir", None), getattr(args, "trace", False))
+        if out.results_dir is not None:  # before anything slow: no earlier run's files may pass for this one's
+            start_outputs(out.results_dir, sizes)
         images, source = stage_images(getattr(args, "data_root", None), sizes, work)
         if cfg.data.prepared != "none":
             prepare_images(cfg, sizes, images)
-        out = Outputs(getattr(args, "results_dir", None), getattr(args, "trace", False))
         with torch_threads(training_threads(cuda, cpus, workers)):
             return _measure(cfg, sizes, images, source, workers, cuda, work, out)
     finally:
@@ -165,12 +176,33 @@ def run(args: argparse.Namespace) -> Bench:
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where a run writes: ``results_dir``/bench-gpu/ gets the rows so far after each stage (so a
-    run stopped by gpu_check.sh's timeout keeps them) and, with ``trace``, each stage's profiler
-    trace. No ``results_dir``: nothing written here (``jobs.benchmark`` writes the table at the end)."""
+    """Where a run writes: ``results_dir``/bench-gpu/ gets bench.json and bench.md as the run starts
+    (every stage listed as not finished) and again after each stage (so a run stopped by
+    gpu_check.sh's timeout keeps the stages it finished, and says which it did not) and, with
+    ``trace``, each stage's profiler trace. No ``results_dir``: nothing written here
+    (``jobs.benchmark`` writes the table at the end)."""
 
     results_dir: Path | None = None
     trace: bool = False
+
+
+def unfinished(stage: int) -> str:
+    """The failure line a stage carries until it (and its trace) is done."""
+    return f"{STAGE_NAMES[stage]}: {NOT_FINISHED}"
+
+
+def start_outputs(results_dir: Path, sizes: dict[int, StageSize]) -> Path:
+    """An earlier run's files out of ``results_dir``/bench-gpu/: its traces removed, and its
+    bench.json and bench.md replaced (atomically) by this run's, with no rows and every stage not
+    finished, so a run stopped before its first stage ends says so instead of leaving the earlier
+    run's table to be read as its own."""
+    out = Path(results_dir) / "bench-gpu"
+    for pattern in ("trace-stage*.json*", "trace-stage*-ops.txt", ".trace-stage*.tmp"):
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+    bench = Bench("gpu", context={"note": "started: no stage finished yet"},
+                  failures=[unfinished(stage) for stage in sizes])
+    return bench.write(results_dir)
 
 
 def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Path]], source: str,
@@ -187,7 +219,13 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
                                          f"+ up to {z.timed} timed steps, {z.files} files" for s, z in sizes.items()}}
     if not cuda:
         context["note"] = CPU_NOTE
-    bench = Bench("gpu", context=context)
+    bench = Bench("gpu", context=context, failures=[unfinished(stage) for stage in (1, 2)])  # cleared as each ends
+
+    def write() -> None:
+        if out.results_dir is not None:
+            bench.write(out.results_dir)
+
+    write()
     print(f"gpu: {runtime.device} {runtime.precision}, {workers} loader worker(s), {source}; augmentation {augment}",
           flush=True)
     init_from = None
@@ -197,14 +235,16 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
             result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda, bench.failed)
         except Exception as exc:  # noqa: BLE001 -- the other stage and the rows so far still count
             bench.failed(f"{name} (the whole stage)", exc)
+            bench.failures.remove(unfinished(stage))  # ended: its failure says why it has no rows
             _free_cuda(cuda)
             if stage == 1:  # Stage II needs a Stage I checkpoint: fresh weights time the same
                 init_from = save_stage1(build_model(cfg.model), cfg, work / "stage1.pt")
+            write()
             continue
         add_rows(bench, stage, sizes[stage], result, cuda, workers)
         print(f"  {progress_line(stage, sizes[stage], result)}", flush=True)
         if out.trace and out.results_dir is not None:
-            bench.write(out.results_dir)  # the stage's rows kept should its trace be cut off by the timeout
+            write()  # the stage's rows kept should its trace be cut off by the timeout (still "not finished")
             traced = diagnostic(f"{name} trace", bench.failed, None, lambda: trace_stage(
                 cfg, stage, result.state, images[stage], sizes[stage], out.results_dir / "bench-gpu"))
             if traced is not None:
@@ -213,8 +253,8 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
             init_from = save_stage1(result.state.ema.module, cfg, work / "stage1.pt")
         result.state = None  # frees the model, optimizer and EMA before the next stage's
         _free_cuda(cuda)
-        if out.results_dir is not None:  # a later stage that runs out of time keeps these
-            bench.write(out.results_dir)
+        bench.failures.remove(unfinished(stage))
+        write()  # a later stage that runs out of time keeps these
     return bench
 
 
@@ -595,12 +635,12 @@ class Tracer:
         plain = path.with_suffix("")  # gzipped here, not by torch: older versions write .gz paths as plain JSON
         self.prof.export_chrome_trace(str(plain))
         getattr(self.prof, "wait_for_exports", lambda: None)()  # torch >= 2.14 may export asynchronously
-        with open(plain, "rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        with open(plain, "rb") as src, atomic_open(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb") as dst:
+            shutil.copyfileobj(src, dst)  # atomically: a run stopped mid-export leaves no truncated trace
         plain.unlink()
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=rows)
-        path.with_name(path.name.split(".")[0] + "-ops.txt").write_text(table)
+        atomic_write_text(path.with_name(path.name.split(".")[0] + "-ops.txt"), table)
         return table
 
 
@@ -829,17 +869,41 @@ def _free_cuda(cuda: bool) -> None:
 # --- rows -------------------------------------------------------------------------------------
 
 
+def no_target_why(stage: int, size: StageSize, r: StageFigures, cuda: bool) -> str:
+    """'' where issue 11's targets judge the stage's figures; else why not (the target column's text).
+    They were set for an H100 at the paper's sizes (``CUDA_FULL``'s image, JPEG side and batch), and
+    hold only over a timed window that the batches prepared before the clock (``r.prefetch``)
+    flatter by at most 1/``PREFETCH_COVER``: ``PREFETCH_COVER`` times as many timed steps, or a plan
+    that long cut by ``MAX_TIMED_S`` (a rate that fills 45 s with fewer steps is no faster than the
+    window shows, give or take that share). ``--quick``, a small ``--images``, ``--image-size`` and
+    ``--batch-size`` runs print their figures without a target."""
+    if not cuda:
+        return "none: CPU"
+    paper = CUDA_FULL[stage]
+    if (size.image, size.jpeg, size.batch) != (paper.image, paper.jpeg, paper.batch):
+        return f"none: set for {paper.image} px, batch {paper.batch}"
+    cover = PREFETCH_COVER * r.prefetch
+    if r.engine_steps < cover and not (size.timed >= cover and r.engine_s >= MAX_TIMED_S):
+        return f"none: {r.engine_steps} timed steps, {r.prefetch} prepared ahead (needs {cover})"
+    return ""
+
+
 def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: bool, workers: int) -> None:
     name = STAGE_NAMES[stage]
     where = "" if cuda else CPU_NOTE + "; "
     shape = f"{size.image} px from {size.jpeg} px JPEGs, batch {size.batch}"
-    bench.add(Row(f"{name} training (engine)", r.engine, None, "img/s", RATE_TARGETS[stage] if cuda else None, note=(
+    why = no_target_why(stage, size, r, cuda)
+
+    def target(targets: dict[int, float]) -> dict:  # Row's target, or why none applies where one is set
+        return {"no_target": why} if why and stage in targets else {"target": targets.get(stage)}
+
+    bench.add(Row(f"{name} training (engine)", r.engine, None, "img/s", **target(RATE_TARGETS), note=(
         f"{where}{shape}: {r.engine_steps} timed steps after {size.warmup} warm-up step(s) of the real engine path "
         f"(_build_state, training_data, the epoch's DataLoader with {workers} worker(s), train_one_epoch) "
         f"on {size.files} files cycled by the sampler; {prefetch_note(r.prefetch, r.engine_steps)}"
+        + (f"; no target: {NO_TARGET_NOTE}" if why and cuda else "")
         + (f"; the first step took {r.first_step_s:.1f} s ({FIRST_STEP_WHY})" if r.first_step_s else ""))))
-    bench.add(Row(f"{name} input path vs model alone", r.engine, r.model_alone, "img/s",
-                  RATIO_TARGET.get(stage) if cuda else None, note=(
+    bench.add(Row(f"{name} input path vs model alone", r.engine, r.model_alone, "img/s", **target(RATIO_TARGET), note=(
         f"{where}model alone: the same train_one_epoch and state on {DISTINCT_BATCHES} normalised float "
         f"batches already on the device, {r.model_steps} timed steps; the ratio is the share of the model's "
         f"speed the input path (decode, crop, flip, DeviceAugment) leaves"
@@ -853,7 +917,7 @@ def add_rows(bench: Bench, stage: int, size: StageSize, r: StageFigures, cuda: b
             "the same train_one_epoch and state with the bare module, measured right after it; the compiling "
             f"itself is in the engine's first step ({r.first_step_s:.1f} s), paid once by each stage's process")))
     if r.busy is not None:
-        bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", BUSY_TARGET.get(stage), note=(
+        bench.add(Row(f"{name} GPU busy (nvml)", r.busy, None, "%", **target(BUSY_TARGET), note=(
             f"mean of torch.cuda.utilization() every {BUSY_PERIOD_S:g} s over the timed engine steps "
             "(nvml: the share of time a kernel was running)")))
     if r.peak_gib is not None:

@@ -41,12 +41,15 @@ from PIL import Image
 from trueface.augment import eval_transform
 from trueface.bench.input import real_jpegs, generated_jpegs
 from trueface.bench.report import Bench, Row, machine_context
-from trueface.checkpoint import save_checkpoint
+from trueface.checkpoint import CheckpointError, save_checkpoint
 from trueface.config import load_config, to_dict
+from trueface.config.schema import DataConfig
 from trueface.inference import decode_size
 from trueface.model import build_model, fake_probability
 from trueface.precision import Runtime
 from trueface.predict import Predictor
+from trueface.storage import StorageError
+from trueface.thresholds import ThresholdsError, fetch_checkpoint
 
 FULL = {"images": 48, "image_size": 128, "batch_size": 16, "repeats": 3}
 QUICK = {"images": 8, "image_size": 64, "batch_size": 4, "repeats": 1}
@@ -65,10 +68,11 @@ def run(args: argparse.Namespace, ray_rate: RayRate | None = None) -> Bench:
             paths, source = generated_jpegs(work, JPEG_SIDE, size["images"]), f"{size['images']} generated {JPEG_SIDE} px JPEGs"
         else:
             paths, source = real_jpegs(args.data_root, size["images"]), f"{size['images']} JPEGs from {args.data_root}"
-        predictor, model_text = load_predictor(args.checkpoint, size)
+        checkpoint = local_checkpoint(args.checkpoint)
+        predictor, model_text = load_predictor(checkpoint, size)
         bench = _measure(predictor, paths, size, f"{model_text}; {source}")
         if ray_rate is not None:
-            checkpoint = args.checkpoint or save_fresh_checkpoint(predictor, work / "fresh.pt")
+            checkpoint = checkpoint or save_fresh_checkpoint(predictor, work / "fresh.pt")
             rate, note = ray_rate(checkpoint, paths)
             bench.add(Row("jobs.predict --ray (Ray Data) vs jobs.predict", rate, bench.rows[0].project, "img/s",
                           note=note))
@@ -88,11 +92,31 @@ def bench_size(args: argparse.Namespace) -> dict:
     return size
 
 
+CHECKPOINT_HELP = ("give a checkpoint file a training run wrote (or its s3:// / gs:// URI), or leave --checkpoint "
+                   "out to time a fresh model")
+
+
+def local_checkpoint(location: str | Path | None) -> Path | None:
+    """A local file for ``--checkpoint`` (a path, or a URI's file and its thresholds staged as
+    ``jobs.predict`` stages them); a one-line exit where it cannot be had."""
+    if location is None:
+        return None
+    try:
+        return fetch_checkpoint(str(location), DataConfig().cache_dir)
+    except (CheckpointError, ThresholdsError, StorageError, OSError) as exc:
+        raise SystemExit(f"infer: --checkpoint {location}: {exc}; {CHECKPOINT_HELP}") from None
+
+
 def load_predictor(checkpoint: Path | None, size: dict) -> tuple[Predictor, str]:
     """The checkpoint's predictor (its image size, TTA and decode as trained), else a fresh
-    random-init ResNet-50 behind the demo preset's settings at ``size['image_size']``."""
+    random-init ResNet-50 behind the demo preset's settings at ``size['image_size']``. A
+    checkpoint that cannot be read (missing, not a checkpoint, stale thresholds beside it) is a
+    one-line exit, as in ``jobs.predict``."""
     if checkpoint is not None:
-        predictor = Predictor.from_checkpoint(checkpoint)
+        try:
+            predictor = Predictor.from_checkpoint(Path(checkpoint))
+        except (CheckpointError, ThresholdsError) as exc:
+            raise SystemExit(f"infer: --checkpoint {checkpoint}: {exc}; {CHECKPOINT_HELP}") from None
         predictor.batch_size = size["batch_size"]
         return predictor, f"checkpoint {checkpoint} ({predictor.image_size} px)"
     cfg = load_config("demo", ["model.weights=none"])

@@ -163,7 +163,22 @@ def real_jpegs(data_root: Path, count: int) -> list[Path]:
         raise SystemExit(f"input: {base} holds {len(files)} JPEG files, the benchmark needs {count}; "
                          "lower --images or point --data-root at a bigger set")
     step = len(files) / count
-    return [files[int(i * step)] for i in range(count)]
+    picked = [files[int(i * step)] for i in range(count)]
+    for path in picked:
+        check_readable(path)
+    return picked
+
+
+def check_readable(path: Path) -> None:
+    """A one-line exit naming ``path`` where PIL cannot decode it (an empty or truncated download,
+    another format under a .jpg name), before any part times it: not a traceback from inside
+    a measurement (or a loader worker)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # noqa: BLE001 -- UnidentifiedImageError, truncated data, decompression bombs
+        raise SystemExit(f"--data-root: {path} cannot be read as an image ({type(exc).__name__}: {exc}); "
+                         "remove or replace it, or point --data-root at another set") from None
 
 
 def _is_square_jpeg(path: Path, side: int) -> bool:

@@ -8,10 +8,13 @@ Usage::
 
 Every row holds the project's figure and, where there is one, its reference measured in the same
 process run, so the ratio holds on a noisy machine. ``ratio`` is always "how many times better the
-project is": reference / project for times (``ms/...``, lower is better), project / reference for
-rates (``img/s``). ``target`` is the least acceptable ratio (3.0: three times the reference; 0.95:
-at most 5% slower); a row without a reference (an absolute GPU figure) compares ``project`` itself
-with ``target`` in the row's unit.
+project is": reference / project where lower is better (times, bytes), project / reference where
+higher is better (rates). Each row says which (``lower_is_better``): given, or taken from its unit
+where the unit is one of ``UNIT_LOWER_IS_BETTER``'s; any other unit must say it (a row with
+neither is an error, never a guess). ``target`` is the least acceptable ratio (3.0: three times the
+reference; 0.95: at most 5% slower); a row without a reference (an absolute GPU figure) compares
+``project`` itself with ``target`` in the row's unit. A row without a target may say why in
+``no_target`` (printed in the target column).
 """
 
 from __future__ import annotations
@@ -32,18 +35,27 @@ from trueface.atomic import atomic_write_text
 from trueface.results import markdown_table
 
 
+#: the units whose direction a row may leave out: exact names, never a prefix or a guess
+UNIT_LOWER_IS_BETTER = {"ms/img": True, "img/s": False, "%": False, "GiB": True}
+
+
 @dataclass(frozen=True)
 class Row:
     what: str
     project: float
     reference: float | None
-    unit: str  # "ms/img" and other times: lower is better; "img/s": higher is better
+    unit: str
     target: float | None = None
     note: str = ""
+    lower_is_better: bool | None = None  # None: from UNIT_LOWER_IS_BETTER, where the unit is there
+    no_target: str = ""  # why no target applies, for the target column (where ``target`` is None)
 
-    @property
-    def lower_is_better(self) -> bool:
-        return self.unit.startswith(("ms", "s/", "s "))
+    def __post_init__(self) -> None:
+        if self.lower_is_better is None:
+            if self.unit not in UNIT_LOWER_IS_BETTER:
+                raise ValueError(f"row {self.what!r}: say whether lower is better in {self.unit!r} "
+                                 f"(lower_is_better=True or False); known units: {', '.join(UNIT_LOWER_IS_BETTER)}")
+            object.__setattr__(self, "lower_is_better", UNIT_LOWER_IS_BETTER[self.unit])
 
     @property
     def ratio(self) -> float | None:
@@ -187,7 +199,7 @@ def _ratio(v: float | None) -> str:
 
 def _target(r: Row) -> str:
     if r.target is None:
-        return ""
+        return r.no_target
     if r.reference is not None:
         return f">= {r.target:g}x"
     return f"{'<=' if r.lower_is_better else '>='} {r.target:g} {r.unit}"
