@@ -40,7 +40,7 @@ from pathlib import Path
 from jobs import ray_tune
 from jobs.common import metrics_table
 from trueface.atomic import atomic_write_text
-from trueface.compare import WEIGHTS, CompareError, compare, units_from_paths
+from trueface.compare import WEIGHTS, CompareError, compare, read_job_file, units_from_paths
 from trueface.config import Config, apply_values, from_dict, to_yaml
 from trueface.data.layout import discover_layout
 from trueface.search_report import (TEST_DIR, TESTED_FILE, format_trials, param_importances, rank_trials,
@@ -222,20 +222,14 @@ SPEC_KEYS = ("name", "config", "results_dir", "stages", "space", "space_source",
 def read_spec(path: Path, location: str, keys: Sequence[str] = SPEC_KEYS) -> dict:
     """A search's ``trueface-tune.json``, or an exit naming the file and what is wrong with it
     (not JSON, not an object, or without one of ``keys``)."""
-    where = f"{location}/{path.name}"
     try:
-        spec = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise SystemExit(f"error: {where}: not readable JSON ({exc}); python -m jobs.tune writes it when the search "
-                         f"starts: was it cut short (an interrupted copy, a full disk)? Restore it from the "
-                         f"search's storage; without it the search cannot be aggregated") from exc
-    if not isinstance(spec, dict):
-        raise SystemExit(f"error: {where}: expected a JSON object (as python -m jobs.tune writes), "
-                         f"got {type(spec).__name__}")
+        spec = read_job_file(location, path, "search", "python -m jobs.tune")
+    except CompareError as exc:
+        raise SystemExit(f"error: {exc}") from None
     missing = [k for k in keys if k not in spec]
     if missing:
-        raise SystemExit(f"error: {where} lacks {', '.join(missing)}; it is not a complete search spec as "
-                         f"python -m jobs.tune writes it (was it edited by hand?); restore it")
+        raise SystemExit(f"error: {location}/{path.name} lacks {', '.join(missing)}; it is not a complete search "
+                         f"spec as python -m jobs.tune writes it (was it edited by hand?); restore it")
     return spec
 
 

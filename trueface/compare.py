@@ -627,7 +627,7 @@ def _from_search(location: str, cache: str, weights: str, spec_file: bool) -> Un
     report_location = location
     if spec_file:
         folder.pull(SEARCH_FILE)
-        spec = _read_job_file(location, folder.local / SEARCH_FILE, "search", "python -m jobs.tune")
+        spec = read_job_file(location, folder.local / SEARCH_FILE, "search", "python -m jobs.tune")
         if not spec.get("results_dir"):
             raise CompareError(f"{location}/{SEARCH_FILE} names no results_dir, so the search's report cannot be "
                                f"found; give its report folder (results/<name>, with trials.parquet and test/) "
@@ -648,15 +648,15 @@ def _from_search(location: str, cache: str, weights: str, spec_file: bool) -> Un
     return Unit(name, (report,))
 
 
-def _read_job_file(location: str, path: Path, what: str, writer: str) -> dict:
+def read_job_file(location: str, path: Path, what: str, writer: str) -> dict:
     """A job's JSON file (a search's spec, an ablation's job file) as a dict, or a CompareError
     naming the file and what is wrong with it."""
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise CompareError(f"{location}/{path.name}: not readable JSON ({exc}); {writer} writes it when the {what} "
-                           f"starts: was it cut short (an interrupted copy, a full disk)? Restore it, or give "
-                           f"the {what}'s results folder instead") from exc
+                           f"starts: was it cut short (an interrupted copy, a full disk)? Restore it from the "
+                           f"{what}'s storage") from exc
     if not isinstance(data, dict):
         raise CompareError(f"{location}/{path.name}: expected a JSON object (as {writer} writes), "
                            f"got {type(data).__name__}")
@@ -692,7 +692,7 @@ def _units_of(location: str, cache: str, weights: str) -> Units:
         return units_from_ablation(location, cache)
     if kind == "ablation storage":
         folder.pull(ABLATION_JOB_FILE)
-        job = _read_job_file(location, folder.local / ABLATION_JOB_FILE, "ablation", "python -m jobs.ablate")
+        job = read_job_file(location, folder.local / ABLATION_JOB_FILE, "ablation", "python -m jobs.ablate")
         results = job.get("results_dir")
         if not results or not Mirror.of(results, cache).exists(ABLATION_FILE):
             raise CompareError(f"ablation {location}: no {ABLATION_FILE} in its results folder {results} yet; "
