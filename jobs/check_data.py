@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.common import add_config_arguments, config_from_args
+from jobs.common import add_config_arguments, config_from_args, output_problem
 from trueface.data.check import scan_and_check
 from trueface.data.layout import DataLayoutError, discover_layout
 from trueface.run import data_root
@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The layout as found, whatever splits it has: no training or test domains are chosen, so
         # a test-only root (what jobs.evaluate asks to be checked) or one without test/ is checked too.
         layout = discover_layout(data_root(cfg))
+        out = args.out or Path(cfg.output.results_dir) / f"{layout.root.resolve().name}-data"
+        # Before the scan, which can take long: a report folder that cannot be written stops here.
+        problem = "" if args.dry_run else output_problem(out, "--out" if args.out else "report folder",
+                                                         folder_wanted=True)
+        if problem:
+            sys.exit(f"error: {problem}")
         # The check itself, never stopping on what it finds: judging is this job's output.
         check = scan_and_check(layout, cfg, workers=args.workers)
     except DataLayoutError as exc:
@@ -53,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dry_run:
         from trueface.data.report import write_report
 
-        out = args.out or Path(cfg.output.results_dir) / f"{layout.root.resolve().name}-data"
         write_report(check, out)
         print(f"report: {out / 'report.md'} (+ images.parquet, problems.csv, leakage.csv, shortcut plots)")
     print(f"checked {len(check.rows)} images in {time.time() - started:.1f} s")

@@ -18,8 +18,8 @@ checkpoint itself is never modified.
 
 The root gets the data check first (trueface.data.check, by the checkpoint's data.on_bad_image
 unless ``--on-bad-image`` says otherwise) and its images the checkpoint's ``data.normalize``. A test
-image whose bytes are also in the checkpoint's training or validation data (its run's manifest, see
-trueface.data.overlap) makes the evaluation refuse, unless ``--allow-overlap``: then every row of
+image whose decoded pixels or bytes are also in the checkpoint's training or validation data (its
+run's manifest, see trueface.data.overlap) makes the evaluation refuse, unless ``--allow-overlap``: then every row of
 the table counts them (``train_overlap``).
 
 ``--robustness`` also scores the test splits JPEG re-encoded, blurred, downscaled and cropped
@@ -190,7 +190,7 @@ def checked_test_root(layout: DataLayout, cfg: Config,
         print(f"warning: test/train overlap not checked: neither {args.checkpoint}'s run manifest nor its data root "
               f"{cfg.data.root} is reachable from here", file=sys.stderr)
     else:
-        overlap = overlap_counts(check.rows, trained.sha1)
+        overlap = overlap_counts(check.rows, trained)
         if sum(overlap.values()) and not args.allow_overlap:
             per = ", ".join(f"{d} {n}" for d, n in overlap.items() if n)
             sys.exit(f"error: {sum(overlap.values())} test images of {layout.root} are also in the checkpoint's "

@@ -188,6 +188,47 @@ def test_copies_kept_in_several_domains_are_warned_of_once(copies, warned):
     assert warnings == ([(warned, "the same file is in several domains: " + ", ".join(others))] if warned else [])
 
 
+@pytest.mark.parametrize("names,split,warned", [
+    (["x.png", "y.png"], "test", "the same file is also in this folder: A/test/real/y.png "
+                                 "(the image counts 2 times in the test metrics)"),
+    (["x.png", "y.png", "z.png"], "train", "the same file is also in this folder: A/train/real/y.png, "
+                                           "A/train/real/z.png (the image counts 3 times in train/)"),
+])
+def test_copies_inside_one_folder_are_a_warning_naming_every_copy(names, split, warned):
+    rows = [_copy("A", split) | {"relpath": f"A/{split}/real/{n}"} for n in names]
+    findings = _duplicate_findings(rows)
+    assert [(f.path, f.severity, f.problem) for f in findings] == [(f"A/{split}/real/x.png", "warning", warned)]
+
+
+def test_copies_inside_one_folder_of_a_split_left_out_are_not_warned_of():
+    # the two train copies leak test/ into train/: both are errors (left out), so no folder warning
+    rows = [_copy("A", "train"), _copy("A", "train") | {"relpath": "A/train/real/y.png"}, _copy("A", "test")]
+    assert [(f.path, f.severity) for f in _duplicate_findings(rows)] == [("A/train/real/x.png", "error"),
+                                                                         ("A/train/real/y.png", "error")]
+
+
+def test_a_resaved_copy_in_the_same_test_folder_is_warned_of_and_kept(tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    from tests.conftest import write_tiny_root
+    from trueface.data.check import check_data
+    from trueface.data.layout import discover_layout
+    from trueface.data.scan import scan_layout
+
+    root = write_tiny_root(tmp_path / "cell", {"": "lower"}, per_class=3, size=48)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "re-saved")
+    with Image.open(root / "test/real/x_test_0.png") as img:
+        img.save(root / "test/real/x_test_0_resaved.png", pnginfo=info, compress_level=9)
+    layout = discover_layout(root)
+    cfg = load_config("demo", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    check = check_data(layout, scan_layout(layout, None, workers=1, progress=False), cfg)
+    copies = [(f.path, f.severity, f.problem) for f in check.findings if "this folder" in f.problem]
+    assert copies == [("test/real/x_test_0.png", "warning", "the same image (identical pixels) is also in this "
+                       "folder: test/real/x_test_0_resaved.png (the image counts 2 times in the test metrics)")]
+    assert check.excluded == () and not check.blocking
+
+
 def _pixel_copy_root(tmp_path: Path, other_label: bool) -> tuple[Path, dict]:
     """A tiny root plus one picture saved three ways: same pixels, different bytes each time."""
     from PIL import Image, PngImagePlugin
@@ -299,6 +340,22 @@ def test_check_data_cli_checks_roots_of_any_splits(tmp_path, capsys, splits):
     assert status == 0, out
     assert f"data check of {root}: {len(splits) * 6} images, 0 errors" in out
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_check_data_cli_refuses_an_out_that_is_a_file_before_scanning(tmp_path, monkeypatch):
+    """An --out naming an existing file: a one-line error before the scan, not a traceback after it."""
+    import jobs.check_data
+    from tests.conftest import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "root", {"faces": "lower"}, per_class=1, size=32)
+    (tmp_path / "report.md").write_text("not a folder")
+    scanned = []
+    monkeypatch.setattr(jobs.check_data, "scan_and_check", lambda *a, **k: scanned.append(a) or pytest.fail("scanned"))
+    with pytest.raises(SystemExit) as stopped:
+        jobs.check_data.main(["--data-root", str(root), "--out", str(tmp_path / "report.md"),
+                              f"data.cache_dir={tmp_path / 'cache'}"])
+    assert str(stopped.value) == f"error: --out {tmp_path / 'report.md'} is a file: give a folder"
+    assert not scanned
 
 
 def _format_root(tmp_path: Path) -> Path:

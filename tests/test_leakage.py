@@ -8,6 +8,7 @@ import itertools
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -279,3 +280,81 @@ def test_rows_without_sha1_are_never_exact_but_can_be_near():
     for r in rows:
         r["sha1"] = ""
     assert [(p.kind, p.distance) for p in find_leakage(rows)] == [("near", 0)]
+
+
+# ---- test/train overlap (trueface.data.overlap, jobs.evaluate's gate) ----
+
+
+def _resave(src, dst) -> None:
+    """The same pixels in other bytes: another compression level and a text chunk."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "re-saved")
+    with Image.open(src) as img:
+        img.save(dst, compress_level=1, pnginfo=info)
+
+
+def _trained_run_and_test_root(tmp_path):
+    """A run's files (config, manifest) written from a checked root, and a test root holding a
+    re-saved copy of a train image, a byte copy of a valid image and an image of its own."""
+    import argparse
+
+    from tests.conftest import tiny_overrides, write_tiny_root
+    from trueface.config import load_config
+    from trueface.data.check import scan_and_check
+    from trueface.data.layout import discover_layout
+    from trueface.run import RunPaths, write_run_files
+
+    root = write_tiny_root(tmp_path / "data", {"": "lower"}, per_class=2)
+    cfg = load_config("demo", [*tiny_overrides(root, tmp_path), f"data.cache_dir={tmp_path / 'cache'}"])
+    layout = discover_layout(root)
+    paths = RunPaths.of(cfg)
+    write_run_files(cfg, layout, paths, scan_and_check(layout, cfg, workers=1, progress=False))
+    test = write_tiny_root(tmp_path / "test", {"faces": "lower"}, per_class=1, splits=("test",))
+    _resave(root / "train" / "real" / "x_train_0.png", test / "faces" / "test" / "real" / "resaved.png")
+    (test / "faces" / "test" / "fake" / "copied.png").write_bytes((root / "valid" / "fake" / "x_valid_0.png").read_bytes())
+    assert (hashlib.sha1((test / "faces" / "test" / "real" / "resaved.png").read_bytes()).digest()
+            != hashlib.sha1((root / "train" / "real" / "x_train_0.png").read_bytes()).digest())
+    args = argparse.Namespace(checkpoint=str(paths.stage_dir(2) / "best.pt"), on_bad_image=None, allow_overlap=False)
+    return cfg, paths, discover_layout(test / "faces"), args
+
+
+def test_evaluate_refuses_a_test_root_of_resaved_copies_of_training_images(tmp_path):
+    # A re-saved PNG (same pixels, other bytes) is as much a training image as a byte copy: the
+    # run's manifest records each file's pixel_sha1 beside its sha1, and the gate matches either.
+    from jobs.evaluate import checked_test_root
+
+    cfg, paths, test_layout, args = _trained_run_and_test_root(tmp_path)
+    manifest = pq.read_table(paths.run_dir / "manifest.parquet")
+    assert "pixel_sha1" in manifest.column_names and all(manifest.column("pixel_sha1").to_pylist())
+    with pytest.raises(SystemExit, match=r"error: 2 test images of .* are also in the checkpoint's training data"):
+        checked_test_root(test_layout, cfg, args)
+    args.allow_overlap = True
+    assert checked_test_root(test_layout, cfg, args)[2] == {"faces": 2}
+
+
+def test_an_older_manifest_without_pixel_sha1_compares_bytes_only_and_says_so(tmp_path):
+    from trueface.data.layout import discover_layout
+    from trueface.data.overlap import overlap_counts, training_hashes
+    from trueface.data.scan import scan_layout
+
+    cfg, paths, test_layout, args = _trained_run_and_test_root(tmp_path)
+    location = paths.run_dir / "manifest.parquet"
+    pq.write_table(pq.read_table(location).drop(["pixel_sha1"]), location)
+    trained = training_hashes(args.checkpoint, cfg)
+    assert trained.pixel_sha1 == frozenset() and "by bytes only" in trained.source
+    rows = scan_layout(discover_layout(test_layout.root), None, workers=1, progress=False)
+    assert overlap_counts(rows, trained) == {"faces": 1}  # the byte copy; the re-saved one is not seen
+
+
+def test_overlap_counts_a_test_image_by_its_pixels_or_its_bytes():
+    from trueface.data.overlap import TrainingData, overlap_counts
+
+    trained = TrainingData(frozenset({"bytes-a"}), "test", frozenset({"pixels-b"}))
+    rows = [{"domain": "d", "split": "test", "sha1": "bytes-a", "pixel_sha1": "pixels-a"},   # byte copy
+            {"domain": "d", "split": "test", "sha1": "bytes-x", "pixel_sha1": "pixels-b"},   # re-saved copy
+            {"domain": "d", "split": "test", "sha1": "bytes-y", "pixel_sha1": ""},           # undecodable: bytes only
+            {"domain": "e", "split": "test", "sha1": "", "pixel_sha1": ""},
+            {"domain": "d", "split": "train", "sha1": "bytes-a", "pixel_sha1": "pixels-b"}]  # not a test image
+    assert overlap_counts(rows, trained) == {"d": 2, "e": 0}

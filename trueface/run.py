@@ -148,15 +148,17 @@ def _resolved(cfg: Config, layout: DataLayout, root: Path) -> Config:
 
 def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> None:
     """The resolved config and the manifest of every image, beside the checkpoints. With the data
-    check, the manifest holds each file's sha1 (of the file as found, before any normalisation):
-    jobs.evaluate compares a test root against it."""
+    check, the manifest holds each file's sha1 and pixel_sha1 (of the file as found, before any
+    normalisation): jobs.evaluate compares a test root against it (trueface.data.overlap)."""
     atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
     samples = layout.all_samples()
     sha1 = {r["relpath"]: r["sha1"] for r in check.rows} if check else {}
+    pixel_sha1 = {r["relpath"]: r.get("pixel_sha1") or "" for r in check.rows} if check else {}
     table = pa.table({
         "path": [s.path for s in samples], "domain": [s.domain for s in samples],
         "split": [s.split for s in samples], "label": [s.label for s in samples],
         "sha1": [sha1.get(layout.relpath(s.path), "") for s in samples],
+        "pixel_sha1": [pixel_sha1.get(layout.relpath(s.path), "") for s in samples],
     })
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -16,8 +16,9 @@ The rules, each finding naming the file and the problem:
   split stays whole). "The same image" is the same decoded pixels (the scan's ``pixel_sha1``), so a
   re-saved PNG or a copy with its metadata stripped counts as much as a byte-identical file.
 - **warning** (usable, worth knowing): near duplicates (perceptual hash) across splits, domains or
-  labels; exact duplicates across domains within one split; images smaller than every crop they are
-  trained at (upscaled); a domain whose file metadata alone separates real from fake (the format
+  labels; exact duplicates across domains within one split, or twice in one domain/split/label
+  folder (the image counts once per copy: nothing is left out); images smaller than every crop they
+  are trained at (upscaled); a domain whose file metadata alone separates real from fake (the format
   shortcut audit, trueface.data.shortcuts); missing splits and ignored folders.
 
 ``data.on_bad_image``: ``error`` stops a run before training when any error is found; ``skip``
@@ -202,7 +203,8 @@ def _same(a: dict, b: dict) -> str:
 
 def _duplicate_findings(rows: list[dict]) -> list[Finding]:
     """Exact copies (same decoded pixels, or same sha1 where the pixels were not digested) under two
-    labels, in two splits, or in two domains."""
+    labels, in two splits, in two domains, or twice in one domain/split/label folder (a warning:
+    nothing is left out, but the image counts once per copy in training or in the metrics)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if (r.get("pixel_sha1") or r["sha1"]) and not r["error"]:
@@ -228,6 +230,16 @@ def _duplicate_findings(rows: list[dict]) -> list[Finding]:
                     "the same image (identical pixels)"
                 out.append(_finding(r, f"{what} is in several domains: "
                                        + ", ".join(o["relpath"] for o in others), "warning"))
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for r in kept:  # copies left out as leaks are judged above; those kept may share a folder
+            cells[(r["domain"], r["split"], r["label"])].append(r)
+        for cell in (c for c in cells.values() if len(c) > 1):
+            first, others = cell[0], cell[1:]
+            what = "the same file" if all(_same(first, o) == "the same file" for o in others) else \
+                "the same image (identical pixels)"
+            where = "the test metrics" if first["split"] == "test" else f"{first['split']}/"
+            out.append(_finding(first, f"{what} is also in this folder: {', '.join(o['relpath'] for o in others)} "
+                                       f"(the image counts {len(cell)} times in {where})", "warning"))
     return out
 
 
