@@ -20,20 +20,19 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from jobs.common import add_config_arguments, config_from_args, output_problem
 from trueface.data.check import scan_and_check
 from trueface.data.layout import DataLayoutError, discover_layout
-from trueface.run import data_root
-from trueface.storage import StorageError
+from trueface.run import absolute_location, data_root
+from trueface.storage import Mirror, StorageError, join
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.check_data", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--out", type=Path, help="report folder (default: <output.results_dir>/<root name>-data)")
+    parser.add_argument("--out", help="report folder, a path or a URI (default: <output.results_dir>/<root name>-data)")
     parser.add_argument("--workers", type=int, help="scanning processes (default: one per core)")
     parser.add_argument("--dry-run", action="store_true", help="print the summary; write no report")
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
@@ -43,9 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The layout as found, whatever splits it has: no training or test domains are chosen, so
         # a test-only root (what jobs.evaluate asks to be checked) or one without test/ is checked too.
         layout = discover_layout(data_root(cfg))
-        out = args.out or Path(cfg.output.results_dir) / f"{layout.root.resolve().name}-data"
+        results_dir = absolute_location(cfg.output.results_dir, "output.results_dir")  # a URI is checked
+        out = absolute_location(args.out, "--out") if args.out else \
+            join(results_dir, f"{layout.root.resolve().name}-data")
+        report = Mirror.of(out, cfg.data.cache_dir)  # a URI's report is written here, then uploaded
         # Before the scan, which can take long: a report folder that cannot be written stops here.
-        problem = "" if args.dry_run else output_problem(out, "--out" if args.out else "report folder",
+        problem = "" if args.dry_run else output_problem(report.local, "--out" if args.out else "report folder",
                                                          folder_wanted=True)
         if problem:
             sys.exit(f"error: {problem}")
@@ -59,8 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dry_run:
         from trueface.data.report import write_report
 
-        write_report(check, out)
-        print(f"report: {out / 'report.md'} (+ images.parquet, problems.csv, leakage.csv, shortcut plots)")
+        write_report(check, report.local)
+        try:
+            report.push()
+        except StorageError as exc:
+            sys.exit(f"storage error: {exc} (the report is kept in {report.local})")
+        print(f"report: {join(report.location, 'report.md')} (+ images.parquet, problems.csv, leakage.csv, "
+              f"shortcut plots)")
     print(f"checked {len(check.rows)} images in {time.time() - started:.1f} s")
     return 1 if check.blocking else 0
 

@@ -342,6 +342,24 @@ def test_check_data_cli_checks_roots_of_any_splits(tmp_path, capsys, splits):
     assert (tmp_path / "r" / "report.md").is_file()
 
 
+def test_check_data_cli_writes_its_report_to_a_uri_results_dir(tmp_path, capsys, s3_server):
+    """output.results_dir in a bucket: the report goes there (it went to a local folder named
+    's3:/...'), and a scheme no filesystem opens is an error naming the key, before the scan."""
+    from jobs.check_data import main
+    from tests.conftest import s3_keys, write_tiny_root
+
+    root = write_tiny_root(tmp_path / "root", {"faces": "lower"}, per_class=2, size=32)
+    status = main(["--data-root", str(root), "output.results_dir=s3://trueface-test/checks",
+                   f"data.cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    keys = s3_keys(s3_server, "checks/root-data/")
+    assert {"checks/root-data/report.md", "checks/root-data/images.parquet"} <= set(keys)
+    assert "report: s3://trueface-test/checks/root-data/report.md" in capsys.readouterr().out
+    assert not (Path.cwd() / "s3:").exists()
+    with pytest.raises(SystemExit, match=r"error: output.results_dir: cannot open ftp://host/r"):
+        main(["--data-root", str(root), "output.results_dir=ftp://host/r", f"data.cache_dir={tmp_path / 'cache'}"])
+
+
 def test_check_data_cli_refuses_an_out_that_is_a_file_before_scanning(tmp_path, monkeypatch):
     """An --out naming an existing file: a one-line error before the scan, not a traceback after it."""
     import jobs.check_data

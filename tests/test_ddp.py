@@ -279,7 +279,7 @@ def _resume_worker(rank: int, root: str, out: str, rendezvous: str, checkpoints:
     cfg = _config(Path(root), Path(out), accum_steps=1)
     train.run_stage(cfg, 1, _samples(cfg, "train"), _samples(cfg, "valid"), Path(out) / f"rank{rank}" / "stage1",
                     dist_info=DistInfo(rank, WORLD), report=lambda metrics, path: reports.append(metrics),
-                    resume_from=Path(checkpoints[rank]))
+                    resume_from=Path(checkpoints[rank]) if checkpoints[rank] else None)
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({"seen": seen, "reports": reports}, Path(out) / f"resumed{rank}.pt")
     dist.destroy_process_group()
@@ -297,8 +297,10 @@ def test_ranks_that_resume_from_different_checkpoints_all_go_on_from_rank_0s(run
             f"from {first}; rank 1 at epoch {EPOCHS}, step {EPOCHS * STEPS_PER_EPOCH}, from {last}): every rank goes "
             f"on from rank 0's, at epoch 1, step {STEPS_PER_EPOCH}.") in capfd.readouterr().out
     resumed = [torch.load(tmp / "resume" / f"resumed{r}.pt", weights_only=False) for r in range(WORLD)]
-    for rank in resumed:  # each trained epoch 2 alone, to the step the uninterrupted run ended at
-        assert [(m["epoch"], m["step"]) for m in rank["reports"]] == [(EPOCHS, EPOCHS * STEPS_PER_EPOCH)]
+    for rank in resumed:  # each trained epoch 2 alone, to the step the uninterrupted run ended at, after
+        # sending epoch 1's report again (a kill may have lost it): the same reports on every rank
+        assert [(m["epoch"], m["step"]) for m in rank["reports"]] == [(1, STEPS_PER_EPOCH),
+                                                                      (EPOCHS, EPOCHS * STEPS_PER_EPOCH)]
     # rank 1 validated the model rank 0 did, and that is the uninterrupted run's epoch 2
     uninterrupted = runs["ranks"][1]["seen"][-1]
     for weights in ("raw", "ema"):
@@ -308,3 +310,16 @@ def test_ranks_that_resume_from_different_checkpoints_all_go_on_from_rank_0s(run
                                            msg=lambda m: f"{weights}.{key}: {m}")
     saved = load_checkpoint(tmp / "resume" / "rank0" / "stage1" / "last.pt")
     assert saved["epoch"] == EPOCHS and [h["epoch"] for h in saved["history"]] == [1, 2]
+
+
+def test_a_rank_without_a_checkpoint_makes_the_same_reports_as_rank_0(runs):
+    # Rank 0 resumes after epoch 1, rank 1 finds no checkpoint (a new node) and takes on rank 0's
+    # state. Every rank must make the same reports (Ray Train's report is collective): epoch 1's
+    # again, which rank 1 never trained, then epoch 2.
+    tmp = runs["tmp"]
+    mp.spawn(_resume_worker, args=(str(tmp / "data"), str(tmp / "resume-new-node"), str(tmp / "rendezvous-new-node"),
+                                   [str(tmp / "two" / "epoch1.pt"), ""]), nprocs=WORLD, join=True)
+    reports = [torch.load(tmp / "resume-new-node" / f"resumed{r}.pt", weights_only=False)["reports"] for r in range(WORLD)]
+    for rank in reports:
+        assert [(m["epoch"], m["step"]) for m in rank] == [(1, STEPS_PER_EPOCH), (EPOCHS, EPOCHS * STEPS_PER_EPOCH)]
+    assert reports[0][0] == reports[1][0]  # epoch 1's, as rank 0's checkpoint recorded it

@@ -264,7 +264,9 @@ def run_stage(
 
     result: StageResult | None = None
     try:
-        again = _resumed_report(progress, st) if report is not None and resume_path is not None else None
+        # decided on the progress every rank shares after _resume_alike, not on whether this rank
+        # found a checkpoint: every rank must make the same reports
+        again = _resumed_report(progress, st) if report is not None else None
         if again is not None:
             _log(di, f"{key}: epoch {progress.epoch}'s report sent again (a worker killed before sending it lost it)")
             if again["stage_done"]:  # as below: what the stage leaves is written before its last report
