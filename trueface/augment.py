@@ -4,7 +4,7 @@ Usage::
 
     tf = TrainTransform(image_size=224, light_epochs=5, cfg=stage.augment)
     tf.set_epoch(epoch); x = tf(pil_image)          # light before light_epochs, strong after
-    images, targets = mixup(images, soft_targets, alpha=0.2, generator=g)
+    images, targets, lam = mixup(images, soft_targets, alpha=0.2, rng=np.random.default_rng(0))
 
 Strong augmentation follows the paper (RandomResizedCrop, flip, RandAugment, colour jitter +
 grayscale, JPEG, Gaussian blur, Gaussian noise, random erasing) but every op has its own
