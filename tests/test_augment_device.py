@@ -6,7 +6,9 @@ is within 4 standard deviations (two samples) of the per-sample path's on the sa
 Magnitudes: a per-op statistic's distribution matches the per-sample path's on the same images by
 a two-sample Kolmogorov-Smirnov test (p > 1e-3; with 400 + 400 samples that rejects a shift of
 about a sixth of the statistic's spread, while uint8 rounding in the per-sample path moves each
-statistic by under 1 % of it). Seeds are fixed, so every run sees the same draws.
+statistic by under 1 % of it). That test passes magnitudes off by 25-60 %, so the ranges the
+batched path draws its magnitudes from are also held exactly to the per-sample pipeline's ops at
+strength 0.35, where rounding matters. Seeds are fixed, so every run sees the same draws.
 """
 
 import importlib
@@ -27,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trueface.augment import (
     IMAGENET_MEAN,
+    ColorJitter,
+    RandomJPEG,
     RandomResizedCrop,
     RandomGaussianBlur,
     blur_kernels,
@@ -218,6 +222,77 @@ def test_each_op_has_the_per_sample_paths_magnitude_distribution(op):
     assert ks_2samp(batched.numpy(), reference.numpy()).pvalue > 1e-3
     # and the statistic really moved (a no-op on both sides would pass the test above)
     assert ks_2samp(batched.numpy(), stat(src, src).numpy()).pvalue < 1e-6
+
+
+EXACT_STRENGTH = 0.35  # where rounding matters: RandAugment 13 x 0.35 = 4.55, JPEG 95 - 75 x 0.35 = 68.75
+EXACT_CFG = AugmentConfig(strength=EXACT_STRENGTH, randaugment_magnitude=13, jpeg_quality_min=20,
+                          color_jitter_p=1.0, erasing_p=1.0)
+
+
+def _per_sample_ops(cfg: AugmentConfig) -> dict[type, object]:
+    """The per-sample strong pipeline's ops by type, unwrapped from their RandomApply."""
+    ops = {}
+    for op in strong_transform(32, cfg).transforms:
+        inner = op.transforms[0] if isinstance(op, v2.RandomApply) else op
+        ops[type(inner)] = inner
+    return ops
+
+
+def _spans(values: torch.Tensor, lo: float, hi: float, name: str, reach: float = 0.02) -> None:
+    """values lie in [lo, hi] (up to float32 rounding) and come within reach x (hi - lo) of each end."""
+    v = values.double()
+    eps = 1e-6 * max(1.0, abs(lo), abs(hi))
+    assert v.min() >= lo - eps and v.max() <= hi + eps, f"{name}: drawn [{v.min():.5f}, {v.max():.5f}] outside [{lo}, {hi}]"
+    assert v.min() <= lo + reach * (hi - lo) and v.max() >= hi - reach * (hi - lo), \
+        f"{name}: drawn [{v.min():.5f}, {v.max():.5f}] does not span [{lo}, {hi}]"
+
+
+def test_batched_draws_have_exactly_the_per_sample_paths_parameters_where_rounding_matters():
+    # the KS test above passes magnitudes off by 25-60 % (and RandAugment 14 for 9): here every
+    # magnitude range DeviceAugment draws from is held exactly to the per-sample pipeline's ops,
+    # at a strength whose products are not whole numbers, over draws many enough to reach both ends
+    ops = _per_sample_ops(EXACT_CFG)
+    p = strong_params(EXACT_CFG)
+    ra, jitter, jpeg = ops[v2.RandAugment], ops[ColorJitter], ops[RandomJPEG]
+    blur, erasing = ops[RandomGaussianBlur], ops[v2.RandomErasing]
+    # the per-sample path is strong_params, whose rounding is round(), not int(): 4.55 -> 5, 68.75 -> 69
+    assert ra.magnitude == p.randaugment_magnitude == 5
+    assert (jpeg.q_min, jpeg.q_max) == p.jpeg_quality == (69, 95)
+
+    aug = DeviceAugment(EXACT_CFG)
+    # RandAugment: the same op count, bins and magnitude, and every code's magnitude is
+    # torchvision's table at that bin (signed ops negated), at a non-square size
+    bra = aug.randaugment
+    assert (bra.num_ops, bra.num_bins, bra.magnitude) == (ra.num_ops, ra.num_magnitude_bins, ra.magnitude)
+    height, width = 24, 40
+    names = list(v2.RandAugment._AUGMENTATION_SPACE)  # a code is op * 2 + negated, in torchvision's order
+    for code in range(2 * len(names)):
+        values_fn, signed = v2.RandAugment._AUGMENTATION_SPACE[names[code // 2]]
+        values = values_fn(ra.num_magnitude_bins, height, width)
+        expected = 0.0 if values is None else float(values[ra.magnitude]) * (-1 if signed and code % 2 else 1)
+        assert bra.magnitude_of(code, height, width) == expected, f"RandAugment code {code}"
+
+    n, size = 4000, 1024
+    d = aug.draw(n, size, size, torch.Generator().manual_seed(5))
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    for i, (name, (lo, hi)) in enumerate(zip(("brightness", "contrast", "saturation", "hue"), ranges, strict=True)):
+        _spans(d.jitter_factors[:, i], lo, hi, name)
+    # JPEG quality: an integer, so both ends exactly
+    assert (int(d.jpeg_quality.min()), int(d.jpeg_quality.max())) == (jpeg.q_min, jpeg.q_max)
+    _spans(d.blur_sigma, blur.sigma_min, blur.sigma_max, "blur sigma")
+    assert aug.blur_radius >= 3 * blur.sigma_max  # every sigma's kernel reaches 3 sigma, as per sample
+    # erasing: each erased box's area fraction, whose sides were rounded, brackets a drawn area in
+    # the per-sample RandomErasing's scale; at 1024 px the rounding is 0.4 % of the range
+    assert augment_device.ERASE_RATIO == tuple(erasing.ratio)
+    _, _, h, w = d.erase_box[d.erase_on].double().unbind(dim=1)
+    assert len(h) > n * EXACT_STRENGTH * 0.9
+    (s_lo, s_hi), pixels = erasing.scale, size * size
+    most, least = (h + 0.5) * (w + 0.5) / pixels, (h - 0.5) * (w - 0.5) / pixels
+    assert most.min() >= s_lo - 1e-6 and least.max() <= s_hi + 1e-6, \
+        f"erased fraction [{least.min():.5f}, {most.max():.5f}] outside {erasing.scale}"
+    fraction = h * w / pixels
+    assert fraction.min() <= s_lo + 0.02 * (s_hi - s_lo) and fraction.max() >= s_hi - 0.02 * (s_hi - s_lo), \
+        f"erased fraction [{fraction.min():.5f}, {fraction.max():.5f}] does not span {erasing.scale}"
 
 
 def test_grayscale_is_the_per_sample_grayscale_to_a_grey_level():
