@@ -219,7 +219,7 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
                                          f"+ up to {z.timed} timed steps, {z.files} files" for s, z in sizes.items()}}
     if not cuda:
         context["note"] = CPU_NOTE
-    bench = Bench("gpu", context=context, failures=[unfinished(stage) for stage in (1, 2)])  # cleared as each ends
+    bench = Bench("gpu", context=context, failures=[unfinished(stage) for stage in sizes])  # cleared as each ends
 
     def write() -> None:
         if out.results_dir is not None:

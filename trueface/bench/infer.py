@@ -114,7 +114,7 @@ def load_predictor(checkpoint: Path | None, size: dict) -> tuple[Predictor, str]
     one-line exit, as in ``jobs.predict``."""
     if checkpoint is not None:
         try:
-            predictor = Predictor.from_checkpoint(Path(checkpoint))
+            predictor = Predictor.from_checkpoint(checkpoint)
         except (CheckpointError, ThresholdsError) as exc:
             raise SystemExit(f"infer: --checkpoint {checkpoint}: {exc}; {CHECKPOINT_HELP}") from None
         predictor.batch_size = size["batch_size"]

@@ -201,6 +201,13 @@ def _same(a: dict, b: dict) -> str:
     return "the same image (identical pixels, other bytes)"
 
 
+def _same_as_all(a: dict, others: list[dict]) -> str:
+    """How ``a`` and every one of ``others`` are the same, in words."""
+    if all(_same(a, o) == "the same file" for o in others):
+        return "the same file"
+    return "the same image (identical pixels)"
+
+
 def _duplicate_findings(rows: list[dict]) -> list[Finding]:
     """Exact copies (same decoded pixels, or same sha1 where the pixels were not digested) under two
     labels, in two splits, in two domains, or twice in one domain/split/label folder (a warning:
@@ -226,19 +233,16 @@ def _duplicate_findings(rows: list[dict]) -> list[Finding]:
                                        f"(leaks {later[0]['split']} into {r['split']}; this copy is the one left out)"))
             elif r is kept[0] and len({o["domain"] for o in kept}) > 1:
                 others = kept[1:]
-                what = "the same file" if all(_same(r, o) == "the same file" for o in others) else \
-                    "the same image (identical pixels)"
-                out.append(_finding(r, f"{what} is in several domains: "
+                out.append(_finding(r, f"{_same_as_all(r, others)} is in several domains: "
                                        + ", ".join(o["relpath"] for o in others), "warning"))
         cells: dict[tuple, list[dict]] = defaultdict(list)
         for r in kept:  # copies left out as leaks are judged above; those kept may share a folder
             cells[(r["domain"], r["split"], r["label"])].append(r)
         for cell in (c for c in cells.values() if len(c) > 1):
             first, others = cell[0], cell[1:]
-            what = "the same file" if all(_same(first, o) == "the same file" for o in others) else \
-                "the same image (identical pixels)"
             where = "the test metrics" if first["split"] == "test" else f"{first['split']}/"
-            out.append(_finding(first, f"{what} is also in this folder: {', '.join(o['relpath'] for o in others)} "
+            out.append(_finding(first, f"{_same_as_all(first, others)} is also in this folder: "
+                                       f"{', '.join(o['relpath'] for o in others)} "
                                        f"(the image counts {len(cell)} times in {where})", "warning"))
     return out
 

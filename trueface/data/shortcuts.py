@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from trueface.atomic import atomic_write_bytes
+from trueface.data.scan import JPEG_FORMATS
 
 METADATA_FIELDS = ("format", "width", "height", "jpeg_quality", "exif", "file_size")
 #: Above this metadata AUC a domain gets a warning: its labels are readable from the files' metadata.
@@ -102,15 +103,12 @@ def audit_domain(rows: list[dict]) -> DomainAudit:
     return result
 
 
-_JPEG_FORMATS = ("JPEG", "MPO")  # as trueface.data.scan.JPEG_FORMATS
-
-
 def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     """Each metadata field as an array; JPEG quality is -1 for anything not a JPEG (a phone's MPO,
     the multi-picture JPEG, is one)."""
     formats = np.array([str(r.get("format") or "?") for r in rows], dtype=object)
     quality = np.array([int(r.get("jpeg_quality", -1)) for r in rows], dtype=float)
-    quality[~np.isin(formats.astype(str), _JPEG_FORMATS)] = -1
+    quality[~np.isin(formats.astype(str), JPEG_FORMATS)] = -1
     return {
         "format": formats,
         "width": np.array([float(r.get("width", -1)) for r in rows]),
