@@ -24,6 +24,7 @@ from trueface.compare import (CompareError, SeedReport, Unit, compare, compariso
 from trueface.config import Config, to_yaml
 from trueface.metrics import roc_auc
 from trueface.results import Predictions, evaluation_rows, write_report
+from trueface.stats import bootstrap_auc, paired_bootstrap_auc_diff
 
 DOMAINS = ("dalle", "tpdne")
 ROLES = {"dalle": "trained (Stage I + Stage II), held-out test split", "tpdne": "held out (never trained on)"}
@@ -136,6 +137,19 @@ def test_a_single_seed_unit_gets_bootstrap_intervals_over_images(units, tmp_path
     assert one["diff_pairing"] == f"seed 0 vs seed 0, {2 * PER_CLASS} images in common"
     # the same model and seed as full's seed 0: no difference at all
     assert one["diff_mean"] == pytest.approx(0.0) and one["diff_words"].startswith("interval includes 0")
+    # the combined column pools two domains whose counts the test set fixes: resampled within each
+    # (domain, class) cell, for the AUC and for the paired difference alike
+    both, full = rows[("one-seed", "combined")], predictions(1.2, 0)
+    domains = np.asarray(full.domains, dtype=object)
+    by_domain = bootstrap_auc(full.labels, full.scores, 500, strata=domains)
+    by_class = bootstrap_auc(full.labels, full.scores, 500)
+    assert (both["auc_low"], both["auc_high"]) == pytest.approx((by_domain.low, by_domain.high))
+    assert (both["auc_low"], both["auc_high"]) != pytest.approx((by_class.low, by_class.high))
+    weak, order = predictions(0.3, 0), np.argsort(full.paths)  # paired by path: in path order
+    diff = paired_bootstrap_auc_diff(full.labels[order], full.scores[order], weak.scores[order], 500,
+                                     strata=domains[order])
+    got = {(r["unit"], r["domain"]): r for r in comparison_rows(units, "weak", n_boot=500)}[("one-seed", "combined")]
+    assert (got["diff_low"], got["diff_high"]) == pytest.approx((diff.low, diff.high))
 
 
 def test_noise_between_units_is_reported_as_no_evidence(units, tmp_path):

@@ -11,8 +11,8 @@ from scipy.stats import t as student_t
 
 from trueface.metrics import roc_auc
 from trueface.stats import (BOOTSTRAP_IMAGES, PAIRED_BOOTSTRAP_IMAGES, PAIRED_T_SEEDS, SINGLE_VALUE, T_SEEDS,
-                            WELCH_T_SEEDS, Interval, bootstrap_auc, paired_bootstrap_auc_diff, paired_t_diff,
-                            resampled_aucs, t_interval, welch_t_diff)
+                            WELCH_T_SEEDS, Interval, _cells, _draw, bootstrap_auc, paired_bootstrap_auc_diff,
+                            paired_t_diff, resampled_aucs, t_interval, welch_t_diff)
 
 
 def model_scores(rng, n_per_class: int, separation: float):
@@ -85,6 +85,52 @@ def test_the_bootstrap_needs_both_classes_and_is_reproducible():
     labels, scores = model_scores(rng, 50, 1.0)
     assert bootstrap_auc(labels, scores, 300, seed=5) == bootstrap_auc(labels, scores, 300, seed=5)
     assert bootstrap_auc(labels, scores, 300, seed=5) != bootstrap_auc(labels, scores, 300, seed=6)
+
+
+def two_domain_scores(rng, n_per_cell: int):
+    """Two domains at other score levels (domain b's scores 2 higher), each with n_per_cell real and
+    fake images, separation 1 within each. Returns labels, scores, domains and the true pooled AUC."""
+    labels = np.tile(np.repeat([0, 1], n_per_cell), 2)
+    domains = np.repeat(["a", "b"], 2 * n_per_cell)
+    scores = rng.normal(0.0, 1.0, labels.size) + labels + 2.0 * (domains == "b")
+    # a fake beats a real with P = Phi((mu_fake - mu_real) / sqrt 2), averaged over the four
+    # (fake domain, real domain) pairs, which the fixed counts weigh equally
+    shifts = [1.0, 1.0, 1.0 - 2.0, 1.0 + 2.0]
+    return labels, scores, domains, float(np.mean([norm.cdf(d / math.sqrt(2)) for d in shifts]))
+
+
+def test_a_bootstrap_with_strata_keeps_every_domain_and_class_count_in_every_resample():
+    labels = np.array([0, 0, 0, 1, 1, 0, 1, 1, 1, 1])
+    strata = np.array(["a", "a", "b", "a", "b", "b", "b", "b", "a", "b"], dtype=object)
+    rng = np.random.default_rng(0)
+    for label in (0, 1):
+        draws = _draw(rng, _cells(labels, strata, label), 50)
+        assert draws.shape == (50, int((labels == label).sum()))
+        assert (labels[draws] == label).all()
+        for value in ("a", "b"):  # each row holds the cell's own count of that domain
+            assert ((strata[draws] == value).sum(axis=1) == ((labels == label) & (strata == value)).sum()).all()
+    # one stratum for all: the same draws, so the same interval, as no strata
+    y, s, _, _ = two_domain_scores(np.random.default_rng(2), 20)
+    assert bootstrap_auc(y, s, 300, strata=["x"] * len(y)) == bootstrap_auc(y, s, 300)
+    with pytest.raises(ValueError, match="one stratum"):
+        bootstrap_auc(y, s, 300, strata=["x"] * 3)
+
+
+def test_pooled_domains_resampled_within_each_domain_cover_at_95_percent_and_are_narrower():
+    """Two domains at other score levels, pooled (the combined column): the test set fixes each
+    domain's counts, so resampling across domains adds spread that is not there. Within-domain
+    resampling covers the true pooled AUC about 95% of the time (300 sets of 4 x 40 images: 0.947
+    measured), and is narrower than class-only resampling, which over-covers (0.987 measured)."""
+    rng = np.random.default_rng(0)
+    covered, widths = 0, []
+    for k in range(300):
+        labels, scores, domains, true_auc = two_domain_scores(rng, 40)
+        by_domain = bootstrap_auc(labels, scores, 300, seed=k, strata=domains)
+        by_class = bootstrap_auc(labels, scores, 300, seed=k)
+        covered += by_domain.low <= true_auc <= by_domain.high
+        widths.append((by_domain.high - by_domain.low) / (by_class.high - by_class.low))
+    assert 0.91 <= covered / 300 <= 0.98
+    assert float(np.mean(widths)) < 0.85  # measured 0.71
 
 
 def test_paired_t_diff_matches_a_hand_computation():

@@ -17,14 +17,15 @@ the weights to read from it (``ema`` or ``raw``).
 
 **Intervals** (trueface.stats), per unit and domain: with 2 or more seeds, the mean of the seeds'
 AUCs with a Student-t interval over the seeds (its bounds clipped to [0, 1]); with one seed, that
-seed's AUC with a percentile bootstrap over the test images (stratified by label; it measures only
-which test images were drawn, not training noise). The **difference** to the reference: over the
-seeds both units have (paired t) when they share 2 or more; when each has 2 or more seeds but
-they share fewer, the difference of their mean AUCs over all their seeds (Welch t, unpaired);
-when either has one seed, over the test images both scored, matched by path, with one seed each
-(the first seed they share, else each one's first; a paired bootstrap, blind to training noise).
-The t methods compare AUCs, so they need every seed involved to have scored the same images. An
-interval that includes 0 is reported as "no evidence of a difference".
+seed's AUC with a percentile bootstrap over the test images (stratified by label, and in the
+combined column by domain too; it measures only which test images were drawn, not training noise).
+The **difference** to the reference: over the seeds both units have (paired t) when they share 2 or
+more; when each has 2 or more seeds but they share fewer, the difference of their mean AUCs over
+all their seeds (Welch t, unpaired); when either has one seed, over the test images both scored,
+matched by path, with one seed each (the first seed they share, else each one's first; a paired
+bootstrap, blind to training noise). The t methods compare AUCs, so they need every seed involved
+to have scored the same images. An interval that includes 0 is reported as "no evidence of a
+difference".
 
 **Paths** ``units_from_paths`` understands (a URI's files are pulled to ``<cache>/staging``):
 
@@ -89,7 +90,8 @@ _METHOD_TEXT = {
     T_SEEDS: "t over seeds: the mean of the seeds' AUCs +- t(n-1) x sd / sqrt(n), sd over the seeds "
              "(their AUCs: columns auc_seed<k> of comparison.csv), its bounds clipped to [0, 1] (an AUC cannot "
              "leave it; near 1 the interval is then shorter above the mean than below)",
-    BOOTSTRAP_IMAGES: "bootstrap over images (one seed): {n_boot} resamples of the test images within each class, "
+    BOOTSTRAP_IMAGES: "bootstrap over images (one seed): {n_boot} resamples of the test images within each class "
+                      "(and, in the combined column, within each domain), "
                       "the percentiles around the middle {pct}; it measures how much the AUC owes to which test "
                       "images were drawn, not training noise: another seed may land outside it",
     PAIRED_T_SEEDS: "paired t over seeds: the mean of the per-seed differences (seeds both units have) with its "
@@ -172,6 +174,14 @@ class _Seed:
         return (np.asarray(table.column("path").to_pylist(), dtype=object),
                 np.asarray(table.column("label").to_numpy(), dtype=np.int64),
                 np.asarray(table.column("score").to_numpy(), dtype=np.float64))
+
+    def strata(self, domain: str) -> np.ndarray | None:
+        """Each image's domain for ``combined`` (in predictions' order), so its bootstrap keeps every
+        domain's image counts as the test set fixes them; None for one domain."""
+        if domain != COMBINED:
+            return None
+        self.predictions(domain)  # reads the table once
+        return np.asarray(self._predictions.column("domain").to_pylist(), dtype=object)
 
 
 def _read_parquet(path: Path, what: str) -> pa.Table:
@@ -269,7 +279,7 @@ def _auc_interval(seeds: list[_Seed], domain: str, confidence: float, n_boot: in
     _, labels, scores = seeds[0].predictions(domain)
     if len(set(labels.tolist())) < 2:
         return _nan_interval(len(labels), BOOTSTRAP_IMAGES, confidence)
-    return bootstrap_auc(labels, scores, n_boot, confidence=confidence)
+    return bootstrap_auc(labels, scores, n_boot, confidence=confidence, strata=seeds[0].strata(domain))
 
 
 def _within_unit(interval: Interval) -> Interval:
@@ -322,7 +332,9 @@ def _difference(mine: list[_Seed], ref: list[_Seed], domain: str, confidence: fl
                            f"of the same images differently: they were not scored on the same test data")
     if len(set(labels_a[ia].tolist())) < 2:
         return _nan_interval(len(ia), PAIRED_BOOTSTRAP_IMAGES, confidence), pairing
-    return paired_bootstrap_auc_diff(labels_a[ia], scores_a[ia], scores_b[ib], n_boot, confidence=confidence), pairing
+    strata = sa.strata(domain)
+    return paired_bootstrap_auc_diff(labels_a[ia], scores_a[ia], scores_b[ib], n_boot, confidence=confidence,
+                                     strata=None if strata is None else strata[ia]), pairing
 
 
 def _same_images(x: _Seed, y: _Seed, domain: str) -> bool:

@@ -16,7 +16,9 @@ again?); with one seed only, the bootstrap over test images still says how much 
 to the particular test images, but nothing about training noise: another seed may land outside it.
 
 The bootstrap resamples real and fake images separately (stratified by label), so every resample
-has both classes and the same class counts as the test set. Its AUCs are computed for all
+has both classes and the same class counts as the test set; given ``strata`` (each image's domain,
+for a column that pools domains) it resamples within each (domain, class) cell, so every resample
+also keeps each domain's counts, as the test set fixes them. Its AUCs are computed for all
 resamples at once from multiplicity counts (no per-resample sort): 2,000 resamples of 10,000
 images take 0.3 s on one CPU core of a 2-core build machine (best of 3;
 measured with ``python -m trueface.stats``, which prints it).
@@ -154,21 +156,37 @@ def welch_t_diff(a: Any, b: Any, confidence: float = 0.95) -> Interval:
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _bootstrap_aucs(labels: np.ndarray, columns: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
-    """AUC of every score column on the same ``n_boot`` stratified resamples: shape (n_boot, columns)."""
+def _bootstrap_aucs(labels: np.ndarray, columns: list[np.ndarray], n_boot: int, seed: int,
+                    strata: np.ndarray | None = None) -> np.ndarray:
+    """AUC of every score column on the same ``n_boot`` stratified resamples: shape (n_boot, columns).
+    Each resample draws, with replacement, as many images from each cell as the cell holds; a cell
+    is a class, or a (stratum, class) pair where ``strata`` gives each image's stratum."""
     rng = np.random.default_rng(seed)
-    real, fake = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    real_cells, fake_cells = _cells(labels, strata, 0), _cells(labels, strata, 1)
     # Tie groups in score order (images with equal scores share one): what the AUC depends on.
     groups = [np.unique(scores, return_inverse=True)[1].ravel() for scores in columns]
     out = np.empty((n_boot, len(columns)))
     chunk = max(1, _CHUNK_IMAGES // len(labels))
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
-        draws_real = real[rng.integers(0, real.size, (size, real.size))]
-        draws_fake = fake[rng.integers(0, fake.size, (size, fake.size))]
+        draws_real = _draw(rng, real_cells, size)
+        draws_fake = _draw(rng, fake_cells, size)
         for k, group in enumerate(groups):
             out[start:start + size, k] = resampled_aucs(group, draws_real, draws_fake)
     return out
+
+
+def _cells(labels: np.ndarray, strata: np.ndarray | None, label: int) -> list[np.ndarray]:
+    """Indices of the images of class ``label``, split by stratum (one cell without strata)."""
+    members = labels == label
+    if strata is None:
+        return [np.flatnonzero(members)]
+    return [np.flatnonzero(members & (strata == value)) for value in np.unique(strata[members])]
+
+
+def _draw(rng: np.random.Generator, cells: list[np.ndarray], size: int) -> np.ndarray:
+    """``size`` resamples, each a row of image indices: every cell resampled to its own count."""
+    return np.concatenate([cell[rng.integers(0, cell.size, (size, cell.size))] for cell in cells], axis=1)
 
 
 def resampled_aucs(group: np.ndarray, draws_real: np.ndarray, draws_fake: np.ndarray) -> np.ndarray:
@@ -205,20 +223,33 @@ def _percentile_interval(point: float, samples: np.ndarray, n: int, method: str,
     return Interval(point, float(low), float(high), n, method, confidence)
 
 
-def bootstrap_auc(labels: Any, scores: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> Interval:
+def _strata_array(strata: Any, n: int) -> np.ndarray | None:
+    if strata is None:
+        return None
+    arr = np.asarray(strata, dtype=object).ravel()
+    if arr.size != n:
+        raise ValueError(f"strata: {arr.size} value(s) for {n} images; give one stratum (e.g. domain) per image")
+    return arr
+
+
+def bootstrap_auc(labels: Any, scores: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95,
+                  strata: Any = None) -> Interval:
     """AUC on the test images (``mean``) with a percentile-bootstrap interval over the images,
-    resampled within each class. ``n``: the number of images."""
+    resampled within each class, and within each stratum where ``strata`` names one per image (the
+    domain, for a column that pools domains whose image counts are fixed by design). ``n``: the
+    number of images."""
     y, (s,) = _bootstrap_inputs(labels, {"scores": scores}, n_boot)
-    samples = _bootstrap_aucs(y, [s], n_boot, seed)[:, 0]
+    samples = _bootstrap_aucs(y, [s], n_boot, seed, _strata_array(strata, len(y)))[:, 0]
     return _percentile_interval(roc_auc(y, s), samples, len(y), BOOTSTRAP_IMAGES, confidence)
 
 
 def paired_bootstrap_auc_diff(labels: Any, scores_a: Any, scores_b: Any, n_boot: int = 2000, seed: int = 0,
-                              confidence: float = 0.95) -> Interval:
+                              confidence: float = 0.95, strata: Any = None) -> Interval:
     """AUC(a) - AUC(b) on the same images (``scores_a[i]`` and ``scores_b[i]`` score image i), its
-    interval from the differences on the same resamples (paired: an image hard for both cancels)."""
+    interval from the differences on the same resamples (paired: an image hard for both cancels);
+    ``strata`` as in bootstrap_auc."""
     y, (a, b) = _bootstrap_inputs(labels, {"scores_a": scores_a, "scores_b": scores_b}, n_boot)
-    samples = _bootstrap_aucs(y, [a, b], n_boot, seed)
+    samples = _bootstrap_aucs(y, [a, b], n_boot, seed, _strata_array(strata, len(y)))
     return _percentile_interval(roc_auc(y, a) - roc_auc(y, b), samples[:, 0] - samples[:, 1], len(y),
                                 PAIRED_BOOTSTRAP_IMAGES, confidence)
 
