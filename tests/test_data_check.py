@@ -414,3 +414,21 @@ def test_real_sample_is_clean(tmp_path):
     check = scan_and_check(layout, cfg, progress=False)
     assert check.errors == [] and check.leaks == []  # one chance pHash match, refuted by the fine hash
     assert {r["format"] for r in check.rows} == {"JPEG"} and {r["jpeg_quality"] for r in check.rows} == {75}
+
+
+def test_report_lists_the_shortcut_audit_per_split_with_its_bound():
+    """Review finding 5: the report's audit table has a row per domain and per split audited
+    alone, with the lower bound the warning is on and how it is computed."""
+    from types import SimpleNamespace
+
+    import trueface.data.report as report_module
+    from tests.test_shortcuts import make_rows
+    from trueface.data.shortcuts import audit
+
+    rows = []
+    for k, (split, fake_format) in enumerate((("train", "JPEG"), ("test", "PNG"))):
+        rows += [{**r, "split": split} for r in make_rows(20, 0, seed=90 + k) + make_rows(20, 1, seed=95 + k, fmt=fake_format)]
+    text = "\n".join(report_module._audit_section(SimpleNamespace(audits=audit(rows)), []))
+    assert "| domain | split | real | fake | metadata AUC | lower bound |" in text and "Hanley-McNeil" in text
+    assert "| d | all | 40 | 40 |" in text and "| d | train | 20 | 20 |" in text
+    assert "| d | test | 20 | 20 | 1.000 |" in text and "format separates real from fake in the test split" in text

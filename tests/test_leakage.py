@@ -243,9 +243,9 @@ def test_leak_summary_counts_by_kind_and_relation():
     s = leak_summary(pairs)
     assert s["pairs"] == 3 and s["warnings"] == []
     assert s["exact"] == {"pairs": 2, "cross_split": 1, "cross_domain": 0, "cross_label": 0, "same_cell": 1,
-                          "by_splits": {"train/test": 1, "train/train": 1}}
+                          "mirrored": 0, "by_splits": {"train/test": 1, "train/train": 1}}
     assert s["near"] == {"pairs": 1, "cross_split": 1, "cross_domain": 1, "cross_label": 1, "same_cell": 0,
-                         "by_splits": {"train/test": 1}}
+                         "mirrored": 0, "by_splits": {"train/test": 1}}
 
 
 def test_malformed_phash_names_the_file():
@@ -358,3 +358,74 @@ def test_overlap_counts_a_test_image_by_its_pixels_or_its_bytes():
             {"domain": "e", "split": "test", "sha1": "", "pixel_sha1": ""},
             {"domain": "d", "split": "train", "sha1": "bytes-a", "pixel_sha1": "pixels-b"}]  # not a test image
     assert overlap_counts(rows, trained) == {"d": 2, "e": 0}
+
+
+# ---- mirrored copies ----
+
+def _scanned(path, relpath: str, split: str, label: int) -> dict:
+    from trueface.data.scan import inspect_image
+
+    return inspect_image(str(path), relpath) | {"relpath": relpath, "domain": "d", "split": split, "label": label}
+
+
+def test_a_mirrored_copy_in_another_split_and_label_is_found(tmp_path):
+    """Review finding 6: a left-right mirrored copy is 24-38 bits from its original, so it was never
+    a candidate. The scan keeps the mirror's hash too, and the pair is found like any near copy."""
+    from PIL import ImageOps
+
+    img = picture(21)
+    img.save(tmp_path / "a.png")
+    ImageOps.mirror(img).save(tmp_path / "b.jpg", quality=75)
+    picture(22).save(tmp_path / "c.png")
+    rows = [_scanned(tmp_path / "a.png", "train/real/a.png", "train", 0),
+            _scanned(tmp_path / "b.jpg", "test/fake/b.jpg", "test", 1),
+            _scanned(tmp_path / "c.png", "test/fake/c.png", "test", 1)]
+    assert hamming(rows[0]["phash"], rows[1]["phash"]) > 3 * NEAR_DUPLICATE_BITS  # not a plain candidate
+    pairs = find_leakage(rows)
+    assert [(p.kind, p.a, p.b) for p in pairs] == [("near", "train/real/a.png", "test/fake/b.jpg")]
+    assert pairs[0].mirrored and pairs[0].cross_split and pairs[0].cross_label and pairs[0].distance <= NEAR_DUPLICATE_BITS
+    assert leak_summary(pairs)["near"]["mirrored"] == 1
+
+
+def test_the_mirrored_hash_is_the_hash_of_the_mirror_image():
+    from PIL import ImageOps
+
+    from trueface.data.leakage import mirror_thumbnail, perceptual_hashes
+
+    for seed in range(6):
+        img = picture(seed)
+        plain, mirrored = perceptual_hashes(img)
+        assert plain == perceptual_hash(img) and mirrored == perceptual_hash(ImageOps.mirror(img))
+        assert mirror_thumbnail(thumbnail(img)) == thumbnail(ImageOps.mirror(img))
+
+
+def test_mirrored_matches_obey_the_same_rules_as_plain_ones():
+    """Inside one cell a mirror image is not leakage; a row is not its own mirror's pair; a pair
+    matched both ways is one pair, and a plain match wins over a mirrored one; rows without a
+    mirrored hash (older scans) are still matched against the others' mirrors."""
+    a = row("train/a.jpg", H) | {"phash_flip": FAR}
+    assert find_leakage([a, row("train/b.jpg", FAR) | {"phash_flip": H}]) == []  # same cell
+    symmetric = row("train/s.jpg", H) | {"phash_flip": H}
+    assert find_leakage([symmetric, row("test/far.jpg", FAR, split="test")]) == []
+    both_ways = row("test/c.jpg", flip(FAR, 1), split="test") | {"phash_flip": flip(H, 2)}
+    assert [(p.b, p.mirrored, p.distance) for p in find_leakage([a, both_ways])] == [("test/c.jpg", True, 1)]
+    plain_too = row("test/e.jpg", flip(H, 1, 2), split="test") | {"phash_flip": H}
+    assert [(p.b, p.mirrored, p.distance) for p in find_leakage([a, plain_too])] == [("test/e.jpg", False, 2)]
+    old = row("test/d.jpg", flip(FAR, 3), split="test")  # scanned before phash_flip
+    assert [(p.b, p.mirrored, p.distance) for p in find_leakage([a, old])] == [("test/d.jpg", True, 1)]
+
+
+@pytest.mark.skipif(not MINI_140K.is_dir(), reason=f"faces140k-mini not found at {MINI_140K}")
+def test_mirrored_mini_faces_are_all_found(tmp_path):
+    """20 mini faces, each mirrored and re-saved as JPEG q75 under test/: 20 cross-split pairs
+    (before the mirrored hash: 0 of 20), and no other pair among the 40 images."""
+    from PIL import ImageOps
+
+    from trueface.data.decode import load_rgb
+
+    rows = []
+    for k, path in enumerate(sorted(MINI_140K.glob("train/*/*.jpg"))[::50][:20]):
+        ImageOps.mirror(load_rgb(str(path))).save(tmp_path / f"{k}.jpg", quality=75)
+        rows += [_scanned(path, f"train/{path.name}", "train", 0), _scanned(tmp_path / f"{k}.jpg", f"test/{k}.jpg", "test", 0)]
+    pairs = find_leakage(rows)
+    assert len(pairs) == 20 and all(p.mirrored and p.cross_split for p in pairs)

@@ -23,7 +23,7 @@ from trueface.atomic import atomic_write_text
 from trueface.data.check import DataCheck, describe_counts
 from trueface.data.leakage import NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_MIN_CORRELATION, LeakPair, leak_summary
 from trueface.data.scan import write_table
-from trueface.data.shortcuts import METADATA_FIELDS, WARN_AUC, plot_shortcuts
+from trueface.data.shortcuts import BOUND_METHOD, METADATA_FIELDS, MIN_CELL_CLASS, WARN_AUC, DomainAudit, plot_shortcuts
 
 MD_ROWS = 200  # rows of a long list shown in report.md; the CSVs hold all
 
@@ -95,7 +95,8 @@ def _table(header: list[str], rows: list[list], full_file: str) -> list[str]:
 def _leak_section(leaks: list[LeakPair]) -> list[str]:
     md = ["", "## Leakage", "",
           f"Exact duplicates share a sha1; near duplicates have perceptual hashes (64-bit DCT pHash) at most "
-          f"{NEAR_DUPLICATE_BITS} bits apart, confirmed by a 16x16 thumbnail correlation of at least {NEAR_DUPLICATE_MIN_CORRELATION} "
+          f"{NEAR_DUPLICATE_BITS} bits apart, or one's within that of the other's mirror image (kind 'near, "
+          f"mirrored'), confirmed by a 16x16 thumbnail correlation of at least {NEAR_DUPLICATE_MIN_CORRELATION} "
           "(trueface.data.leakage states how both thresholds were measured, and what they miss). "
           "Near pairs inside one domain, split and label are not leakage and are not listed; exact copies "
           "(same sha1) are listed even there, since such a file counts twice."]
@@ -104,7 +105,8 @@ def _leak_section(leaks: list[LeakPair]) -> list[str]:
     if not leaks:
         return md + ["No pairs."]
     return md + _table(["kind", "a", "b", "distance", "across"],
-                       [[p.kind, f"{p.a} ({p.a_domain}/{p.a_split})", f"{p.b} ({p.b_domain}/{p.b_split})", p.distance,
+                       [[p.kind + (", mirrored" if p.mirrored else ""), f"{p.a} ({p.a_domain}/{p.a_split})",
+                         f"{p.b} ({p.b_domain}/{p.b_split})", p.distance,
                          ", ".join(n for n, on in (("split", p.cross_split), ("domain", p.cross_domain),
                                                    ("label", p.cross_label)) if on)] for p in leaks], "leakage.csv")
 
@@ -112,14 +114,24 @@ def _leak_section(leaks: list[LeakPair]) -> list[str]:
 def _audit_section(check: DataCheck, plots: list[Path]) -> list[str]:
     md = ["", "## Format-shortcut audit", "",
           f"A small classifier sees only each file's metadata ({', '.join(METADATA_FIELDS)}) and predicts real or "
-          f"fake, cross-validated per domain. Above {WARN_AUC} AUC the file format gives the label away: a "
-          "detector can learn it instead of the face. Remove it with data.normalize=jpeg:<quality>@<size>, "
-          "which re-encodes every image alike.", ""]
+          f"fake, cross-validated per domain (all splits together), and per split where a split has at least "
+          f"{MIN_CELL_CLASS} images of each class. A warning means the lower bound of its AUC is above {WARN_AUC} "
+          f"({BOUND_METHOD}): the file format gives the label away, and a detector can learn it instead of the "
+          "face. The top field is the one whose own cross-validated model separates best. Remove a shortcut with "
+          "data.normalize=jpeg:<quality>@<size>, which re-encodes every image alike.", ""]
     rows = []
-    for a in check.audits:
-        auc = "n/a" if a.auc is None or (isinstance(a.auc, float) and math.isnan(a.auc)) else f"{a.auc:.3f}"
-        rows.append([a.domain, a.n_real, a.n_fake, auc, a.separating_field or "", "**warning**" if a.warning else "ok",
-                     a.describe()])
-    md += _table(["domain", "real", "fake", "metadata AUC", "top field", "verdict", "how"], rows, "report")
+    for a in (a for a in check.audits if not a.split):  # a domain, then its splits
+        rows += [_audit_row(x) for x in [a, *a.cells]]
+    md += _table(["domain", "split", "real", "fake", "metadata AUC", "lower bound", "top field", "verdict", "how"],
+                 rows, "report")
     md += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return md
+
+
+def _audit_row(a: DomainAudit) -> list:
+    def number(x) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    return [a.domain, a.split or "all", a.n_real, a.n_fake, number(a.auc),
+            number(a.auc_low), a.separating_field or "", "**warning**" if a.warning else "ok",
+            a.describe()]

@@ -8,8 +8,10 @@ Usage::
 Each row holds the facts the data check (trueface.data.check) judges: format, size, mode, JPEG
 quality (estimated from the quantisation tables), EXIF, file size, sha1 of the bytes, sha1 of the
 decoded pixels (``pixel_sha1``: a re-saved PNG or a copy with its metadata stripped has other bytes
-but the same pixels), a perceptual hash and the error when the file cannot be used. A file is decoded exactly as training decodes it
-(trueface.data.decode.load_rgb), so "decodes here" means "decodes in the DataLoader".
+but the same pixels), a perceptual hash (and that of the mirror image, ``phash_flip``, from the same
+transform: trueface.data.leakage finds mirrored copies with it) and the error when the file cannot
+be used. A file is decoded exactly as training decodes it (trueface.data.decode.load_rgb), so
+"decodes here" means "decodes in the DataLoader".
 
 The scan is cached by (path, size, mtime): a rerun on an unchanged root reads only the cache, which
 is why the pipeline can run the check before every training. Scanning runs in a process pool with a
@@ -32,14 +34,14 @@ from PIL import Image
 from trueface.atomic import atomic_write_bytes
 from trueface.data.decode import ImageReadError, load_rgb
 from trueface.data.layout import DataLayout, Sample, display_path, file_stamp
-from trueface.data.leakage import perceptual_hash, thumbnail
+from trueface.data.leakage import perceptual_hashes, thumbnail
 
 #: Bump when a row's meaning changes: cached rows of another version are scanned again.
-SCAN_VERSION = 4  # 2: thumb; 3: ctime_ns; 4: pixel_sha1
+SCAN_VERSION = 5  # 2: thumb; 3: ctime_ns; 4: pixel_sha1; 5: phash_flip
 
 COLUMNS = ("path", "relpath", "domain", "split", "label", "format", "width", "height", "mode", "jpeg_quality",
            "exif", "exif_orientation", "file_size", "mtime_ns", "ctime_ns", "sha1", "pixel_sha1", "phash",
-           "thumb", "error", "warning")
+           "phash_flip", "thumb", "error", "warning")
 
 # The IJG standard luminance quantisation table (JPEG Annex K), in zigzag-independent raster order:
 # PIL's ``quantization`` gives tables in the same order libjpeg stores them.
@@ -76,7 +78,8 @@ def inspect_image(path: str, relpath: str = "") -> dict:
     row = {c: None for c in COLUMNS} | {
         "path": display_path(path), "relpath": display_path(relpath), "format": "", "width": -1, "height": -1,
         "mode": "", "jpeg_quality": -1, "exif": False, "exif_orientation": 1, "file_size": -1, "mtime_ns": -1,
-        "ctime_ns": -1, "sha1": "", "pixel_sha1": "", "phash": "", "thumb": b"", "error": "", "warning": "",
+        "ctime_ns": -1, "sha1": "", "pixel_sha1": "", "phash": "", "phash_flip": "", "thumb": b"", "error": "",
+        "warning": "",
     }
     try:
         st = os.stat(path)
@@ -98,7 +101,7 @@ def inspect_image(path: str, relpath: str = "") -> dict:
         pass
     try:
         rgb = load_rgb(path)  # the training decoder: same checks, same conversion of oddities
-        row["phash"], row["thumb"] = perceptual_hash(rgb), thumbnail(rgb)
+        (row["phash"], row["phash_flip"]), row["thumb"] = perceptual_hashes(rgb), thumbnail(rgb)
         row["pixel_sha1"] = pixel_digest(rgb)
     except ImageReadError as exc:
         row["error"] = _without_path(str(exc), path)
@@ -143,7 +146,7 @@ _SCHEMA = pa.schema([
     ("label", pa.int8()), ("format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("mode", pa.string()), ("jpeg_quality", pa.int16()), ("exif", pa.bool_()), ("exif_orientation", pa.int16()),
     ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()), ("sha1", pa.string()),
-    ("pixel_sha1", pa.string()), ("phash", pa.string()),
+    ("pixel_sha1", pa.string()), ("phash", pa.string()), ("phash_flip", pa.string()),
     ("thumb", pa.binary()), ("error", pa.string()), ("warning", pa.string()),
 ], metadata={b"scan_version": str(SCAN_VERSION).encode()})
 
