@@ -62,6 +62,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  "to use the embedded synthetic set")
     if args.data_root:
         overrides.append(text_override("data.root", args.data_root))
+    if args.run_name is not None and not args.run_name.strip():  # the preset's run would be resumed instead
+        sys.exit("error: --run-name is empty (an unset variable?); give a name, or leave the flag out to use the "
+                 "config's run_name")
     if args.run_name:
         overrides.append(text_override("run_name", args.run_name))
     try:
@@ -96,6 +99,32 @@ def check_model_weights(cfg: Config) -> None:
         build_model(cfg.model)
     except WeightsError as exc:
         sys.exit(f"error: model.weights: {exc}")
+
+
+def nonempty(text: str) -> str:
+    """An argparse ``type`` for a flag whose empty value (an unset variable) would otherwise mean its
+    default, silently: argparse then names the flag and says why."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset variable?); give a value, or leave the flag out")
+    return text
+
+
+def nonempty_path(text: str) -> Path:
+    """``nonempty`` for a path flag: Path("") would be the current folder."""
+    return Path(nonempty(text))
+
+
+def exit_on_output_problems(cfg: Config, keys: tuple[str, ...] = ("data.cache_dir", "output.runs_dir",
+                                                                   "output.results_dir")) -> None:
+    """End the job, before any work, where a local folder of ``keys`` cannot be written (a file on its
+    path, no permission): otherwise the first write, maybe after the data check or Stage I, ends in
+    a raw traceback. URIs are probed by trueface.storage.check_writable instead."""
+    values = {"data.cache_dir": cfg.data.cache_dir, "output.runs_dir": cfg.output.runs_dir,
+              "output.results_dir": cfg.output.results_dir}
+    problems = [output_problem(Path(values[key]).expanduser(), key, folder_wanted=True)
+                for key in keys if not is_uri(values[key])]
+    if any(problems):
+        sys.exit("config error:\n  " + "\n  ".join(p for p in problems if p))
 
 
 def output_problem(path: Path, flag: str, folder_wanted: bool = False) -> str:
@@ -252,3 +281,6 @@ def prepared_run_or_exit(cfg: Config):
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {cfg.data.root or '<root>'} for the full report.")
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
+    except OSError as exc:  # e.g. a folder of data.cache_dir made unwritable after the checks
+        sys.exit(f"error: {exc}\n(while checking data.root {cfg.data.root or '(the embedded set)'} into data.cache_dir "
+                 f"{cfg.data.cache_dir})")

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from jobs.common import add_ray_arguments, init_ray, print_metrics_table
+from jobs.common import add_ray_arguments, init_ray, nonempty, nonempty_path, output_problem, print_metrics_table
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, from_dict
 from trueface.config.choices import parse_normalize
@@ -48,16 +48,16 @@ from trueface.data.overlap import overlap_counts, training_hashes
 from trueface.evaluation import ThresholdRequest, evaluate_checkpoint, saved_thresholds
 from trueface.robustness import PERTURBATIONS, SweepPlan, build_sweep, output_relpath, run_here
 from trueface.robustness_report import FOLDER, run_sweep, sweep_table
-from trueface.storage import Mirror, StorageError, check_writable, fetch, join
+from trueface.storage import Mirror, StorageError, check_writable, fetch, is_uri, join
 from trueface.thresholds import SCOPES, ThresholdsError, pull_beside, push_beside
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a stage1/ or stage2/ best.pt or last.pt: a path or a URI")
-    parser.add_argument("--data-root", required=True, type=Path, help="root in the original layout (any domain names)")
-    parser.add_argument("--out", help="results folder, a path or a URI (default: <the run's output.results_dir>/"
+    parser.add_argument("--checkpoint", required=True, type=nonempty, help="a stage1/ or stage2/ best.pt or last.pt: a path or a URI")
+    parser.add_argument("--data-root", required=True, type=nonempty_path, help="root in the original layout (any domain names)")
+    parser.add_argument("--out", type=nonempty, help="results folder, a path or a URI (default: <the run's output.results_dir>/"
                                       "<run>-on-<root name>)")
     parser.add_argument("--test-domains", default="", help="comma-separated domains (default: all with a test split)")
     parser.add_argument("--threshold-from", choices=("auto", "valid", "saved", "checkpoint"), default="auto",
@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.save_thresholds and args.threshold_from != "valid":
         parser.error("--save-thresholds writes newly chosen thresholds: use it with --threshold-from valid")
+    listed = [d.strip() for d in args.test_domains.split(",") if d.strip()]
+    if len(set(listed)) < len(listed):  # each would be scored, and counted in the combined row, twice
+        parser.error(f"--test-domains lists {', '.join(sorted({d for d in listed if listed.count(d) > 1}))} more than "
+                     "once; name each domain once")
     try:
         checkpoint = fetch(args.checkpoint, Config().data.cache_dir)  # the run's own cache is in the checkpoint
         state = load_checkpoint(checkpoint)
@@ -91,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved_thresholds(checkpoint, args.threshold_from, cfg.eval.threshold_policy, cfg.eval.threshold_scope)
         out = args.out or join(cfg.output.results_dir, f"{cfg.run_name}-on-{layout.root.resolve().name}")
         check_writable(out, "--out")
+        # before any image is scored or --save-thresholds writes: a file named --out ended in a traceback after both
+        problem = "" if is_uri(out) else output_problem(Path(out), "--out", folder_wanted=True)
+        if problem:
+            sys.exit(f"error: {problem}")
         layout, exclude, overlap = checked_test_root(layout, cfg, args)
         # before any image is scored (the scoring asks for them after the validation splits)
         domains = tuple(d.strip() for d in args.test_domains.split(",") if d.strip())

@@ -20,13 +20,13 @@ import time
 from collections.abc import Sequence
 
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_batch_problems, init_ray, prepared_run_or_exit, print_metrics_table, text_override,
-                         warn_if_outputs_vanish)
-from trueface.config import Config, from_dict, to_yaml
+                         exit_on_batch_problems, exit_on_output_problems, init_ray, nonempty, prepared_run_or_exit,
+                         print_metrics_table, text_override, warn_if_outputs_vanish)
+from trueface.config import Config, ConfigError, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
-from trueface.run import RunPaths, describe_plan, write_data_check, write_run_files
-from trueface.storage import StorageError, check_writable, is_uri, join
+from trueface.run import RunPaths, describe_plan, training_changes, write_data_check, write_run_files
+from trueface.storage import Mirror, StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
 
@@ -34,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--storage", help="where runs/ and results/ go: a path every node mounts, or a URI such as "
-                                          "s3://bucket/trueface (credentials from the environment)")
+    parser.add_argument("--storage", type=nonempty,
+                        help="where runs/ and results/ go: a path every node mounts, or a URI such as "
+                             "s3://bucket/trueface (credentials from the environment)")
     add_ray_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; train nothing")
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides on either side of the flags
@@ -43,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += [text_override("output.runs_dir", join(args.storage, "runs")),
                            text_override("output.results_dir", join(args.storage, "results"))]
     cfg = config_from_args(args)
+    # a dry run writes only caches (the synthetic set, the data check's) under data.cache_dir
+    exit_on_output_problems(cfg, ("data.cache_dir",) if args.dry_run else ("data.cache_dir", "output.runs_dir",
+                                                                              "output.results_dir"))
     warn_if_outputs_vanish(cfg)
     prepared = prepared_run_or_exit(cfg)
     cfg, layout, check = prepared.cfg, prepared.layout, prepared.check
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = RunPaths.of(cfg)
     run = paths.run_mirror()
     if args.dry_run:
+        if not is_uri(paths.run_location):  # a URI's run is not downloaded by a dry run
+            _check_config_changes(cfg, paths, run)
         print(to_yaml(cfg))
         print(describe_plan(cfg, layout, paths, check))
         return 0
@@ -60,11 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
     run.pull("config.yaml", "stage1/stage.json", "stage2/stage.json")  # a run kept at a URI resumes from there
+    _check_config_changes(cfg, paths, run)  # before anything of the run is written or removed
     # A driver killed while its workers uploaded (their uploads outlive it by a moment) may leave a
     # temporary object that no stage worker will clean: a finished stage never starts again.
     for partial in run.remove_partial_uploads("stage1", "stage2", "tensorboard"):
         print(f"removed {join(run.location, partial)}, an upload cut off by a killed job", flush=True)
-    _warn_if_config_changed(cfg, paths)
     write_run_files(cfg, layout, paths, check)
     run.push("config.yaml", "manifest.parquet")
     write_data_check(check, paths)
@@ -118,8 +124,12 @@ def print_results(paths: RunPaths, seconds: float | None = None) -> None:
         print(f"working copies on this machine: {paths.run_dir} and {paths.results_dir}")
 
 
-def _warn_if_config_changed(cfg: Config, paths: RunPaths) -> None:
-    """Resuming with a different config is allowed (e.g. more epochs) but never silent."""
+def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
+    """A rerun of a run name resumes it, and rewrites its config.yaml and manifest.parquet. With other
+    data, model or stage settings than its checkpoints were trained with (trueface.run.training_changes)
+    that record would describe training they never had, and jobs.evaluate's overlap check would read
+    the wrong manifest: refused. Other changes (more epochs for an interrupted stage, more workers,
+    another threshold policy) resume, never silently."""
     import yaml
 
     from trueface.config import flatten, to_dict
@@ -127,12 +137,42 @@ def _warn_if_config_changed(cfg: Config, paths: RunPaths) -> None:
     saved = paths.run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = flatten(to_dict(from_dict(yaml.safe_load(saved.read_text()))))
-    new = flatten(to_dict(cfg))
-    changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    started = _started_stages(paths, run)
+    try:
+        old = from_dict(yaml.safe_load(saved.read_text()))
+    except (ConfigError, yaml.YAMLError) as exc:
+        if started:  # a checkpoint whose settings cannot be read back: nothing to compare with
+            sys.exit(f"error: run {cfg.run_name} has checkpoints in {paths.run_location}, but its config.yaml does not "
+                     f"load ({exc}). {_new_name_advice(paths)}")
+        return
+    refused = training_changes(old, cfg, started)
+    if refused:
+        trained = " and ".join(f"stage {n} ({'finished' if done else 'interrupted: last.pt'})" for n, done in started.items())
+        sys.exit(f"error: run {cfg.run_name} in {paths.run_location} already has {trained}, trained with other values "
+                 f"of keys that decide training (saved -> given):\n  " + "\n  ".join(refused) + "\nIts checkpoints learnt from the "
+                 f"old values; resuming would rewrite its config.yaml and manifest.parquet to describe training they "
+                 f"never had. {_new_name_advice(paths)} To resume it instead, rerun with the old values.")
+    old_flat, new_flat = flatten(to_dict(old)), flatten(to_dict(cfg))
+    changed = [f"{k}: {old_flat.get(k)!r} -> {v!r}" for k, v in new_flat.items() if old_flat.get(k) != v]
     if changed:
         print(f"warning: run {cfg.run_name} exists with a different config; resuming with:\n  "
               + "\n  ".join(changed), file=sys.stderr)
+
+
+def _started_stages(paths: RunPaths, run: Mirror) -> dict[int, bool]:
+    """Each stage with a checkpoint, mapped to whether it finished (its stage.json, pulled already)."""
+    started = {}
+    for stage in (1, 2):
+        if finished_stage(paths.stage_dir(stage)):
+            started[stage] = True
+        elif run.exists(f"stage{stage}/last.pt"):
+            started[stage] = False
+    return started
+
+
+def _new_name_advice(paths: RunPaths) -> str:
+    return (f"Choose a new run name for these settings (--run-name NAME), or remove {paths.run_location} to "
+            "train this run again from the start.")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def test_bad_files_are_named(tmp_path: Path):
         load_checkpoint(tmp_path / "plain.pt")
 
 
+def test_a_folder_is_named_as_one_with_the_checkpoints_it_holds(tmp_path: Path):
+    (tmp_path / "run" / "stage2").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run is a folder, not a checkpoint file: give the \.pt file itself "
+                                              r"\(best\.pt or last\.pt\); a run's stage1/ and stage2/ folders hold"):
+        load_checkpoint(tmp_path / "run")
+    save_checkpoint(tmp_path / "run" / "stage2" / "best.pt", _state(1.0))
+    with pytest.raises(CheckpointError, match=rf"; it holds {tmp_path}/run/stage2/best\.pt$"):
+        load_checkpoint(tmp_path / "run")
+
+
 def test_a_saved_config_this_version_cannot_load_is_named_as_the_checkpoints(tmp_path: Path, capsys):
     """A checkpoint from another version of TrueFace (a key this one lacks) is refused by every
     reader with its file named, not a config error that suggests a key to the user."""

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,10 @@ def test_unknown_key_names_it_and_suggests():
     ("data.synthetic.seed=-5", r"data\.synthetic\.seed: must be >= 0"),
     # YAML reads an unquoted on as true; run_name became 'true' without a word
     ("run_name=on", r"run_name: expected text, got a yes/no value \(true\).*quote the text"),
-    # an unset variable: the files went to the current folder
-    ("output.runs_dir=", r"output\.runs_dir: must be a folder or URI, not empty"),
-    ("data.cache_dir=", r"data\.cache_dir: must be a folder or URI, not empty"),
+    # an unset variable: the files went to the current folder (an empty override is refused first,
+    # see test_an_empty_override_is_refused; a quoted one, or one from a file, reaches this check)
+    ('output.runs_dir=""', r"output\.runs_dir: must be a folder or URI, not empty"),
+    ("data.cache_dir=''", r"data\.cache_dir: must be a folder or URI, not empty"),
 ])
 def test_wrong_type_or_range_is_an_error_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,7 +146,7 @@ def test_key_given_twice_in_a_file_is_an_error(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"dup\.yaml: .*key 'strength' given twice"):
         read_yaml_file(f, ConfigError, "search space")
     # a merge key's values are meant to be overridden
-    f.write_text("stage1: &s1\n  epochs: 3\nstage2:\n  <<: *s1\n  epochs: 2\n")
+    f.write_text("stage1: &s1\n  epochs: 6\nstage2:\n  <<: *s1\n  epochs: 2\n")
     assert load_config(str(f)).stage2.epochs == 2
 
 
@@ -181,3 +183,48 @@ def test_a_saved_config_with_an_empty_folder_is_still_applied():
 
     saved = from_dict({"output": {"runs_dir": ""}})
     assert apply_values(saved, {"eval.batch_size": 4}).eval.batch_size == 4
+
+
+def test_an_empty_override_is_refused_not_read_as_the_default():
+    """`data.root=$DATA` with $DATA unset trained the paper preset on the embedded synthetic set."""
+    with pytest.raises(ConfigError, match=r"override data\.root: the value is empty \(an unset variable\?\)"):
+        load_config("paper", ["data.root="])
+    with pytest.raises(ConfigError, match=r"override stage1\.lr: the value is empty"):
+        parse_overrides(["stage1.lr=  "])
+    assert load_config("paper", ['data.root=""']).data.root == ""  # the embedded set, asked for on purpose
+
+
+def test_final_lr_above_lr_names_both_keys_and_values():
+    # the user lowered stage1.lr; final_lr, a key they did not touch, is only half of the story
+    with pytest.raises(ConfigError, match=r"stage1\.final_lr: 1e-06 must be in \[0, stage1\.lr\] = \[0, 5e-07\].*"
+                                          r"lower stage1\.final_lr or raise stage1\.lr"):
+        load_config("paper", ["stage1.lr=5e-7"])
+
+
+def test_the_yes_no_hint_quotes_what_was_written(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"model\.weights: expected text, got a yes/no value \(false\).*"
+                                          r"weights: 'no' in a file or \"model\.weights='no'\""):
+        load_config("demo", ["model.weights=no"])
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: demo\nmodel:\n  weights: Yes\nstage1:\n  domains: [dalle, off]\n")
+    with pytest.raises(ConfigError, match=r"weights: 'Yes' in a file"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match=r"stage1\.domains\[1\]: expected text.*quote the text, e\.g\. 'off'$"):
+        load_config(str(f), ["model.weights=none"])
+
+
+def test_a_warmup_longer_than_the_stage_is_an_error():
+    with pytest.raises(ConfigError, match=r"stage1\.warmup_epochs: 5 is longer than stage1\.epochs=3: the LR would "
+                                          r"still be climbing when the stage ends"):
+        load_config("paper", ["stage1.epochs=3"])
+    # a one-epoch look at the demo is all warm-up, on purpose (the plan says so)
+    assert load_config("demo", ["stage1.epochs=1"]).stage1.warmup_epochs == 1
+
+
+@pytest.mark.parametrize("override, key", [("stage2.domains=[tpdne, tpdne, dalle]", "stage2.domains"),
+                                           ("stage1.domains=[a, b, a]", "stage1.domains"),
+                                           ("data.test_domains=[dalle, dalle]", "data.test_domains")])
+def test_a_domain_listed_twice_is_an_error(override, key):
+    name = override.split("[")[1].split(",")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: lists {name} more than once"):
+        load_config("demo", [override])

@@ -112,6 +112,8 @@ def _complete_pickle_globals(path: Path) -> list[str] | None:
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(_folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     state = safe_torch_load(path, "TrueFace checkpoint")
@@ -126,6 +128,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: its saved config does not load in this version of TrueFace (written by "
                               f"another version?): {exc}") from None
     return state
+
+
+def _folder_message(path: Path) -> str:
+    """A folder given for a checkpoint file: the checkpoints it holds (a stage's, or a run's stages')."""
+    found = [f for name in ("best.pt", "last.pt", "stage2/best.pt", "stage1/best.pt") if (f := path / name).is_file()]
+    hint = f" it holds {', '.join(str(f) for f in found)}" if found else (
+        " a run's stage1/ and stage2/ folders hold best.pt and last.pt")
+    return f"checkpoint {path} is a folder, not a checkpoint file: give the .pt file itself (best.pt or last.pt);{hint}"
 
 
 @dataclass

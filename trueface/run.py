@@ -165,6 +165,43 @@ def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths, check: Dat
     atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
 
 
+# Keys a run may change when it resumes: they decide where the files go, how fast and on what it
+# trains, or only the tables (the evaluation runs again on every resume), not the data, the model or
+# the recipe its checkpoints learnt from. scaling.* and runtime.* change rounding at most (the global
+# batch and the LR keep their meaning on any number of workers), and a run resumed on other hardware
+# is what they are for. data.cache_dir only places caches, and data.synthetic.* acts only through the
+# synthetic set's resolved data.root (its folder is named by the spec's fingerprint), which is
+# compared; data.prepared reads the same pixels bit for bit; data.on_bad_image and
+# data.min_image_side act through data.exclude, which is compared.
+_RESUMABLE = ("run_name", "output.", "runtime.", "scaling.", "data.cache_dir", "data.synthetic.", "data.loader_workers",
+              "data.prepared", "data.test_domains", "data.on_bad_image", "data.min_image_side",
+              "eval.threshold_policy", "eval.threshold_scope", "eval.batch_size", "model.channels_last")
+# What an interrupted (not finished) stage may change: how long it goes on, the resume README documents.
+_EXTENDABLE = ("epochs", "patience")
+
+
+def training_changes(old: Config, new: Config, started: dict[int, bool]) -> list[str]:
+    """``key: old -> new`` for each key whose change would make the run's record (config.yaml,
+    manifest.parquet) describe training its checkpoints never had. ``started`` maps each stage with
+    a checkpoint to whether it finished (``stage.json``). A stage that never started may change
+    freely; data, model and the rest (what is not in ``_RESUMABLE``) once any stage has started."""
+    from trueface.config import flatten, to_dict
+
+    if not started:
+        return []
+    before, after = flatten(to_dict(old)), flatten(to_dict(new))
+    return [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in after.items()
+            if before.get(key) != value and _decides_training(key, started)]
+
+
+def _decides_training(key: str, started: dict[int, bool]) -> bool:
+    stage, _, name = key.partition(".")
+    if stage in ("stage1", "stage2"):
+        number = int(stage[-1])
+        return number in started and (started[number] or name not in _EXTENDABLE)
+    return not any(key == r or (r.endswith(".") and key.startswith(r)) for r in _RESUMABLE)
+
+
 DATA_CHECK_DIR = "data-check"
 
 
@@ -232,7 +269,10 @@ def describe_plan(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataC
             f"stage {stage}: {st.image_size} px on {', '.join(st.domains)}; {st.epochs} epochs max "
             f"(patience {st.patience}), ~{steps} steps/epoch of {st.batch_size} (global, accum {st.accum_steps}), "
             f"lr {st.lr:g} -> {st.final_lr:g}, EMA {st.ema_decay:g}, MixUp {st.mixup_alpha:g}, "
-            f"augment strength {st.augment.strength:g} (light for {st.light_epochs} epochs); {val} validation images",
+            f"augment strength {st.augment.strength:g} (light for {st.light_epochs} epochs); {val} validation images"
+            + (f"\n  all warm-up (warmup_epochs {st.warmup_epochs:g} = epochs): the LR reaches {st.lr:g} at the last "
+               "step, the cosine never starts and no epoch counts towards early stopping"
+               if st.warmup_epochs >= st.epochs else ""),
             "  " + sampler.plan().describe().replace("\n", "\n  "),
         ]
     sc = cfg.scaling

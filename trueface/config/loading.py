@@ -78,12 +78,16 @@ def preset_names() -> list[str]:
 
 def load_config(source: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Resolve a preset name or YAML file (``None`` = the paper defaults), then apply overrides."""
-    layers = _load_layers(source, seen=()) if source is not None else []
-    layers.append(parse_overrides(overrides))
+    files = _layer_files(source, seen=()) if source is not None else []
+    layers = [layer for _, layer in files] + [parse_overrides(overrides)]
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _deep_merge(merged, layer)
-    cfg = from_dict(merged)
+    try:
+        cfg = from_dict(merged)
+    except _YesNoError as exc:  # the hint quotes what the user wrote (on, yes, no...), not YAML's reading of it
+        written = _written_override(exc.key, overrides) or _written_in_files(exc.key, [path for path, _ in files])
+        raise ConfigError(_yes_no_message(exc.key, exc.value, written)) from None
     validate(cfg)
     _check_folders(cfg)
     return cfg
@@ -100,8 +104,8 @@ def _check_folders(cfg: Config) -> None:
                                                               "variable?)" for key in empty))
 
 
-def _load_layers(source: str | Path, seen: tuple[str, ...], named_by: Path | None = None) -> list[dict]:
-    """The chain of YAML mappings a source stands for, base first (``base:`` names its parent)."""
+def _layer_files(source: str | Path, seen: tuple[str, ...], named_by: Path | None = None) -> list[tuple[Path, dict]]:
+    """The chain of YAML files (and their mappings) a source stands for, base first (``base:`` names its parent)."""
     path = _resolve_source(source, named_by)
     if str(path.resolve()) in seen:  # resolved: ./a.yaml and ../dir/a.yaml are one file
         raise ConfigError(f"{path}: 'base' chain loops back on itself: {' -> '.join(seen)}")
@@ -112,8 +116,8 @@ def _load_layers(source: str | Path, seen: tuple[str, ...], named_by: Path | Non
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: base must be one config name or path, got {base!r}; "
                           "write e.g. base: demo or base: ../mine.yaml")
-    parents = _load_layers(base, seen + (str(path.resolve()),), path) if base else []
-    return parents + [data]
+    parents = _layer_files(base, seen + (str(path.resolve()),), path) if base else []
+    return parents + [(path, data)]
 
 
 def _resolve_source(source: str | Path, named_by: Path | None = None) -> Path:
@@ -160,8 +164,14 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        if not raw.strip():
+            # `data.root=$DATA` with $DATA unset: an empty value would mean the default (for data.root
+            # the embedded synthetic set) without a word. The one text key where empty means something
+            # is data.root, and there it can be asked for on purpose: data.root="" (quoted).
+            raise ConfigError(f"override {key}: the value is empty (an unset variable?); give a value, or leave "
+                              f"the override out to keep the config's (to set it empty on purpose, quote it: {key}=\"\")")
         try:
-            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_StrictLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
         node = tree
@@ -244,12 +254,57 @@ def _coerce(value: Any, hint: Any, key: str, default: Any) -> Any:
         if isinstance(value, bool):
             if key in _TRUE_FALSE_TEXT:  # YAML reads scaling.use_gpu=true as a bool; the field says "true"
                 return "true" if value else "false"
-            raise ConfigError(f"{key}: expected text, got a yes/no value ({str(value).lower()}): YAML reads an unquoted "
-                              f"true/false/yes/no/on/off as one; quote the text, e.g. {key.rpartition('.')[2]}: 'on' "
-                              f"in a file or \"{key}='on'\" on a command line")
+            raise _YesNoError(key, value)
     elif typing.get_origin(hint) is tuple:
         return _coerce_tuple(value, typing.get_args(hint), key)
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+class _YesNoError(ConfigError):
+    """A text key given an unquoted yes/no word; load_config finds the word the user wrote for its hint."""
+
+    def __init__(self, key: str, value: bool) -> None:
+        super().__init__(_yes_no_message(key, value, None))
+        self.key, self.value = key, value
+
+
+def _yes_no_message(key: str, value: bool, written: str | None) -> str:
+    # YAML reads several words as each bool (on, yes, true...): quote the one the user wrote where it
+    # is known, else YAML's own spelling of the value
+    word = written if written is not None else str(value).lower()
+    leaf = key.rpartition(".")[2]
+    where = (f"e.g. {leaf}: '{word}' in a file or \"{key}='{word}'\" on a command line" if "[" not in key
+             else f"e.g. '{word}'")
+    return (f"{key}: expected text, got a yes/no value ({str(value).lower()}): YAML reads an unquoted "
+            f"true/false/yes/no/on/off as one; quote the text, {where}")
+
+
+def _written_override(key: str, overrides: typing.Sequence[str]) -> str | None:
+    """The text after ``key=`` in the last override that sets ``key`` (the one that wins)."""
+    for item in reversed(overrides):
+        name, _, raw = item.partition("=")
+        if name.strip() == key:
+            return raw.strip()
+    return None
+
+
+def _written_in_files(key: str, files: list[Path]) -> str | None:
+    """The plain scalar ``key`` (``a.b`` or ``a.b[2]``) is written as in the last of ``files`` that sets it."""
+    parts = [int(p) if p.isdigit() else p for p in key.replace("[", ".").replace("]", "").split(".")]
+    for path in reversed(files):
+        node = yaml.compose(path.read_text(), Loader=_StrictLoader)  # nodes only: nothing is constructed
+        for part in parts:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == part), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+            else:
+                node = None
+            if node is None:
+                break
+        if isinstance(node, yaml.ScalarNode):
+            return node.value
+    return None
 
 
 def _as_float(value: Any) -> float | None:
@@ -346,6 +401,7 @@ def validate(cfg: Config) -> None:
     check(cfg.data.on_bad_image in ON_BAD_IMAGE, "data.on_bad_image",
           f"{cfg.data.on_bad_image!r} must be error (stop before training) or skip (leave bad files out, listed)")
     check(cfg.data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+    _check_no_repeats(cfg.data.test_domains, "data.test_domains", check)
     try:
         parse_normalize(cfg.data.normalize)
     except ValueError as exc:
@@ -407,17 +463,34 @@ def _validate_stage(st, key: str, check) -> None:
     check(st.accum_steps >= 1, f"{key}.accum_steps", "must be >= 1")
     check(st.optimizer in _CHOICES["optimizer"], f"{key}.optimizer", f"must be one of {_CHOICES['optimizer']}")
     check(st.lr > 0 and math.isfinite(st.lr), f"{key}.lr", "must be > 0")
-    check(0 <= st.final_lr <= st.lr, f"{key}.final_lr", "must be in [0, lr]")
+    # both keys and values: lowering lr alone (a key the user set) would otherwise blame final_lr (one they did not)
+    check(0 <= st.final_lr <= st.lr, f"{key}.final_lr",
+          f"{st.final_lr:g} must be in [0, {key}.lr] = [0, {st.lr:g}] (the cosine ends at final_lr): lower "
+          f"{key}.final_lr or raise {key}.lr")
     check(0 <= st.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
     check(st.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
     check(st.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
+    # Longer than the stage, the warm-up never reaches lr (nor the cosine final_lr), and its epochs never
+    # count towards early stopping. Equal is allowed: a one-epoch look at the demo (warm-up 1) trains all
+    # warm-up, on purpose, and the plan says so.
+    check(st.warmup_epochs <= st.epochs, f"{key}.warmup_epochs",
+          f"{st.warmup_epochs:g} is longer than {key}.epochs={st.epochs}: the LR would still be climbing when the "
+          f"stage ends (never reaching {key}.lr, nor its cosine to final_lr) and no epoch would count towards "
+          f"early stopping; lower {key}.warmup_epochs or raise {key}.epochs")
     check(st.light_epochs >= 0, f"{key}.light_epochs", "must be >= 0")
     check(0 <= st.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
     check(0 <= st.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
     check(st.mixup_alpha >= 0, f"{key}.mixup_alpha", "must be >= 0 (0 = off)")
     check(st.balance in _CHOICES["balance"], f"{key}.balance", f"must be one of {_CHOICES['balance']}")
     check(st.samples_per_epoch >= 0, f"{key}.samples_per_epoch", "must be >= 0 (0 = automatic)")
+    _check_no_repeats(st.domains, f"{key}.domains", check)
     _validate_augment(st.augment, f"{key}.augment", check)
+
+
+def _check_no_repeats(domains: tuple[str, ...], key: str, check) -> None:
+    """A domain listed twice would train (and count in mean_domain) twice, or be scored twice."""
+    repeated = sorted({d for d in domains if domains.count(d) > 1})
+    check(not repeated, key, f"lists {', '.join(repeated)} more than once; name each domain once")
 
 
 def _validate_augment(aug, key: str, check) -> None:
@@ -428,7 +501,8 @@ def _validate_augment(aug, key: str, check) -> None:
     check(0 <= aug.randaugment_ops <= 14, f"{key}.randaugment_ops", "must be in [0, 14]")
     check(0 <= aug.randaugment_magnitude <= 30, f"{key}.randaugment_magnitude", "must be in [0, 30]")
     check(all(v >= 0 for v in aug.color_jitter) and aug.color_jitter[3] <= 0.5, f"{key}.color_jitter", "needs 4 values >= 0 (brightness, contrast, saturation, hue <= 0.5)")
-    check(1 <= aug.jpeg_quality_min <= aug.jpeg_quality_max <= 100, f"{key}.jpeg_quality_min", "need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100")
+    check(1 <= aug.jpeg_quality_min <= aug.jpeg_quality_max <= 100, f"{key}.jpeg_quality_min",
+          f"need 1 <= jpeg_quality_min <= jpeg_quality_max <= 100, got {aug.jpeg_quality_min} and {aug.jpeg_quality_max}")
     check(aug.blur_kernel >= 1 and aug.blur_kernel % 2 == 1, f"{key}.blur_kernel", "must be an odd integer >= 1")
     check(aug.blur_sigma_max > 0.1, f"{key}.blur_sigma_max", "must be > 0.1 (sigma is drawn from [0.1, max])")
     check(aug.noise_std >= 0, f"{key}.noise_std", "must be >= 0")

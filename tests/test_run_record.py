@@ -1,0 +1,168 @@
+"""A run's record (runs/<name>/config.yaml, manifest.parquet) and the checks before a job writes
+anything: a rerun with other training settings is refused, empty flags and folders under a file
+are named. No Ray: the pipeline is stopped where it would start Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides, write_tiny_root
+from trueface.config import load_config
+
+DOMAINS = {"140k-real-vs-fake": "upper", "dalle": "lower"}
+
+
+class RayReached(Exception):
+    """The pipeline got past every check and would start Ray now."""
+
+
+@pytest.fixture
+def pipeline(monkeypatch):
+    from jobs import pipeline
+
+    def stop(*args, **kwargs):
+        raise RayReached
+
+    monkeypatch.setattr(pipeline, "init_ray", stop)
+    return pipeline
+
+
+@pytest.fixture
+def run_args(tmp_path: Path) -> list[str]:
+    root = write_tiny_root(tmp_path / "data", DOMAINS)
+    return [*tiny_overrides(root, tmp_path, "rec"), f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def _record(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("config.yaml", "manifest.parquet")}
+
+
+def _finish(stage_dir: Path) -> None:
+    """What a finished stage leaves for the pipeline to skip it (trueface.checkpoint.finished_stage)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "last.pt").write_bytes(b"")
+    (stage_dir / "stage.json").write_text(json.dumps({
+        "stage": int(stage_dir.name[-1]), "best_select_auc_ema": 0.9, "best_epoch": 1, "epochs_run": 2,
+        "stopped_early": False, "best_checkpoint": str(stage_dir / "best.pt"),
+        "last_checkpoint": str(stage_dir / "last.pt"), "select_on": "mean_domain"}))
+
+
+# --- which changes a started run refuses ------------------------------------------------------
+
+def test_training_changes_refuse_data_model_and_started_stages_only():
+    from trueface.run import training_changes
+
+    old = load_config("demo")
+    new = load_config("demo", ["data.root=/elsewhere", "model.dropout=0.5", "stage1.lr=0.01", "stage2.lr=0.01",
+                               "scaling.num_workers=2", "runtime.log_every=1", "eval.threshold_policy=max_f1",
+                               "output.results_dir=/r", "data.loader_workers=0"])
+    assert training_changes(old, new, {}) == []  # nothing trained yet: the record may describe the new settings
+    assert training_changes(old, new, {1: True}) == [
+        "data.root: '' -> '/elsewhere'", "model.dropout: 0.7 -> 0.5", "stage1.lr: 0.001 -> 0.01"]
+    # an interrupted stage may go on longer (the documented resume), not with another recipe
+    longer = load_config("demo", ["stage1.epochs=6", "stage1.patience=3"])
+    assert training_changes(old, longer, {1: False}) == []
+    assert training_changes(old, longer, {1: True}) == ["stage1.epochs: 4 -> 6", "stage1.patience: 2 -> 3"]
+    # what picks best.pt and stops early is part of the recipe
+    assert training_changes(old, load_config("demo", ["eval.select_on=pooled"]), {1: False}) == [
+        "eval.select_on: 'mean_domain' -> 'pooled'"]
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+def test_a_rerun_with_other_data_is_refused_before_the_record_is_rewritten(pipeline, run_args, tmp_path, capsys):
+    with pytest.raises(RayReached):
+        pipeline.main(run_args)
+    run = tmp_path / "runs" / "rec"
+    _finish(run / "stage1")
+    before = _record(run)
+    other = write_tiny_root(tmp_path / "other", {**DOMAINS, "tpdne": "lower"})
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main([*run_args, f"data.root={other}", "stage2.lr=0.01"])
+    message = str(exc.value)
+    assert f"run rec in {run} already has stage 1 (finished)" in message
+    assert f"data.root: '{tmp_path / 'data'}' -> '{other}'" in message
+    assert "stage2" not in message  # Stage II never started: its settings may change
+    assert "--run-name NAME" in message and f"remove {run}" in message
+    assert _record(run) == before
+    assert not (tmp_path / "results" / "rec" / "data-check" / "report.md").read_text().count(str(other))
+    # the same settings resume, and so do changes that decide nothing the checkpoints learnt
+    with pytest.raises(RayReached):
+        pipeline.main([*run_args, "runtime.log_every=3", "stage2.lr=0.01"])
+    assert "resuming with:\n  stage2.lr: 0.001 -> 0.01\n  runtime.log_every: 1 -> 3" in capsys.readouterr().err
+
+
+def test_an_interrupted_stage_may_run_longer_but_not_with_another_recipe(pipeline, run_args, tmp_path):
+    with pytest.raises(RayReached):
+        pipeline.main(run_args)
+    (tmp_path / "runs" / "rec" / "stage1").mkdir()
+    (tmp_path / "runs" / "rec" / "stage1" / "last.pt").write_bytes(b"")
+    with pytest.raises(RayReached):
+        pipeline.main([*run_args, "stage1.epochs=3"])
+    with pytest.raises(SystemExit, match=r"stage 1 \(interrupted: last.pt\).*\n  stage1.lr: 0.001 -> 0.002"):
+        pipeline.main([*run_args, "stage1.epochs=3", "stage1.lr=0.002"])
+    with pytest.raises(SystemExit, match=r"\n  model.arch: 'resnet18' -> 'resnet50'"):
+        pipeline.main([*run_args, "--dry-run", "stage1.epochs=3", "model.arch=resnet50"])  # a dry run says so too
+
+
+def test_empty_flags_are_refused_not_read_as_their_default(pipeline, capsys):
+    with pytest.raises(SystemExit, match=r"--run-name is empty \(an unset variable\?\)"):
+        pipeline.main(["--dry-run", "--run-name", ""])
+    with pytest.raises(SystemExit):
+        pipeline.main(["--dry-run", "--storage", " "])
+    assert "argument --storage: is empty (an unset variable?)" in capsys.readouterr().err
+
+
+def test_folders_under_a_file_are_named_before_any_work(pipeline, run_args, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit, match=rf"config error:\n  data.cache_dir {afile}/cache: {afile} is a file"):
+        pipeline.main([*run_args, "--dry-run", f"data.cache_dir={afile}/cache"])
+    with pytest.raises(SystemExit, match=rf"config error:\n  output.runs_dir {afile}/runs: {afile} is a file"):
+        pipeline.main([*run_args, f"output.runs_dir={afile}/runs"])
+    assert not (tmp_path / "cache").exists()  # refused before the data check
+
+
+# --- jobs.evaluate --------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, run_args) -> Path:
+    from trueface.checkpoint import save_checkpoint
+    from trueface.config import to_dict
+
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"model": {}, "ema": {}, "stage": 1, "config": to_dict(load_config("demo", run_args))})
+    return path
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_before_scoring(checkpoint, tmp_path, monkeypatch):
+    from jobs import evaluate
+
+    monkeypatch.setattr(evaluate, "checked_test_root", lambda *a: pytest.fail("scored before --out was checked"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=rf"error: --out {tmp_path / 'afile'} is a file: give a folder"):
+        evaluate.main(["--no-ray", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "data"),
+                       "--out", str(tmp_path / "afile"), "--threshold-from", "valid", "--save-thresholds"])
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint", "--data-root"])
+def test_evaluate_refuses_empty_flags(flag, checkpoint, tmp_path, capsys):
+    from jobs import evaluate
+
+    args = {"--checkpoint": str(checkpoint), "--data-root": str(tmp_path / "data"), "--out": str(tmp_path / "out")}
+    args[flag] = ""
+    with pytest.raises(SystemExit):
+        evaluate.main(["--no-ray", *[x for pair in args.items() for x in pair]])
+    assert f"argument {flag}: is empty (an unset variable?)" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_domain_listed_twice(checkpoint, tmp_path, capsys):
+    from jobs import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--no-ray", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "data"),
+                       "--test-domains", "dalle,140k-real-vs-fake,dalle"])
+    assert "--test-domains lists dalle more than once" in capsys.readouterr().err
