@@ -70,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe(job, plan), flush=True)
     if args.dry_run:
         return 0
-    check_model_weights(from_dict(job["config"]))
+    cfg = from_dict(job["config"])
+    check_model_weights(cfg)
+    for weights in dict.fromkeys(g.values["model.weights"] for g in plan.groups if "model.weights" in g.values):
+        check_model_weights(apply_values(cfg, {"model.weights": weights}))  # a row's own initial weights
     exp = experiment_mirror(job)
     try:
         check_writable(exp.location, "--storage")
@@ -88,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, default="tune-demo")
     add_ray_arguments(p)
-    p.add_argument("--spec", default=str(DEFAULT_SPEC), help="ablation spec YAML (default: search_spaces/ablation.yaml)")
+    p.add_argument("--spec", help="ablation spec YAML (default: search_spaces/ablation.yaml)")
     p.add_argument("--components", help="comma-separated component names of the spec to ablate (default: all)")
     p.add_argument("--leave-one-domain-out", action="store_true",
                    help="instead of components: fine-tune Stage II without each of its domains and test on it")
@@ -118,10 +121,12 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
         sys.exit(f"error: --seeds must be >= 1, got {args.seeds}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         sys.exit(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}")
+    _refuse_components_with_lodo(args)
+    spec_source = None if args.leave_one_domain_out else args.spec or str(DEFAULT_SPEC)
     try:
         base = apply_values(base, trial_resources(args))
         prepared = prepare_run(base)
-        spec_data = None if args.leave_one_domain_out else _spec_data(args.spec, args.components)
+        spec_data = None if args.leave_one_domain_out else _spec_data(spec_source, args.components)
     except (ConfigError, DataLayoutError, StorageError) as exc:
         sys.exit(f"error: {exc}")
     except DataCheckError as exc:
@@ -129,22 +134,24 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
     if prepared.check.findings:
         print(prepared.check.summary(), flush=True)
     cfg = fixed_epoch_sizes(prepared.cfg, prepared.layout, stages)
-    init = _check_init(args, stages, cfg.data.cache_dir)
     name = args.name or f"{'lodo' if args.leave_one_domain_out else 'abl'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
         sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
     job = {
         "version": SPEC_VERSION, "name": name, "storage": storage, "command": command.strip(),
         "kind": "leave-one-domain-out" if args.leave_one_domain_out else "ablation",
-        "config": to_dict(cfg), "spec": spec_data, "spec_source": None if args.leave_one_domain_out else args.spec,
-        "stages": stages, "init": init, "seeds": args.seeds, "max_concurrent": args.max_concurrent,
+        "config": to_dict(cfg), "spec": spec_data, "spec_source": spec_source,
+        "stages": stages, "init": None, "seeds": args.seeds, "max_concurrent": args.max_concurrent,
         "results_dir": join(cfg.output.results_dir, name), "address": args.address,
     }
     try:
         plan = job_plan(job)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    exit_on_batch_problems([group.config(cfg, 0) for group in plan.groups], prepared.layout, stages)
+    trials = group_configs(plan, cfg, spec_source)
+    # every Stage II trial of a --stage 2 job starts from --init: each row's model.arch must fit it
+    job["init"] = _check_init(args, stages, cfg, [t.model.arch for t in trials])
+    exit_on_batch_problems(trials, prepared.layout, stages)
     exp = experiment_mirror(job)
     if exp.local.exists() or (exp.remote and exp.exists(SPEC_FILE)):
         sys.exit(f"error: an ablation named {name!r} already exists at {exp.location}.\n"
@@ -152,6 +159,33 @@ def _new_job(args: argparse.Namespace, storage: str, command: str) -> dict:
                  + ("" if args.storage == "runs/ablate" else f" --storage {args.storage}")
                  + "\n  or start anew:   add --name <another name>")
     return job
+
+
+def _refuse_components_with_lodo(args: argparse.Namespace) -> None:
+    """--leave-one-domain-out trains its own rows (one per Stage II domain left out), not the spec's
+    components. Refused rather than combined: each component off with each domain left out is
+    another experiment (a cross table), and a flag that was silently dropped, or a --spec file that
+    does not exist, read as if it had been used."""
+    given = [flag for flag, value in (("--spec", args.spec), ("--components", args.components)) if value is not None]
+    if args.leave_one_domain_out and given:
+        sys.exit(f"error: --leave-one-domain-out leaves each Stage II domain out of the full recipe; it switches no "
+                 f"components off, so {' and '.join(given)} would be ignored: drop {' and '.join(given)}, or run "
+                 f"the ablation of the components without --leave-one-domain-out")
+
+
+def group_configs(plan: AblationPlan, cfg: Config, source: str | None) -> list[Config]:
+    """Each trained group's config (seed 0), the job ending with the group and its values named
+    where the config refuses them (plan_ablation has checked each component's and the plain row's
+    values; this catches what a group combines beyond those)."""
+    trials = []
+    for group in plan.groups:
+        try:
+            trials.append(group.config(cfg, 0))
+        except ConfigError as exc:
+            values = ", ".join(f"{k}={v}" for k, v in group.values.items())
+            sys.exit(f"error: {source or plan.kind}: the trials {group.name!r} ({values}) are refused by the config: "
+                     f"{exc}")
+    return trials
 
 
 def fixed_epoch_sizes(cfg: Config, layout, stages) -> Config:

@@ -250,7 +250,10 @@ def prune_last_checkpoints(experiment: Mirror, trial_names: list[str]) -> int:
 
 
 class TrialNamer:
-    """Trial folders (and so TensorBoard runs) named by the trial's values: ``00003_s1.lr=0.0012,...``."""
+    """Trial folders (and so TensorBoard runs) named by the trial's values: ``00003_s1.lr=0.0012,...``.
+    The name is a trial's run_name too, so it keeps to a run name's characters (is_run_name): a
+    weights file is named by its file name (Ray refuses a '/' in a trial's folder name), and any
+    other character becomes '_'."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
@@ -266,7 +269,9 @@ def _short_key(key: str) -> str:
 
 
 def _short_value(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = text.rstrip("/").rsplit("/", 1)[-1] or text  # a path: its file name
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in text)
 
 
 def per_trial_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:

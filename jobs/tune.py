@@ -31,13 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs import ray_tune
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_batch_problems, init_ray, warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
+                         warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
 from trueface.config.loading import is_run_name
-from trueface.config.search_space import SearchSpace, load_search_space
+from trueface.config.search_space import SearchSpace, SearchSpaceError, load_search_space
 from trueface.data.layout import DataLayout, DataLayoutError
 from trueface.data.check import DataCheckError
 from trueface.run import planned_steps_per_epoch, prepare_run
@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     check_model_weights(from_dict(spec["config"]))
+    check_searched_weights(spec)
     exp = ray_tune.experiment_mirror(spec)
     try:
         check_writable(exp.location, "--storage")
@@ -74,6 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(exp.local / "search_space.yaml", yaml.safe_dump(spec["space"], sort_keys=False))
         exp.push(ray_tune.SPEC_FILE, "search_space.yaml")
     return _run(spec, exp, args)
+
+
+def check_searched_weights(spec: dict) -> None:
+    """Load each ``model.weights`` a trial can draw (a searched choice) as check_model_weights
+    loads the base config's, before Ray starts: a missing or ill-fitting file would fail its
+    trials in their workers."""
+    from trueface.model import WeightsError, build_model
+
+    cfg, space = from_dict(spec["config"]), ray_tune.search_space(spec)
+    for param in (p for p in space.params if p.key == "model.weights"):
+        for value in param.values:
+            if value in ("none", cfg.model.weights):  # nothing to load, or loaded already
+                continue
+            try:
+                build_model(replace(cfg.model, weights=str(value)))
+            except WeightsError as exc:
+                sys.exit(f"error: {space.source}: model.weights choice {value!r}: {exc}. Fix the path or remove "
+                         f"it from the choice in {space.source}")
 
 
 def parse_with_storage(parser: argparse.ArgumentParser, argv: Sequence[str] | None
@@ -109,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(p, default="tune-demo")
     add_ray_arguments(p)
     p.add_argument("--space", default="demo",
-                   help=f"search space: a YAML file or a name in search_spaces/ ({', '.join(_space_names())}); default: demo")
+                   help=f"search space: a name in search_spaces/ ({', '.join(_space_names())}) or a path to a YAML file "
+                        f"(a name wins over a local file or folder of that name: write ./NAME for those); default: demo")
     p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
                    help="what a trial trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
     p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI "
@@ -140,21 +160,33 @@ def _refuse_settings_with_resume(parser: argparse.ArgumentParser, args: argparse
                  f"(or start a new search with --name)")
 
 
+def _space_folders() -> list[Path]:
+    """Where named spaces live: ``search_spaces/`` of the working directory (a Ray job's uploaded
+    copy) first, then this checkout's."""
+    return list(dict.fromkeys([Path.cwd() / "search_spaces", SPACES_DIR]))
+
+
 def _space_names() -> list[str]:
     # ablation*.yaml are jobs.ablate's specs, kept beside the spaces they ablate
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if not p.stem.startswith("ablation"))
+    return sorted({p.stem for folder in _space_folders() for p in folder.glob("*.yaml")
+                   if not p.stem.startswith("ablation")})
 
 
 def _space_path(name: str) -> Path:
-    """A YAML file as given, else ``search_spaces/<name>.yaml`` of the working directory (a Ray
-    job's uploaded copy) or of this checkout."""
+    """``--space``: a path where it looks like one (it ends in .yaml/.yml or holds a '/'), else a
+    named space, ``search_spaces/<name>.yaml`` (see _space_folders), else a file of that name.
+    A name wins over a file or folder of the same name in the working directory: ``--space demo``
+    means the shipped demo wherever it is run from (``./demo`` names the local file)."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or "/" in name or path.name != name:
         return path
-    for folder in (Path.cwd() / "search_spaces", SPACES_DIR):
-        if (folder / f"{name}.yaml").is_file():
-            return folder / f"{name}.yaml"
-    return SPACES_DIR / f"{name}.yaml"  # missing: the loader's error names it and lists the spaces
+    named = next((f / f"{name}.yaml" for f in _space_folders() if (f / f"{name}.yaml").is_file()), None)
+    if named is not None:
+        return named
+    if path.is_file():
+        return path
+    raise SearchSpaceError(f"--space {name}: no search space of that name (spaces: {', '.join(_space_names())}) and "
+                           f"no such file; give one of the names, or a path to a YAML file")
 
 
 def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
@@ -164,7 +196,8 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     stages = STAGE_CHOICES[args.stage]
     try:
         base = apply_values(base, trial_resources(args))
-        space = load_search_space(_space_path(args.space))
+        space_path = _space_path(args.space)
+        space = load_search_space(space_path)
         prepared = prepare_run(base)
         cfg, layout = prepared.cfg, prepared.layout
         space.check(cfg, stages)
@@ -172,14 +205,10 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
         sys.exit(f"error: {exc}")
     except DataCheckError as exc:
         sys.exit(f"{exc}\nRun python -m jobs.check_data --data-root {base.data.root or '<root>'} for the full report.")
-    exit_on_batch_problems([t for stage in stages for t in range_end_configs(cfg, stage, space, BATCH_KEYS)],
-                           layout, stages)
-    inside = inner_batch_problems(cfg, stages, space)
-    if inside:
-        sys.exit("config error:\n  " + "\n  ".join(inside))
+    exit_on_trial_batch_problems(cfg, space, layout, stages)
     if prepared.check.findings:  # every trial trains on what the check let through: say what that is
         print(prepared.check.summary(), flush=True)
-    init = _check_init(args, stages, cfg.data.cache_dir)
+    init = _check_init(args, stages, cfg)
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--grace-period", args.grace_period, 1),
                              ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1),
                              ("--startup-trials", args.startup_trials, 0)):
@@ -187,7 +216,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
             sys.exit(f"error: {flag} must be >= {low}, got {value}")
     grace = args.grace_period or space.grace_period or 1
     startup = min(10, max(2, args.num_samples // 2)) if args.startup_trials is None else args.startup_trials
-    name = args.name or f"{_space_path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or f"{space_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_run_name(name):
         sys.exit(f"error: --name {name!r} must be one folder name of letters, digits, '-', '_', '.', '=', ','")
     exp = ray_tune.experiment_mirror(join(storage, name), cfg.data.cache_dir)
@@ -196,7 +225,7 @@ def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
     return {
         "version": ray_tune.SPEC_VERSION, "name": name, "storage": storage, "command": command.strip(),
         "config": to_dict(cfg), "base_config": to_dict(base),
-        "space": space.to_dict(), "space_source": str(_space_path(args.space)),
+        "space": space.to_dict(), "space_source": str(space_path),
         "stages": stages, "init": init,
         "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
         "seed": cfg.seed, "startup_trials": startup,
@@ -219,51 +248,86 @@ def _check_schedule(spec: dict) -> None:
 
 # searched keys that change a stage's optimizer steps per epoch
 STEP_KEYS = ("samples_per_epoch", "batch_size", "accum_steps", "balance")
-BATCH_KEYS = (*STEP_KEYS, "mixup_alpha")  # what decides whether the workers can share a trial's batches
+# what decides whether the workers can share a trial's batches; a dotted key is the same for every stage
+BATCH_KEYS = (*STEP_KEYS, "mixup_alpha", "scaling.num_workers")
 
 
 def range_end_configs(cfg: Config, stage: int, space: SearchSpace | None, keys: tuple[str, ...]) -> list[Config]:
     """The trial configs at every combination of the range ends of the stage's searched ``keys``
-    (just ``cfg`` where none is searched); a combination the config refuses is no trial's."""
-    params = [p for p in (space.params if space else ()) if p.key in {f"stage{stage}.{k}" for k in keys}]
+    (a stage's own, like ``batch_size``, or dotted, like ``scaling.num_workers``; just ``cfg`` where
+    none is searched). SearchSpace.check has refused any combination the config refuses; skipping
+    one here only keeps this usable on an unchecked space."""
+    return [trial for _, trial in range_end_trials(cfg, stage, space, keys)]
+
+
+def range_end_trials(cfg: Config, stage: int, space: SearchSpace | None, keys: tuple[str, ...]
+                     ) -> list[tuple[dict, Config]]:
+    """``range_end_configs``, each with the searched values it was made with."""
+    wanted = {k if "." in k else f"stage{stage}.{k}" for k in keys}
+    params = [p for p in (space.params if space else ()) if p.key in wanted]
     out = []
     for values in itertools.product(*(p.extremes() for p in params)):
+        chosen = {p.key: v for p, v in zip(params, values)}
         try:
-            out.append(apply_values(cfg, {p.key: v for p, v in zip(params, values)}))
+            out.append((chosen, apply_values(cfg, chosen)))
         except ConfigError:
             continue
     return out
 
 
+def exit_on_trial_batch_problems(cfg: Config, space: SearchSpace, layout: DataLayout, stages: list[int]) -> None:
+    """End the search, before Ray starts, where the workers could not share the batches of a trial
+    at the range ends of the searched batch keys (BATCH_KEYS) or at a value inside a searched int
+    range; a problem of searched values names them and the space file."""
+    from trueface.run import batch_problems  # torch: only once the space is read
+
+    problems: list[str] = []
+    for stage in stages:
+        for values, trial in range_end_trials(cfg, stage, space, BATCH_KEYS):
+            drawn = ", ".join(f"{k}={v}" for k, v in values.items())
+            for problem in batch_problems(trial, layout, [stage]):
+                if drawn:
+                    problem += (f" (a trial can draw {drawn} from {space.source}: change those keys' ranges there "
+                                f"so that every combination divides)")
+                problems += [problem] if problem not in problems else []
+    problems += inner_batch_problems(cfg, stages, space)
+    if problems:
+        sys.exit("config error:\n  " + "\n  ".join(problems))
+
+
 def inner_batch_problems(cfg: Config, stages: list[int], space: SearchSpace) -> list[str]:
     """Batch splits the workers refuse at a value inside a searched ``int`` range of a stage's
-    batch_size or accum_steps, which ``range_end_configs`` does not reach: over 2 workers, batch
-    sizes 16 and 64 divide and a trial's 37 would fail. At most one problem per stage."""
+    batch_size or accum_steps, or of scaling.num_workers, which ``range_end_configs`` does not
+    reach: over 2 workers, batch sizes 16 and 64 divide and a trial's 37 would fail; a batch of 16
+    divides over 1 and 4 workers, not over a trial's 3. At most one problem per stage."""
     from trueface.train import batch_split_problem  # torch: only once the space is read
 
     problems = []
+    workers_param = next((p for p in space.params if p.key == "scaling.num_workers"), None)
     for stage in stages:
         key, st = f"stage{stage}", cfg.stage(stage)
         params = {p.key.split(".", 1)[1]: p for p in space.params if p.key.startswith(f"{key}.")}
-        if not any(params[k].form == "int" for k in ("batch_size", "accum_steps") if k in params):
+        searched = [params.get("batch_size"), params.get("accum_steps"), workers_param]
+        if not any(p is not None and p.form == "int" for p in searched):
             continue
-
-        def values(name: str, default):
-            param = params.get(name)
-            if param is None:
-                return [default]
-            return range(int(param.low), int(param.high) + 1) if param.form == "int" else param.extremes()
-
         mixup = max([st.mixup_alpha] if "mixup_alpha" not in params else params["mixup_alpha"].extremes())
-        found = next((problem for batch in values("batch_size", st.batch_size)
-                      for accum in values("accum_steps", st.accum_steps)
+        found = next((problem for batch in _every_value(params.get("batch_size"), st.batch_size)
+                      for accum in _every_value(params.get("accum_steps"), st.accum_steps)
+                      for workers in _every_value(workers_param, cfg.scaling.num_workers)
                       if (problem := batch_split_problem(replace(st, batch_size=int(batch), accum_steps=int(accum),
-                                                                 mixup_alpha=float(mixup)),
-                                                         cfg.scaling.num_workers, key))), "")
+                                                                 mixup_alpha=float(mixup)), int(workers), key))), "")
         if found:
             problems.append(f"{found} (a value inside a searched int range, which trials draw too: search "
-                            f"{key}.batch_size or {key}.accum_steps with choice: [...] of values that work)")
+                            f"{key}.batch_size, {key}.accum_steps or scaling.num_workers with choice: [...] of "
+                            f"values that work)")
     return problems
+
+
+def _every_value(param, default) -> Sequence:
+    """Every value a trial can draw for ``param`` (``[default]`` where it is not searched)."""
+    if param is None:
+        return [default]
+    return range(int(param.low), int(param.high) + 1) if param.form == "int" else param.extremes()
 
 
 def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int], space: SearchSpace | None = None) -> dict[str, int]:
@@ -283,7 +347,10 @@ def _refuse_existing(exp: Mirror, name: str, storage_flag: str) -> None:
              + (f" and {exp.local})" if exp.remote else ")"))
 
 
-def _check_init(args: argparse.Namespace, stages: list[int], cache_dir: str) -> str | None:
+def _check_init(args: argparse.Namespace, stages: list[int], cfg: Config, archs: Sequence[str] = ()) -> str | None:
+    """``--init``'s absolute location, checked: a Stage I checkpoint of the architecture every
+    trial trains (``cfg``'s model.arch and ``archs``, those of rows or trials that set their own),
+    or the job ends here; a mismatch would fail every trial in its worker."""
     if stages != [2]:
         if args.init:
             sys.exit(f"error: --init is for --stage 2; --stage {args.stage} trains Stage I itself")
@@ -292,11 +359,19 @@ def _check_init(args: argparse.Namespace, stages: list[int], cache_dir: str) -> 
         sys.exit("error: --stage 2 needs --init CKPT, the Stage I checkpoint every trial starts from "
                  "(e.g. runs/demo/stage1/best.pt from python -m jobs.pipeline)")
     try:
-        state = load_checkpoint(fetch(args.init, cache_dir))
+        state = load_checkpoint(fetch(args.init, cfg.data.cache_dir))
     except (CheckpointError, StorageError) as exc:
         sys.exit(f"error: --init: {exc}")
     if state.get("stage") != 1:
         sys.exit(f"error: --init {args.init} is a Stage {state.get('stage')} checkpoint; Stage II starts from a Stage I one")
+    from trueface.train import saved_arch  # torch is loaded already (load_checkpoint)
+
+    saved = saved_arch(state)
+    other = next((a for a in dict.fromkeys([cfg.model.arch, *archs]) if a != saved), None)
+    if other is not None:
+        sys.exit(f"error: --init {args.init} holds a {saved} (its saved config's model.arch), but trials would train "
+                 f"model.arch={other}: Stage II starts from its weights, which fit a {saved} only. Set "
+                 f"model.arch={saved}, or give a Stage I checkpoint of a {other}")
     return absolute(args.init)
 
 

@@ -190,3 +190,27 @@ def test_trials_get_their_seed_values_and_folder_and_the_manifest_lists_every_se
     assert manifest["reference"] == "full"
     assert rows["no-ema"]["evaluations"] == [{"seed": 5 + k, "dir": f"evals/full/seed{k}", "weights": "raw"} for k in range(3)]
     assert rows["plain"]["evaluations"][1] == {"seed": 6, "dir": "evals/no-strong-augmentation/seed1", "weights": "raw"}
+
+
+def test_a_components_values_are_checked_together():
+    jpeg = "stage1.augment.jpeg_quality_"
+    # valid only together: 96 is above demo's max of 95, but the component raises the max too
+    ok = plan_ablation(spec({"jpeg-high": {"when_off": {"set": {f"{jpeg}min": 96, f"{jpeg}max": 100}}}}, plain=False),
+                       demo(), (1,))
+    assert next(g for g in ok.groups if g.name == "no-jpeg-high").values == {f"{jpeg}min": 96, f"{jpeg}max": 100}
+    # each valid alone, refused together: a message naming the component and both values
+    with pytest.raises(AblationSpecError) as err:
+        plan_ablation(spec({"jpeg-narrow": {"when_off": {"set": {f"{jpeg}min": 90, f"{jpeg}max": 50}}}}, plain=False),
+                      demo(), (1,))
+    assert (f"test.yaml: components.jpeg-narrow.when_off.set {jpeg}min=90, {jpeg}max=50 are rejected together by "
+            f"the config: invalid config: {jpeg}min: need 1 <= ") in str(err.value)
+    assert "change these values in test.yaml" in str(err.value)
+
+
+def test_the_plain_row_refuses_components_whose_values_clash_together():
+    jpeg = "stage1.augment.jpeg_quality_"
+    components = {"jpeg-floor": {"when_off": {"set": {f"{jpeg}min": 90}}},
+                  "jpeg-ceiling": {"when_off": {"set": {f"{jpeg}max": 50}}}}
+    with pytest.raises(AblationSpecError, match=r"test.yaml: the plain row .* \(components jpeg-floor, jpeg-ceiling\).*"
+                                                r"set plain: false"):
+        plan_ablation(spec(components), demo(), (1,))

@@ -269,3 +269,59 @@ def test_paper_spaces_fit_asha_on_paper_sized_data(name, stages, steps):
     final = [e for e in got if e.stage == stages[-1]]
     assert all(e.epoch == 1 for e in final), [(e.key, e.epoch) for e in final]
     assert all(e.epoch is not None for e in got)
+
+
+@pytest.mark.parametrize("params, clash", [
+    # each end is accepted with the config's other values; a trial may draw the two together
+    ({"stage1.lr": {"loguniform": [1e-4, 3e-3]}, "stage1.final_lr": {"loguniform": [1e-6, 1e-3]}},
+     "stage1.lr=0.0001 with stage1.final_lr=0.001"),
+    ({"stage1.augment.jpeg_quality_min": {"int": [40, 90]}, "stage1.augment.jpeg_quality_max": {"int": [60, 95]}},
+     "stage1.augment.jpeg_quality_min=90 with stage1.augment.jpeg_quality_max=60"),
+    ({"scaling.sync_batchnorm": {"choice": [False, True]}, "runtime.compile": {"choice": [False, True]},
+      "stage1.lr": {"loguniform": [1e-4, 1e-2]}},  # a key that takes no part is not named
+     "scaling.sync_batchnorm=True with runtime.compile=True is rejected"),
+])
+def test_values_refused_only_together_are_refused_naming_the_keys_and_values(params, clash):
+    with pytest.raises(SearchSpaceError) as err:
+        space(params).check(load_config("demo"), (1,))
+    message = str(err.value)
+    assert message.startswith("test.yaml: ") and clash in message
+    assert "A trial can draw these values together: narrow the ranges of" in message and "in test.yaml" in message
+    assert ("stage1.lr" in message) == ("stage1.lr" in clash)
+
+
+def test_values_accepted_only_together_pass():
+    # demo's stage1.lr is 1e-3: a final_lr of 1.5e-3 is refused beside it, but every trial's lr is >= 2e-3
+    space({"stage1.lr": {"loguniform": [2e-3, 1e-2]}, "stage1.final_lr": {"loguniform": [1e-5, 1.5e-3]}}).check(
+        load_config("demo"), (1,))
+
+
+def test_every_value_of_a_short_int_range_is_checked():
+    # blur_kernel must be odd: both ends of [3, 7] are, the 4 a trial can draw is not
+    with pytest.raises(SearchSpaceError, match=r"test.yaml: stage1.augment.blur_kernel: value 4 of its range is "
+                                               r"rejected by the config: .*choice: \[...\]"):
+        space({"stage1.augment.blur_kernel": {"int": [3, 7]}}).check(load_config("demo"), (1,))
+    space({"stage1.augment.blur_kernel": {"choice": [3, 5, 7]}}).check(load_config("demo"), (1,))
+
+
+def test_a_wide_space_checks_every_three_keys_together():
+    wide = {f"stage1.augment.{k}": {"uniform": [0.1, 0.9]} for k in
+            ("randaugment_p", "color_jitter_p", "grayscale_p", "jpeg_p", "blur_p", "noise_p", "erasing_p")}
+    wide.update({"stage1.momentum": {"uniform": [0.5, 0.9]}, "stage1.weight_decay": {"uniform": [0.0, 0.01]},
+                 "stage1.label_smoothing": {"uniform": [0.0, 0.2]}})
+    clash = {"stage1.lr": {"loguniform": [1e-4, 3e-3]}, "stage1.final_lr": {"loguniform": [1e-6, 1e-3]}}
+    with pytest.raises(SearchSpaceError, match="stage1.lr=0.0001 with stage1.final_lr=0.001"):
+        space({**wide, **clash}).check(load_config("demo"), (1,))
+    # and a pair valid only together passes there too: the keys outside a triple take a trial's values
+    together = {"stage1.lr": {"loguniform": [2e-3, 1e-2]}, "stage1.final_lr": {"loguniform": [1e-5, 1.5e-3]}}
+    space({**wide, **together}).check(load_config("demo"), (1,))
+    from trueface.config.search_space import MAX_COMBINATIONS
+
+    assert 2 ** len(wide) <= MAX_COMBINATIONS < 2 ** len({**wide, **clash})  # so the triples did it
+
+
+def test_model_arch_cannot_be_searched_from_a_stage_one_checkpoint():
+    arch = {"model.arch": {"choice": ["resnet18", "resnet50"]}}
+    with pytest.raises(SearchSpaceError, match="model.arch: cannot be searched with --stage 2"):
+        space(arch).check(load_config("demo"), (2,))
+    space(arch).check(load_config("demo"), (1, 2))

@@ -312,3 +312,82 @@ def test_a_search_started_before_the_final_stage_objective_is_not_resumed(tmp_pa
     (tmp_path / "tune" / "old" / ray_tune.SPEC_FILE).write_text('{"version": 1}')
     with pytest.raises(SystemExit, match="started by an older TrueFace.*Start a new search"):
         tune_job.main(["--resume", "old", "--storage", str(tmp_path / "tune")])
+
+
+@pytest.mark.parametrize("space, message", [
+    # the tiny batch of 8 divides over 1 and 4 workers, not over 3: an end of a choice, or inside an int range
+    ("params:\n  scaling.num_workers: {choice: [1, 3]}\n",
+     r"stage1.batch_size=8 is the global batch .* 3 x 1.*a trial can draw scaling.num_workers=3 from .*space.yaml"),
+    ("params:\n  scaling.num_workers: {int: [1, 4]}\n",
+     r"stage1.batch_size=8 .* 3 x 1.*inside a searched int range.*scaling.num_workers"),
+])
+def test_searched_workers_that_cannot_share_the_batch_are_refused(tiny_root, tmp_path, no_ray, space, message):
+    with pytest.raises(SystemExit, match=message):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "stage1.mixup_alpha=0", space=space))
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "stage1.mixup_alpha=0",
+                                  space="params:\n  scaling.num_workers: {choice: [1, 2, 4]}\n")) == 0
+
+
+def test_lr_and_its_floor_searched_together_are_refused_before_ray(tiny_root, tmp_path, no_ray):
+    space = "params:\n  stage1.lr: {loguniform: [1.0e-4, 3.0e-3]}\n  stage1.final_lr: {loguniform: [1.0e-6, 1.0e-3]}\n"
+    with pytest.raises(SystemExit, match=r"space.yaml: stage1.lr=0.0001 with stage1.final_lr=0.001 is rejected"):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", space=space))
+
+
+def test_searched_weights_files_are_checked_and_name_their_trial_folders(tiny_root, tmp_path, no_ray):
+    from trueface.config.loading import is_run_name
+
+    missing = tmp_path / "w" / "missing.pt"
+    space = f"params:\n  model.weights: {{choice: [none, {missing}]}}\n"
+    with pytest.raises(SystemExit) as exc:  # not a dry run: weights are loaded where the base's are, before Ray
+        tune_job.main(args_for(tiny_root, tmp_path, space=space))
+    assert "space.yaml: model.weights choice" in str(exc.value) and "missing.pt" in str(exc.value)
+    assert "does not exist" in str(exc.value)
+    namer = ray_tune.TrialNamer(parse_search_space({"params": {"model.weights": {"choice": ["none", str(missing)]},
+                                                               "stage1.lr": {"uniform": [1e4, 2e4]}}}))
+    name = namer(SimpleNamespace(trial_id="ab12_00001", config={"model.weights": str(missing), "stage1.lr": 12000.0}))
+    assert name == "00001_model.weights=missing.pt,s1.lr=1.2e_04" and is_run_name(name)
+
+
+def test_init_of_another_architecture_is_refused_naming_both(tiny_root, tmp_path, no_ray):
+    init = tmp_path / "stage1.pt"
+    save_checkpoint(init, {"stage": 1, "config": {"model": {"arch": "resnet50"}}, "ema": {}, "model": {}})
+    with pytest.raises(SystemExit) as exc:  # the tiny config trains a resnet18
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "--stage", "2", "--init", str(init),
+                               space=SPACE.replace("stage1", "stage2")))
+    message = str(exc.value)
+    assert f"--init {init} holds a resnet50" in message and "model.arch=resnet18" in message
+    assert "Set model.arch=resnet50" in message
+
+
+def test_a_space_name_wins_over_a_local_folder_and_a_missing_one_lists_the_spaces(tmp_path, no_ray, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert tune_job.main(["--dry-run", "--space", "demo", "--storage", str(tmp_path / "tune")]) == 0
+    assert f"space {tune_job.SPACES_DIR / 'demo.yaml'}:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        tune_job.main(["--dry-run", "--space", "demoo", "--storage", str(tmp_path / "tune")])
+    assert "--space demoo: no search space of that name (spaces: demo, demo-stage2, paper, paper-stage2)" in str(exc.value)
+    with pytest.raises(SystemExit, match="search space demo does not exist"):  # ./demo is the folder, as written
+        tune_job.main(["--dry-run", "--space", "./demo", "--storage", str(tmp_path / "tune")])
+
+
+def test_an_ablation_component_whose_values_clash_is_a_message_naming_it(tiny_root, tmp_path, no_ray):
+    from jobs import ablate as ablate_job
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("plain: false\ncomponents:\n  jpeg-narrow:\n    what: JPEG quality range\n    when_off: {set: "
+                    "{stage1.augment.jpeg_quality_min: 90, stage1.augment.jpeg_quality_max: 50}}\n")
+    args = ["--spec", str(spec), "--storage", str(tmp_path / "abl"), "--dry-run", *tiny_overrides(tiny_root, tmp_path)]
+    with pytest.raises(SystemExit, match=r"error: .*spec.yaml: components.jpeg-narrow.when_off.set .* are rejected together"):
+        ablate_job.main(args)
+
+
+@pytest.mark.parametrize("extra, flags", [(("--spec", "nosuch.yaml"), "--spec"), (("--components", "ema"), "--components"),
+                                          (("--spec", "x.yaml", "--components", "ema"), "--spec and --components")])
+def test_leave_one_domain_out_refuses_components_it_would_ignore(tmp_path, no_ray, extra, flags):
+    from jobs import ablate as ablate_job
+
+    with pytest.raises(SystemExit, match=f"--leave-one-domain-out .* so {flags} would be ignored: drop {flags}"):
+        ablate_job.main(["--leave-one-domain-out", "--stage", "both", "--config", "demo", "--dry-run", *extra,
+                         "--storage", str(tmp_path / "abl"), f"data.cache_dir={tmp_path}"])

@@ -249,7 +249,7 @@ def plan_ablation(spec: AblationSpec, base: Config, stages: tuple[int, ...]) -> 
         values = {k: v for o in offs for k, v in o.values.items()}
         # Off together, one knob can idle another (at strength 0 the light warm-up changes nothing):
         # without it, plain shares its trials with the row that differs only by that idle knob.
-        everything_off = apply_values(base, values)
+        everything_off = _plain_config(spec, base, values)
         plain = _Off({k: v for k, v in values.items() if not _cannot_act(k, everything_off)},
                      "raw" if any(o.weights == "raw" for o in offs) else "ema",
                      min((o.stages for o in offs), key=len))
@@ -257,6 +257,24 @@ def plan_ablation(spec: AblationSpec, base: Config, stages: tuple[int, ...]) -> 
     elif spec.plain:
         dropped.append((PLAIN, "fewer than two components act here, so it would repeat a row above"))
     return AblationPlan("ablation", spec.reference, stages, builder.variants, builder.groups(), dropped)
+
+
+def _plain_config(spec: AblationSpec, base: Config, values: dict[str, Any]) -> Config:
+    """``base`` with every component's values at once (the plain row), or AblationSpecError naming
+    the components whose values the config refuses together."""
+    try:
+        return apply_values(base, values)
+    except ConfigError as exc:
+        names = ", ".join(c.name for c in spec.components if set(c.values) & set(values))
+        raise AblationSpecError(f"{spec.source}: the {PLAIN} row switches every component off at once, and the "
+                                f"config refuses their values together (components {names}): {_one_line(exc)}; "
+                                f"change those values in {spec.source}, or set plain: false") from exc
+
+
+def _one_line(exc: ConfigError) -> str:
+    """The config's "invalid config:" list of refusals on one line, "; " between them."""
+    first, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    return " ".join([first, "; ".join(rest)]).strip()
 
 
 @dataclass(frozen=True)
@@ -270,14 +288,21 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
     """What switching ``c`` off changes here, or why it changes nothing."""
     where = f"{source}: components.{c.name}"
     values, idle = {}, []
-    for key, value in c.values.items():
+    for key in c.values:
         if key not in flat:
             close = difflib.get_close_matches(key, list(flat), n=1, cutoff=0.6)
             raise AblationSpecError(f"{where}: {key} is not a config key" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        try:
-            apply_values(base, {key: value})
-        except ConfigError as exc:
-            raise AblationSpecError(f"{where}: {key}={value!r} is rejected by the config: {exc}") from exc
+    # The whole set at once: its values switch the component off together, so each alone may be
+    # refused where together they are fine (JPEG quality 96 to 100 where the max is 95), and the
+    # reverse (min 90 with max 50).
+    try:
+        apply_values(base, c.values)
+    except ConfigError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in c.values.items())
+        verb = "is rejected" if len(c.values) == 1 else "are rejected together"
+        raise AblationSpecError(f"{where}.when_off.set {given} {verb} by the config: {_one_line(exc)}; change "
+                                f"{'this value' if len(c.values) == 1 else 'these values'} in {source}") from exc
+    for key, value in c.values.items():
         stage = _stage_of(key)
         if stage is not None and stage not in stages:
             idle.append(f"{key} (Stage {'I' * stage} is not trained)")

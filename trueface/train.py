@@ -119,11 +119,13 @@ class TrainState:
             "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs, "history": progress.history,
         }
 
-    def restore(self, path: Path, stage: int, saved: dict | None = None) -> "Progress":
-        """Takes on the checkpoint at ``path`` (``saved``: its content, where already read)."""
+    def restore(self, path: Path, stage: int, saved: dict | None = None, arch: str = Config().model.arch) -> "Progress":
+        """Takes on the checkpoint at ``path`` (``saved``: its content, where already read) into
+        this run's ``arch`` model (its model.arch, for the message where the weights do not fit)."""
         state = saved if saved is not None else load_checkpoint(path)
         if state["stage"] != stage:
             raise CheckpointError(f"{path} is a Stage {state['stage']} checkpoint, cannot resume Stage {stage} from it")
+        check_weights_fit(self.model, state["model"], path, state, arch)
         return self.apply(state)
 
     def apply(self, state: dict) -> "Progress":
@@ -232,7 +234,7 @@ def run_stage(
             _log(di, f"{key}: removed {partial.name}, a checkpoint whose writing was cut off")
     resume_path, saved = _latest_checkpoint(resume_from, files["last"])
     if resume_path is not None:
-        progress = state.restore(resume_path, stage, saved)
+        progress = state.restore(resume_path, stage, saved, cfg.model.arch)
         _log(di, f"{key}: resumed from {resume_path} at epoch {progress.epoch}, step {progress.step}")
     progress = _resume_alike(state, progress, resume_path, cfg, stage, di)
 
@@ -497,8 +499,38 @@ def _initial_model(cfg: Config, stage: int, init_from: Path | None) -> nn.Module
     if state["stage"] != 1:
         raise StageError(f"{init_from} is a Stage {state['stage']} checkpoint; Stage II starts from a Stage I one")
     model = build_model(replace(cfg.model, weights="none"))
+    check_weights_fit(model, state["ema"], init_from, state, cfg.model.arch)
     model.load_state_dict(state["ema"])
     return model
+
+
+def saved_arch(state: dict) -> str:
+    """The model.arch of the run that saved the checkpoint ``state`` (a checkpoint from before the
+    key existed trained the default's)."""
+    return str(((state.get("config") or {}).get("model") or {}).get("arch", Config().model.arch))
+
+
+def check_weights_fit(model: nn.Module, weights: dict, path: Path | str, state: dict, arch: str) -> None:
+    """Raise StageError, in one line naming the checkpoint at ``path`` and both architectures, where
+    ``weights`` (from ``state``) do not fit ``model``, this run's ``arch``: torch's load_state_dict
+    would list every tensor that differs instead (a run resumed, or Stage II started, from a
+    checkpoint saved before model.arch changed)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    resized = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if not (missing or extra or resized):
+        return
+    saved = saved_arch(state)
+    first = (missing or extra or resized)[0]
+    detail = (f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(resized)} of another shape "
+              f"(first: {first})")
+    if saved != arch:
+        raise StageError(f"{path} holds a {saved} (its saved config's model.arch), but this run's model.arch is "
+                         f"{arch}: its weights do not fit ({detail}). Set model.arch={saved}, or start from a "
+                         f"checkpoint of a {arch}")
+    raise StageError(f"{path}: its weights do not fit this run's {arch} model, though its saved config names the "
+                     f"same model.arch ({detail}); was it saved by another TrueFace version?")
 
 
 def make_optimizer(model: nn.Module, st: StageConfig) -> torch.optim.Optimizer:

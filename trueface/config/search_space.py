@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -145,7 +146,8 @@ class Param:
         return FloatDistribution(self.low, self.high, log=self.form == "loguniform")
 
     def extremes(self) -> list[Any]:
-        """Config values that span the range: if these validate, every sample does."""
+        """Config values that span the range: its ends, or every choice (``value_combinations``
+        says when their acceptance means every sample's)."""
         if self.form == "choice":
             return list(self.values)
         if self.form == "int":
@@ -199,7 +201,8 @@ class SearchSpace:
 
     def check(self, cfg: Config, stages: Iterable[int]) -> None:
         """Raise SearchSpaceError unless every key exists, fits its type, affects the stages the
-        trials train, and every value of its range is one the config accepts."""
+        trials train, and every value a trial can draw is one the config accepts, together with the
+        other searched keys' values (see ``check_values``)."""
         stages = tuple(stages)
         flat = flatten(to_dict(cfg))
         for p in self.params:
@@ -227,17 +230,50 @@ class SearchSpace:
             if p.key == "model.weights" and stages == (2,):
                 raise SearchSpaceError(f"{where}: cannot be searched with --stage 2: no trial acts on it (Stage II "
                                        f"starts from the Stage I checkpoint's weights)")
+            if p.key == "model.arch" and stages == (2,):
+                raise SearchSpaceError(f"{where}: cannot be searched with --stage 2: every trial starts from the "
+                                       f"Stage I checkpoint's weights, which fit its own architecture only (set "
+                                       f"model.arch to the checkpoint's, or search it with --stage both)")
             stage = _stage_of(p.key)
             if stage is not None and stage not in stages:
                 trains = " and ".join(f"Stage {'I' * s}" for s in stages)
                 raise SearchSpaceError(
                     f"{where}: has no effect, the trials train {trains} only; "
                     f"remove it or choose --stage {'both' if len(stages) == 1 and stage == 2 else stage}")
-            for value in p.extremes():
-                try:
-                    apply_values(cfg, {p.key: value})
-                except ConfigError as exc:
-                    raise SearchSpaceError(f"{where}: value {value!r} of its range is rejected by the config: {exc}") from exc
+
+        self.check_values(cfg)
+
+    def check_values(self, cfg: Config) -> None:
+        """Raise SearchSpaceError where the config refuses values a trial can draw: one key's, or
+        several keys' together (``stage1.lr`` 1e-4 with ``stage1.final_lr`` 1e-3; the JPEG quality's
+        min above its max), each accepted alone. Checked on ``value_combinations``; the message names
+        the keys whose values clash (those a change of which to another of their ends lets the
+        combination pass) and what to change in the space file."""
+        for values in value_combinations(self.params):
+            if (problem := _refusal(cfg, values)) is None:
+                continue
+            clash = self._clashing(cfg, values)
+            file = self.source or "the search space file"
+            if len(clash) == 1:
+                ((key, value),) = clash.items()
+                raise SearchSpaceError(f"{file}: {key}: value {value!r} of its range is rejected by the config: "
+                                       f"{problem}; narrow {key}'s range in {file}, or list values that work "
+                                       f"with choice: [...]")
+            named = " with ".join(f"{k}={v!r}" for k, v in clash.items())
+            keys = ", ".join(list(clash)[:-1]) + f" and {list(clash)[-1]}"
+            raise SearchSpaceError(
+                f"{file}: {named} is rejected by the config: {problem}. A trial can draw these values together: "
+                f"narrow the ranges of {keys} in {file} so that no combination of them is refused, or search "
+                f"one of them and set the others for the whole search (KEY=VALUE)")
+
+    def _clashing(self, cfg: Config, values: dict[str, Any]) -> dict[str, Any]:
+        """The keys of the refused ``values`` that take part: those for which another value of their
+        own range makes the combination pass. All of ``values`` where no single change does (two
+        refusals at once)."""
+        ends = {p.key: p.extremes() for p in self.params}
+        taking_part = {k: v for k, v in values.items()
+                       if any(_refusal(cfg, {**values, k: other}) is None for other in ends.get(k, ()) if other != v)}
+        return taking_part or values
 
     def first_effects(self, cfg: Config, stages: Sequence[int], steps_per_epoch: Mapping[int, int]) -> list[FirstEffect]:
         """For each key, the first epoch (of its stage) in which its values train differently:
@@ -298,6 +334,52 @@ class SearchSpace:
 
     def describe(self) -> str:
         return "\n".join(f"  {p.describe()}" for p in self.params)
+
+
+#: The most combinations of range ends ``value_combinations`` gives as a full product: 10 ranges,
+#: at a few milliseconds each on a slow core. Past it, each three keys' combinations (see there).
+MAX_COMBINATIONS = 1024
+#: Int ranges up to this many values are checked at every value, not only at their ends.
+MAX_INT_VALUES = 64
+
+
+def value_combinations(params: Sequence[Param]) -> Iterable[dict[str, Any]]:
+    """The values of the searched keys whose acceptance by the config means every trial's is.
+
+    Every combination of the keys' ``extremes()`` (range ends, every choice). The config's rules
+    that tie keys together are monotone: ``final_lr <= lr``, ``jpeg_quality_min <= max``, and
+    rules refusing a flag or a count above 1 beside another setting (``scaling.sync_batchnorm`` with
+    ``runtime.compile``; ``scaling.gpus_per_worker`` below 1 with ``scaling.num_workers`` above 1).
+    Such a rule holds on a box of values wherever it holds at the box's corners, so the corners
+    suffice. Past MAX_COMBINATIONS, the combinations of every three keys stand in for the full
+    product, the other keys at their low ends (a trial's values, never the config's, which the
+    range may not hold): no rule ties more than three keys (``sync_batchnorm``, ``num_workers``
+    and ``use_gpu`` or ``runtime.device`` do).
+
+    Where the corners do not suffice: a rule on one key that is not monotone (``blur_kernel``
+    must be odd) is met by checking every value of short int ranges, beside the other keys' low
+    ends; and the workers' share of a batch (divisible by workers x accum_steps), which is no rule
+    of the config, is checked by jobs.tune on every value of those int ranges."""
+    per_key = [[(p.key, v) for v in p.extremes()] for p in params]
+    width = len(per_key) if math.prod(map(len, per_key)) <= MAX_COMBINATIONS else min(3, len(per_key))
+    lows = {p.key: p.extremes()[0] for p in params}
+    for group in itertools.combinations(per_key, width):
+        for combination in itertools.product(*group):
+            yield {**lows, **dict(combination)}
+    for p in params:
+        if p.form == "int" and p.high - p.low < MAX_INT_VALUES:
+            for inside in range(int(p.low) + 1, int(p.high)):
+                yield {**lows, p.key: inside}
+
+
+def _refusal(cfg: Config, values: Mapping[str, Any]) -> str | None:
+    """The config's message refusing ``values`` on ``cfg``, None where it accepts them."""
+    try:
+        apply_values(cfg, values)
+    except ConfigError as exc:
+        first, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return " ".join([first, "; ".join(rest)]).strip()  # "invalid config: KEY: problem; KEY: problem"
+    return None
 
 
 def _within_stage(key: str, stage: int, first: int, epochs: int, why: str) -> FirstEffect:
