@@ -19,7 +19,7 @@ Parts (each prints its table and writes results/bench-<part>/bench.json and benc
 - ``train``: the engine's training img/s against a plain torchvision loop on the same model,
   batch and tensors, and against the engine under Ray Train with one worker;
 - ``infer``: ``jobs.predict`` img/s against a naive per-image loop; with ``--ray``, also
-  ``jobs.predict --ray`` (Ray Data) against ``jobs.predict``;
+  ``jobs.predict --ray``'s scoring actors, warm, against ``jobs.predict``, and their start-up;
 - ``gpu``: Stage I and Stage II training img/s on real-size JPEGs, GPU busy share and peak
   memory (on a CPU it runs at small sizes and says so);
 - ``traffic``: the bytes the GPU's batched augmentation reads and writes a batch, counted op by
@@ -37,7 +37,7 @@ from pathlib import Path
 PARTS = {
     "input": "trueface.bench.input",
     "train": "jobs.bench_train_ray",  # trueface.bench.train plus its Ray Train row
-    "infer": "jobs.bench_infer_ray",  # trueface.bench.infer plus, with --ray, its Ray Data row
+    "infer": "jobs.bench_infer_ray",  # trueface.bench.infer plus, with --ray, its Ray rows
     "gpu": "trueface.bench.gpu",
     "traffic": "trueface.bench.augment_traffic",
 }
@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="images per measurement (each part has its default)")
     parser.add_argument("--batch-size", type=int, help="train/gpu: batch size (each part has its default)")
     parser.add_argument("--image-size", type=int, help="train: image size; gpu: Stage I's (each part has its default)")
-    parser.add_argument("--ray", action="store_true", help="infer: also time jobs.predict --ray (Ray Data)")
+    parser.add_argument("--ray", action="store_true",
+                        help="infer: also time jobs.predict --ray's actors, warm, and their start-up")
     parser.add_argument("--prepared", action="store_true",
                         help="gpu: train from the prepared uint8 cache (data.prepared=uint8), built before the timing")
     parser.add_argument("--compile", action="store_true",

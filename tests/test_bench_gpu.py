@@ -36,8 +36,17 @@ def quick_run(tmp_path_factory):
     """One ``gpu --quick`` run through the CLI, counting the engine's steps and the batches the
     batched augmentation got (both run in this process; the decoding runs in the loader worker)."""
     out = tmp_path_factory.mktemp("results")
-    seen = {"steps": 0, "augment": []}
+    seen = {"steps": 0, "augment": [], "trace_from": [], "trace_warmup": []}
     real_step, real_augment = trueface.train.train_step, DeviceAugment.__call__
+    real_trace, real_trace_start = gpu.trace_stage, gpu.Tracer.start
+
+    def trace(*a, **k):  # the engine steps the trace's warm-up runs before the profiler starts
+        seen["trace_from"].append(seen["steps"])
+        return real_trace(*a, **k)
+
+    def trace_start(self):
+        seen["trace_warmup"].append(seen["steps"] - seen["trace_from"][-1])
+        real_trace_start(self)
 
     def step(*a, **k):
         seen["steps"] += 1
@@ -50,6 +59,8 @@ def quick_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trueface.train, "train_step", step)
         mp.setattr(DeviceAugment, "__call__", augment)
+        mp.setattr(gpu, "trace_stage", trace)
+        mp.setattr(gpu.Tracer, "start", trace_start)
         assert benchmark.main(["gpu", "--quick", "--trace", "--results-dir", str(out)]) == 0
     seen["out"] = out / "bench-gpu"
     return json.loads((out / "bench-gpu" / "bench.json").read_text()), seen
@@ -105,7 +116,7 @@ def test_the_engine_rows_come_from_the_engine_with_its_loader_and_batched_augmen
     _, seen = quick_run
     q = gpu.CPU_QUICK
     engine_steps = [q[s].warmup + q[s].timed for s in (1, 2)]
-    traced = [min(gpu.TRACE_WARMUP, q[s].warmup) + min(gpu.TRACE_STEPS, q[s].timed) for s in (1, 2)]
+    traced = [z.warmup + z.timed for z in (gpu.trace_size(q[s], gpu.queued_batches(1, cuda=False)) for s in (1, 2))]
     # DeviceAugment ran once per engine step, on the loader's uint8 batches, in a strong epoch, then
     # on one of those batches alone (warm-up and timed calls, and one whose synchronisations a GPU
     # counts), then as many images of 16 px (the host floor: warm-up and timed calls), then once on
@@ -137,6 +148,23 @@ def test_the_trace_holds_the_timed_engine_steps_only_with_their_named_ranges(qui
         assert "Self CPU" in ops and "aten::convolution_backward" in ops
         # no kernels on a CPU: no GPU time, so no "GPU busy (trace)" row (the rows test holds the list)
         assert gpu_time(events) is None
+
+
+@cpu_only
+def test_the_trace_warms_up_past_the_batches_the_loader_queued_ahead(quick_run, tmp_path):
+    """The batches a fresh loader prepares while the first steps wait (cuDNN's search, compiling)
+    serve the steps after at no wait: traced, those could never show the loader starving the GPU."""
+    payload, seen = quick_run
+    queued = gpu.queued_batches(payload["context"]["loader_workers"], cuda=False)
+    assert queued == 2 and seen["trace_warmup"] == [max(gpu.TRACE_WARMUP, queued)] * 2
+    # on CUDA every worker's prefetched batches and the augmentation thread's, beyond the timed
+    # run's warm-up; the traced epoch is made long enough for them (Stage II --quick plans 65 steps)
+    quick = gpu.CUDA_QUICK[2]
+    size = gpu.trace_size(quick, gpu.queued_batches(31, cuda=True))
+    assert (size.warmup, size.timed) == (65, gpu.TRACE_STEPS) and quick.warmup + quick.timed == 65
+    cfg = gpu.bench_config(gpu.CUDA_QUICK, 31, tmp_path)
+    assert gpu.epoch_for(cfg, 2, size).stage2.samples_per_epoch == (65 + gpu.TRACE_STEPS) * quick.batch
+    assert gpu.epoch_for(cfg, 2, size).stage1 == cfg.stage1
 
 
 @cpu_only
@@ -234,6 +262,60 @@ def test_the_busy_sampler_averages_its_reads_and_records_a_failure():
     assert sampler.error == "RuntimeError: nvml gone"
     assert gpu.BusySampler(lambda: 1.0).mean() is None
     assert gpu.nvml_reader(torch.device("cpu")) == (None, "no CUDA device")
+
+
+def test_a_window_that_raises_after_the_warm_up_stops_its_busy_sampler():
+    sampler = gpu.BusySampler(lambda: 50.0, period=0.001)
+    window = gpu.TimedWindow("stage1", 10**6, warmup=1, timed=5, max_s=60, device=torch.device("cpu"), probe=sampler)
+    window.add(torch.zeros(()), 4)
+
+    def epoch():
+        window.step_done(1, 0, 0.1, 0.9)  # the warm-up ends: the sampler starts
+        raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        gpu.run_timed(epoch, window)
+    assert sampler._thread is not None and not sampler._thread.is_alive()  # no thread left polling nvml
+
+
+@pytest.mark.parametrize("why", ["ModuleNotFoundError: nvidia-ml-py does not seem to be installed or it can't be "
+                                 "imported.", "RuntimeError: NVML_ERROR_NO_PERMISSION", None])
+def test_on_cuda_a_missing_busy_row_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch, capsys, why):
+    """The CUDA path with its stages skipped (each fails at once): where nvml does not answer, the
+    run says so in one line, printed, listed under "Not measured" and in bench.json, instead of
+    dropping Stage I's "GPU busy >= 90%" row without a word."""
+    monkeypatch.setattr(gpu, "nvml_reader", lambda device: (None, why) if why else (lambda: 95.0, ""))
+    monkeypatch.setattr(gpu, "measure_stage", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("skipped")))
+    monkeypatch.setattr(gpu, "build_model", lambda *a: None)
+    monkeypatch.setattr(gpu, "save_stage1", lambda *a: None)
+    sizes = gpu.CPU_QUICK
+    bench = gpu._measure(gpu.bench_config(sizes, 1, tmp_path), sizes, {1: [], 2: []}, "none", 1, True, tmp_path,
+                         gpu.Outputs(tmp_path))
+    busy = [line for line in bench.failures if line.startswith("GPU busy")]
+    if why is None:  # nvml answers: nothing to say
+        assert busy == []
+        return
+    assert len(busy) == 1, bench.failures
+    fix = gpu.NVML_FIX if why.startswith("ModuleNotFoundError") else gpu.NVML_DOWN
+    assert busy == [f"GPU busy (nvml), both stages: not measured ({why}); {fix}"]
+    assert ("pip install -e '.[gpu]'" in busy[0]) == why.startswith("ModuleNotFoundError")
+    assert busy[0] in capsys.readouterr().out
+    assert busy[0] in json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())["failures"]
+
+
+def test_gpu_with_too_few_jpegs_under_data_root_gives_its_own_advice(tmp_path):
+    # in gpu, --images sets the timed steps, not the files: "lower --images" would not help
+    from PIL import Image
+    train = tmp_path / "mini" / "train" / "REAL"
+    train.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i, 90, 60)).save(train / f"{i}.jpg", quality=75)
+    with pytest.raises(SystemExit) as exc:
+        gpu.stage_images(tmp_path / "mini", gpu.CPU_QUICK, tmp_path / "work")
+    message = str(exc.value)
+    assert message.startswith(f"gpu: {tmp_path / 'mini'} holds 3 JPEG files, the benchmark needs "
+                              f"{gpu.CPU_QUICK[1].files}; in gpu --images does not change that")
+    assert "lower --images" not in message and "leave it out to use generated ones" in message
 
 
 def test_on_cuda_the_rows_carry_the_issues_targets():

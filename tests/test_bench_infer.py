@@ -83,3 +83,52 @@ def test_an_unreadable_image_under_data_root_is_named_before_either_side_runs(tm
     args = benchmark.parse_args(["infer", "--quick", "--images", "2", "--data-root", str(tmp_path / "mini")])
     with pytest.raises(SystemExit, match=f"^--data-root: {train / 'b.jpg'} cannot be read as an image"):
         bench_infer.run(args)
+
+
+def test_the_ray_rows_are_warm_actors_at_the_references_batch_and_their_start_up_apart(tmp_path):
+    asked = []
+
+    def ray_rate(checkpoint, paths, size):
+        asked.append((checkpoint.name, len(paths), size["batch_size"], size["repeats"]))
+        return bench_infer.RayFigures(rate=50.0, startup_s=7.5, note="made up")
+
+    bench = bench_infer.run(benchmark.parse_args(["infer", "--quick", "--images", "3"]), ray_rate=ray_rate)
+    plain, warm, startup = bench.rows
+    assert asked == [("fresh.pt", 3, bench.context["batch"], bench.context["repeats"])]
+    assert (warm.what, warm.project, warm.reference) == (bench_infer.RAY_ROW, 50.0, plain.project)
+    assert (startup.what, startup.project, startup.reference, startup.unit) == (bench_infer.STARTUP_ROW, 7.5, None, "s")
+    assert startup.lower_is_better and startup.target is None and startup.met is None and startup.no_target
+    assert "| 7.5 | — | s | — | none: once per job |" in bench.markdown()
+
+
+def test_the_ray_rate_times_warm_actors_and_not_their_start_up(monkeypatch):
+    # no Ray here: the actors' start-up (made slow) and their scoring (made fast) are stand-ins;
+    # the rate must hold the timed passes only, and the start-up figure the start-up
+    import contextlib
+    import time
+
+    from jobs import bench_infer_ray
+
+    passes = []
+
+    @contextlib.contextmanager
+    def slow_start(checkpoint, count, gpus):
+        time.sleep(0.6)  # model loads
+        yield [f"actor{i}" for i in range(count)]
+
+    def score_pass(actors, batches):
+        passes.append([len(b) for b in batches])
+        time.sleep(0.01)
+        return 0
+
+    monkeypatch.setattr(bench_infer_ray.ray, "is_initialized", lambda: True)  # a running Ray: none started
+    monkeypatch.setattr(bench_infer_ray, "actor_pool", lambda: (2, 0))
+    monkeypatch.setattr(bench_infer_ray, "scorers", slow_start)
+    monkeypatch.setattr(bench_infer_ray, "score_pass", score_pass)
+    paths = [f"{i}.jpg" for i in range(10)]
+    figures = bench_infer_ray.ray_predict_rate("fresh.pt", paths, {"batch_size": 4, "repeats": 3})
+    assert figures.startup_s >= 0.6
+    assert len(paths) / figures.rate < 0.3  # a pass's seconds: the start-up is not in them
+    # one warm-up batch per actor, then the reference's 3 passes in its batches of 4
+    assert passes == [[4, 4]] + [[4, 4, 2]] * 3
+    assert "median of 3 passes" in figures.note and "batches of 4" in figures.note

@@ -261,3 +261,45 @@ def test_every_ratio_reads_how_many_times_better_the_project_is():
             Row("x", 1.0, 2.0, unit)
     bench = bench_report.Bench("t", rows=[traffic, Row("engine", 1.0, None, "img/s", no_target="none: why")])
     assert "| 1.36x |" in bench.markdown() and "| none: why |" in bench.markdown()
+
+
+def test_a_ray_failure_costs_only_the_ray_rows_and_the_parts_after_still_run(tmp_path, monkeypatch, capsys):
+    # Ray that cannot start (or a worker that dies) in train's Ray row and in infer --ray: the
+    # rows measured without Ray are written and printed, each failure is one line saying what to
+    # do, the parts after still run, and the exit status says not everything was measured
+    from jobs import bench_infer_ray, bench_train_ray
+    from trueface.bench import infer as bench_infer
+
+    def broken(*a, **k):
+        raise RuntimeError("the GCS did not come up (simulated)")
+
+    monkeypatch.setattr(bench_train_ray, "ray_engine_rate", broken)
+    monkeypatch.setattr(bench_infer_ray, "ray_predict_rate", broken)
+    argv = ["train", "infer", "--ray", "--quick", "--images", "4", "--results-dir", str(tmp_path)]
+    assert benchmark.main(argv) == 1
+    why = "not measured (RuntimeError: the GCS did not come up (simulated))"
+    for part, rows, failure in (
+            ("train", ["engine vs plain loop"], f"{bench_train.RAY_ROW}: {why}; {bench_train.RAY_FIX}"),
+            ("infer", ["jobs.predict vs naive per-image predictor"], f"{bench_infer.RAY_ROW}: {why}; {bench_infer.RAY_FIX}")):
+        payload = json.loads((tmp_path / f"bench-{part}" / "bench.json").read_text())
+        assert [r["what"] for r in payload["rows"]] == rows and payload["rows"][0]["project"] > 0
+        assert payload["failures"] == [failure]
+        assert f"- {failure}" in (tmp_path / f"bench-{part}" / "bench.md").read_text()
+    assert "ray start --head" in bench_train.RAY_FIX and "leave out --ray" in bench_infer.RAY_FIX
+    out, err = capsys.readouterr()
+    assert out.count("**Not measured:**") == 2 and "not everything was measured in: train, infer" in err
+
+
+def test_a_ray_failure_in_the_spare_core_run_keeps_the_first_ray_row():
+    calls = []
+
+    def ray_rate(cfg, size, rounds, while_ray_idles):
+        calls.append(cfg.scaling.cpus_per_worker)
+        if len(calls) == 2:
+            raise RuntimeError("worker died (simulated)")
+        return 5.0, "made up"
+
+    with bench_report.torch_threads(2):
+        bench = bench_train.run(QUICK_ARGS, ray_rate=ray_rate)
+    assert calls == [2, 1] and [r.what for r in bench.rows] == ["engine vs plain loop", bench_train.RAY_ROW]
+    assert bench.failures == [f"{SPARE_ROW}: not measured (RuntimeError: worker died (simulated)); {bench_train.RAY_FIX}"]

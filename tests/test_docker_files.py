@@ -396,6 +396,19 @@ def test_dockerfile_installs_with_install_sh_into_a_project_folder():
     assert all(rest != "root" for k, rest in steps if k == "USER"), "Ray's images run as user ray"
 
 
+def test_the_image_has_pynvml_from_the_gpu_extra_and_make_test_does_not_fetch_it():
+    # torch.cuda.utilization needs pynvml: without it jobs.benchmark gpu cannot measure "GPU busy
+    # (nvml)" (Stage I's 90% target) on the project's own GPU image
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    gpu = project["optional-dependencies"]["gpu"]
+    assert any(re.match(r"nvidia-ml-py\b", r) for r in gpu), gpu
+    installed = [set(shlex.split(rest)) for k, rest in dockerfile_instructions()
+                 if k == "RUN" and re.search(r"\bpip install\b", rest)]
+    assert [r for r in gpu if not any(r in args for args in installed)] == [], "the Dockerfile installs the gpu extra as pinned"
+    # a CPU machine's install (make test: .[test]) does not need it
+    assert not any("nvidia-ml-py" in r for r in project["dependencies"] + project["optional-dependencies"]["test"])
+
+
 def test_dockerignore_keeps_the_source_and_drops_state_outputs_and_data():
     patterns = dockerignore_patterns()
     kept = ["pyproject.toml", "README.md", "docker/install.sh"] + sorted(

@@ -128,19 +128,36 @@ def test_a_device_torch_cannot_use_is_named_before_anything_loads(tmp_path, caps
 
 
 @pytest.mark.timeout(300)
-def test_infer_benchmark_ray_row_times_ray_data_beside_the_predictor(ray_session, tmp_path, monkeypatch):
+def test_infer_benchmark_ray_row_times_warm_actors_beside_the_predictor(ray_session, tmp_path, monkeypatch):
     import json
+    import time
 
     from jobs import bench_infer_ray, benchmark
 
-    scored_paths, real = [], bench_infer_ray.score_paths
-    monkeypatch.setattr(bench_infer_ray, "score_paths", lambda ckpt, paths, *a: scored_paths.append(
-        (ckpt, list(paths))) or real(ckpt, paths, *a))
+    passes, real = [], bench_infer_ray.score_pass
+    monkeypatch.setattr(bench_infer_ray, "score_pass", lambda actors, batches: passes.append(
+        (len(actors), [[Path(p) for p in b] for b in batches])) or real(actors, batches))
     assert benchmark.main(["infer", "--quick", "--images", "3", "--ray", "--results-dir", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench-infer" / "bench.json").read_text())["rows"]
+    payload = json.loads((tmp_path / "bench-infer" / "bench.json").read_text())
+    rows = payload["rows"]
     assert [r["what"] for r in rows] == ["jobs.predict vs naive per-image predictor",
-                                         "jobs.predict --ray (Ray Data) vs jobs.predict"]
+                                         "jobs.predict --ray actors (warm) vs jobs.predict",
+                                         "jobs.predict --ray actors start-up"]
     assert rows[1]["reference"] == rows[0]["project"] and rows[1]["project"] > 0
     assert "(0 unreadable)" in rows[1]["note"] and "Ray was running already" in rows[1]["note"]
-    (ckpt, paths), = scored_paths
-    assert Path(ckpt).name == "fresh.pt" and len(paths) == 3  # the same files, the fresh model saved as a checkpoint
+    startup = rows[2]
+    assert startup["unit"] == "s" and startup["lower_is_better"] and startup["project"] > 0 and startup["target"] is None
+    # one warm-up batch per actor, then the reference's passes over the same files at its batch size
+    (actors, warm), *timed = passes
+    assert actors >= 1 and len(warm) == actors and len(timed) == payload["context"]["repeats"]
+    batch = payload["context"]["batch"]
+    for _, batches in timed:
+        assert [p for b in batches for p in b] == [p for b in timed[0][1] for p in b] and len(batches[0]) == min(batch, 3)
+    assert len({p for b in timed[0][1] for p in b}) == 3
+    # the actors were killed, so the session's Ray has their CPUs back (their exit takes a moment)
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 20
+    while list_actors(filters=[("class_name", "=", "WarmScorer"), ("state", "=", "ALIVE")]):
+        assert time.monotonic() < deadline, "the benchmark's actors are still alive"
+        time.sleep(0.5)

@@ -137,7 +137,8 @@ MAX_LOADER_WORKERS = 31
 BUSY_PERIOD_S = 0.2
 DISTINCT_BATCHES = 4  # model-alone batches cycled (each step a different tensor, little memory)
 SEED = 0
-TRACE_WARMUP, TRACE_STEPS = 2, 5  # engine steps --trace runs before it records, then records
+# engine steps --trace runs before it records (at least, see trace_size), then records
+TRACE_WARMUP, TRACE_STEPS = 2, 5
 TRACE_TABLE_ROWS = 12
 
 #: issue 11's floors on an H100 (the paper preset's sizes and batches, a full run: no_target_why)
@@ -225,9 +226,11 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
         if out.results_dir is not None:
             bench.write(out.results_dir)
 
-    write()
     print(f"gpu: {runtime.device} {runtime.precision}, {workers} loader worker(s), {source}; augmentation {augment}",
           flush=True)
+    if cuda:
+        busy_unmeasured(bench, runtime.device)
+    write()
     init_from = None
     for stage in (1, 2):
         name = STAGE_NAMES[stage]
@@ -329,7 +332,10 @@ def stage_images(data_root: Path | None, sizes: dict[int, StageSize], work: Path
     of ``data_root`` (resized once where their side differs, as the input part does)."""
     images = {}
     for stage, z in sizes.items():
-        found, source = bench_images(data_root, {z.jpeg: z.files}, work / f"stage{stage}")
+        too_few = (f"in gpu --images does not change that ({STAGE_NAMES[stage]}'s sampler cycles {z.files} distinct "
+                   "files; --quick uses fewer and judges no target): point --data-root at a set with more JPEGs, or "
+                   "leave it out to use generated ones")
+        found, source = bench_images(data_root, {z.jpeg: z.files}, work / f"stage{stage}", part="gpu", too_few=too_few)
         images[stage] = found[z.jpeg]
     return images, source["text"]
 
@@ -427,6 +433,9 @@ def run_timed(epoch: Callable[[], object], window: TimedWindow) -> None:
         epoch()
     except TimeUp:
         return
+    finally:  # the clock stops the probe; an error after the warm-up must too, or its thread polls on
+        if window.probe is not None:
+            window.probe.stop()
     raise RuntimeError(f"the epoch ended after {window.done} steps, before {window.warmup} warm-up + "
                        f"{window.timed} timed ones")
 
@@ -447,6 +456,7 @@ class BusySampler:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the thread; again (after the window stopped it) does nothing more."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -474,6 +484,22 @@ def nvml_reader(device: torch.device) -> tuple[Callable[[], float] | None, str]:
     except Exception as exc:  # ModuleNotFoundError without pynvml, NVML errors in containers
         return None, f"{type(exc).__name__}: {exc}"
     return (lambda: float(torch.cuda.utilization(device))), ""
+
+
+NVML_FIX = ("install nvidia-ml-py for it (pip install -e '.[gpu]'; docker/Dockerfile's image has it); meanwhile "
+            "'input path vs model alone' stands in")
+NVML_DOWN = ("NVML did not answer: check that nvidia-smi works here (in a container: the NVIDIA runtime's utility "
+             "capability)")
+
+
+def busy_unmeasured(bench: Bench, device: torch.device) -> None:
+    """On CUDA, where nvml does not answer (no pynvml: ``torch.cuda.utilization`` needs it), one
+    failure line that says the "GPU busy (nvml)" rows, Stage I's with its 90% target, are missing
+    and how to get them: a row dropped without a word reads as a check that passed."""
+    read, why = nvml_reader(device)
+    if read is None:
+        bench.failed("GPU busy (nvml), both stages", why,
+                     NVML_FIX if why.startswith("ModuleNotFoundError") else NVML_DOWN)
 
 
 # --- one stage --------------------------------------------------------------------------------
@@ -646,15 +672,16 @@ class Tracer:
 
 def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path], size: StageSize,
                 out_dir: Path) -> GpuTime | None:
-    """``TRACE_STEPS`` engine steps of the stage's first strong epoch (after ``TRACE_WARMUP``; fewer
-    where the stage's size plans fewer) under the profiler, on a fresh loader as ``measure_stage``
-    uses: the trace to open in Perfetto (ui.perfetto.dev) or chrome://tracing, to see where the
-    GPU waits and on what. Returns the trace's GPU time (``trueface.bench.trace_gpu``), None
-    where it holds no device work (a CPU run)."""
+    """``TRACE_STEPS`` engine steps of the stage's first strong epoch (after the warm-up of
+    ``trace_size``; fewer where the stage's size times fewer) under the profiler, on a fresh
+    loader as ``measure_stage`` uses: the trace to open in Perfetto (ui.perfetto.dev) or
+    chrome://tracing, to see where the GPU waits and on what. Returns the trace's GPU time
+    (``trueface.bench.trace_gpu``), None where it holds no device work (a CPU run)."""
     cuda = state.runtime.device.type == "cuda"
+    steps = trace_size(size, queued_batches(cfg.data.loader_workers, cuda))
+    cfg = epoch_for(cfg, stage, steps)
     data = stage_data(cfg, stage, state, paths)
     tracer = Tracer(cuda)
-    steps = replace(size, warmup=min(TRACE_WARMUP, size.warmup), timed=min(TRACE_STEPS, size.timed))  # the plan's epoch
     try:
         engine_window(cfg, stage, state, data, steps, tracer)
     finally:
@@ -668,6 +695,22 @@ def trace_stage(cfg: Config, stage: int, state: TrainState, paths: Sequence[Path
     if summary is not None:
         print(f"  {STAGE_NAMES[stage]} trace: {summary.describe()}", flush=True)
     return summary
+
+
+def trace_size(size: StageSize, queued: int) -> StageSize:
+    """The traced window: a warm-up of at least the ``queued`` batches prepared ahead of the steps
+    (``queued_batches``, the figure ``plan_sizes`` covers), then up to ``TRACE_STEPS`` traced. A
+    fresh loader fills its queue while the first steps wait on cuDNN's search or the compiling: the
+    steps that take those batches never wait on the loader, so a trace of them could not show it
+    starving the GPU; the steps after them get the batches the loader keeps up with."""
+    return replace(size, warmup=max(TRACE_WARMUP, queued), timed=min(TRACE_STEPS, size.timed))
+
+
+def epoch_for(cfg: Config, stage: int, size: StageSize) -> Config:
+    """``cfg`` with the stage's epoch just long enough for ``size``'s warm-up and timed steps (the
+    trace's warm-up can be longer than the timed run's)."""
+    st = replace(cfg.stage(stage), samples_per_epoch=(size.warmup + size.timed) * size.batch)
+    return replace(cfg, **{f"stage{stage}": st})
 
 
 def trace_row(name: str, summary: GpuTime) -> Row:

@@ -113,13 +113,18 @@ def bench_size(args: argparse.Namespace) -> dict:
 # --- images -----------------------------------------------------------------------------------
 
 
-def bench_images(data_root: Path | None, counts: dict[int, int], work: Path) -> tuple[dict[int, list[Path]], dict]:
+LOWER_IMAGES = "lower --images or point --data-root at a bigger set"  # where --images sets how many files
+
+
+def bench_images(data_root: Path | None, counts: dict[int, int], work: Path, part: str = "input",
+                 too_few: str = LOWER_IMAGES) -> tuple[dict[int, list[Path]], dict]:
     """{side: JPEG paths} and where they came from. Real images are used as they are where they
-    already have that side (faces140k-mini's 256s), else resized once (LANCZOS, JPEG q90)."""
+    already have that side (faces140k-mini's 256s), else resized once (LANCZOS, JPEG q90).
+    ``part`` and ``too_few``: as ``real_jpegs``."""
     if data_root is None:
         images = {s: generated_jpegs(work / f"gen{s}", s, n) for s, n in counts.items()}
         return images, {"text": f"generated smooth random JPEGs (q{GENERATED_QUALITY})", "resized": {}}
-    files = real_jpegs(data_root, max(counts.values()))
+    files = real_jpegs(data_root, max(counts.values()), part, too_few)
     images, resized = {}, {}
     for side, n in counts.items():
         picked = files[:n]
@@ -145,11 +150,12 @@ def generated_jpegs(folder: Path, side: int, count: int, seed: int = SEED) -> li
     return paths
 
 
-def real_jpegs(data_root: Path, count: int) -> list[Path]:
+def real_jpegs(data_root: Path, count: int, part: str = "input", too_few: str = LOWER_IMAGES) -> list[Path]:
     """``count`` JPEGs spread evenly over the train split (the whole root where the train split holds
-    fewer, or has no folder of its own), so both classes come in."""
+    fewer, or has no folder of its own), so both classes come in. Where there are fewer, a one-line
+    exit that starts with ``part`` and ends with ``too_few``, that part's advice."""
     if not data_root.is_dir():
-        raise SystemExit(f"input: --data-root {data_root} is not a folder; give a data set laid out as "
+        raise SystemExit(f"{part}: --data-root {data_root} is not a folder; give a data set laid out as "
                          "{train,valid,test}/{REAL,FAKE}/ or leave it out to use generated images")
 
     def jpegs(folder: Path) -> list[Path]:
@@ -160,8 +166,7 @@ def real_jpegs(data_root: Path, count: int) -> list[Path]:
     if len(files) < count:
         base, files = data_root, jpegs(data_root)
     if len(files) < count:
-        raise SystemExit(f"input: {base} holds {len(files)} JPEG files, the benchmark needs {count}; "
-                         "lower --images or point --data-root at a bigger set")
+        raise SystemExit(f"{part}: {base} holds {len(files)} JPEG files, the benchmark needs {count}; {too_few}")
     step = len(files) / count
     picked = [files[int(i * step)] for i in range(count)]
     for path in picked:

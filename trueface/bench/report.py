@@ -25,15 +25,18 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from trueface.atomic import atomic_write_text
 from trueface.results import markdown_table
 
+
+T = TypeVar("T")
 
 #: the units whose direction a row may leave out: exact names, never a prefix or a guess
 UNIT_LOWER_IS_BETTER = {"ms/img": True, "img/s": False, "%": False, "GiB": True}
@@ -80,10 +83,12 @@ class Bench:
     rows: list[Row] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # what could not be measured, and why
 
-    def failed(self, what: str, error: BaseException) -> str:
-        """Records that ``what`` was not measured because of ``error``; returns the line, printed
-        as it happens so a long run's log says so before the table."""
-        line = f"{what}: not measured ({type(error).__name__}: {error})"
+    def failed(self, what: str, error: BaseException | str, fix: str = "") -> str:
+        """Records that ``what`` was not measured because of ``error`` (an exception, or why in
+        words), and ``fix``, what to do about it, where the error alone does not say; returns the
+        line, printed as it happens so a long run's log says so before the table."""
+        why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        line = f"{what}: not measured ({why})" + (f"; {fix}" if fix else "")
         self.failures.append(line)
         print(f"  {line}", flush=True)
         return line
@@ -110,6 +115,18 @@ class Bench:
         atomic_write_text(out / "bench.json", json.dumps(payload, indent=2, default=str))
         atomic_write_text(out / "bench.md", self.markdown())
         return out
+
+
+def ray_attempt(bench: Bench, what: str, measure: Callable[[], T], fix: str) -> T | None:
+    """``measure()``, a Ray run (handed in by jobs/: the library never imports Ray); where Ray
+    fails (it could not start, an actor or worker died, the run raised), the failure goes to
+    ``bench.failed`` with ``fix``, what to do, and the answer is None: the rows measured without
+    Ray, and the parts after this one, must not be lost to it, and the exit status says so."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 -- Ray's errors share no base class; reported with type and message
+        bench.failed(what, exc, fix)
+        return None
 
 
 @contextlib.contextmanager

@@ -30,6 +30,9 @@ the engine adds per step and nothing else:
   fewer, so Ray's own processes have a core of their own, as on the cluster files' GPU nodes (8 of
   16 vCPUs to the worker). On a 2-core machine the row above measures mostly what those processes
   take from a worker that holds every core; this one measures Ray Train where they do not.
+
+A Ray failure costs only the Ray rows: the others are kept, it is listed under "Not measured"
+with what to do (``ray_attempt``), and ``jobs.benchmark`` exits 1.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trueface.bench.report import Bench, OtherLoad, Row, machine_context, share_text, torch_threads
+from trueface.bench.report import Bench, OtherLoad, Row, machine_context, ray_attempt, share_text, torch_threads
 from trueface.config import Config, load_config
 from trueface.distributed import DistInfo
 from trueface.host_memory import freed_memory_kept
@@ -97,6 +100,10 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     print(f"train: ResNet-50 {size['image_size']} px, batch {size['batch_size']}, {engine.runtime.precision}, "
           f"{threads} torch threads; {rounds} one-step rounds per side after {WARMUP_STEPS} warm-up steps",
           flush=True)
+    bench = Bench("train", context={**machine_context(), "model": "resnet50", "image_size": size["image_size"],
+                                    "batch": size["batch_size"], "steps": rounds, "warmup_steps": WARMUP_STEPS,
+                                    "precision": engine.runtime.precision, "threads": threads,
+                                    "channels_last": cfg.model.channels_last, "freed_memory_kept": kept})
     rates: dict[str, list[float]] = {"engine": [], "plain": []}
     feed = BatchFeed(batches)
     for loop in (engine, plain):
@@ -112,7 +119,7 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
         with beside_load:
             alternate({"engine": engine}, feed, rounds, beside)
 
-    under_ray = ray_rate(cfg, size, rounds, while_ray_idles) if ray_rate else None
+    under_ray = ray_attempt(bench, RAY_ROW, lambda: ray_rate(cfg, size, rounds, while_ray_idles), RAY_FIX) if ray_rate else None
     if ray_rate:
         rewarm(engine, plain, feed=feed)
     with OtherLoad() as load_after:
@@ -121,10 +128,6 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
     driver_load = sum(shares) / len(shares) if shares else None
     engine_rate, plain_rate = statistics.median(rates["engine"]), statistics.median(rates["plain"])
 
-    bench = Bench("train", context={**machine_context(), "model": "resnet50", "image_size": size["image_size"],
-                                    "batch": size["batch_size"], "steps": rounds, "warmup_steps": WARMUP_STEPS,
-                                    "precision": engine.runtime.precision, "threads": threads,
-                                    "channels_last": cfg.model.channels_last, "freed_memory_kept": kept})
     bench.add(Row("engine vs plain loop", engine_rate, plain_rate, "img/s", TARGET, note=(
         f"median of {len(rates['engine'])} alternating steps each (engine {spread(rates['engine'])}, plain "
         f"{spread(rates['plain'])}); the engine also does per step what the plain "
@@ -132,17 +135,26 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
         f"EMA update of weights and buffers (decay {cfg.stage1.ema_decay}), progress window; both with "
         f"{'freed host memory kept (trueface.host_memory)' if kept else 'glibc malloc defaults'}")))
     if under_ray:
-        bench.add(Row("engine under Ray Train, 1 worker vs engine", under_ray[0], engine_rate, "img/s", TARGET,
+        bench.add(Row(RAY_ROW, under_ray[0], engine_rate, "img/s", TARGET,
                       note=f"{under_ray[1]}; other processes kept {share_text(driver_load)} of the machine's CPUs "
                            f"busy during the driver's steps"))
         if beside["engine"]:
             add_ray_split(bench, under_ray[0], beside["engine"], engine_rate, beside_load.share)
-    if ray_rate and threads >= 2:
-        bench.add(spare_core_row(cfg, size, engine, feed, ray_rate))
+    if under_ray and threads >= 2:  # where Ray Train failed once, a second try would only fail again, slower
+        spare = spare_core_row(bench, cfg, size, engine, feed, ray_rate)
+        if spare is not None:
+            bench.add(spare)
     return bench
 
 
-def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed, ray_rate: RayRate) -> Row:
+RAY_ROW = "engine under Ray Train, 1 worker vs engine"
+SPARE_ROW = "engine under Ray Train, 1 worker with a core to spare vs engine"
+RAY_FIX = ("the rows without Ray are kept; check that a local Ray starts here (`ray start --head`, then `ray status`) "
+           "and read its logs (/tmp/ray/session_latest/logs)")
+
+
+def spare_core_row(bench: Bench, cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,
+                   ray_rate: RayRate) -> Row | None:
     """The Ray row again with the worker leaving one core to Ray's own processes (GCS, raylet,
     dashboard, Train controller), as on the cluster files' GPU nodes (8 of 16 vCPUs to the worker),
     against the driver's engine at the same torch threads: on a machine where the worker takes every
@@ -156,10 +168,12 @@ def spare_core_row(cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,
     with torch_threads(threads):
         engine.run(feed.take(1))  # untimed: the first step at a new thread count resizes OpenMP's pool
         alternate({"engine": engine}, feed, before, rates)
-        under_ray = ray_rate(spare_cfg, size, rounds, lambda: None)
+        under_ray = ray_attempt(bench, SPARE_ROW, lambda: ray_rate(spare_cfg, size, rounds, lambda: None), RAY_FIX)
+        if under_ray is None:
+            return None
         rewarm(engine, feed=feed)
         alternate({"engine": engine}, feed, rounds - before, rates)
-    return Row("engine under Ray Train, 1 worker with a core to spare vs engine", under_ray[0],
+    return Row(SPARE_ROW, under_ray[0],
                statistics.median(rates["engine"]), "img/s", TARGET, note=(
                    f"the worker and the driver's engine both at {threads} torch thread(s), leaving 1 of the "
                    f"{cfg.scaling.cpus_per_worker} cores the rows above use to Ray's own processes; the driver's "
