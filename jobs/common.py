@@ -88,9 +88,10 @@ def warn_if_outputs_vanish(cfg: Config, more: tuple[tuple[str, str], ...] = ()) 
                   f"storage every node mounts, or a URI such as s3://bucket/prefix, to keep it.", file=sys.stderr, flush=True)
 
 
-def check_model_weights(cfg: Config) -> None:
+def check_model_weights(cfg: Config, what: str = "model.weights", advice: str = "") -> None:
     """Load ``model.weights`` here, before Ray starts: a missing, unsafe or ill-fitting file stops the
-    job with TrueFace's message instead of a training worker's traceback."""
+    job with TrueFace's message instead of a training worker's traceback. ``what`` names where the
+    value came from, ``advice`` (where given) what to do."""
     if cfg.model.weights == "none":
         return
     from trueface.model import WeightsError, build_model
@@ -98,7 +99,7 @@ def check_model_weights(cfg: Config) -> None:
     try:
         build_model(cfg.model)
     except WeightsError as exc:
-        sys.exit(f"error: model.weights: {exc}")
+        sys.exit(f"error: {what}: {exc}" + (f". {advice}" if advice else ""))
 
 
 def nonempty(text: str) -> str:
@@ -121,10 +122,16 @@ def exit_on_output_problems(cfg: Config, keys: tuple[str, ...] = ("data.cache_di
     a raw traceback. URIs are probed by trueface.storage.check_writable instead."""
     values = {"data.cache_dir": cfg.data.cache_dir, "output.runs_dir": cfg.output.runs_dir,
               "output.results_dir": cfg.output.results_dir}
-    problems = [output_problem(Path(values[key]).expanduser(), key, folder_wanted=True)
-                for key in keys if not is_uri(values[key])]
-    if any(problems):
-        sys.exit("config error:\n  " + "\n  ".join(p for p in problems if p))
+    exit_on_config_problems([output_problem(Path(values[key]).expanduser(), key, folder_wanted=True)
+                             for key in keys if not is_uri(values[key])])
+
+
+def exit_on_config_problems(problems: list[str]) -> None:
+    """End the job with every problem listed once, in order (empty ones skipped); nothing where
+    there is none."""
+    problems = list(dict.fromkeys(p for p in problems if p))
+    if problems:
+        sys.exit("config error:\n  " + "\n  ".join(problems))
 
 
 def output_problem(path: Path, flag: str, folder_wanted: bool = False) -> str:
@@ -258,11 +265,7 @@ def exit_on_batch_problems(configs: list[Config], layout, stages) -> None:
     of ``configs`` (a run's; each a search's trials may draw, or each row of an ablation)."""
     from trueface.run import batch_problems
 
-    problems: list[str] = []
-    for cfg in configs:
-        problems += [p for p in batch_problems(cfg, layout, stages) if p not in problems]
-    if problems:
-        sys.exit("config error:\n  " + "\n  ".join(problems))
+    exit_on_config_problems([p for cfg in configs for p in batch_problems(cfg, layout, stages)])
 
 
 def prepared_run_or_exit(cfg: Config):

@@ -40,6 +40,7 @@ from jobs.common import add_ray_arguments, init_ray, nonempty, nonempty_path, ou
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, from_dict
 from trueface.config.choices import parse_normalize
+from trueface.config.loading import repeated
 from trueface.data.check import scan_and_check
 from trueface.data.decode import ImageReadError
 from trueface.data.layout import DataLayout, DataLayoutError, discover_layout, pick_domains
@@ -79,10 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.save_thresholds and args.threshold_from != "valid":
         parser.error("--save-thresholds writes newly chosen thresholds: use it with --threshold-from valid")
-    listed = [d.strip() for d in args.test_domains.split(",") if d.strip()]
-    if len(set(listed)) < len(listed):  # each would be scored, and counted in the combined row, twice
-        parser.error(f"--test-domains lists {', '.join(sorted({d for d in listed if listed.count(d) > 1}))} more than "
-                     "once; name each domain once")
+    domains = tuple(d.strip() for d in args.test_domains.split(",") if d.strip())
+    if repeated(domains):  # each would be scored, and counted in the combined row, twice
+        parser.error(f"--test-domains lists {', '.join(repeated(domains))} more than once; name each domain once")
     try:
         checkpoint = fetch(args.checkpoint, Config().data.cache_dir)  # the run's own cache is in the checkpoint
         state = load_checkpoint(checkpoint)
@@ -101,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit(f"error: {problem}")
         layout, exclude, overlap = checked_test_root(layout, cfg, args)
         # before any image is scored (the scoring asks for them after the validation splits)
-        domains = tuple(d.strip() for d in args.test_domains.split(",") if d.strip())
         pick_domains(layout, domains, "test")
         if not args.no_ray:
             init_ray(args.address, cfg)  # before the sweep: its perturbations are Ray tasks

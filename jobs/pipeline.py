@@ -25,7 +25,7 @@ from jobs.common import (add_config_arguments, add_ray_arguments, check_model_we
 from trueface.config import Config, ConfigError, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
-from trueface.run import RunPaths, describe_plan, training_changes, write_data_check, write_run_files
+from trueface.run import RunPaths, config_changes, describe_plan, training_changes, write_data_check, write_run_files
 from trueface.storage import Mirror, StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
@@ -132,8 +132,6 @@ def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
     another threshold policy) resume, never silently."""
     import yaml
 
-    from trueface.config import flatten, to_dict
-
     saved = paths.run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -152,8 +150,7 @@ def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
                  f"of keys that decide training (saved -> given):\n  " + "\n  ".join(refused) + "\nIts checkpoints learnt from the "
                  f"old values; resuming would rewrite its config.yaml and manifest.parquet to describe training they "
                  f"never had. {_new_name_advice(paths)} To resume it instead, rerun with the old values.")
-    old_flat, new_flat = flatten(to_dict(old)), flatten(to_dict(cfg))
-    changed = [f"{k}: {old_flat.get(k)!r} -> {v!r}" for k, v in new_flat.items() if old_flat.get(k) != v]
+    changed = list(config_changes(old, cfg).values())
     if changed:
         print(f"warning: run {cfg.run_name} exists with a different config; resuming with:\n  "
               + "\n  ".join(changed), file=sys.stderr)

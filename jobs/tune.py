@@ -31,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs import ray_tune
-from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args, init_ray,
-                         warn_if_outputs_vanish)
+from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
+                         exit_on_config_problems, init_ray, warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
@@ -81,18 +81,13 @@ def check_searched_weights(spec: dict) -> None:
     """Load each ``model.weights`` a trial can draw (a searched choice) as check_model_weights
     loads the base config's, before Ray starts: a missing or ill-fitting file would fail its
     trials in their workers."""
-    from trueface.model import WeightsError, build_model
-
     cfg, space = from_dict(spec["config"]), ray_tune.search_space(spec)
     for param in (p for p in space.params if p.key == "model.weights"):
         for value in param.values:
-            if value in ("none", cfg.model.weights):  # nothing to load, or loaded already
-                continue
-            try:
-                build_model(replace(cfg.model, weights=str(value)))
-            except WeightsError as exc:
-                sys.exit(f"error: {space.source}: model.weights choice {value!r}: {exc}. Fix the path or remove "
-                         f"it from the choice in {space.source}")
+            if value != cfg.model.weights:  # the config's own is loaded already
+                check_model_weights(replace(cfg, model=replace(cfg.model, weights=str(value))),
+                                    f"{space.source}: model.weights choice {value!r}",
+                                    f"Fix the path or remove it from the choice in {space.source}")
 
 
 def parse_with_storage(parser: argparse.ArgumentParser, argv: Sequence[str] | None
@@ -289,10 +284,8 @@ def exit_on_trial_batch_problems(cfg: Config, space: SearchSpace, layout: DataLa
                 if drawn:
                     problem += (f" (a trial can draw {drawn} from {space.source}: change those keys' ranges there "
                                 f"so that every combination divides)")
-                problems += [problem] if problem not in problems else []
-    problems += inner_batch_problems(cfg, stages, space)
-    if problems:
-        sys.exit("config error:\n  " + "\n  ".join(problems))
+                problems.append(problem)
+    exit_on_config_problems(problems + inner_batch_problems(cfg, stages, space))
 
 
 def inner_batch_problems(cfg: Config, stages: list[int], space: SearchSpace) -> list[str]:

@@ -180,18 +180,23 @@ _RESUMABLE = ("run_name", "output.", "runtime.", "scaling.", "data.cache_dir", "
 _EXTENDABLE = ("epochs", "patience")
 
 
+def config_changes(old: Config, new: Config) -> dict[str, str]:
+    """``{dotted key: "key: old -> new"}`` for each key whose value differs."""
+    from trueface.config import flatten, to_dict
+
+    before, after = flatten(to_dict(old)), flatten(to_dict(new))
+    return {key: f"{key}: {before.get(key)!r} -> {value!r}" for key, value in after.items()
+            if before.get(key) != value}
+
+
 def training_changes(old: Config, new: Config, started: dict[int, bool]) -> list[str]:
     """``key: old -> new`` for each key whose change would make the run's record (config.yaml,
     manifest.parquet) describe training its checkpoints never had. ``started`` maps each stage with
     a checkpoint to whether it finished (``stage.json``). A stage that never started may change
     freely; data, model and the rest (what is not in ``_RESUMABLE``) once any stage has started."""
-    from trueface.config import flatten, to_dict
-
     if not started:
         return []
-    before, after = flatten(to_dict(old)), flatten(to_dict(new))
-    return [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in after.items()
-            if before.get(key) != value and _decides_training(key, started)]
+    return [line for key, line in config_changes(old, new).items() if _decides_training(key, started)]
 
 
 def _decides_training(key: str, started: dict[int, bool]) -> bool:

@@ -50,6 +50,7 @@ from PIL import Image
 
 from trueface.augment import eval_transform
 from trueface.bench.input import real_jpegs, generated_jpegs
+from trueface.bench import report
 from trueface.bench.report import Bench, Row, machine_context, ray_attempt
 from trueface.checkpoint import CheckpointError, save_checkpoint
 from trueface.config import load_config, to_dict
@@ -68,8 +69,7 @@ JPEG_SIDE = 256  # generated files: the 140K set's size
 
 RAY_ROW = "jobs.predict --ray actors (warm) vs jobs.predict"
 STARTUP_ROW = "jobs.predict --ray actors start-up"
-RAY_FIX = ("the rows without Ray are kept; check that a local Ray starts here (`ray start --head`, then `ray status`) "
-           "and read its logs (/tmp/ray/session_latest/logs), or leave out --ray")
+RAY_FIX = f"{report.RAY_FIX}, or leave out --ray"
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,11 @@ class Bench:
         return out
 
 
+#: what to do where a Ray row failed (``ray_attempt``'s ``fix``)
+RAY_FIX = ("the rows without Ray are kept; check that a local Ray starts here (`ray start --head`, then `ray status`) "
+           "and read its logs (/tmp/ray/session_latest/logs)")
+
+
 def ray_attempt(bench: Bench, what: str, measure: Callable[[], T], fix: str) -> T | None:
     """``measure()``, a Ray run (handed in by jobs/: the library never imports Ray); where Ray
     fails (it could not start, an actor or worker died, the run raised), the failure goes to

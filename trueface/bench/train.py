@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trueface.bench.report import Bench, OtherLoad, Row, machine_context, ray_attempt, share_text, torch_threads
+from trueface.bench.report import (RAY_FIX, Bench, OtherLoad, Row, machine_context, ray_attempt, share_text,
+                                   torch_threads)
 from trueface.config import Config, load_config
 from trueface.distributed import DistInfo
 from trueface.host_memory import freed_memory_kept
@@ -149,8 +150,6 @@ def _measure(cfg: Config, size: dict, threads: int, ray_rate: RayRate | None) ->
 
 RAY_ROW = "engine under Ray Train, 1 worker vs engine"
 SPARE_ROW = "engine under Ray Train, 1 worker with a core to spare vs engine"
-RAY_FIX = ("the rows without Ray are kept; check that a local Ray starts here (`ray start --head`, then `ray status`) "
-           "and read its logs (/tmp/ray/session_latest/logs)")
 
 
 def spare_core_row(bench: Bench, cfg: Config, size: dict, engine: EngineLoop, feed: BatchFeed,

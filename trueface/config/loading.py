@@ -489,8 +489,13 @@ def _validate_stage(st, key: str, check) -> None:
 
 def _check_no_repeats(domains: tuple[str, ...], key: str, check) -> None:
     """A domain listed twice would train (and count in mean_domain) twice, or be scored twice."""
-    repeated = sorted({d for d in domains if domains.count(d) > 1})
-    check(not repeated, key, f"lists {', '.join(repeated)} more than once; name each domain once")
+    twice = repeated(domains)
+    check(not twice, key, f"lists {', '.join(twice)} more than once; name each domain once")
+
+
+def repeated(values: typing.Sequence[str]) -> list[str]:
+    """The values listed more than once, sorted."""
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def _validate_augment(aug, key: str, check) -> None:
