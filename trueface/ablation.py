@@ -267,14 +267,8 @@ def _plain_config(spec: AblationSpec, base: Config, values: dict[str, Any]) -> C
     except ConfigError as exc:
         names = ", ".join(c.name for c in spec.components if set(c.values) & set(values))
         raise AblationSpecError(f"{spec.source}: the {PLAIN} row switches every component off at once, and the "
-                                f"config refuses their values together (components {names}): {_one_line(exc)}; "
+                                f"config refuses their values together (components {names}): {exc.one_line()}; "
                                 f"change those values in {spec.source}, or set plain: false") from exc
-
-
-def _one_line(exc: ConfigError) -> str:
-    """The config's "invalid config:" list of refusals on one line, "; " between them."""
-    first, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
-    return " ".join([first, "; ".join(rest)]).strip()
 
 
 @dataclass(frozen=True)
@@ -300,7 +294,7 @@ def _effective_off(c: Component, source: str, base: Config, flat: dict, stages: 
     except ConfigError as exc:
         given = ", ".join(f"{k}={v!r}" for k, v in c.values.items())
         verb = "is rejected" if len(c.values) == 1 else "are rejected together"
-        raise AblationSpecError(f"{where}.when_off.set {given} {verb} by the config: {_one_line(exc)}; change "
+        raise AblationSpecError(f"{where}.when_off.set {given} {verb} by the config: {exc.one_line()}; change "
                                 f"{'this value' if len(c.values) == 1 else 'these values'} in {source}") from exc
     for key, value in c.values.items():
         stage = _stage_of(key)

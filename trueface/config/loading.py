@@ -27,6 +27,12 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key (or file) and the problem."""
 
+    def one_line(self) -> str:
+        """The message on one line, "; " between its problems ("invalid config: KEY: problem; KEY:
+        problem"), for a message that quotes it."""
+        first, *rest = [line.strip() for line in str(self).splitlines() if line.strip()] or [""]
+        return " ".join([first, "; ".join(rest)]).strip()
+
 
 class _DuplicateKeyError(yaml.YAMLError):
     """A mapping that names one key twice (YAML forbids it; PyYAML would keep the last silently)."""

@@ -377,8 +377,7 @@ def _refusal(cfg: Config, values: Mapping[str, Any]) -> str | None:
     try:
         apply_values(cfg, values)
     except ConfigError as exc:
-        first, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        return " ".join([first, "; ".join(rest)]).strip()  # "invalid config: KEY: problem; KEY: problem"
+        return exc.one_line()
     return None
 
 
