@@ -39,7 +39,7 @@ from pathlib import Path
 from jobs import ray_tune
 from jobs.ablate_report import job_seeds, trained_text, write_ablation_report
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_batch_problems, init_ray, warn_if_outputs_vanish)
+                         exit_on_batch_problems, init_ray, nonempty, warn_if_outputs_vanish)
 from jobs.tune import (STAGE_CHOICES, _check_init, _refuse_settings_with_resume, add_trial_arguments, parse_with_storage,
                        trial_resources)
 from trueface.ablation import (AblationPlan, AblationSpecError, Evaluation, TrainingGroup, load_ablation_spec,
@@ -70,10 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe(job, plan), flush=True)
     if args.dry_run:
         return 0
-    cfg = from_dict(job["config"])
-    check_model_weights(cfg)
-    for weights in dict.fromkeys(g.values["model.weights"] for g in plan.groups if "model.weights" in g.values):
-        check_model_weights(apply_values(cfg, {"model.weights": weights}))  # a row's own initial weights
+    check_model_weights(from_dict(job["config"]))
+    check_row_weights(job, plan)
     exp = experiment_mirror(job)
     try:
         check_writable(exp.location, "--storage")
@@ -86,25 +84,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(job, plan, exp, args.address or job.get("address"))
 
 
+def check_row_weights(job: dict, plan: AblationPlan) -> None:
+    """Load each row's own initial weights (a component's ``model.weights``) as check_model_weights
+    loads the config's, before Ray starts, the error naming the rows and components that set it: a
+    missing or ill-fitting file would otherwise fail those rows' trials in their workers."""
+    cfg = from_dict(job["config"])
+    components = parse_ablation_spec(job["spec"], job["spec_source"]).components if job["spec"] else ()
+    for weights in dict.fromkeys(g.values["model.weights"] for g in plan.groups if "model.weights" in g.values):
+        rows = [v.name for v in plan.variants
+                if plan.evaluation(v.evaluation)[0].values.get("model.weights") == weights]
+        names = [c.name for c in components if c.values.get("model.weights") == weights]
+        setters = ", ".join(f"components.{n}.when_off.set" for n in names)
+        check_model_weights(apply_values(cfg, {"model.weights": weights}),
+                            f"{job['spec_source']}: model.weights {weights!r} of row(s) {', '.join(rows)} ({setters})",
+                            f"Fix the value in {job['spec_source']}, or leave {', '.join(names)} out (--components "
+                            f"lists the components to run)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, default="tune-demo")
     add_ray_arguments(p)
-    p.add_argument("--spec", help="ablation spec YAML (default: search_spaces/ablation.yaml)")
-    p.add_argument("--components", help="comma-separated component names of the spec to ablate (default: all)")
+    p.add_argument("--spec", type=nonempty, help="ablation spec YAML (default: search_spaces/ablation.yaml)")
+    p.add_argument("--components", type=nonempty,
+                   help="comma-separated component names of the spec to ablate (default: all)")
     p.add_argument("--leave-one-domain-out", action="store_true",
                    help="instead of components: fine-tune Stage II without each of its domains and test on it")
     p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
                    help="what the recipe trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
-    p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI")
+    p.add_argument("--init", type=nonempty,
+                   help="Stage I checkpoint every --stage 2 trial starts from, a path or URI")
     p.add_argument("--seeds", type=int, default=2, help="seeds per row (default: 2; 1 gives bootstrap intervals)")
     add_trial_arguments(p)
-    p.add_argument("--name", help="ablation name: <storage>/<name>/ and results/<name>/ (default: abl-<date>-<time>)")
-    p.add_argument("--storage", default="runs/ablate",
+    p.add_argument("--name", type=nonempty,
+                   help="ablation name: <storage>/<name>/ and results/<name>/ (default: abl-<date>-<time>)")
+    p.add_argument("--storage", type=nonempty, default="runs/ablate",
                    help="where ablations live: a local path, or on a cluster a filesystem every node mounts or a URI "
                         "(default: runs/ablate)")
-    p.add_argument("--resume", metavar="NAME", help="finish the interrupted ablation NAME (in --storage)")
+    p.add_argument("--resume", type=nonempty, metavar="NAME",
+                   help="finish the interrupted ablation NAME (in --storage)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
     return p
 
@@ -204,8 +223,11 @@ def _spec_data(path: str, components: str | None) -> dict:
     """The spec file's content, restricted to ``components`` (checked against the file's names)."""
     spec = load_ablation_spec(path)
     data = read_ablation_yaml(path)
-    if components:
+    if components is not None:
         wanted = [c.strip() for c in components.split(",") if c.strip()]
+        if not wanted:  # "," would otherwise ablate every component, as if the flag were left out
+            raise AblationSpecError(f"--components {components!r} names no component; give names of "
+                                    f"{spec.source} ({', '.join(c.name for c in spec.components)})")
         unknown = [c for c in wanted if c not in data["components"]]
         if unknown:
             raise AblationSpecError(f"--components: {', '.join(unknown)} not in {spec.source} "

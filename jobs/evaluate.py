@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", required=True, type=nonempty_path, help="root in the original layout (any domain names)")
     parser.add_argument("--out", type=nonempty, help="results folder, a path or a URI (default: <the run's output.results_dir>/"
                                       "<run>-on-<root name>)")
-    parser.add_argument("--test-domains", default="", help="comma-separated domains (default: all with a test split)")
+    parser.add_argument("--test-domains", type=nonempty,
+                        help="comma-separated domains (default: all with a test split)")
     parser.add_argument("--threshold-from", choices=("auto", "valid", "saved", "checkpoint"), default="auto",
                         help="auto | valid | saved: the checkpoint's thresholds.json (checkpoint: old name of saved)")
     parser.add_argument("--threshold-scope", choices=SCOPES,
@@ -80,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.save_thresholds and args.threshold_from != "valid":
         parser.error("--save-thresholds writes newly chosen thresholds: use it with --threshold-from valid")
-    domains = tuple(d.strip() for d in args.test_domains.split(",") if d.strip())
+    domains = tuple(d.strip() for d in (args.test_domains or "").split(",") if d.strip())
+    if args.test_domains is not None and not domains:  # "," would otherwise score every domain
+        parser.error(f"--test-domains {args.test_domains!r} names no domain; give domain names, or leave the flag "
+                     f"out to score every domain with a test split")
     if repeated(domains):  # each would be scored, and counted in the combined row, twice
         parser.error(f"--test-domains lists {', '.join(repeated(domains))} more than once; name each domain once")
     try:

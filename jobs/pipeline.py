@@ -143,17 +143,17 @@ def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
             sys.exit(f"error: run {cfg.run_name} has checkpoints in {paths.run_location}, but its config.yaml does not "
                      f"load ({exc}). {_new_name_advice(paths)}")
         return
-    refused = training_changes(old, cfg, started)
+    changed = config_changes(old, cfg)
+    refused = training_changes(changed, started)
     if refused:
         trained = " and ".join(f"stage {n} ({'finished' if done else 'interrupted: last.pt'})" for n, done in started.items())
         sys.exit(f"error: run {cfg.run_name} in {paths.run_location} already has {trained}, trained with other values "
                  f"of keys that decide training (saved -> given):\n  " + "\n  ".join(refused) + "\nIts checkpoints learnt from the "
                  f"old values; resuming would rewrite its config.yaml and manifest.parquet to describe training they "
                  f"never had. {_new_name_advice(paths)} To resume it instead, rerun with the old values.")
-    changed = list(config_changes(old, cfg).values())
     if changed:
         print(f"warning: run {cfg.run_name} exists with a different config; resuming with:\n  "
-              + "\n  ".join(changed), file=sys.stderr)
+              + "\n  ".join(changed.values()), file=sys.stderr)
 
 
 def _started_stages(paths: RunPaths, run: Mirror) -> dict[int, bool]:

@@ -12,7 +12,7 @@ from jobs.ablate_report import ablation_manifest, held_out_markdown
 from trueface.ablation import (AblationSpecError, load_ablation_spec, parse_ablation_spec, plan_ablation,
                                plan_leave_one_domain_out)
 from trueface.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_overrides
 
 SHIPPED = REPO / "search_spaces" / "ablation.yaml"
 DOMAINS = ["140k-real-vs-fake", "tpdne", "dalle"]
@@ -214,3 +214,45 @@ def test_the_plain_row_refuses_components_whose_values_clash_together():
     with pytest.raises(AblationSpecError, match=r"test.yaml: the plain row .* \(components jpeg-floor, jpeg-ceiling\).*"
                                                 r"set plain: false"):
         plan_ablation(spec(components), demo(), (1,))
+
+
+@pytest.mark.parametrize("second, refused", [(0.1, True), (0, False), (0.0, False)])
+def test_the_plain_row_refuses_two_components_setting_one_key_to_different_values(second, refused):
+    components = {"mixup": {"when_off": {"set": {"stage2.mixup_alpha": 0}}},  # demo's is 0.2
+                  "regularisation": {"when_off": {"set": {"stage2.mixup_alpha": second, "model.dropout": 0.0}}}}
+    if not refused:  # the same value (0 or 0.0) in both: plain sets it once
+        plan = plan_ablation(spec(components), demo(), (1, 2))
+        assert evaluation_of(plan, "plain")[0].values == {"stage2.mixup_alpha": second, "model.dropout": 0.0}
+        return
+    with pytest.raises(AblationSpecError) as err:
+        plan_ablation(spec(components), demo(), (1, 2))
+    assert ("test.yaml: components mixup and regularisation both set stage2.mixup_alpha (mixup: 0, regularisation: 0.1)"
+            in str(err.value) and "set plain: false" in str(err.value))
+    # without the plain row each component's row sets its own value
+    rows = plan_ablation(spec(components, plain=False), demo(), (1, 2))
+    assert [g.values.get("stage2.mixup_alpha") for g in rows.phase(2)] == [None, 0, 0.1]
+
+
+def test_a_rows_missing_weights_file_is_named_with_its_rows_and_component(tiny_root, tmp_path, monkeypatch):
+    from jobs import ablate
+
+    monkeypatch.setattr(ablate, "_run", lambda *a: pytest.fail("Ray's trials started with a missing weights file"))
+    missing = tmp_path / "missing.pt"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(f"components:\n  pretrained:\n    when_off: {{set: {{model.weights: {missing}}}}}\n"
+                         "  dropout:\n    when_off: {set: {model.dropout: 0.0}}\n")
+    with pytest.raises(SystemExit) as exc:
+        ablate.main(["--spec", str(spec_file), "--storage", str(tmp_path / "abl"), "--name", "w",
+                     *tiny_overrides(tiny_root, tmp_path), "model.weights=none"])
+    assert str(exc.value).startswith(f"error: {spec_file}: model.weights '{missing}' of row(s) no-pretrained, plain "
+                                     f"(components.pretrained.when_off.set): model.weights: file {missing} does not")
+    assert "leave pretrained out (--components lists the components to run)" in str(exc.value)
+
+
+def test_components_that_name_none_are_refused_not_read_as_all():
+    from jobs.ablate import _spec_data
+
+    with pytest.raises(AblationSpecError, match=r"--components ' , ' names no component; give names of .*ablation.yaml "
+                                                r"\(ema, strong-augmentation,"):
+        _spec_data(str(SHIPPED), " , ")
+    assert list(_spec_data(str(SHIPPED), "mixup, ema")["components"]) == ["ema", "mixup"]

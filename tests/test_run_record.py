@@ -53,21 +53,24 @@ def _finish(stage_dir: Path) -> None:
 # --- which changes a started run refuses ------------------------------------------------------
 
 def test_training_changes_refuse_data_model_and_started_stages_only():
-    from trueface.run import training_changes
+    from trueface.run import config_changes, training_changes
+
+    def refused(old, new, started):  # as the pipeline asks: every difference once, then the refused ones
+        return training_changes(config_changes(old, new), started)
 
     old = load_config("demo")
     new = load_config("demo", ["data.root=/elsewhere", "model.dropout=0.5", "stage1.lr=0.01", "stage2.lr=0.01",
                                "scaling.num_workers=2", "runtime.log_every=1", "eval.threshold_policy=max_f1",
                                "output.results_dir=/r", "data.loader_workers=0"])
-    assert training_changes(old, new, {}) == []  # nothing trained yet: the record may describe the new settings
-    assert training_changes(old, new, {1: True}) == [
+    assert refused(old, new, {}) == []  # nothing trained yet: the record may describe the new settings
+    assert refused(old, new, {1: True}) == [
         "data.root: '' -> '/elsewhere'", "model.dropout: 0.7 -> 0.5", "stage1.lr: 0.001 -> 0.01"]
     # an interrupted stage may go on longer (the documented resume), not with another recipe
     longer = load_config("demo", ["stage1.epochs=6", "stage1.patience=3"])
-    assert training_changes(old, longer, {1: False}) == []
-    assert training_changes(old, longer, {1: True}) == ["stage1.epochs: 4 -> 6", "stage1.patience: 2 -> 3"]
+    assert refused(old, longer, {1: False}) == []
+    assert refused(old, longer, {1: True}) == ["stage1.epochs: 4 -> 6", "stage1.patience: 2 -> 3"]
     # what picks best.pt and stops early is part of the recipe
-    assert training_changes(old, load_config("demo", ["eval.select_on=pooled"]), {1: False}) == [
+    assert refused(old, load_config("demo", ["eval.select_on=pooled"]), {1: False}) == [
         "eval.select_on: 'mean_domain' -> 'pooled'"]
 
 
@@ -148,14 +151,38 @@ def test_evaluate_refuses_an_out_that_is_a_file_before_scoring(checkpoint, tmp_p
                        "--out", str(tmp_path / "afile"), "--threshold-from", "valid", "--save-thresholds"])
 
 
-@pytest.mark.parametrize("flag", ["--out", "--checkpoint", "--data-root"])
-def test_evaluate_refuses_empty_flags(flag, checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint", "--data-root", "--test-domains"])
+def test_evaluate_refuses_empty_flags(flag, checkpoint, tmp_path, capsys, monkeypatch):
     from jobs import evaluate
 
-    args = {"--checkpoint": str(checkpoint), "--data-root": str(tmp_path / "data"), "--out": str(tmp_path / "out")}
+    # --test-domains "" once meant every domain: the run would go on, scoring them all
+    monkeypatch.setattr(evaluate, "checked_test_root", lambda *a: pytest.fail(f"{flag} '' was taken for a default"))
+    args = {"--checkpoint": str(checkpoint), "--data-root": str(tmp_path / "data"), "--out": str(tmp_path / "out"),
+            "--test-domains": "dalle"}
     args[flag] = ""
     with pytest.raises(SystemExit):
         evaluate.main(["--no-ray", *[x for pair in args.items() for x in pair]])
+    assert f"argument {flag}: is empty (an unset variable?)" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_test_domains_that_name_no_domain(checkpoint, tmp_path, capsys, monkeypatch):
+    from jobs import evaluate
+
+    monkeypatch.setattr(evaluate, "checked_test_root", lambda *a: pytest.fail("' , ' was taken for every domain"))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--no-ray", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "data"),
+                       "--test-domains", " , "])
+    assert "--test-domains ' , ' names no domain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--components", "--name", "--spec", "--init", "--storage", "--resume"])
+def test_ablate_refuses_empty_flags(flag, capsys, monkeypatch):
+    from jobs import ablate
+
+    # --components "" once ablated every component, --name "" took abl-<date>, --spec "" the shipped spec
+    monkeypatch.setattr(ablate, "_new_job", lambda *a, **k: pytest.fail(f"{flag} '' was taken for a default"))
+    with pytest.raises(SystemExit):
+        ablate.main(["--dry-run", flag, ""])
     assert f"argument {flag}: is empty (an unset variable?)" in capsys.readouterr().err
 
 

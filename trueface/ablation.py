@@ -28,6 +28,8 @@ A spec file (``search_spaces/ablation*.yaml``)::
 
 ``when_off`` (not ``off``: YAML reads that as false) takes ``set`` (config values, dotted keys as in search spaces), ``weights: raw`` (score
 the raw weights instead of the EMA ones) and ``stages`` (train and score only these stages).
+With ``plain: true`` two components that set one key must give it the same value: the plain row
+sets every component's values at once, and a spec where one would silently win is refused.
 
 What is trained is as little as the table needs. Keys under ``eval.`` (but ``eval.select_on``,
 which picks best.pt and stops early: a training key) and ``weights: raw`` change how a checkpoint
@@ -234,6 +236,8 @@ def _refuse_unknown(data: dict, known: set[str], where: str, what: str) -> None:
 def plan_ablation(spec: AblationSpec, base: Config, stages: tuple[int, ...]) -> AblationPlan:
     """The rows and trials of ``spec`` on ``base`` when the recipe trains ``stages``. Raises
     AblationSpecError for a key the config lacks or a value it refuses (before anything runs)."""
+    if spec.plain:
+        _refuse_plain_clashes(spec)
     flat = flatten(to_dict(base))
     builder = _Builder(stages)
     builder.add(spec.reference, "the full recipe", _Off({}, "ema", stages))
@@ -257,6 +261,23 @@ def plan_ablation(spec: AblationSpec, base: Config, stages: tuple[int, ...]) -> 
     elif spec.plain:
         dropped.append((PLAIN, "fewer than two components act here, so it would repeat a row above"))
     return AblationPlan("ablation", spec.reference, stages, builder.variants, builder.groups(), dropped)
+
+
+def _refuse_plain_clashes(spec: AblationSpec) -> None:
+    """AblationSpecError where two components set one key to different values: the plain row sets
+    every component's values at once, so one would silently win and the other component would not
+    be off there. Checked on the values the spec gives, acting here or not: a value the config has
+    already still says what "off" means for its component."""
+    first: dict[str, tuple[str, Any]] = {}  # key -> (component, value) that set it first
+    for c in spec.components:
+        for key, value in c.values.items():
+            other, before = first.setdefault(key, (c.name, value))
+            if not _same(before, value):
+                raise AblationSpecError(
+                    f"{spec.source}: components {other} and {c.name} both set {key} ({other}: {before!r}, "
+                    f"{c.name}: {value!r}), and the {PLAIN} row switches every component off at once: one value "
+                    f"would silently win. Give {key} one value in both, set it in one component only, "
+                    f"or set plain: false")
 
 
 def _plain_config(spec: AblationSpec, base: Config, values: dict[str, Any]) -> Config:

@@ -189,14 +189,15 @@ def config_changes(old: Config, new: Config) -> dict[str, str]:
             if before.get(key) != value}
 
 
-def training_changes(old: Config, new: Config, started: dict[int, bool]) -> list[str]:
-    """``key: old -> new`` for each key whose change would make the run's record (config.yaml,
-    manifest.parquet) describe training its checkpoints never had. ``started`` maps each stage with
-    a checkpoint to whether it finished (``stage.json``). A stage that never started may change
-    freely; data, model and the rest (what is not in ``_RESUMABLE``) once any stage has started."""
+def training_changes(changes: dict[str, str], started: dict[int, bool]) -> list[str]:
+    """``key: old -> new`` of ``changes`` (config_changes: every difference, which a resume warns
+    of) for each key whose change would make the run's record (config.yaml, manifest.parquet)
+    describe training its checkpoints never had. ``started`` maps each stage with a checkpoint to
+    whether it finished (``stage.json``). A stage that never started may change freely; data,
+    model and the rest (what is not in ``_RESUMABLE``) once any stage has started."""
     if not started:
         return []
-    return [line for key, line in config_changes(old, new).items() if _decides_training(key, started)]
+    return [line for key, line in changes.items() if _decides_training(key, started)]
 
 
 def _decides_training(key: str, started: dict[int, bool]) -> bool:
