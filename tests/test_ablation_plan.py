@@ -245,7 +245,7 @@ def test_a_rows_missing_weights_file_is_named_with_its_rows_and_component(tiny_r
         ablate.main(["--spec", str(spec_file), "--storage", str(tmp_path / "abl"), "--name", "w",
                      *tiny_overrides(tiny_root, tmp_path), "model.weights=none"])
     assert str(exc.value).startswith(f"error: {spec_file}: model.weights '{missing}' of row(s) no-pretrained, plain "
-                                     f"(components.pretrained.when_off.set): model.weights: file {missing} does not")
+                                     f"(components.pretrained.when_off.set): file {missing} does not")
     assert "leave pretrained out (--components lists the components to run)" in str(exc.value)
 
 

@@ -79,7 +79,7 @@ def load_imagenet_state_dict(arch: str = "resnet50") -> dict[str, torch.Tensor]:
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a plain state dict or a TrueFace checkpoint (its EMA weights) into ``model``."""
     if not path.is_file():
-        raise WeightsError(f"model.weights: file {path} does not exist (use imagenet, none or a file)")
+        raise WeightsError(f"file {path} does not exist (model.weights takes imagenet, none or a file)")
     state = safe_torch_load(path, "weights file (a state dict or a TrueFace checkpoint)", WeightsError)
     if isinstance(state, dict) and "ema" in state:
         state = state["ema"]
