@@ -229,6 +229,39 @@ def test_a_resaved_copy_in_the_same_test_folder_is_warned_of_and_kept(tmp_path):
     assert check.excluded == () and not check.blocking
 
 
+def test_a_mirrored_near_duplicate_is_called_a_mirror_image_in_its_warning_and_the_summary(tmp_path):
+    """The report and leakage.csv said a near pair was mirrored; the warning and the printed summary
+    did not, so a flipped copy read like any chance look-alike. A plain re-encode is not called one."""
+    from PIL import Image, ImageOps
+
+    from tests.conftest import write_tiny_root
+    from trueface.data.check import check_data
+    from trueface.data.layout import discover_layout
+    from trueface.data.scan import scan_layout
+
+    root = write_tiny_root(tmp_path / "flip", {"": "lower"}, per_class=2, size=48)
+    rng = np.random.default_rng(11)
+    for k, name in enumerate(("face", "other")):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        picture = coarse.resize((64, 64), Image.Resampling.BICUBIC)
+        picture.save(root / f"train/real/{name}.png")
+        (ImageOps.mirror(picture) if k == 0 else picture).save(root / f"test/fake/{name}_copy.jpg", quality=75)
+    layout = discover_layout(root)
+    cfg = load_config("demo", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+                               "stage1.image_size=32", "stage2.image_size=32"])
+    check = check_data(layout, scan_layout(layout, None, workers=1, progress=False), cfg)
+    assert sorted((p.b, p.mirrored) for p in check.leaks) == [("test/fake/face_copy.jpg", True),
+                                                              ("test/fake/other_copy.jpg", False)]
+    near = {f.path: f.problem for f in check.warnings if f.problem.startswith("near duplicate")}
+    assert near["train/real/face.png"].startswith("near duplicate, mirrored left to right (perceptual hash distance ")
+    assert near["train/real/face.png"].endswith(
+        "to its mirror image), of test/fake/face_copy.jpg, across split and label")
+    assert "mirror" not in near["train/real/other.png"]
+    first = check.summary().splitlines()[0]
+    assert first.endswith("2 cross-split and 2 cross-label duplicate pairs; mirror images (flipped left to right): "
+                          "1 near-duplicate pair")
+
+
 def _pixel_copy_root(tmp_path: Path, other_label: bool) -> tuple[Path, dict]:
     """A tiny root plus one picture saved three ways: same pixels, different bytes each time."""
     from PIL import Image, PngImagePlugin

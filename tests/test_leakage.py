@@ -6,6 +6,7 @@ import hashlib
 import io
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -358,6 +359,74 @@ def test_overlap_counts_a_test_image_by_its_pixels_or_its_bytes():
             {"domain": "e", "split": "test", "sha1": "", "pixel_sha1": ""},
             {"domain": "d", "split": "train", "sha1": "bytes-a", "pixel_sha1": "pixels-b"}]  # not a test image
     assert overlap_counts(rows, trained) == {"d": 2, "e": 0}
+
+
+def _symmetric(seed: int) -> Image.Image:
+    """A picture whose right half mirrors its left: its hash and its mirrored hash are one."""
+    left = np.asarray(picture(seed))[:, :128]
+    return Image.fromarray(np.concatenate([left, left[:, ::-1]], axis=1))
+
+
+def test_overlap_counts_mirrored_and_reencoded_copies_of_training_images(tmp_path):
+    """Review: the gate compared pixels and bytes only, so a left-right mirror image of a training
+    image, or a JPEG re-encode of one, in a test root was not counted. Where the training rows have
+    perceptual hashes, the leakage check's confirmed near pairs (mirrored ones too) count as well;
+    a symmetric picture, which matches its own mirror, is no copy of anything by that alone."""
+    from PIL import ImageOps
+
+    from trueface.data.overlap import TrainingData, near_copies, overlap_counts
+
+    picture(41).save(tmp_path / "trained.png")
+    _symmetric(42).save(tmp_path / "trained_symmetric.png")
+    with Image.open(tmp_path / "trained.png") as img:
+        ImageOps.mirror(img).save(tmp_path / "mirror.png")
+        ImageOps.mirror(img).save(tmp_path / "mirror.jpg", quality=75)
+        img.save(tmp_path / "reencoded.jpg", quality=50)
+    picture(43).save(tmp_path / "other.png")
+    _symmetric(44).save(tmp_path / "other_symmetric.png")
+    training = [_scanned(tmp_path / n, f"train/real/{n}", "train", 0) for n in ("trained.png", "trained_symmetric.png")]
+    tests = [_scanned(tmp_path / n, f"test/real/{n}", "test", 0) | {"domain": domain}
+             for n, domain in (("mirror.png", "mirror"), ("mirror.jpg", "mirror"), ("reencoded.jpg", "jpeg"),
+                               ("other.png", "other"), ("other_symmetric.png", "other"))]
+    assert training[1]["phash"] == training[1]["phash_flip"] and tests[4]["phash"] == tests[4]["phash_flip"]
+    assert {r["pixel_sha1"] for r in tests}.isdisjoint(r["pixel_sha1"] for r in training)  # no exact copy
+    exact = TrainingData(frozenset(r["sha1"] for r in training), "t", frozenset(r["pixel_sha1"] for r in training))
+    assert overlap_counts(tests, exact) == {"mirror": 0, "jpeg": 0, "other": 0}  # pixels and bytes alone
+    hashed = TrainingData(exact.sha1, "t", exact.pixel_sha1, tuple(training))
+    assert overlap_counts(tests, hashed) == {"mirror": 2, "jpeg": 1, "other": 0}
+    assert near_copies(tests, training) == {0, 1, 2}
+    assert near_copies(tests, [{**training[0], "thumb": b""}]) == set()  # unconfirmable: exact matches only
+
+
+def test_evaluate_counts_a_mirrored_copy_where_the_training_hashes_are_known(tmp_path):
+    """The run's manifest records pixels and bytes only (the gate says so); the data root's scan,
+    or a manifest with the scan's perceptual columns, also finds a mirrored copy of a train image."""
+    from PIL import ImageOps
+
+    from trueface.data.layout import discover_layout
+    from trueface.data.overlap import PERCEPTUAL_COLUMNS, overlap_counts, training_hashes
+    from trueface.data.scan import scan_layout
+
+    cfg, paths, test_layout, args = _trained_run_and_test_root(tmp_path)
+    train_image = Path(cfg.data.root) / "train" / "real" / "x_train_1.png"
+    with Image.open(train_image) as img:
+        ImageOps.mirror(img).save(test_layout.root / "test" / "real" / "mirrored.png")
+    rows = scan_layout(discover_layout(test_layout.root), None, workers=1, progress=False)
+    location = paths.run_dir / "manifest.parquet"
+    manifest = pq.read_table(location)
+    trained = training_hashes(args.checkpoint, cfg)
+    assert "by pixels and bytes only" in trained.source and not trained.hashed
+    assert overlap_counts(rows, trained) == {"faces": 2}  # the re-saved and the byte copy, not the mirror
+    scanned = {r["path"]: r for r in scan_layout(discover_layout(cfg.data.root), None, workers=1, progress=False)}
+    for column in PERCEPTUAL_COLUMNS:
+        manifest = manifest.append_column(column, [[scanned[p][column] for p in manifest.column("path").to_pylist()]])
+    pq.write_table(manifest, location)
+    trained = training_hashes(args.checkpoint, cfg)
+    assert "only" not in trained.source and len(trained.hashed) == 8
+    assert overlap_counts(rows, trained) == {"faces": 3}
+    location.unlink()  # no manifest: the data root's train and valid splits are scanned
+    trained = training_hashes(args.checkpoint, cfg)
+    assert "scanned" in trained.source and overlap_counts(rows, trained) == {"faces": 3}
 
 
 # ---- mirrored copies ----

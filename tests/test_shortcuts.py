@@ -156,6 +156,21 @@ def test_a_shortcut_only_the_test_split_has_is_found_and_named():
     assert shortcut_text(warned[0]).startswith("metadata shortcut in 'd': format separates real from fake in the test split")
 
 
+def test_error_rows_are_left_out_of_the_pooled_audit_and_of_every_split_alone():
+    """Rows with an error are left out once (audit_domain) for the pooled audit and the splits alone:
+    PNG fakes that do not decode would be a format shortcut in the test split if they were seen."""
+    rows = []
+    for k, split in enumerate(("train", "test")):
+        rows += _in_split(make_rows(12, 0, seed=90 + k) + make_rows(12, 1, seed=95 + k), split)
+    broken = _in_split(make_rows(7, 1, seed=99, fmt="PNG"), "test")
+    result = audit_domain(rows + [{**r, "error": "cannot decode", "relpath": f"bad/{r['relpath']}"} for r in broken])
+    assert (result.n_real, result.n_fake, result.n_ignored) == (24, 24, 7)
+    assert [(c.split, c.n_real, c.n_fake, c.n_ignored) for c in result.cells] == [("train", 12, 12, 0),
+                                                                                    ("test", 12, 12, 0)]
+    assert not result.warning and not any(c.warning for c in result.cells)
+    assert result.field_auc["format"] == 0.5 and all(c.field_auc["format"] == 0.5 for c in result.cells)
+
+
 def test_a_shortcut_in_every_split_is_one_finding_and_small_splits_are_not_audited_alone():
     rows = []
     for k, (split, n) in enumerate((("train", 30), ("valid", 9), ("test", 12))):

@@ -15,11 +15,12 @@ The rules, each finding naming the file and the problem:
   the same image in two splits (the copy in the earlier split, train < valid < test, so the test
   split stays whole). "The same image" is the same decoded pixels (the scan's ``pixel_sha1``), so a
   re-saved PNG or a copy with its metadata stripped counts as much as a byte-identical file.
-- **warning** (usable, worth knowing): near duplicates (perceptual hash) across splits, domains or
-  labels; exact duplicates across domains within one split, or twice in one domain/split/label
-  folder (the image counts once per copy: nothing is left out); images smaller than every crop they
-  are trained at (upscaled); a domain whose file metadata alone separates real from fake (the format
-  shortcut audit, trueface.data.shortcuts); missing splits and ignored folders.
+- **warning** (usable, worth knowing): near duplicates (perceptual hash; mirror images too, said
+  so) across splits, domains or labels; exact duplicates across domains within one split, or twice
+  in one domain/split/label folder (the image counts once per copy: nothing is left out); images
+  smaller than every crop they are trained at (upscaled); a domain whose file metadata alone
+  separates real from fake (the format shortcut audit, trueface.data.shortcuts); missing splits and
+  ignored folders.
 
 ``data.on_bad_image``: ``error`` stops a run before training when any error is found; ``skip``
 leaves the files out (``excluded``) and the plan shows the counts after leaving them out, so a
@@ -99,7 +100,7 @@ class DataCheck:
         lines = [f"data check of {self.root}: {n} images, {len(self.errors)} errors, {len(self.warnings)} warnings, "
                  f"{len(self.shortcut_warnings)} metadata shortcuts, "
                  f"{sum(p.cross_split for p in self.leaks)} cross-split and {sum(p.cross_label for p in self.leaks)} "
-                 f"cross-label duplicate pairs"]
+                 f"cross-label duplicate pairs" + _mirrored_text(self.leaks)]
         for f in self.errors[:limit]:
             lines.append(f"  error: {f.path}: {f.problem}")
         if len(self.errors) > limit:
@@ -114,6 +115,14 @@ class DataCheck:
                 lines.append(f"  leaving out {len(self.excluded)} files (data.on_bad_image=skip); images after that:")
                 lines += ["    " + line for line in describe_counts(self.counts_after).splitlines()]
         return "\n".join(lines)
+
+
+def _mirrored_text(leaks: list[LeakPair]) -> str:
+    """The mirror images among the duplicate pairs, said apart: a flipped copy is easily taken for
+    a chance match by whoever reads only the count."""
+    mirrored = sum(p.mirrored for p in leaks)
+    return f"; mirror images (flipped left to right): {mirrored} near-duplicate pair{'s' * (mirrored != 1)}" \
+        if mirrored else ""
 
 
 def shortcut_text(audit: DomainAudit) -> str:
@@ -258,7 +267,9 @@ def _leak_warnings(leaks: list[LeakPair], rows: list[dict] = ()) -> list[Finding
             continue
         relation = " and ".join(name for name, on in (("split", p.cross_split), ("domain", p.cross_domain),
                                                       ("label", p.cross_label)) if on)
-        out.append(Finding(p.a, f"near duplicate (perceptual hash distance {p.distance}) of {p.b}, across {relation}",
+        how = (f", mirrored left to right (perceptual hash distance {p.distance} to its mirror image)," if p.mirrored
+               else f" (perceptual hash distance {p.distance})")
+        out.append(Finding(p.a, f"near duplicate{how} of {p.b}, across {relation}",
                            "warning", p.a_domain, p.a_split, LABEL_NAMES[int(p.a_label)]))
     return out
 

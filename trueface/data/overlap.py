@@ -1,7 +1,9 @@
 """Does a test root hold images a checkpoint was trained on? Compared by content, not name: a test
 image counts as trained on when its decoded pixels (the scan's ``pixel_sha1``) or its bytes (sha1)
 are those of a training image, so a re-saved PNG or a copy with its metadata stripped counts as much
-as a byte-identical copy. (A lossy re-encode changes the pixels: it is not counted.)
+as a byte-identical copy; and, where the training images' perceptual hashes and thumbnails are
+known, when it is a near or mirrored copy of one (a lossy re-encode, a resize, a left-right mirror
+image: the pairs trueface.data.leakage finds and confirms, by the same hashes and thresholds).
 
 Usage::
 
@@ -10,28 +12,40 @@ Usage::
 
 The training data of a checkpoint is its run's ``manifest.parquet`` (the pipeline writes it beside
 the stage folders, with each file's sha1 and pixel_sha1; a manifest written before pixel_sha1 was
-recorded is compared by bytes alone), or else the train and valid splits of the data root its
-config names, scanned through the data check's cache (under ``data.normalize`` the config names the
-normalised mirror: the source root its manifest records is scanned, as test files share the
-source's content, never the re-encoded copies'). Validation images count as training data:
-they chose the best epoch and the thresholds.
+recorded is compared by bytes alone, and one without the scan's ``phash``, ``phash_flip`` and
+``thumb`` columns by pixels and bytes alone), or else the train and valid splits of the data root
+its config names, scanned through the data check's cache (under ``data.normalize`` the config names
+the normalised mirror: the source root its manifest records is scanned, as test files share the
+source's content, never the re-encoded copies'). Validation images count as training data: they
+chose the best epoch and the thresholds.
+
+Near copies cost one banded pHash search over the training and test hashes together (about 8 s for
+140,000 images with their mirrors, trueface.data.leakage), beside a scan of the test root that
+decodes every image. A pair counts only when its 16x16 thumbnails confirm it (correlation 0.995 or
+more): a row without a thumbnail cannot confirm, so such rows are matched exactly only, lest chance
+pHash matches between look-alike faces (about 1 per 2 million pairs) refuse an evaluation.
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trueface.config import Config
 from trueface.config.choices import parse_normalize
 from trueface.data.layout import DataLayoutError, discover_layout
+from trueface.data.leakage import find_leakage
 from trueface.data.normalize import mirror_source
 from trueface.storage import StorageError, fetch, is_uri
 
 TRAINING_SPLITS = ("train", "valid")
+#: The scan's columns that match near and mirrored copies (trueface.data.leakage.find_leakage).
+PERCEPTUAL_COLUMNS = ("phash", "phash_flip", "thumb")
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class TrainingData:
     sha1: frozenset[str]  # of the files' bytes
     source: str  # where the hashes came from, for the table's header
     pixel_sha1: frozenset[str] = frozenset()  # of the decoded pixels (trueface.data.scan.pixel_digest)
+    hashed: tuple[dict, ...] = ()  # sha1 and PERCEPTUAL_COLUMNS of each image that has them: near copies
 
 
 def _manifest_location(checkpoint: str) -> str:
@@ -49,25 +64,40 @@ def _manifest_location(checkpoint: str) -> str:
 
 
 def training_hashes(checkpoint: str, cfg: Config) -> TrainingData | None:
-    """The sha1 (and pixel_sha1, where recorded) of every image ``checkpoint`` saw in training or
-    validation, or None when neither its run's manifest (with sha1) nor its data root is reachable
-    from here."""
+    """The sha1 (and pixel_sha1 and perceptual hashes, where recorded) of every image ``checkpoint``
+    saw in training or validation, or None when neither its run's manifest (with sha1) nor its data
+    root is reachable from here."""
     location = _manifest_location(str(checkpoint))
     try:
         local = fetch(location, cfg.data.cache_dir) if is_uri(location) else Path(location)
         if Path(local).is_file():
             table = pq.read_table(local)
-            if "sha1" in table.column_names:
-                columns = ["split", "sha1"] + (["pixel_sha1"] if "pixel_sha1" in table.column_names else [])
-                rows = [r for r in table.select(columns).to_pylist() if r["split"] in TRAINING_SPLITS]
-                if all(r["sha1"] for r in rows):
-                    pixels = frozenset(r["pixel_sha1"] for r in rows if r.get("pixel_sha1"))
-                    how = "" if "pixel_sha1" in columns else ", by bytes only: an older manifest without pixel_sha1"
-                    return TrainingData(frozenset(r["sha1"] for r in rows), f"{location} ({len(rows)} images{how})",
-                                        pixels)
+            trained = _from_manifest(table, location) if "sha1" in table.column_names else None
+            if trained is not None:
+                return trained
     except (StorageError, OSError):
         pass
     return _scanned_root(cfg)
+
+
+def _from_manifest(table: pa.Table, location: str) -> TrainingData | None:
+    """The training data a manifest with sha1 records (None when a training row has none)."""
+    perceptual = all(c in table.column_names for c in PERCEPTUAL_COLUMNS)
+    columns = ["split", "sha1"] + [c for c in ("pixel_sha1", *PERCEPTUAL_COLUMNS) if c in table.column_names]
+    rows = [r for r in table.select(columns).to_pylist() if r["split"] in TRAINING_SPLITS]
+    if not all(r["sha1"] for r in rows):
+        return None
+    if "pixel_sha1" not in columns:
+        how = ", by bytes only: an older manifest without pixel_sha1"
+    else:
+        how = "" if perceptual else ", by pixels and bytes only: a manifest without perceptual hashes"
+    return _training_data(rows, f"{location} ({len(rows)} images{how})", perceptual)
+
+
+def _training_data(rows: list[dict], source: str, perceptual: bool = True) -> TrainingData:
+    hashed = tuple({k: r[k] for k in ("sha1", *PERCEPTUAL_COLUMNS)} for r in rows if perceptual and _matchable(r))
+    return TrainingData(frozenset(r["sha1"] for r in rows if r["sha1"]), source,
+                        frozenset(r["pixel_sha1"] for r in rows if r.get("pixel_sha1")), hashed)
 
 
 def _scanned_root(cfg: Config) -> TrainingData | None:
@@ -88,9 +118,7 @@ def _scanned_root(cfg: Config) -> TrainingData | None:
     layout.domains = {d: {s: xs for s, xs in splits.items() if s in TRAINING_SPLITS}
                       for d, splits in layout.domains.items()}
     rows = scan_layout(layout, cache_file(cfg, layout.root), progress=False)
-    return TrainingData(frozenset(r["sha1"] for r in rows if r["sha1"]),
-                        f"train and valid splits of {root} ({len(rows)} images, scanned)",
-                        frozenset(r["pixel_sha1"] for r in rows if r.get("pixel_sha1")))
+    return _training_data(rows, f"train and valid splits of {root} ({len(rows)} images, scanned)")
 
 
 def trained_on(row: dict, trained: TrainingData) -> bool:
@@ -99,11 +127,36 @@ def trained_on(row: dict, trained: TrainingData) -> bool:
                 or (row.get("sha1") and row["sha1"] in trained.sha1))
 
 
+def near_copies(test_rows: Sequence[dict], hashed: Sequence[dict]) -> set[int]:
+    """Indices of ``test_rows`` that are near or mirrored copies of a ``hashed`` training row: the
+    leakage check's near pairs (find_leakage) between the two, never those inside either."""
+    tests = [k for k, r in enumerate(test_rows) if _matchable(r)]
+    # One cell per side (the split; domain and label alike): find_leakage pairs only what crosses a
+    # cell, so only a training row with a test row; a test row's name is its index.
+    rows = [_one_cell(r, f"trained {k}", "train") for k, r in enumerate(hashed) if _matchable(r)]
+    if not rows or not tests:
+        return set()
+    rows += [_one_cell(test_rows[k], f"test {k}", "test") for k in tests]
+    return {int(p.b.split()[1]) for p in find_leakage(rows) if p.kind == "near" and p.cross_split}
+
+
+def _matchable(row: dict) -> bool:
+    """A hash to match and a thumbnail to confirm with: find_leakage keeps a pair it cannot confirm,
+    which at the gate would let a chance pHash match refuse an evaluation."""
+    return bool(row.get("phash") and row.get("thumb"))
+
+
+def _one_cell(row: dict, name: str, split: str) -> dict:
+    return {k: row.get(k) for k in ("sha1", *PERCEPTUAL_COLUMNS)} | {"relpath": name, "split": split, "domain": "",
+                                                                     "label": 0}
+
+
 def overlap_counts(test_rows: list[dict], trained: TrainingData) -> dict[str, int]:
-    """Test-split images per domain that are in ``trained``, by pixels or by bytes (every test domain
-    listed, 0 too)."""
+    """Test-split images per domain that are in ``trained``, by pixels or by bytes, or as near or
+    mirrored copies where ``trained`` has perceptual hashes (every test domain listed, 0 too)."""
+    tests = [r for r in test_rows if r["split"] == "test"]
+    near = near_copies(tests, trained.hashed)
     counts: dict[str, int] = {}
-    for r in test_rows:
-        if r["split"] == "test":
-            counts[r["domain"]] = counts.get(r["domain"], 0) + int(trained_on(r, trained))
+    for k, r in enumerate(tests):
+        counts[r["domain"]] = counts.get(r["domain"], 0) + int(k in near or trained_on(r, trained))
     return counts

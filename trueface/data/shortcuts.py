@@ -142,8 +142,8 @@ def audit_domain(rows: list[dict]) -> DomainAudit:
     domains = sorted({str(r.get("domain", "")) for r in rows})
     if len(domains) > 1:
         raise ValueError(f"audit_domain: rows of several domains ({', '.join(domains)}); use audit(rows)")
-    result = _audit_rows(domains[0] if domains else "", "", rows)
     usable = [r for r in rows if not r.get("error")]
+    result = _audit_rows(domains[0] if domains else "", "", usable, n_ignored=len(rows) - len(usable))
     splits = sorted({str(r.get("split", "")) for r in usable}, key=lambda s: (_SPLIT_ORDER.get(s, 3), s))
     if len(splits) > 1:  # one split: its cell is the pooled audit again
         for split in splits:
@@ -158,11 +158,12 @@ def _class_counts(rows: list[dict]) -> tuple[int, int]:
     return labels.count(0), labels.count(1)
 
 
-def _audit_rows(domain: str, split: str, rows: list[dict]) -> DomainAudit:
-    usable = [r for r in rows if not r.get("error")]
+def _audit_rows(domain: str, split: str, usable: list[dict], n_ignored: int = 0) -> DomainAudit:
+    """The audit of ``usable`` rows (those without an error: audit_domain leaves the others out,
+    once, and counts them in ``n_ignored``)."""
     labels = np.array([int(r["label"]) for r in usable], dtype=int)
     result = DomainAudit(domain=domain, split=split, n_real=int((labels == 0).sum()),
-                         n_fake=int((labels == 1).sum()), auc=math.nan, n_ignored=len(rows) - len(usable))
+                         n_fake=int((labels == 1).sum()), auc=math.nan, n_ignored=n_ignored)
     bad_labels = sorted(set(labels.tolist()) - {0, 1})
     if bad_labels:
         raise ValueError(f"audit_domain: domain {domain!r} has labels {bad_labels}; expected 0 (real) or 1 (fake)")
