@@ -46,6 +46,7 @@ def ray_engine_rate(cfg: Config, size: dict, rounds: int, while_ray_idles: Calla
     if started:
         init_ray(None, cfg, num_cpus=max(os.cpu_count() or 1, cfg.scaling.cpus_per_worker))
     init_s = time.perf_counter() - t0
+    settle = None
     try:
         t1 = time.perf_counter()
         result = fit(bench_worker, cfg, "bench-train", {"size": size, "rounds": rounds},
@@ -56,9 +57,10 @@ def ray_engine_rate(cfg: Config, size: dict, rounds: int, while_ray_idles: Calla
     finally:
         if started:
             ray.shutdown()
-    # The driver's later steps must not pay for Ray's processes still exiting (about a second at
-    # half of a 2-core machine, measured): they start once the machine is back to resting.
-    settle = settle_text(wait_for_quiet()) if started else None
+            # The driver's later steps must not pay for Ray's processes still exiting (about a second
+            # at half of a 2-core machine, measured): they start once the machine is back to resting.
+            # In the finally: after a failed Train run the rows after this one are timed all the same.
+            settle = settle_text(wait_for_quiet())
     m = result.metrics
     startup = fit_s - m["measure_s"]
     note = (f"median of {rounds} steps in the worker ({spread(m['rates'])}; torch threads {m['threads']}, OMP_NUM_THREADS "

@@ -278,6 +278,16 @@ def test_a_window_that_raises_after_the_warm_up_stops_its_busy_sampler():
     assert sampler._thread is not None and not sampler._thread.is_alive()  # no thread left polling nvml
 
 
+def _cuda_run_with_stages_failing(tmp_path, monkeypatch) -> Bench:
+    """``gpu._measure`` on the CUDA path at the CPU's quick sizes, where the caller has made each
+    stage fail early (nothing trains): what the run does around its stages."""
+    monkeypatch.setattr(gpu, "build_model", lambda *a: None)
+    monkeypatch.setattr(gpu, "save_stage1", lambda *a: None)
+    sizes = gpu.CPU_QUICK
+    return gpu._measure(gpu.bench_config(sizes, 1, tmp_path), sizes, {1: [], 2: []}, "none", 1, True, tmp_path,
+                        gpu.Outputs(tmp_path))
+
+
 @pytest.mark.parametrize("why", ["ModuleNotFoundError: nvidia-ml-py does not seem to be installed or it can't be "
                                  "imported.", "RuntimeError: NVML_ERROR_NO_PERMISSION", None])
 def test_on_cuda_a_missing_busy_row_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch, capsys, why):
@@ -286,11 +296,7 @@ def test_on_cuda_a_missing_busy_row_is_one_line_that_says_how_to_get_it(tmp_path
     dropping Stage I's "GPU busy >= 90%" row without a word."""
     monkeypatch.setattr(gpu, "nvml_reader", lambda device: (None, why) if why else (lambda: 95.0, ""))
     monkeypatch.setattr(gpu, "measure_stage", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("skipped")))
-    monkeypatch.setattr(gpu, "build_model", lambda *a: None)
-    monkeypatch.setattr(gpu, "save_stage1", lambda *a: None)
-    sizes = gpu.CPU_QUICK
-    bench = gpu._measure(gpu.bench_config(sizes, 1, tmp_path), sizes, {1: [], 2: []}, "none", 1, True, tmp_path,
-                         gpu.Outputs(tmp_path))
+    bench = _cuda_run_with_stages_failing(tmp_path, monkeypatch)
     busy = [line for line in bench.failures if line.startswith("GPU busy")]
     if why is None:  # nvml answers: nothing to say
         assert busy == []
@@ -301,6 +307,25 @@ def test_on_cuda_a_missing_busy_row_is_one_line_that_says_how_to_get_it(tmp_path
     assert ("pip install -e '.[gpu]'" in busy[0]) == why.startswith("ModuleNotFoundError")
     assert busy[0] in capsys.readouterr().out
     assert busy[0] in json.loads((tmp_path / "bench-gpu" / "bench.json").read_text())["failures"]
+
+
+def test_on_cuda_nvml_is_probed_once_and_each_stage_samples_with_that_reader(tmp_path, monkeypatch):
+    """The CUDA path up to each stage's data (then skipped): one nvml probe for the whole run, its
+    reader handed to both stages' busy samplers."""
+    probes, sampled = [], []
+
+    def utilisation() -> float:
+        return 95.0
+
+    monkeypatch.setattr(gpu, "nvml_reader", lambda device: probes.append(device) or (utilisation, ""))
+    monkeypatch.setattr(gpu.torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(gpu, "_build_state", lambda *a: argparse.Namespace(runtime=argparse.Namespace(device="cuda")))
+    monkeypatch.setattr(gpu, "BusySampler", sampled.append)
+    monkeypatch.setattr(gpu, "stage_data", lambda *a: (_ for _ in ()).throw(RuntimeError("skipped")))
+    bench = _cuda_run_with_stages_failing(tmp_path, monkeypatch)
+    assert len(probes) == 1 and sampled == [utilisation, utilisation]
+    failed = [line.split(":")[0] for line in bench.failures]
+    assert failed == ["Stage I (the whole stage)", "Stage II (the whole stage)"]  # each stage got as far as its data
 
 
 def test_gpu_with_too_few_jpegs_under_data_root_gives_its_own_advice(tmp_path):

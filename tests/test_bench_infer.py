@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from jobs import benchmark
 from trueface.bench import infer as bench_infer
+from trueface.bench import report as bench_report
 from trueface.config import load_config
 from trueface.predict import Predictor
 
@@ -86,49 +88,101 @@ def test_an_unreadable_image_under_data_root_is_named_before_either_side_runs(tm
 
 
 def test_the_ray_rows_are_warm_actors_at_the_references_batch_and_their_start_up_apart(tmp_path):
-    asked = []
+    asked, references = [], []
 
-    def ray_rate(checkpoint, paths, size):
+    def ray_rate(checkpoint, paths, size, *reference):
         asked.append((checkpoint.name, len(paths), size["batch_size"], size["repeats"]))
-        return bench_infer.RayFigures(rate=50.0, startup_s=7.5, note="made up")
+        references.extend(pass_() for pass_ in reference)  # a pass of the reference: here, while its files exist
+        return bench_infer.RayFigures(rate=50.0, reference=40.0, startup_s=7.5, note="made up")
 
     bench = bench_infer.run(benchmark.parse_args(["infer", "--quick", "--images", "3"]), ray_rate=ray_rate)
     plain, warm, startup = bench.rows
     assert asked == [("fresh.pt", 3, bench.context["batch"], bench.context["repeats"])]
-    assert (warm.what, warm.project, warm.reference) == (bench_infer.RAY_ROW, 50.0, plain.project)
+    # handed a pass of the plain predictor that scores every file, to alternate with the actors' passes;
+    # the row's reference is the one measured in those rounds, not the first row's
+    (probabilities,) = references
+    assert len(probabilities) == 3 and all(0 <= p <= 1 for p in probabilities)
+    assert (warm.what, warm.project, warm.reference) == (bench_infer.RAY_ROW, 50.0, 40.0)
+    assert warm.ratio == pytest.approx(50.0 / 40.0)
     assert (startup.what, startup.project, startup.reference, startup.unit) == (bench_infer.STARTUP_ROW, 7.5, None, "s")
     assert startup.lower_is_better and startup.target is None and startup.met is None and startup.no_target
     assert "| 7.5 | — | s | — | none: once per job |" in bench.markdown()
 
 
-def test_the_ray_rate_times_warm_actors_and_not_their_start_up(monkeypatch):
-    # no Ray here: the actors' start-up (made slow) and their scoring (made fast) are stand-ins;
-    # the rate must hold the timed passes only, and the start-up figure the start-up
+def test_the_ray_rate_times_warm_actors_in_rounds_alternating_with_the_reference(monkeypatch):
+    # no Ray here: the actors' start-up (made slow), their scoring and the reference's (made fast)
+    # are stand-ins; the passes must alternate A B, B A, ..., the rates hold the timed passes only,
+    # and the start-up figure the start-up
     import contextlib
     import time
 
     from jobs import bench_infer_ray
 
-    passes = []
+    passes, started = [], []
 
     @contextlib.contextmanager
-    def slow_start(checkpoint, count, gpus):
+    def slow_start(checkpoint, count, gpus, threads):
+        started.append(threads)
         time.sleep(0.6)  # model loads
-        yield [f"actor{i}" for i in range(count)]
+        yield [f"actor{i}" for i in range(count)], [threads] * count
 
     def score_pass(actors, batches):
         passes.append([len(b) for b in batches])
         time.sleep(0.01)
         return 0
 
+    def reference():
+        passes.append("reference")
+        time.sleep(0.04)  # slower than the actors: its own figure, not theirs
+
     monkeypatch.setattr(bench_infer_ray.ray, "is_initialized", lambda: True)  # a running Ray: none started
     monkeypatch.setattr(bench_infer_ray, "actor_pool", lambda: (2, 0))
     monkeypatch.setattr(bench_infer_ray, "scorers", slow_start)
     monkeypatch.setattr(bench_infer_ray, "score_pass", score_pass)
     paths = [f"{i}.jpg" for i in range(10)]
-    figures = bench_infer_ray.ray_predict_rate("fresh.pt", paths, {"batch_size": 4, "repeats": 3})
+    with bench_report.torch_threads(4):
+        figures = bench_infer_ray.ray_predict_rate("fresh.pt", paths, {"batch_size": 4, "repeats": 3}, reference)
     assert figures.startup_s >= 0.6
     assert len(paths) / figures.rate < 0.3  # a pass's seconds: the start-up is not in them
-    # one warm-up batch per actor, then the reference's 3 passes in its batches of 4
-    assert passes == [[4, 4]] + [[4, 4, 2]] * 3
-    assert "median of 3 passes" in figures.note and "batches of 4" in figures.note
+    assert figures.rate > figures.reference > 0 and len(paths) / figures.reference >= 0.04
+    # one warm-up batch per actor, then 3 rounds in the reference's batches of 4, alternating
+    ray_pass = [4, 4, 2]
+    assert passes == [[4, 4], "reference", ray_pass, ray_pass, "reference", "reference", ray_pass]
+    assert started == [2]  # the reference's 4 threads shared by the 2 actors
+    assert "median of 3 passes each" in figures.note and "batches of 4" in figures.note
+    assert "torch threads: jobs.predict 4, 2 actor(s) x 2" in figures.note
+
+
+@pytest.mark.parametrize("reference_threads", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("actors", [1, 2, 3, 16])
+def test_the_actors_share_the_references_threads_at_least_one_each(reference_threads, actors):
+    from jobs.bench_infer_ray import actor_threads
+
+    share = actor_threads(reference_threads, actors)
+    assert share >= 1
+    if actors <= reference_threads:  # all of the reference's threads that divide evenly, never more
+        assert reference_threads - actors < share * actors <= reference_threads
+    else:  # more actors than threads: one each, as jobs.predict --ray gives them
+        assert share == 1
+
+
+def test_an_actor_scores_with_the_threads_it_is_given(monkeypatch):
+    # the actor's class in this process (a Ray actor runs the same __init__): the model load is a stand-in
+    import jobs.predict_ray
+    from jobs import bench_infer_ray
+    from trueface.predict import Predictor
+
+    monkeypatch.setattr(jobs.predict_ray, "fetch_checkpoint", lambda location, cache_dir: location)
+    monkeypatch.setattr(Predictor, "from_checkpoint", lambda *a, **k: "a predictor")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU the Scorer leaves threads alone
+    with bench_report.torch_threads(1):
+        for threads in (2, 1):
+            actor = bench_infer_ray.WarmScorer("fresh.pt", threads)
+            assert actor.ready() == threads and torch.get_num_threads() == threads
+
+
+def test_the_threads_text_says_each_actors_threads():
+    from jobs.bench_infer_ray import threads_text
+
+    assert threads_text([2, 2, 2]) == "3 actor(s) x 2"
+    assert threads_text([1, 2]) == "actors 1, 2"

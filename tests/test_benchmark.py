@@ -180,22 +180,47 @@ def test_with_a_core_to_spare_the_worker_and_the_driver_run_one_thread_fewer(mon
         assert SPARE_ROW not in {r.what for r in bench_train.run(QUICK_ARGS, ray_rate=fake_ray_rate).rows}
 
 
+def _stand_in_ray(monkeypatch, events: list, running: bool, fit) -> None:
+    """jobs.bench_train_ray without Ray: a local Ray started (``running`` False) or found, its
+    start, stop, Train run (``fit``) and wait for quiet logged in ``events``."""
+    from jobs import bench_train_ray
+
+    monkeypatch.setattr(bench_train_ray.ray, "is_initialized", lambda: running)
+    monkeypatch.setattr(bench_train_ray.ray, "shutdown", lambda: events.append("shutdown"))
+    monkeypatch.setattr(bench_train_ray, "init_ray", lambda *a, **k: events.append("init"))
+    monkeypatch.setattr(bench_train_ray, "fit", fit)
+    monkeypatch.setattr(bench_train_ray, "wait_for_quiet", lambda: events.append("quiet") or 0.8)
+
+
 @pytest.mark.parametrize("running", [False, True])
 def test_the_ray_rate_runs_the_resting_steps_on_a_ray_it_started_before_stopping_it(quick_cfg, monkeypatch, running):
     from jobs import bench_train_ray
 
     events = []
     metrics = {"img_per_s": 3.0, "rates": [3.0], "threads": 1, "omp_threads": "1", "measure_s": 1.0, "other_load": 0.1}
-    monkeypatch.setattr(bench_train_ray.ray, "is_initialized", lambda: running)
-    monkeypatch.setattr(bench_train_ray.ray, "shutdown", lambda: events.append("shutdown"))
-    monkeypatch.setattr(bench_train_ray, "init_ray", lambda *a, **k: events.append("init"))
-    monkeypatch.setattr(bench_train_ray, "fit", lambda *a, **k: events.append("fit") or argparse.Namespace(metrics=metrics))
-    monkeypatch.setattr(bench_train_ray, "wait_for_quiet", lambda: events.append("quiet") or 0.8)
+    _stand_in_ray(monkeypatch, events, running,
+                  lambda *a, **k: events.append("fit") or argparse.Namespace(metrics=metrics))
     rate, note = bench_train_ray.ray_engine_rate(quick_cfg, dict(bench_train.QUICK), 2, lambda: events.append("rest"))
     assert rate == 3.0 and "ray.init" in note
     # the driver's later steps wait for the Ray it stopped to finish exiting; a Ray left running is not waited for
     assert events == (["fit"] if running else ["init", "fit", "rest", "shutdown", "quiet"])
     assert ("0.8 s after ray.shutdown()" in note) != running
+
+
+def test_a_failed_ray_train_run_still_waits_for_the_ray_it_stopped(quick_cfg, monkeypatch):
+    # the rows after a failed Ray row are timed all the same: Ray's exiting processes must not be in them
+    from jobs import bench_train_ray
+
+    events = []
+
+    def failing_fit(*a, **k):
+        events.append("fit")
+        raise RuntimeError("worker died (simulated)")
+
+    _stand_in_ray(monkeypatch, events, False, failing_fit)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bench_train_ray.ray_engine_rate(quick_cfg, dict(bench_train.QUICK), 2, lambda: events.append("rest"))
+    assert events == ["init", "fit", "shutdown", "quiet"]
 
 
 def test_waiting_for_quiet_ends_at_the_first_quiet_window_or_gives_up(monkeypatch):

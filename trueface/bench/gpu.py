@@ -228,14 +228,15 @@ def _measure(cfg: Config, sizes: dict[int, StageSize], images: dict[int, list[Pa
 
     print(f"gpu: {runtime.device} {runtime.precision}, {workers} loader worker(s), {source}; augmentation {augment}",
           flush=True)
+    nvml = nvml_reader(runtime.device)  # probed once: the stages' busy samplers use this answer too
     if cuda:
-        busy_unmeasured(bench, runtime.device)
+        busy_unmeasured(bench, nvml)
     write()
     init_from = None
     for stage in (1, 2):
         name = STAGE_NAMES[stage]
         try:
-            result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda, bench.failed)
+            result = measure_stage(cfg, stage, sizes[stage], images[stage], init_from, cuda, bench.failed, nvml)
         except Exception as exc:  # noqa: BLE001 -- the other stage and the rows so far still count
             bench.failed(f"{name} (the whole stage)", exc)
             bench.failures.remove(unfinished(stage))  # ended: its failure says why it has no rows
@@ -475,7 +476,11 @@ class BusySampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def nvml_reader(device: torch.device) -> tuple[Callable[[], float] | None, str]:
+#: (a reader of GPU utilisation %, or None where nvml did not answer; why not): ``nvml_reader``'s answer
+Nvml = tuple[Callable[[], float] | None, str]
+
+
+def nvml_reader(device: torch.device) -> Nvml:
     """``torch.cuda.utilization`` where it answers (it needs pynvml), else None and why not."""
     if device.type != "cuda":
         return None, "no CUDA device"
@@ -492,11 +497,12 @@ NVML_DOWN = ("NVML did not answer: check that nvidia-smi works here (in a contai
              "capability)")
 
 
-def busy_unmeasured(bench: Bench, device: torch.device) -> None:
-    """On CUDA, where nvml does not answer (no pynvml: ``torch.cuda.utilization`` needs it), one
-    failure line that says the "GPU busy (nvml)" rows, Stage I's with its 90% target, are missing
-    and how to get them: a row dropped without a word reads as a check that passed."""
-    read, why = nvml_reader(device)
+def busy_unmeasured(bench: Bench, nvml: Nvml) -> None:
+    """On CUDA, where nvml did not answer (``nvml``, ``nvml_reader``'s answer; no pynvml:
+    ``torch.cuda.utilization`` needs it), one failure line that says the "GPU busy (nvml)" rows,
+    Stage I's with its 90% target, are missing and how to get them: a row dropped without a word
+    reads as a check that passed."""
+    read, why = nvml
     if read is None:
         bench.failed("GPU busy (nvml), both stages", why,
                      NVML_FIX if why.startswith("ModuleNotFoundError") else NVML_DOWN)
@@ -548,15 +554,17 @@ def diagnostic(what: str, failed: Failed, fallback: T, measure: Callable[[], T])
 
 
 def measure_stage(cfg: Config, stage: int, size: StageSize, paths: Sequence[Path], init_from: Path | None,
-                  cuda: bool, failed: Failed) -> StageFigures:
+                  cuda: bool, failed: Failed, nvml: Nvml) -> StageFigures:
     """The stage's figures. The engine and the model alone are the run's point: an error there
     propagates. The diagnostics after them (host synchronisations, loader, augmentation and decode
-    alone) each report a failure through ``failed`` and leave their figure unset."""
+    alone) each report a failure through ``failed`` and leave their figure unset. ``nvml``: the
+    run's one ``nvml_reader`` answer, the busy sampler's reader (an nvml that fails later shows in
+    the sampler's error)."""
     di = DistInfo(0, 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     state = _build_state(cfg, stage, init_from, di)
-    read, why = nvml_reader(state.runtime.device)
+    read, why = nvml
     busy = BusySampler(read) if read else None
     data = stage_data(cfg, stage, state, paths)
     try:

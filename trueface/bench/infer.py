@@ -24,9 +24,12 @@ more rows, on the same files and checkpoint (a fresh model is saved as one first
 
 - "jobs.predict --ray actors (warm) vs jobs.predict": img/s of ``jobs.predict --ray``'s scoring
   actors (the class its Ray Data ``map_batches`` runs, one per core but one, or per GPU) sent the
-  files' bytes in batches of ``--batch-size``, the reference's, timed like the reference: once
-  each actor has scored a batch untimed, the median of as many passes as it has. Start-up is not
-  in it, as the reference's model load is not;
+  files' bytes in batches of ``--batch-size``, the reference's: once each actor has scored a batch
+  untimed, their passes alternate with the plain predictor's (A B, B A, ...; as many rounds as
+  the first row's) and each side's figure is the median of its passes in those rounds, so the
+  reference here is measured beside the same running Ray, not taken from the first row. On CPUs
+  the actors share the reference's torch threads between them (each at least one; the note says
+  how many each side ran). Start-up is not in it, as the reference's model load is not;
 - "jobs.predict --ray actors start-up": seconds from asking for the actors to every one of them
   holding its model, lower is better, no target: paid once per job, amortised over millions of
   images and not over the benchmark's few dozen. ``ray.init`` is left out of both and printed.
@@ -40,7 +43,6 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ from PIL import Image
 from trueface.augment import eval_transform
 from trueface.bench.input import real_jpegs, generated_jpegs
 from trueface.bench import report
-from trueface.bench.report import Bench, Row, machine_context, ray_attempt
+from trueface.bench.report import Bench, Row, alternate_rates, machine_context, ray_attempt
 from trueface.checkpoint import CheckpointError, save_checkpoint
 from trueface.config import load_config, to_dict
 from trueface.config.schema import DataConfig
@@ -77,12 +79,14 @@ class RayFigures:
     """What ``jobs.bench_infer_ray`` measures (``RayRate``)."""
 
     rate: float  # img/s of the warm actors, the median of the timed passes
+    reference: float  # img/s of the plain predictor, the median of its passes alternating with the actors'
     startup_s: float  # from asking for the actors to each holding its model
     note: str  # how measured
 
 
-#: (checkpoint file, image paths, size: batch_size and repeats as the reference's) -> RayFigures
-RayRate = Callable[[Path, Sequence[Path], dict], RayFigures]
+#: (checkpoint file, image paths, size: batch_size and repeats as the reference's, one pass of the
+#: reference over the paths, to alternate with the actors' passes) -> RayFigures
+RayRate = Callable[[Path, Sequence[Path], dict, Callable[[], object]], RayFigures]
 
 
 def run(args: argparse.Namespace, ray_rate: RayRate | None = None) -> Bench:
@@ -99,18 +103,19 @@ def run(args: argparse.Namespace, ray_rate: RayRate | None = None) -> Bench:
         bench = _measure(predictor, paths, size, f"{model_text}; {source}")
         if ray_rate is not None:
             checkpoint = checkpoint or save_fresh_checkpoint(predictor, work / "fresh.pt")
-            add_ray_rows(bench, ray_attempt(bench, RAY_ROW, lambda: ray_rate(checkpoint, paths, size), RAY_FIX))
+            add_ray_rows(bench, ray_attempt(bench, RAY_ROW, lambda: ray_rate(
+                checkpoint, paths, size, predictor_pass(predictor, paths)), RAY_FIX))
         return bench
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def add_ray_rows(bench: Bench, ray: RayFigures | None) -> None:
-    """The warm actors' rate against the plain predictor's, and their start-up on its own; nothing
-    where the Ray run failed (``ray_attempt`` listed it)."""
+    """The warm actors' rate against the plain predictor's in the same rounds, and their start-up
+    on its own; nothing where the Ray run failed (``ray_attempt`` listed it)."""
     if ray is None:
         return
-    bench.add(Row(RAY_ROW, ray.rate, bench.rows[0].project, "img/s", note=ray.note))
+    bench.add(Row(RAY_ROW, ray.rate, ray.reference, "img/s", note=ray.note))
     bench.add(Row(STARTUP_ROW, ray.startup_s, None, "s", lower_is_better=True, no_target="none: once per job",
                   note="actors started and the checkpoint loaded in each, before the first batch; the plain "
                        "predictor's load is not timed either"))
@@ -193,10 +198,16 @@ class NaivePredictor:
         return float(p[0])
 
 
+def predictor_pass(predictor: Predictor, paths: Sequence[Path]) -> Callable[[], list[float]]:
+    """One pass of ``jobs.predict``'s predictor over ``paths``, to time: every file's probability
+    (``score`` is a generator: a pass that did not read it through would score nothing)."""
+    return lambda: [p.probability for p in predictor.score(paths)]
+
+
 def _measure(predictor: Predictor, paths: Sequence[Path], size: dict, context_text: str) -> Bench:
     naive = NaivePredictor(predictor)
     sides: dict[str, Callable[[], list[float]]] = {
-        "project": lambda: [p.probability for p in predictor.score(paths)],
+        "project": predictor_pass(predictor, paths),
         "naive": lambda: [naive(p) for p in paths],
     }
     print(f"infer: {context_text}; batch {size['batch_size']}, {predictor.runtime.device} "
@@ -204,13 +215,7 @@ def _measure(predictor: Predictor, paths: Sequence[Path], size: dict, context_te
           f"{torch.get_num_threads()} torch threads, {size['repeats']} repeat(s)", flush=True)
     for fn in sides.values():  # warm-up: kernels, allocator, PIL plugins
         fn()
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    scores: dict[str, list[float]] = {}
-    for r in range(size["repeats"]):
-        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            start = time.perf_counter()
-            scores[name] = sides[name]()
-            rates[name].append(len(paths) / (time.perf_counter() - start))
+    rates, scores = alternate_rates(sides, len(paths), size["repeats"])
     diff = max(abs(a - b) for a, b in zip(scores["project"], scores["naive"]))
     bench = Bench("infer", context={**machine_context(), "model": context_text, "images": len(paths),
                                     "batch": size["batch_size"], "flip_tta": predictor.hflip,

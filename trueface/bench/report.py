@@ -134,6 +134,23 @@ def ray_attempt(bench: Bench, what: str, measure: Callable[[], T], fix: str) -> 
         return None
 
 
+def alternate_rates(sides: dict[str, Callable[[], T]], items: int,
+                    rounds: int) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """``rounds`` rounds of one call of each side, in A B, B A, A B ... order (neither always goes
+    first, so a burst of load from another process hits both sides alike): each side's ``items``
+    per second in every call, and its last call's answer. Each side's figure is then the median
+    of its calls, from the same rounds as the other's."""
+    names = list(sides)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    last: dict[str, T] = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            last[name] = sides[name]()
+            rates[name].append(items / (time.perf_counter() - start))
+    return rates, last
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` for a measurement, restored after."""
