@@ -11,7 +11,8 @@ validation set), by ``objective_epoch``, that stage's epoch. Earlier stages of a
 trial report ``objective`` NaN and ``objective_epoch`` 0: Tune's strict metric check needs the
 key in every result, ASHA records nothing below its first rung (epoch >= 1), and Optuna's value
 is the trial's last result, always a final-stage one. So Stage I runs to its budget unjudged and
-no Stage I number ever meets a Stage II one.
+no Stage I number ever meets a Stage II one. A trial ASHA stopped reaches Optuna as pruned
+(FinalStageOptunaSearch): its epoch's score never meets whole trials' final ones as their equal.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trueface.atomic import atomic_write_text
-from trueface.config import Config, from_dict, to_yaml
+from trueface.config import Config, ScalingConfig, from_dict, to_yaml
 from trueface.config.search_space import FirstEffect, SearchSpace, SearchSpaceError, parse_search_space
 from trueface.checkpoint import StageResult, finished_stage
 from trueface.run import RunPaths
@@ -200,7 +201,7 @@ class Schedule:
         final = _stage(self.final)
         lines = [
             f"objective: {final}'s {SCORE} (best EMA validation AUC so far, {self.select_on}), reported as "
-            f"{OBJECTIVE!r}; Optuna gets each trial's last",
+            f"{OBJECTIVE!r}; Optuna gets each trial's last (one ASHA stops: pruned, below finished ones)",
             f"ASHA: clock {OBJECTIVE_EPOCH!r} = {final}'s epoch; {self.describe_rungs()}; keeps 1/{self.reduction_factor} per rung",
         ]
         if len(self.stages) > 1:
@@ -274,8 +275,21 @@ def _short_value(value) -> str:
     return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in text)
 
 
-def per_trial_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:
-    sc = cfg.scaling
+# what a trial's workers hold: a search over them sizes trials by the largest value each can take
+SCALING_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.gpus_per_worker")
+
+
+def largest_scaling(cfg: Config, space: SearchSpace | None = None) -> ScalingConfig:
+    """``cfg.scaling`` with each SCALING_KEYS key ``space`` searches at the largest value a trial
+    can draw (its range's top, its largest choice): the keys are drawn independently, so one trial
+    may draw all the tops, and trials at once are counted for that trial, never for fewer workers."""
+    tops = {p.key.split(".", 1)[1]: max(p.extremes()) for p in (space.params if space else ()) if p.key in SCALING_KEYS}
+    return replace(cfg.scaling, **tops)
+
+
+def per_trial_resources(cfg: Config, use_gpu: bool, space: SearchSpace | None = None) -> dict[str, float]:
+    """What one trial holds at most (``space``: the search's, where it searches SCALING_KEYS)."""
+    sc = largest_scaling(cfg, space)
     res = {"CPU": sc.num_workers * sc.cpus_per_worker + TRIAL_DRIVER_CPUS}
     if use_gpu:
         res["GPU"] = sc.num_workers * sc.gpus_per_worker
@@ -288,10 +302,12 @@ def derive_max_concurrent(cluster: dict[str, float], per_trial: dict[str, float]
     return max(1, min(fits, num_samples))
 
 
-def local_cpus(cfg: Config, max_concurrent: int | None, num_samples: int) -> int:
+def local_cpus(cfg: Config, max_concurrent: int | None, num_samples: int, space: SearchSpace | None = None) -> int:
     """Logical CPUs for a local Ray: the machine's cores (or what ``max_concurrent`` trials'
-    workers ask for), plus one for the trial functions' small shares."""
-    workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    workers ask for, at the largest scaling ``space`` searches), plus one for the trial functions'
+    small shares."""
+    sc = largest_scaling(cfg, space)
+    workers_cpus = sc.num_workers * sc.cpus_per_worker
     cores = os.cpu_count() or 1
     concurrent = max_concurrent or derive_max_concurrent({"CPU": cores}, {"CPU": workers_cpus}, num_samples)
     return max(cores, concurrent * workers_cpus) + 1
@@ -308,23 +324,33 @@ def make_search(spec: dict):
     """Optuna's TPE (the searcher) and ASHA (the scheduler), both on OBJECTIVE (see trial_result)."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs.tune_algorithms import FinalStageOptunaSearch
 
     sched = schedule(spec)
     sampler = optuna.samplers.TPESampler(
         seed=spec["seed"], n_startup_trials=spec["startup_trials"],
         constant_liar=True,  # trials still running count as pending, so parallel trials differ
     )
-    searcher = OptunaSearch(space=search_space(spec).suggest, metric=OBJECTIVE, mode="max", sampler=sampler)
+    searcher = FinalStageOptunaSearch(sched.final, space=search_space(spec).suggest, metric=OBJECTIVE, mode="max",
+                                      sampler=sampler)
     scheduler = ASHAScheduler(time_attr=OBJECTIVE_EPOCH, metric=OBJECTIVE, mode="max", max_t=sched.max_t,
                               grace_period=min(sched.grace_period, sched.max_t), reduction_factor=sched.reduction_factor)
     return searcher, scheduler
+
+
+def trial_finished(result: dict | None, final_stage: int) -> bool:
+    """Whether ``result``, a trial's last report, ends its final stage: its last epoch, or an early
+    stop by patience (the engine's ``stage_done`` says both). Not so where ASHA stopped the trial."""
+    return bool(result) and result.get("stage") == final_stage and bool(result.get("stage_done"))
 
 
 def make_tuner(spec: dict, trainable, max_concurrent: int, search: tuple | None = None):
     """The search's Tuner; ``search``: the ``make_search(spec)`` pair to use (default: new ones)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from jobs.tune_algorithms import RungKeeper
 
     space = search_space(spec)
     searcher, scheduler = search or make_search(spec)
@@ -336,7 +362,8 @@ def make_tuner(spec: dict, trainable, max_concurrent: int, search: tuple | None 
             name=spec["name"], storage_path=spec["storage"],
             # JSON and CSV only: the engine logs TensorBoard curves and HParams itself (Tune's
             # TensorBoard logger would add a second, raw-named HParams session per trial).
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            # RungKeeper: ASHA's rungs in the experiment checkpoints, for --resume.
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), RungKeeper(scheduler)],
             failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside Ray Train
             verbose=1,
         ),

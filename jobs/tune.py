@@ -32,7 +32,7 @@ from pathlib import Path
 
 from jobs import ray_tune
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_config_problems, init_ray, warn_if_outputs_vanish)
+                         exit_on_config_problems, init_ray, nonempty, warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
@@ -59,10 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = _new_spec(args, storage, command="python -m jobs.tune " + shlex.join(argv))
     print(describe(spec), flush=True)
     _check_schedule(spec)  # after the plan, which shows the rungs and when each key acts
+    check_searched_weights(spec)  # files the space names: a dry run checks them too
     if args.dry_run:
         return 0
+    # the config's own weights: not in a dry run, which may plan a cluster's search on a machine
+    # without the cluster's ImageNet weights (the cluster job commands are checked so)
     check_model_weights(from_dict(spec["config"]))
-    check_searched_weights(spec)
     exp = ray_tune.experiment_mirror(spec)
     try:
         check_writable(exp.location, "--storage")
@@ -122,12 +124,12 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, default="tune-demo")
     add_ray_arguments(p)
-    p.add_argument("--space", default="demo",
+    p.add_argument("--space", type=nonempty, default="demo",
                    help=f"search space: a name in search_spaces/ ({', '.join(_space_names())}) or a path to a YAML file "
                         f"(a name wins over a local file or folder of that name: write ./NAME for those); default: demo")
     p.add_argument("--stage", choices=list(STAGE_CHOICES), default="1",
                    help="what a trial trains: 1 (Stage I), 2 (Stage II from --init), both; default: 1")
-    p.add_argument("--init", help="Stage I checkpoint every --stage 2 trial starts from, a path or URI "
+    p.add_argument("--init", type=nonempty, help="Stage I checkpoint every --stage 2 trial starts from, a path or URI "
                                   "(e.g. runs/demo/stage1/best.pt)")
     p.add_argument("--num-samples", type=int, default=8, help="trials to run (default: 8)")
     add_trial_arguments(p)
@@ -137,10 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung (default: 2)")
     p.add_argument("--startup-trials", type=int,
                    help="random trials before TPE models the results (default: half the trials, 2 to 10)")
-    p.add_argument("--name", help="search name: <storage>/<name>/ and results/<name>/ (default: <space>-<date>-<time>)")
-    p.add_argument("--storage", default="runs/tune",
+    p.add_argument("--name", type=nonempty,
+                   help="search name: <storage>/<name>/ and results/<name>/ (default: <space>-<date>-<time>)")
+    p.add_argument("--storage", type=nonempty, default="runs/tune",
                    help="where searches live: a local path, or on a cluster a shared filesystem every node mounts (default: runs/tune)")
-    p.add_argument("--resume", metavar="NAME", help="finish the interrupted search NAME (in --storage)")
+    p.add_argument("--resume", metavar="NAME", type=nonempty, help="finish the interrupted search NAME (in --storage)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
     return p
 
@@ -174,14 +177,24 @@ def _space_path(name: str) -> Path:
     means the shipped demo wherever it is run from (``./demo`` names the local file)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or "/" in name or path.name != name:
-        return path
+        return _not_a_folder(path, name)
     named = next((f / f"{name}.yaml" for f in _space_folders() if (f / f"{name}.yaml").is_file()), None)
     if named is not None:
         return named
     if path.is_file():
         return path
+    _not_a_folder(path, name)
     raise SearchSpaceError(f"--space {name}: no search space of that name (spaces: {', '.join(_space_names())}) and "
                            f"no such file; give one of the names, or a path to a YAML file")
+
+
+def _not_a_folder(path: Path, name: str) -> Path:
+    """``path``, unless it is a folder (which read_yaml_file would call missing)."""
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.glob("*.y*ml"))[:5]
+        raise SearchSpaceError(f"--space {name} is a folder; a search space is a .yaml file: give the path to one"
+                               + (f" ({', '.join(inside)})" if inside else "") + ", or a space name")
+    return path
 
 
 def _new_spec(args: argparse.Namespace, storage: str, command: str) -> dict:
@@ -320,7 +333,7 @@ def _every_value(param, default) -> Sequence:
     """Every value a trial can draw for ``param`` (``[default]`` where it is not searched)."""
     if param is None:
         return [default]
-    return range(int(param.low), int(param.high) + 1) if param.form == "int" else param.extremes()
+    return param.int_values() if param.form == "int" else param.extremes()
 
 
 def steps_per_epoch(cfg: Config, layout: DataLayout, stages: list[int], space: SearchSpace | None = None) -> dict[str, int]:
@@ -390,10 +403,11 @@ def _load_spec(storage: str, name: str) -> dict:
 
 def describe(spec: dict) -> str:
     cfg = from_dict(spec["config"])
-    sc = cfg.scaling
     what = {(1,): "Stage I", (2,): f"Stage II from {spec['init']}", (1, 2): "Stage I then Stage II"}[tuple(spec["stages"])]
     epochs = sum(cfg.stage(s).epochs for s in spec["stages"])
     space = ray_tune.search_space(spec)
+    sc = ray_tune.largest_scaling(cfg, space)
+    most = " (at most: the space searches them)" if set(space.keys) & set(ray_tune.SCALING_KEYS) else ""
     exp = ray_tune.experiment_mirror(spec)
     return "\n".join([
         f"search {spec['name']}: {spec['num_samples']} trials of {what}, at most {epochs} epochs each",
@@ -401,7 +415,8 @@ def describe(spec: dict) -> str:
         space.describe(),
         f"Optuna TPE (seed {spec['seed']}, first {spec['startup_trials']} trials random) proposes; ASHA stops",
         ray_tune.schedule(spec).describe(),
-        f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU (GPU {sc.use_gpu} x {sc.gpus_per_worker:g}); "
+        f"per trial: {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU "
+        f"(GPU {sc.use_gpu} x {sc.gpus_per_worker:g}){most}; "
         f"trials at once: {spec['max_concurrent'] or 'as many as the resources hold'}",
         f"trials:      {exp.location}/<trial>/ (config.yaml, stageN/best.pt)",
         f"tensorboard: tensorboard --logdir {exp.local}" + (f" (a working copy of {exp.location})" if exp.remote else ""),
@@ -413,14 +428,16 @@ def _run(spec: dict, exp: Mirror, args: argparse.Namespace) -> int:
     cfg = from_dict(spec["config"])
     address = args.address or spec.get("address")
     started = time.time()
-    init_ray(address, cfg, num_cpus=None if address else ray_tune.local_cpus(cfg, spec["max_concurrent"], spec["num_samples"]))
+    space = ray_tune.search_space(spec)  # where it searches the workers, trials are counted at its largest
+    init_ray(address, cfg, num_cpus=None if address else ray_tune.local_cpus(cfg, spec["max_concurrent"],
+                                                                             spec["num_samples"], space))
     import ray
     from ray import tune
 
     from jobs import aggregate, ray_train
 
     use_gpu = ray_train.scaling_config(cfg).use_gpu
-    per_trial = ray_tune.per_trial_resources(cfg, use_gpu)
+    per_trial = ray_tune.per_trial_resources(cfg, use_gpu, space)
     max_concurrent = spec["max_concurrent"] or ray_tune.derive_max_concurrent(ray.cluster_resources(), per_trial, spec["num_samples"])
     print(f"running {max_concurrent} trial(s) at once, each holding {per_trial}", flush=True)
     ray_tune.disable_default_loggers()

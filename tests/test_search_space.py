@@ -304,6 +304,18 @@ def test_every_value_of_a_short_int_range_is_checked():
     space({"stage1.augment.blur_kernel": {"choice": [3, 5, 7]}}).check(load_config("demo"), (1,))
 
 
+def test_the_values_between_an_int_range_s_ends_are_listed_once_for_both_checks():
+    """value_combinations and jobs.tune's batch check (_every_value) share Param.int_values."""
+    from jobs.tune import _every_value
+    from trueface.config.search_space import value_combinations
+
+    param = space({"stage1.augment.blur_kernel": {"int": [3, 7]}}).params[0]
+    assert list(param.int_values()) == [3, 4, 5, 6, 7]
+    listed = [v["stage1.augment.blur_kernel"] for v in value_combinations([param])]
+    assert listed == [3, 7, 4, 5, 6]  # the ends (extremes), then the values between them
+    assert list(_every_value(param, 9)) == list(param.int_values()) and list(_every_value(None, 9)) == [9]
+
+
 def test_a_wide_space_checks_every_three_keys_together():
     wide = {f"stage1.augment.{k}": {"uniform": [0.1, 0.9]} for k in
             ("randaugment_p", "color_jitter_p", "grayscale_p", "jpeg_p", "blur_p", "noise_p", "erasing_p")}

@@ -146,6 +146,15 @@ def test_an_existing_name_is_refused_with_how_to_resume(tiny_root, tmp_path, no_
     assert "--name" in message
 
 
+@pytest.mark.parametrize("flag", ["--name", "--resume", "--storage", "--init", "--space"])
+def test_an_empty_name_is_refused_not_replaced_by_a_default(tiny_root, tmp_path, no_ray, capsys, flag):
+    # --name "": not <space>-<date>-<time>; --resume "": not a new search; --storage "": not the current
+    # folder; --init "": not ignored; --space "": not a vague missing-file error (an unset variable, most likely)
+    with pytest.raises(SystemExit):
+        tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", flag, ""))
+    assert f"argument {flag}: is empty (an unset variable?)" in capsys.readouterr().err
+
+
 def test_resume_refuses_new_settings(tmp_path, no_ray):
     with pytest.raises(SystemExit, match="drop --num-samples, KEY=VALUE overrides"):
         tune_job.main(["--resume", "s", "--num-samples", "3", "stage1.lr=0.1"])
@@ -214,6 +223,26 @@ def test_per_trial_resources_and_local_cpus(monkeypatch):
     # two 1-CPU trials side by side on 2 cores, plus room for the trial functions' shares
     assert ray_tune.local_cpus(cfg, None, 8) == 3
     assert ray_tune.derive_max_concurrent({"CPU": 3.0}, ray_tune.per_trial_resources(cfg, False), 8) == 2
+
+
+def test_a_search_over_the_workers_counts_trials_at_the_most_a_trial_draws(tiny_root, tmp_path, capsys, monkeypatch):
+    cfg = load_config("tune-demo")  # 1 worker x 1 CPU; trials draw up to 2 workers x 3 CPUs
+    space = parse_search_space({"params": {"scaling.num_workers": {"choice": [2, 1]},
+                                           "scaling.cpus_per_worker": {"int": [1, 3]}}}, "s.yaml")
+    per_trial = ray_tune.per_trial_resources(cfg, use_gpu=False, space=space)
+    assert per_trial == {"CPU": 2 * 3 + ray_tune.TRIAL_DRIVER_CPUS}
+    assert ray_tune.derive_max_concurrent({"CPU": 8.0}, per_trial, 8) == 1  # not the 7 of 1-CPU trials
+    gpu = load_config("paper", ["scaling.gpus_per_worker=0.5"])
+    workers = parse_search_space({"params": {"scaling.num_workers": {"int": [1, 4]}}}, "w.yaml")
+    assert ray_tune.per_trial_resources(gpu, use_gpu=True, space=workers)["GPU"] == 2.0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert ray_tune.local_cpus(cfg, None, 8, space) == 2 * 3 + 1  # one 6-CPU trial fits, though not on 2 cores
+    assert ray_tune.local_cpus(cfg, 3, 8, space) == 3 * 6 + 1
+    # the plan says so
+    searched = "params:\n  scaling.num_workers: {choice: [1, 2]}\n"
+    assert tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", "stage1.mixup_alpha=0", space=searched)) == 0
+    out = capsys.readouterr().out
+    assert "per trial: 2 worker(s) x 1 CPU (GPU auto x 1) (at most: the space searches them)" in out
 
 
 def test_trial_folders_are_named_by_their_config_values():
@@ -334,13 +363,14 @@ def test_lr_and_its_floor_searched_together_are_refused_before_ray(tiny_root, tm
         tune_job.main(args_for(tiny_root, tmp_path, "--dry-run", space=space))
 
 
-def test_searched_weights_files_are_checked_and_name_their_trial_folders(tiny_root, tmp_path, no_ray):
+@pytest.mark.parametrize("dry_run", [(), ("--dry-run",)])
+def test_searched_weights_files_are_checked_and_name_their_trial_folders(tiny_root, tmp_path, no_ray, dry_run):
     from trueface.config.loading import is_run_name
 
     missing = tmp_path / "w" / "missing.pt"
     space = f"params:\n  model.weights: {{choice: [none, {missing}]}}\n"
-    with pytest.raises(SystemExit) as exc:  # not a dry run: weights are loaded where the base's are, before Ray
-        tune_job.main(args_for(tiny_root, tmp_path, space=space))
+    with pytest.raises(SystemExit) as exc:  # before Ray, and in a dry run, which checks everything
+        tune_job.main(args_for(tiny_root, tmp_path, *dry_run, space=space))
     assert "space.yaml: model.weights choice" in str(exc.value) and "missing.pt" in str(exc.value)
     assert "does not exist" in str(exc.value)
     namer = ray_tune.TrialNamer(parse_search_space({"params": {"model.weights": {"choice": ["none", str(missing)]},
@@ -368,8 +398,15 @@ def test_a_space_name_wins_over_a_local_folder_and_a_missing_one_lists_the_space
     with pytest.raises(SystemExit) as exc:
         tune_job.main(["--dry-run", "--space", "demoo", "--storage", str(tmp_path / "tune")])
     assert "--space demoo: no search space of that name (spaces: demo, demo-stage2, paper, paper-stage2)" in str(exc.value)
-    with pytest.raises(SystemExit, match="search space demo does not exist"):  # ./demo is the folder, as written
+    (tmp_path / "demo" / "mine.yaml").write_text(SPACE)
+    with pytest.raises(SystemExit) as exc:  # ./demo is the folder, as written: not a missing file
         tune_job.main(["--dry-run", "--space", "./demo", "--storage", str(tmp_path / "tune")])
+    assert "--space ./demo is a folder; a search space is a .yaml file: give the path to one (demo/mine.yaml)" \
+        in str(exc.value) and "does not exist" not in str(exc.value)
+    (tmp_path / "mine").mkdir()  # no space of that name: the local folder of that name
+    with pytest.raises(SystemExit, match=r"--space mine is a folder; a search space is a .yaml file: give the path "
+                                         r"to one, or a space name"):
+        tune_job.main(["--dry-run", "--space", "mine", "--storage", str(tmp_path / "tune")])
 
 
 def test_an_ablation_component_whose_values_clash_is_a_message_naming_it(tiny_root, tmp_path, no_ray):

@@ -116,8 +116,13 @@ def test_stage_one_runs_to_its_end_and_asha_stops_only_in_stage_two(fake_search)
 def test_optuna_learns_each_trial_s_last_final_stage_score(fake_search):
     searcher, names = fake_search["searcher"], fake_search["names"]
     study = searcher._ot_study
-    told = {names[tid]: study.trials[ot.number].value for tid, ot in searcher._ot_trials.items()}
-    assert told == {"A": 0.63, "B": 0.86, "C": 0.55, "D": 0.81}
+    told = {names[tid]: study.trials[ot.number] for tid, ot in searcher._ot_trials.items()}
+    assert {n: t.value for n, t in told.items()} == {"A": 0.63, "B": 0.86, "C": 0.55, "D": 0.81}
+    # C, stopped by ASHA at Stage II epoch 1, is pruned there: TPE ranks it below the trials that finished
+    assert {n: t.state.name for n, t in told.items()} == {"A": "COMPLETE", "B": "COMPLETE", "C": "PRUNED",
+                                                          "D": "COMPLETE"}
+    assert told["C"].intermediate_values == {1: 0.55}
+    assert told["A"].intermediate_values == dict(enumerate(SCRIPTS["A"][1], 1))  # by Stage II epoch
 
 
 @pytest.mark.ray

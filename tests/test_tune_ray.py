@@ -81,12 +81,25 @@ def search(s3_server, ray_session, module_tmp):
             "scaling.max_failures=0", "stage1.patience=0"]
     first, log = interrupted_search(args, s3_server, tmp / "tune.log")
     before = finished_trials(s3_server)
+    rungs = saved_rungs(s3_server)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # --resume reads the search's spec into ./.cache/trueface (the default cache)
         resumed = tune_job.main(["--resume", "tiny", "--storage", BUCKET])
     return {"tmp": tmp, "exp": cache / "staging" / "s3" / "trueface-test" / "tune" / "tiny", "cache": cache,
             "results": tmp / "results" / "tiny", "first": first, "log": log, "resumed": resumed,
-            "before": before, "root": root}
+            "before": before, "root": root, "rungs": rungs}
+
+
+def saved_rungs(s3_server) -> list[dict]:
+    """ASHA's rung records as the interrupted search's experiment checkpoint holds them (Tune's
+    callback states, jobs.tune_algorithms.RungKeeper's among them): each rung's trial id -> score."""
+    import pickle
+
+    files = [k for k in s3_keys(s3_server, EXP_KEYS) if k.rsplit("/", 1)[-1].startswith("callback-states-")]
+    assert len(files) == 1, files
+    states = [s for s in pickle.loads(s3_object(s3_server, files[0])).values() if s and "brackets" in s]
+    assert len(states) == 1, states
+    return [recorded for bracket in states[0]["brackets"] for _, recorded in bracket]
 
 
 @pytest.mark.timeout(900)
@@ -98,6 +111,10 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search, s3
     for trial, results in search["before"].items():
         assert after[trial] == results, f"{trial} was trained again after the resume"
     assert len(after) == 3  # every trial reported (finished, or stopped by ASHA)
+    # ASHA's rungs went into the checkpoint the interruption wrote, so the resumed search judged its
+    # trials against the finished one's scores (Tune saves no scheduler state of its own)
+    finished_ids = {json.loads(text.splitlines()[-1])["trial_id"] for text in search["before"].values()}
+    assert finished_ids <= {trial_id for rung in search["rungs"] for trial_id in rung}
 
 
 @pytest.mark.timeout(60)

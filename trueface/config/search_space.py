@@ -154,6 +154,11 @@ class Param:
             return [int(self.low), int(self.high)]
         return [self.low, self.high]
 
+    def int_values(self) -> range:
+        """Every value of an ``int`` range, both ends included (value_combinations and jobs.tune's
+        batch check try each where the ends do not stand for the values between)."""
+        return range(int(self.low), int(self.high) + 1)
+
     def describe(self) -> str:
         if self.form == "choice":
             return f"{self.key}: choice of {', '.join(map(str, self.values))}"
@@ -368,7 +373,7 @@ def value_combinations(params: Sequence[Param]) -> Iterable[dict[str, Any]]:
             yield {**lows, **dict(combination)}
     for p in params:
         if p.form == "int" and p.high - p.low < MAX_INT_VALUES:
-            for inside in range(int(p.low) + 1, int(p.high)):
+            for inside in p.int_values()[1:-1]:
                 yield {**lows, p.key: inside}
 
 
