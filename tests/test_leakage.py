@@ -336,6 +336,7 @@ def test_evaluate_refuses_a_test_root_of_resaved_copies_of_training_images(tmp_p
 
 
 def test_an_older_manifest_without_pixel_sha1_compares_bytes_only_and_says_so(tmp_path):
+    from trueface.data.check import cache_file
     from trueface.data.layout import discover_layout
     from trueface.data.overlap import overlap_counts, training_hashes
     from trueface.data.scan import scan_layout
@@ -343,9 +344,13 @@ def test_an_older_manifest_without_pixel_sha1_compares_bytes_only_and_says_so(tm
     cfg, paths, test_layout, args = _trained_run_and_test_root(tmp_path)
     location = paths.run_dir / "manifest.parquet"
     pq.write_table(pq.read_table(location).drop(["pixel_sha1"]), location)
-    trained = training_hashes(args.checkpoint, cfg)
-    assert trained.pixel_sha1 == frozenset() and "by bytes only" in trained.source
     rows = scan_layout(discover_layout(test_layout.root), None, workers=1, progress=False)
+    # where the data check's cache of the root is, the re-saved copy is a near copy (distance 0)
+    assert overlap_counts(rows, training_hashes(args.checkpoint, cfg)) == {"faces": 2}
+    cache = cache_file(cfg, Path(cfg.data.root))
+    cache.rename(cache.with_suffix(".away"))  # elsewhere: bytes alone
+    trained = training_hashes(args.checkpoint, cfg)
+    assert trained.pixel_sha1 == frozenset() and "by bytes only" in trained.source and not trained.hashed
     assert overlap_counts(rows, trained) == {"faces": 1}  # the byte copy; the re-saved one is not seen
 
 
@@ -399,10 +404,13 @@ def test_overlap_counts_mirrored_and_reencoded_copies_of_training_images(tmp_pat
 
 
 def test_evaluate_counts_a_mirrored_copy_where_the_training_hashes_are_known(tmp_path):
-    """The run's manifest records pixels and bytes only (the gate says so); the data root's scan,
-    or a manifest with the scan's perceptual columns, also finds a mirrored copy of a train image."""
+    """The run's manifest records pixels and bytes only: the data check's cache of the data root
+    (where training ran) gives its images' perceptual hashes, and without that cache the gate says
+    it compares exactly only. The data root's scan, or a manifest with the scan's perceptual
+    columns, also finds a mirrored copy of a train image."""
     from PIL import ImageOps
 
+    from trueface.data.check import cache_file
     from trueface.data.layout import discover_layout
     from trueface.data.overlap import PERCEPTUAL_COLUMNS, overlap_counts, training_hashes
     from trueface.data.scan import scan_layout
@@ -414,6 +422,11 @@ def test_evaluate_counts_a_mirrored_copy_where_the_training_hashes_are_known(tmp
     rows = scan_layout(discover_layout(test_layout.root), None, workers=1, progress=False)
     location = paths.run_dir / "manifest.parquet"
     manifest = pq.read_table(location)
+    trained = training_hashes(args.checkpoint, cfg)  # the run's check left its scan in the cache
+    assert "only" not in trained.source and "near copies of the 8 of them in the data check's cache" in trained.source
+    assert len(trained.hashed) == 8 and overlap_counts(rows, trained) == {"faces": 3}
+    cache = cache_file(cfg, Path(cfg.data.root))
+    cache.rename(cache.with_suffix(".away"))  # evaluated on another machine: no cache of the data root
     trained = training_hashes(args.checkpoint, cfg)
     assert "by pixels and bytes only" in trained.source and not trained.hashed
     assert overlap_counts(rows, trained) == {"faces": 2}  # the re-saved and the byte copy, not the mirror

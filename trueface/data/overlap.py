@@ -12,8 +12,10 @@ Usage::
 
 The training data of a checkpoint is its run's ``manifest.parquet`` (the pipeline writes it beside
 the stage folders, with each file's sha1 and pixel_sha1; a manifest written before pixel_sha1 was
-recorded is compared by bytes alone, and one without the scan's ``phash``, ``phash_flip`` and
-``thumb`` columns by pixels and bytes alone), or else the train and valid splits of the data root
+recorded is compared by bytes alone; one without the scan's ``phash``, ``phash_flip`` and
+``thumb`` columns, as the pipeline writes them, takes those of its images from the data check's
+cache of the data root, by sha1, where the cache is here, else compares pixels and bytes alone),
+or else the train and valid splits of the data root
 its config names, scanned through the data check's cache (under ``data.normalize`` the config names
 the normalised mirror: the source root its manifest records is scanned, as test files share the
 source's content, never the re-encoded copies'). Validation images count as training data: they
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -74,7 +76,7 @@ def training_hashes(checkpoint: str, cfg: Config) -> TrainingData | None:
             table = pq.read_table(local)
             trained = _from_manifest(table, location) if "sha1" in table.column_names else None
             if trained is not None:
-                return trained
+                return trained if trained.hashed else _with_cached_hashes(trained, cfg)
     except (StorageError, OSError):
         pass
     return _scanned_root(cfg)
@@ -100,17 +102,40 @@ def _training_data(rows: list[dict], source: str, perceptual: bool = True) -> Tr
                         frozenset(r["pixel_sha1"] for r in rows if r.get("pixel_sha1")), hashed)
 
 
+def _with_cached_hashes(trained: TrainingData, cfg: Config) -> TrainingData:
+    """``trained`` (a manifest's digests) with the perceptual hashes of its images that the data
+    check's cache of the config's data root holds, matched by sha1: where training ran, or the
+    check did, near and mirrored copies count too, at no scan. Elsewhere exact copies only."""
+    from trueface.data.check import cache_file
+    from trueface.data.scan import read_cache
+
+    root = _compared_root(cfg)
+    cached = read_cache(cache_file(cfg, Path(root).expanduser())) if root is not None else {}
+    hashed = tuple({k: r[k] for k in ("sha1", *PERCEPTUAL_COLUMNS)} for r in cached.values()
+                   if r.get("sha1") in trained.sha1 and _matchable(r))
+    if not hashed:
+        return trained
+    source = trained.source.replace(", by pixels and bytes only: a manifest without perceptual hashes", "")
+    return replace(trained, hashed=hashed, source=f"{source}; near copies of the {len(hashed)} of them in the data "
+                                                  f"check's cache of {root}")
+
+
+def _compared_root(cfg: Config) -> str | None:
+    """The data root whose files the test root is compared with: the config's, or where it trained
+    from a normalised mirror (its config names the mirror), the mirror's source, as test files
+    share the source's content; None for a mirror whose source is gone."""
+    if parse_normalize(cfg.data.normalize) is None:
+        return cfg.data.root
+    return mirror_source(cfg.data.root, cfg.data.normalize)
+
+
 def _scanned_root(cfg: Config) -> TrainingData | None:
     from trueface.data.check import cache_file
     from trueface.data.scan import scan_layout
 
-    root = cfg.data.root
-    if parse_normalize(cfg.data.normalize) is not None:
-        # trained from a normalised mirror (its config names the mirror): the source's bytes are
-        # what test files are compared with; a mirror whose source is gone compares with nothing
-        root = mirror_source(root, cfg.data.normalize)
-        if root is None:
-            return None
+    root = _compared_root(cfg)
+    if root is None:
+        return None
     try:
         layout = discover_layout(root, cfg.data.exclude)
     except DataLayoutError:
