@@ -97,7 +97,7 @@ def _from_manifest(table: pa.Table, location: str) -> TrainingData | None:
 
 
 def _training_data(rows: list[dict], source: str, perceptual: bool = True) -> TrainingData:
-    hashed = tuple({k: r[k] for k in ("sha1", *PERCEPTUAL_COLUMNS)} for r in rows if perceptual and _matchable(r))
+    hashed = tuple(_hash_fields(r) for r in rows if perceptual and _matchable(r))
     return TrainingData(frozenset(r["sha1"] for r in rows if r["sha1"]), source,
                         frozenset(r["pixel_sha1"] for r in rows if r.get("pixel_sha1")), hashed)
 
@@ -111,8 +111,7 @@ def _with_cached_hashes(trained: TrainingData, cfg: Config) -> TrainingData:
 
     root = _compared_root(cfg)
     cached = read_cache(cache_file(cfg, Path(root).expanduser())) if root is not None else {}
-    hashed = tuple({k: r[k] for k in ("sha1", *PERCEPTUAL_COLUMNS)} for r in cached.values()
-                   if r.get("sha1") in trained.sha1 and _matchable(r))
+    hashed = tuple(_hash_fields(r) for r in cached.values() if r.get("sha1") in trained.sha1 and _matchable(r))
     if not hashed:
         return trained
     source = trained.source.replace(", by pixels and bytes only: a manifest without perceptual hashes", "")
@@ -171,9 +170,13 @@ def _matchable(row: dict) -> bool:
     return bool(row.get("phash") and row.get("thumb"))
 
 
+def _hash_fields(row: dict) -> dict:
+    """What near matching reads of a row: its sha1 and PERCEPTUAL_COLUMNS."""
+    return {k: row.get(k) for k in ("sha1", *PERCEPTUAL_COLUMNS)}
+
+
 def _one_cell(row: dict, name: str, split: str) -> dict:
-    return {k: row.get(k) for k in ("sha1", *PERCEPTUAL_COLUMNS)} | {"relpath": name, "split": split, "domain": "",
-                                                                     "label": 0}
+    return _hash_fields(row) | {"relpath": name, "split": split, "domain": "", "label": 0}
 
 
 def overlap_counts(test_rows: list[dict], trained: TrainingData) -> dict[str, int]:
