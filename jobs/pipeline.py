@@ -19,13 +19,17 @@ import sys
 import time
 from collections.abc import Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
                          exit_on_batch_problems, exit_on_output_problems, init_ray, nonempty, prepared_run_or_exit,
                          print_metrics_table, text_override, warn_if_outputs_vanish)
-from trueface.config import Config, ConfigError, from_dict, to_yaml
+from trueface.config import ConfigError, from_dict, to_yaml
 from trueface.checkpoint import finished_stage
 from trueface.evaluation import ThresholdRequest
-from trueface.run import RunPaths, config_changes, describe_plan, training_changes, write_data_check, write_run_files
+from trueface.run import (PreparedRun, RunPaths, config_changes, describe_plan, image_differences, manifest_table,
+                          training_changes, write_data_check, write_run_files)
 from trueface.storage import Mirror, StorageError, check_writable, is_uri, join
 from trueface.thresholds import FILE_NAME as THRESHOLDS_FILE
 
@@ -55,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = paths.run_mirror()
     if args.dry_run:
         if not is_uri(paths.run_location):  # a URI's run is not downloaded by a dry run
-            _check_config_changes(cfg, paths, run)
+            _check_config_changes(prepared, paths, run)
         print(to_yaml(cfg))
         print(describe_plan(cfg, layout, paths, check))
         return 0
@@ -66,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         sys.exit(f"storage error: {exc}")
     run.pull("config.yaml", "stage1/stage.json", "stage2/stage.json")  # a run kept at a URI resumes from there
-    _check_config_changes(cfg, paths, run)  # before anything of the run is written or removed
+    _check_config_changes(prepared, paths, run)  # before anything of the run is written or removed
     # A driver killed while its workers uploaded (their uploads outlive it by a moment) may leave a
     # temporary object that no stage worker will clean: a finished stage never starts again.
     for partial in run.remove_partial_uploads("stage1", "stage2", "tensorboard"):
@@ -124,14 +128,15 @@ def print_results(paths: RunPaths, seconds: float | None = None) -> None:
         print(f"working copies on this machine: {paths.run_dir} and {paths.results_dir}")
 
 
-def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
+def _check_config_changes(prepared: PreparedRun, paths: RunPaths, run: Mirror) -> None:
     """A rerun of a run name resumes it, and rewrites its config.yaml and manifest.parquet. With other
     data, model or stage settings than its checkpoints were trained with (trueface.run.training_changes)
     that record would describe training they never had, and jobs.evaluate's overlap check would read
     the wrong manifest: refused. Other changes (more epochs for an interrupted stage, more workers,
-    another threshold policy) resume, never silently."""
+    another threshold policy, the same images at another data.root) resume, never silently."""
     import yaml
 
+    cfg = prepared.cfg
     saved = paths.run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -144,16 +149,33 @@ def _check_config_changes(cfg: Config, paths: RunPaths, run: Mirror) -> None:
                      f"load ({exc}). {_new_name_advice(paths)}")
         return
     changed = config_changes(old, cfg)
-    refused = training_changes(changed, started)
+    decisive = dict(changed)
+    moved = _moved_data(prepared, paths, run) if started and "data.root" in changed else None
+    if moved == "":  # the same images elsewhere: the checkpoints learnt from what the record will say
+        changed["data.root"] += f" (the same {len(prepared.layout.all_samples())} images, by sha1)"
+        del decisive["data.root"]
+    refused = training_changes(decisive, started)
     if refused:
         trained = " and ".join(f"stage {n} ({'finished' if done else 'interrupted: last.pt'})" for n, done in started.items())
+        why = f"\n(data.root: {moved})" if moved else ""
         sys.exit(f"error: run {cfg.run_name} in {paths.run_location} already has {trained}, trained with other values "
-                 f"of keys that decide training (saved -> given):\n  " + "\n  ".join(refused) + "\nIts checkpoints learnt from the "
-                 f"old values; resuming would rewrite its config.yaml and manifest.parquet to describe training they "
-                 f"never had. {_new_name_advice(paths)} To resume it instead, rerun with the old values.")
+                 f"of keys that decide training (saved -> given):\n  " + "\n  ".join(refused) + f"{why}\nIts checkpoints "
+                 f"learnt from the old values; resuming would rewrite its config.yaml and manifest.parquet to describe "
+                 f"training they never had. {_new_name_advice(paths)} To resume it instead, rerun with the old values.")
     if changed:
         print(f"warning: run {cfg.run_name} exists with a different config; resuming with:\n  "
               + "\n  ".join(changed.values()), file=sys.stderr)
+
+
+def _moved_data(prepared: PreparedRun, paths: RunPaths, run: Mirror) -> str:
+    """"" when the run's manifest holds the images ``prepared`` found at its new data.root, else why
+    not (trueface.run.image_differences)."""
+    run.pull("manifest.parquet")
+    try:
+        saved = pq.read_table(paths.run_dir / "manifest.parquet")
+    except (OSError, pa.ArrowException) as exc:
+        return f"the run's manifest.parquet cannot be read to compare its images ({exc})"
+    return image_differences(saved, manifest_table(prepared.layout, prepared.check))
 
 
 def _started_stages(paths: RunPaths, run: Mirror) -> dict[int, bool]:

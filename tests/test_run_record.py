@@ -98,6 +98,78 @@ def test_a_rerun_with_other_data_is_refused_before_the_record_is_rewritten(pipel
     assert "resuming with:\n  stage2.lr: 0.001 -> 0.01\n  runtime.log_every: 1 -> 3" in capsys.readouterr().err
 
 
+def test_the_same_images_at_another_root_resume_and_changed_ones_are_named(pipeline, run_args, tmp_path, capsys):
+    """The data mounted elsewhere (a new cluster, a restored bucket) is the same data: the run resumes
+    and its record follows the new root. Changed bytes, or an image under the other label, are not."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    with pytest.raises(RayReached):
+        pipeline.main(run_args)
+    run = tmp_path / "runs" / "rec"
+    _finish(run / "stage1")
+    moved = tmp_path / "mounted" / "elsewhere"
+    shutil.copytree(tmp_path / "data", moved)
+    with pytest.raises(RayReached):
+        pipeline.main([*run_args, f"data.root={moved}"])
+    assert (f"resuming with:\n  data.root: '{tmp_path / 'data'}' -> '{moved}' (the same 48 images, by sha1)"
+            in capsys.readouterr().err)
+    paths = pq.read_table(run / "manifest.parquet").column("path").to_pylist()
+    assert len(paths) == 48 and all(p.startswith(str(moved)) for p in paths)
+
+    # back at the first root (the record now says `moved`), one image's bytes changed and one moved
+    # to the other label: refused, each named with an example path
+    data = tmp_path / "data"
+    changed = sorted((data / "dalle" / "train" / "fake").glob("*.png"))[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    relabelled = sorted((data / "dalle" / "valid" / "real").glob("*.png"))[0]
+    relabelled.rename(data / "dalle" / "valid" / "fake" / "relabelled.png")
+    before = _record(run)
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(run_args)
+    message = str(exc.value)
+    assert f"data.root: '{moved}' -> '{data}'" in message
+    assert "2 images the run trained on are not in the new root (e.g. " in message
+    assert "2 images in the new root are not in the run's manifest (e.g. " in message
+    gone = message.split("not in the new root (e.g. ", 1)[1].split(")", 1)[0]
+    assert gone in {str(moved / changed.relative_to(data)), str(moved / relabelled.relative_to(data))}
+    assert "dalle/valid/fake/relabelled.png)" in message or "dalle/train/fake/dalle_train_0.png)" in message
+    assert _record(run) == before
+
+
+def test_a_run_recorded_without_sha1_is_not_resumed_from_another_root(pipeline, run_args, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    with pytest.raises(RayReached):
+        pipeline.main(run_args)
+    run = tmp_path / "runs" / "rec"
+    _finish(run / "stage1")
+    manifest = pq.read_table(run / "manifest.parquet")
+    pq.write_table(manifest.drop(["sha1"]), run / "manifest.parquet")  # an older record
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    with pytest.raises(SystemExit, match=r"\(data.root: the run's manifest.parquet does not record every image's sha1"):
+        pipeline.main([*run_args, f"data.root={tmp_path / 'moved'}"])
+
+
+def test_the_synthetic_set_rebuilt_in_another_cache_resumes(pipeline, tmp_path, capsys):
+    """The synthetic set's root lies in data.cache_dir: another cache folder rebuilds the same images."""
+    synthetic = ["--config", "demo", "data.synthetic.train_per_class=4", "data.synthetic.valid_per_class=1",
+                 "data.synthetic.test_per_class=1", "data.synthetic.image_size=16",
+                 *[o for o in tiny_overrides(tmp_path / "unused", tmp_path, "syn") if not o.startswith("data.root")]]
+    with pytest.raises(RayReached):
+        pipeline.main([*synthetic, f"data.cache_dir={tmp_path / 'cache-a'}"])
+    _finish(tmp_path / "runs" / "syn" / "stage1")
+    with pytest.raises(RayReached):
+        pipeline.main([*synthetic, f"data.cache_dir={tmp_path / 'cache-b'}"])
+    import re
+
+    assert re.search(r"resuming with:\n  data.root: '\S+/cache-a/\S+' -> '\S+/cache-b/\S+' \(the same 36 images, by sha1\)",
+                     capsys.readouterr().err)
+
+
 def test_an_interrupted_stage_may_run_longer_but_not_with_another_recipe(pipeline, run_args, tmp_path):
     with pytest.raises(RayReached):
         pipeline.main(run_args)

@@ -18,6 +18,7 @@ bad files go to ``data.exclude``. ``data.normalize`` then swaps the root for a r
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,22 +148,46 @@ def _resolved(cfg: Config, layout: DataLayout, root: Path) -> Config:
 
 
 def write_run_files(cfg: Config, layout: DataLayout, paths: RunPaths, check: DataCheck | None = None) -> None:
-    """The resolved config and the manifest of every image, beside the checkpoints. With the data
-    check, the manifest holds each file's sha1 and pixel_sha1 (of the file as found, before any
-    normalisation): jobs.evaluate compares a test root against it (trueface.data.overlap)."""
+    """The resolved config and the manifest of every image (``manifest_table``), beside the checkpoints."""
     atomic_write_text(paths.run_dir / "config.yaml", to_yaml(cfg))
+    sink = pa.BufferOutputStream()
+    pq.write_table(manifest_table(layout, check), sink)
+    atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
+
+
+def manifest_table(layout: DataLayout, check: DataCheck | None) -> pa.Table:
+    """Every image with its domain, split and label. With the data check, each file's sha1 and
+    pixel_sha1 (of the file as found, before any normalisation): jobs.evaluate compares a test root
+    against them (trueface.data.overlap), and a resume from a moved root (``image_differences``)."""
     samples = layout.all_samples()
     sha1 = {r["relpath"]: r["sha1"] for r in check.rows} if check else {}
     pixel_sha1 = {r["relpath"]: r.get("pixel_sha1") or "" for r in check.rows} if check else {}
-    table = pa.table({
+    return pa.table({
         "path": [s.path for s in samples], "domain": [s.domain for s in samples],
         "split": [s.split for s in samples], "label": [s.label for s in samples],
         "sha1": [sha1.get(layout.relpath(s.path), "") for s in samples],
         "pixel_sha1": [pixel_sha1.get(layout.relpath(s.path), "") for s in samples],
     })
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(paths.run_dir / "manifest.parquet", sink.getvalue().to_pybytes())
+
+
+_ROLE = ("domain", "split", "label", "sha1")  # what an image is to a run, whatever its path
+
+
+def image_differences(saved: pa.Table, now: pa.Table) -> str:
+    """"" when ``now`` holds the very images of ``saved`` (a run's manifest) in the same domains,
+    splits and labels, by each file's sha1: the same data mounted at another path, or the synthetic
+    set rebuilt in another data.cache_dir. Otherwise what differs, in words, with an example path."""
+    if not set(_ROLE) <= set(saved.column_names) or "" in saved.column("sha1").to_pylist():
+        return "the run's manifest.parquet does not record every image's sha1, so its images cannot be compared"
+    old, new = (Counter(zip(*(t.column(c).to_pylist() for c in _ROLE))) for t in (saved, now))
+    problems = []
+    for table, extra, where in ((saved, old - new, "the run trained on are not in the new root"),
+                                (now, new - old, "in the new root are not in the run's manifest")):
+        if extra:
+            example = next(path for path, *role in zip(*(table.column(c).to_pylist() for c in ("path", *_ROLE)))
+                           if tuple(role) in extra)
+            problems.append(f"{sum(extra.values())} images {where} (e.g. {example})")
+    return "; ".join(problems)
 
 
 # Keys a run may change when it resumes: they decide where the files go, how fast and on what it
