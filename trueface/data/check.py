@@ -40,7 +40,8 @@ from trueface.config import Config
 from trueface.data.layout import LABEL_NAMES, DataLayout, discover_layout
 from trueface.data.leakage import LeakPair, find_leakage
 from trueface.data.scan import scan_layout
-from trueface.data.shortcuts import DomainAudit, audit
+from trueface.data.audit_cache import cached_audit
+from trueface.data.shortcuts import DomainAudit
 
 SPLIT_ORDER = {"train": 0, "valid": 1, "test": 2}
 
@@ -141,19 +142,22 @@ def describe_counts(counts: dict[str, dict[str, dict[str, int]]]) -> str:
 
 
 def scan_and_check(layout: DataLayout, cfg: Config, workers: int | None = None, progress: bool = True) -> DataCheck:
-    """Scan ``layout`` (from the cache where files are unchanged) and judge it."""
-    return check_data(layout, scan_layout(layout, cache_file(cfg, layout.root), workers, progress), cfg)
+    """Scan ``layout`` (from the cache where files are unchanged) and judge it (the shortcut audit
+    read back from beside the scan's cache where the metadata is unchanged)."""
+    cache = cache_file(cfg, layout.root)
+    return check_data(layout, scan_layout(layout, cache, workers, progress), cfg, cache.with_suffix(".audit.json"))
 
 
-def check_data(layout: DataLayout, rows: list[dict], cfg: Config) -> DataCheck:
+def check_data(layout: DataLayout, rows: list[dict], cfg: Config, audit_cache: Path | None = None) -> DataCheck:
     """Judge the scanned ``rows`` of ``layout`` by the rules above (``cfg.data`` gives the policy
-    and the minimum side; the stages' sizes and domains say which images are upscaled)."""
+    and the minimum side; the stages' sizes and domains say which images are upscaled).
+    ``audit_cache``: where the shortcut audit is remembered (trueface.data.audit_cache)."""
     findings = [Finding(p.path, p.problem, p.severity) for p in layout.problems]
     findings += _file_findings(rows, cfg)
     findings += _duplicate_findings(rows)
     leaks = find_leakage([r for r in rows if not r["error"]])
     findings += _leak_warnings(leaks, rows)
-    audits = audit(rows)
+    audits = cached_audit(rows, audit_cache)
     check = DataCheck(str(layout.root), cfg.data.on_bad_image, rows, _dedupe(findings), leaks, audits,
                       layout.counts(), oddities=_oddities(rows))
     check.counts_after = discover_layout(layout.root, check.excluded).counts() if check.excluded else layout.counts()
