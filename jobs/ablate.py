@@ -39,7 +39,7 @@ from pathlib import Path
 from jobs import ray_tune
 from jobs.ablate_report import job_seeds, trained_text, write_ablation_report
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_batch_problems, init_ray, nonempty, warn_if_outputs_vanish)
+                         exit_on_batch_problems, exit_unless_data_here, init_ray, nonempty, warn_if_outputs_vanish)
 from jobs.tune import (STAGE_CHOICES, _check_init, _refuse_settings_with_resume, add_trial_arguments, parse_with_storage,
                        trial_resources)
 from trueface.ablation import (AblationPlan, AblationSpecError, Evaluation, TrainingGroup, load_ablation_spec,
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         _refuse_settings_with_resume(parser, args)
         job = _load_job(storage, args.resume)
+        exit_unless_data_here(from_dict(job["config"]), f"ablation {args.resume}")
         print(f"resuming ablation {args.resume} with the settings it was started with", flush=True)
     else:
         job = _new_job(args, storage, command="python -m jobs.ablate " + shlex.join(argv))

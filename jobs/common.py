@@ -287,3 +287,25 @@ def prepared_run_or_exit(cfg: Config):
     except OSError as exc:  # e.g. a folder of data.cache_dir made unwritable after the checks
         sys.exit(f"error: {exc}\n(while checking data.root {cfg.data.root or '(the embedded set)'} into data.cache_dir "
                  f"{cfg.data.cache_dir})")
+
+
+def exit_unless_data_here(cfg: Config, what: str) -> None:
+    """A resumed search or ablation trains on the data.root it was started with (its trials' configs
+    hold it): where that folder is not on this machine, every trial would fail in its worker, so the
+    job stops before Ray starts. The embedded set's folder is generated again where it was: the
+    same images (its name is their spec's fingerprint)."""
+    from trueface.data.synthetic import dataset_root, ensure_synthetic_dataset
+
+    root, cache = Path(cfg.data.root), Path(cfg.data.cache_dir)
+    if root.is_dir():
+        return
+    why = ""
+    if root == dataset_root(cache, cfg.data.synthetic):
+        try:
+            ensure_synthetic_dataset(cache, cfg.data.synthetic)
+            return
+        except OSError as exc:
+            why = f" (the embedded data set could not be generated there again: {exc})"
+    sys.exit(f"error: {what} trains on data.root {root}, as it was started, and that folder is not on this "
+             f"machine{why}. A resumed job keeps its settings: make the data available at that path (mount or "
+             "link it there), then resume again.")

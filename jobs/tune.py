@@ -32,7 +32,7 @@ from pathlib import Path
 
 from jobs import ray_tune
 from jobs.common import (add_config_arguments, add_ray_arguments, check_model_weights, config_from_args,
-                         exit_on_config_problems, init_ray, nonempty, warn_if_outputs_vanish)
+                         exit_on_config_problems, exit_unless_data_here, init_ray, nonempty, warn_if_outputs_vanish)
 from trueface.atomic import atomic_write_text
 from trueface.checkpoint import CheckpointError, load_checkpoint
 from trueface.config import Config, ConfigError, apply_values, from_dict, to_dict
@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         _refuse_settings_with_resume(parser, args)
         spec = _load_spec(storage, args.resume)
+        exit_unless_data_here(from_dict(spec["config"]), f"search {args.resume}")
         print(f"resuming search {args.resume} ({spec['num_samples']} trials) with the settings it was started with",
               flush=True)
     else:

@@ -428,3 +428,47 @@ def test_leave_one_domain_out_refuses_components_it_would_ignore(tmp_path, no_ra
     with pytest.raises(SystemExit, match=f"--leave-one-domain-out .* so {flags} would be ignored: drop {flags}"):
         ablate_job.main(["--leave-one-domain-out", "--stage", "both", "--config", "demo", "--dry-run", *extra,
                          "--storage", str(tmp_path / "abl"), f"data.cache_dir={tmp_path}"])
+
+
+def test_a_resumed_search_whose_data_root_is_not_here_stops_before_ray(tiny_root, tmp_path, no_ray):
+    """A search resumed on a machine without its data: one message before Ray, not a failed worker per trial."""
+    with pytest.raises(AssertionError, match="Ray must not start"):
+        tune_job.main(args_for(tiny_root, tmp_path))  # started (its spec written), then stopped where Ray starts
+    tiny_root.rename(tmp_path / "gone")
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as exc:
+            tune_job.main(["--resume", "s", "--storage", str(tmp_path / "tune"), *dry_run])
+        assert str(exc.value) == (
+            f"error: search s trains on data.root {tiny_root}, as it was started, and that folder is not on this "
+            "machine. A resumed job keeps its settings: make the data available at that path (mount or link it "
+            "there), then resume again.")
+    (tmp_path / "gone").rename(tiny_root)
+    with pytest.raises(AssertionError, match="Ray must not start"):
+        tune_job.main(["--resume", "s", "--storage", str(tmp_path / "tune")])
+
+
+def test_a_resumed_ablation_generates_the_embedded_set_again_where_it_was(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    from jobs import ablate as ablate_job
+
+    monkeypatch.setattr(ablate_job, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("plain: false\ncomponents:\n  mixup:\n    what: MixUp\n    when_off: {set: {stage1.mixup_alpha: 0.0}}\n")
+    synthetic = ["data.synthetic.train_per_class=4", "data.synthetic.valid_per_class=1", "data.synthetic.test_per_class=1",
+                 "data.synthetic.image_size=16", f"data.cache_dir={tmp_path / 'cache'}", "stage1.batch_size=4",
+                 "stage2.batch_size=4", "stage1.samples_per_epoch=8", "stage2.samples_per_epoch=8"]
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):
+        ablate_job.main(["--spec", str(spec), "--storage", str(tmp_path / "abl"), "--name", "a", *synthetic])
+    (root,) = (tmp_path / "cache").glob("synthetic-*")
+
+    def digests() -> dict[str, str]:
+        return {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digests()
+    shutil.rmtree(root)
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):  # past the check: the folder is back
+        ablate_job.main(["--resume", "a", "--storage", str(tmp_path / "abl")])
+    assert digests() == before
