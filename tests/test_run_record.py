@@ -138,6 +138,30 @@ def test_the_same_images_at_another_root_resume_and_changed_ones_are_named(pipel
     assert _record(run) == before
 
 
+def test_image_differences_name_images_that_changed_role_or_bytes():
+    import pyarrow as pa
+
+    from trueface.run import image_differences
+
+    def table(*rows):
+        return pa.table({k: [r[i] for r in rows] for i, k in enumerate(("path", "domain", "split", "label", "sha1"))})
+
+    saved = table(("/old/a/train/real/1.png", "a", "train", 0, "s1"), ("/old/a/train/fake/2.png", "a", "train", 1, "s2"))
+    assert image_differences(saved, table(("/new/a/train/fake/2.png", "a", "train", 1, "s2"),
+                                          ("/new/a/train/real/1.png", "a", "train", 0, "s1"))) == ""
+    swapped = table(("/new/a/train/fake/1.png", "a", "train", 1, "s1"), ("/new/a/train/real/2.png", "a", "train", 0, "s2"))
+    assert image_differences(saved, swapped) == (
+        "the same images, but 2 of them under another domain, split or label (e.g. /new/a/train/fake/1.png: "
+        "a/train/real in the run, a/train/fake now; a root without domain folders is one domain named after its folder)")
+    renamed = table(("/new/b/train/real/1.png", "b", "train", 0, "s1"), ("/new/b/train/fake/2.png", "b", "train", 1, "s2"))
+    assert "2 of them under another domain, split or label (e.g. /new/b/train/real/1.png: a/train/real in the run, " \
+           "b/train/real now" in image_differences(saved, renamed)
+    changed = table(("/new/a/train/real/1.png", "a", "train", 0, "s1"), ("/new/a/train/fake/2.png", "a", "train", 1, "s3"))
+    assert image_differences(saved, changed) == (
+        "1 images the run trained on are not in the new root (e.g. /old/a/train/fake/2.png); "
+        "1 images in the new root are not in the run's manifest (e.g. /new/a/train/fake/2.png)")
+
+
 def test_a_run_recorded_without_sha1_is_not_resumed_from_another_root(pipeline, run_args, tmp_path):
     import shutil
 

@@ -29,7 +29,7 @@ from trueface.atomic import atomic_write_bytes, atomic_write_text
 from trueface.config import Config, to_yaml
 from trueface.config.choices import parse_normalize
 from trueface.data.check import DataCheck, DataCheckError, scan_and_check, shortcut_text
-from trueface.data.layout import DataLayout, discover_layout, pick_domains
+from trueface.data.layout import LABEL_NAMES, DataLayout, discover_layout, pick_domains
 from trueface.data.normalize import normalized_root
 from trueface.data.sampler import BalancedSampler
 from trueface.data.synthetic import ensure_synthetic_dataset
@@ -179,15 +179,38 @@ def image_differences(saved: pa.Table, now: pa.Table) -> str:
     set rebuilt in another data.cache_dir. Otherwise what differs, in words, with an example path."""
     if not set(_ROLE) <= set(saved.column_names) or "" in saved.column("sha1").to_pylist():
         return "the run's manifest.parquet does not record every image's sha1, so its images cannot be compared"
-    old, new = (Counter(zip(*(t.column(c).to_pylist() for c in _ROLE))) for t in (saved, now))
+    old, new = (Counter(_columns(t, _ROLE)) for t in (saved, now))
+    if old == new:
+        return ""
+    if Counter(saved.column("sha1").to_pylist()) == Counter(now.column("sha1").to_pylist()):
+        relabelled = _other_roles(old, now)
+        if relabelled:
+            path, was, is_now = relabelled[0]
+            return (f"the same images, but {len(relabelled)} of them under another domain, split or label (e.g. {path}: "
+                    f"{was} in the run, {is_now} now; a root without domain folders is one domain named after its folder)")
     problems = []
     for table, extra, where in ((saved, old - new, "the run trained on are not in the new root"),
                                 (now, new - old, "in the new root are not in the run's manifest")):
         if extra:
-            example = next(path for path, *role in zip(*(table.column(c).to_pylist() for c in ("path", *_ROLE)))
-                           if tuple(role) in extra)
+            example = next(path for path, *role in _columns(table, ("path", *_ROLE)) if tuple(role) in extra)
             problems.append(f"{sum(extra.values())} images {where} (e.g. {example})")
     return "; ".join(problems)
+
+
+def _columns(table: pa.Table, names: tuple[str, ...]) -> list[tuple]:
+    return list(zip(*(table.column(c).to_pylist() for c in names)))
+
+
+def _other_roles(old: Counter, now: pa.Table) -> list[tuple[str, str, str]]:
+    """(path, role in the run, role now) of each of ``now``'s images that the run had under another
+    domain, split or label (role: domain/split/label)."""
+    was = {sha1: (domain, split, label) for domain, split, label, sha1 in old}
+    return [(path, _role_text(*was[sha1]), _role_text(domain, split, label))
+            for path, domain, split, label, sha1 in _columns(now, ("path", *_ROLE)) if was[sha1] != (domain, split, label)]
+
+
+def _role_text(domain: str, split: str, label: int) -> str:
+    return f"{domain}/{split}/{LABEL_NAMES[label]}"
 
 
 # Keys a run may change when it resumes: they decide where the files go, how fast and on what it
