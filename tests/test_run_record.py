@@ -156,6 +156,19 @@ def test_image_differences_name_images_that_changed_role_or_bytes():
     renamed = table(("/new/b/train/real/1.png", "b", "train", 0, "s1"), ("/new/b/train/fake/2.png", "b", "train", 1, "s2"))
     assert "2 of them under another domain, split or label (e.g. /new/b/train/real/1.png: a/train/real in the run, " \
            "b/train/real now" in image_differences(saved, renamed)
+    # a file the run held in two domains (allowed, with a warning) that kept both is not named; the
+    # one that moved is, with the role it had
+    twice = table(("/old/a/train/real/1.png", "a", "train", 0, "s1"), ("/old/b/train/real/1.png", "b", "train", 0, "s1"),
+                  ("/old/a/train/fake/2.png", "a", "train", 1, "s2"))
+    one_moved = table(("/new/a/train/real/1.png", "a", "train", 0, "s1"), ("/new/b/train/real/1.png", "b", "train", 0, "s1"),
+                      ("/new/a/valid/fake/2.png", "a", "valid", 1, "s2"))
+    assert image_differences(twice, one_moved).startswith(
+        "the same images, but 1 of them under another domain, split or label (e.g. /new/a/valid/fake/2.png: "
+        "a/train/fake in the run, a/valid/fake now;")
+    both_moved = table(("/new/c/train/real/1.png", "c", "train", 0, "s1"), ("/new/b/train/real/1.png", "b", "train", 0, "s1"),
+                       ("/new/a/train/fake/2.png", "a", "train", 1, "s2"))
+    assert "but 1 of them under another domain, split or label (e.g. /new/c/train/real/1.png: a/train/real in the run, " \
+           "c/train/real now;" in image_differences(twice, both_moved)
     changed = table(("/new/a/train/real/1.png", "a", "train", 0, "s1"), ("/new/a/train/fake/2.png", "a", "train", 1, "s3"))
     assert image_differences(saved, changed) == (
         "1 images the run trained on are not in the new root (e.g. /old/a/train/fake/2.png); "

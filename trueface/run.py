@@ -183,7 +183,7 @@ def image_differences(saved: pa.Table, now: pa.Table) -> str:
     if old == new:
         return ""
     if Counter(saved.column("sha1").to_pylist()) == Counter(now.column("sha1").to_pylist()):
-        relabelled = _other_roles(old, now)
+        relabelled = _other_roles(old, new, now)
         if relabelled:
             path, was, is_now = relabelled[0]
             return (f"the same images, but {len(relabelled)} of them under another domain, split or label (e.g. {path}: "
@@ -201,12 +201,28 @@ def _columns(table: pa.Table, names: tuple[str, ...]) -> list[tuple]:
     return list(zip(*(table.column(c).to_pylist() for c in names)))
 
 
-def _other_roles(old: Counter, now: pa.Table) -> list[tuple[str, str, str]]:
+def _other_roles(old: Counter, new: Counter, now: pa.Table) -> list[tuple[str, str, str]]:
     """(path, role in the run, role now) of each of ``now``'s images that the run had under another
-    domain, split or label (role: domain/split/label)."""
-    was = {sha1: (domain, split, label) for domain, split, label, sha1 in old}
-    return [(path, _role_text(*was[sha1]), _role_text(domain, split, label))
-            for path, domain, split, label, sha1 in _columns(now, ("path", *_ROLE)) if was[sha1] != (domain, split, label)]
+    domain, split or label (role: domain/split/label). ``old`` and ``new`` count the (domain, split,
+    label, sha1) of the run's images and of ``now``'s. Roles are compared per sha1 as multisets, so
+    a file the run held under two roles (two domains, say) that kept both is not named."""
+    run_roles, roles_now = _roles_by_sha1(old), _roles_by_sha1(new)
+    gained = {sha1: roles - run_roles[sha1] for sha1, roles in roles_now.items()}
+    lost = {sha1: list((run_roles[sha1] - roles).elements()) for sha1, roles in roles_now.items()}
+    moved = []
+    for path, domain, split, label, sha1 in _columns(now, ("path", *_ROLE)):
+        role = (domain, split, label)
+        if gained[sha1][role]:
+            gained[sha1][role] -= 1
+            moved.append((path, _role_text(*lost[sha1].pop()), _role_text(*role)))
+    return moved
+
+
+def _roles_by_sha1(images: Counter) -> dict[str, Counter]:
+    roles: dict[str, Counter] = {}
+    for (domain, split, label, sha1), count in images.items():
+        roles.setdefault(sha1, Counter())[(domain, split, label)] += count
+    return roles
 
 
 def _role_text(domain: str, split: str, label: int) -> str:
