@@ -183,11 +183,11 @@ def image_differences(saved: pa.Table, now: pa.Table) -> str:
     if old == new:
         return ""
     if Counter(saved.column("sha1").to_pylist()) == Counter(now.column("sha1").to_pylist()):
+        # same files, other roles: some sha1's roles differ, so at least one copy is named
         relabelled = _other_roles(old, new, now)
-        if relabelled:
-            path, was, is_now = relabelled[0]
-            return (f"the same images, but {len(relabelled)} of them under another domain, split or label (e.g. {path}: "
-                    f"{was} in the run, {is_now} now; a root without domain folders is one domain named after its folder)")
+        path, was, is_now = relabelled[0]
+        return (f"the same images, but {len(relabelled)} of them under another domain, split or label (e.g. {path}: "
+                f"{was} in the run, {is_now} now; a root without domain folders is one domain named after its folder)")
     problems = []
     for table, extra, where in ((saved, old - new, "the run trained on are not in the new root"),
                                 (now, new - old, "in the new root are not in the run's manifest")):
